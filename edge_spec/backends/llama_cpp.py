@@ -1,0 +1,294 @@
+"""GGUF models through llama-cpp-python's low-level API.
+
+One LlamaCppBackend = one model + one context (its own thread count and KV cache), sequence 0.
+Only the rows of logits that were asked for are copied out ([n, vocab] per call): there is no
+n_ctx × n_vocab buffer as in the high-level `Llama` class.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..gguf_file import check_gguf
+from ..types import EdgespecError, ModelFacts
+
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    n_ctx: int = 4096
+    n_threads: int | None = None  # None: physical cores
+    n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_batch: int = 512
+    use_extra_bufts: bool | None = None  # None: on, unless the AMX crash applies (see amx_unsafe)
+
+    def __post_init__(self):
+        if self.n_ctx < 8:
+            raise EdgespecError("-c/--ctx-size must be at least 8")
+        for name in (self.type_k, self.type_v):
+            if name not in KV_TYPES:
+                raise EdgespecError(f"unknown KV cache type {name!r}: use one of {', '.join(KV_TYPES)}")
+
+
+def _lib():
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise EdgespecError(
+            "llama-cpp-python is not installed: run `bash scripts/setup.sh` "
+            "(it builds llama-cpp-python 0.3.36 with flags that are safe on this CPU)") from e
+    return llama_cpp
+
+
+class _Log:
+    """Routes llama.cpp's log to a short ring buffer, so errors can quote its last lines."""
+
+    def __init__(self, lib):
+        self.lines: deque[str] = deque(maxlen=20)
+        self.echo = os.environ.get("EDGESPEC_LLAMA_LOG") == "1"
+
+        def callback(level, text, _user):
+            line = text.decode("utf-8", "replace") if text else ""
+            if self.echo:
+                print(line, end="", file=__import__("sys").stderr)
+            if line.strip():
+                self.lines.append(line.strip())
+
+        self._c_callback = lib.llama_log_callback(callback)  # keep a reference: C holds it
+        lib.llama_log_set(self._c_callback, ctypes.c_void_p(0))
+
+    def last(self) -> str:
+        errors = [ln for ln in self.lines if "error" in ln.lower() or "failed" in ln.lower()]
+        return (errors or list(self.lines) or ["no message from llama.cpp"])[-1]
+
+
+_state: dict = {}  # process-wide llama.cpp initialisation (backend + log hook), done once
+
+
+def _init():
+    if not _state:
+        lib = _lib()
+        lib.llama_backend_init()
+        _state["lib"], _state["log"] = lib, _Log(lib)
+    return _state["lib"], _state["log"]
+
+
+def amx_unsafe(lib) -> bool:
+    """True when this CPU has AMX and this llama.cpp build uses it: llama.cpp 0.3.36's AMX path
+    crashes on batches of quantized weights, so such builds must load without extra buffers."""
+    info = lib.llama_print_system_info().decode(errors="replace")
+    return "AMX_INT8 = 1" in info and cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class LlamaCppBackend:
+    def __init__(self, path: str | os.PathLike, options: LlamaOptions = LlamaOptions(),
+                 progress: Callable[[float], None] | None = None):
+        path = os.fspath(path)
+        check_gguf(path)
+        self.lib, self._log = lib, log = _init()
+        self.options = options
+        self.n_threads = options.n_threads or physical_cores()
+        self.model = self._load_model(path, options, progress)
+        try:
+            self.ctx = self._new_context(options)
+        except Exception:
+            lib.llama_model_free(self.model)
+            raise
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.vocab_size = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(options.n_batch, 0, 1)
+        self.tokens: list[int] = []  # what the KV cache holds, in order (sequence 0)
+        self.facts = self._read_facts(path)
+        self._pieces: dict[int, bytes] = {}
+
+    # --- loading -----------------------------------------------------------------------
+    def _load_model(self, path, options, progress):
+        lib = self.lib
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = options.n_gpu_layers
+        extra = options.use_extra_bufts
+        params.use_extra_bufts = (not amx_unsafe(lib)) if extra is None else extra
+        if progress is not None:
+            def on_progress(fraction, _user):
+                progress(float(fraction))
+                return True
+
+            callback = lib.llama_progress_callback(on_progress)
+            params.progress_callback = callback
+        model = lib.llama_model_load_from_file(path.encode(), params)
+        if not model:
+            raise EdgespecError(f"llama.cpp could not load {path}: {self._log.last()}")
+        return model
+
+    def _new_context(self, options):
+        lib = self.lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = options.n_ctx
+        params.n_batch = params.n_ubatch = options.n_batch
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise EdgespecError(
+                f"llama.cpp could not create a context of {options.n_ctx} tokens: {self._log.last()}; "
+                "try a smaller -c/--ctx-size")
+        return ctx
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _read_facts(self, path: str) -> ModelFacts:
+        lib, m = self.lib, self.model
+        template = lib.llama_model_chat_template(m, None)
+        desc = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(m, desc, len(desc))
+        return ModelFacts(
+            path=path,
+            architecture=self._meta("general.architecture") or "unknown",
+            name=self._meta("general.name") or os.path.basename(path),
+            n_params=int(lib.llama_model_n_params(m)),
+            file_size=os.path.getsize(path),
+            n_layers=lib.llama_model_n_layer(m),
+            n_ctx_train=lib.llama_model_n_ctx_train(m),
+            n_embd=lib.llama_model_n_embd(m),
+            vocab_size=self.vocab_size,
+            vocab_type=lib.llama_vocab_type(self.vocab),
+            bos=lib.llama_vocab_bos(self.vocab),
+            eos=lib.llama_vocab_eos(self.vocab),
+            chat_template=template.decode("utf-8", "replace") if template else None,
+            description=desc.value.decode("utf-8", "replace"),
+            extra={"n_head_kv": lib.llama_model_n_head_kv(m), "n_head": lib.llama_model_n_head(m),
+                   "add_bos": bool(lib.llama_vocab_get_add_bos(self.vocab))},
+        )
+
+    # --- evaluation ----------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
+        """Append tokens to the cache and return logits: "all" → [n, vocab], "last" → [1, vocab],
+        "none" → [0, vocab]. Long inputs are split into n_batch chunks."""
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise EdgespecError(
+                f"context full: {len(self.tokens)} + {len(tokens)} tokens > {self.n_ctx}; raise -c/--ctx-size")
+        rows = []
+        step = self.options.n_batch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start : start + step]
+            last_chunk = start + step >= len(tokens)
+            want = logits == "all" or (logits == "last" and last_chunk)
+            out = self._decode(chunk, all_rows=logits == "all")
+            if want:
+                rows.append(out if logits == "all" else out[-1:])
+        if not rows:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def _decode(self, chunk: Sequence[int], all_rows: bool) -> np.ndarray:
+        lib, b, n0 = self.lib, self.batch, len(self.tokens)
+        n = len(chunk)
+        for i, tok in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = n0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = all_rows or i == n - 1
+        b.n_tokens = n
+        rc = lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            # the cache may hold part of the chunk: drop it so `tokens` stays the truth
+            lib.llama_memory_seq_rm(self.mem, 0, n0, -1)
+            raise EdgespecError(f"llama_decode failed (code {rc}): {self._log.last()}")
+        self.tokens.extend(int(t) for t in chunk)
+        n_rows = n if all_rows else 1
+        ptr = lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.vocab_size)).copy()
+
+    def truncate(self, n_past: int) -> None:
+        """Roll the cache back to its first n_past tokens."""
+        if n_past < len(self.tokens):
+            self.lib.llama_memory_seq_rm(self.mem, 0, n_past, -1)
+            del self.tokens[n_past:]
+
+    # --- vocabulary ----------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self.lib.llama_token * cap)()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self.lib.llama_token * cap)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (special tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's own string for a token (as stored in the GGUF)."""
+        return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    # --- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.lib.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

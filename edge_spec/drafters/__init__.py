@@ -1,0 +1,27 @@
+"""Drafters propose tokens for the target to verify.
+
+A drafter has three methods: `prefill(context)` readies it with the prompt; `peek(context)` names the statistics source it would draft from now
+(or None when it has nothing to offer: an n-gram drafter with no match), and
+`propose(context, budget, sampling, rng)` returns a Draft of at most `budget` tokens. Whether a
+draft carries probabilities is data (`Draft.probs`), never a class check.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from ..sampling import Random
+from ..types import Draft, SamplingParams
+from .model import ModelDrafter
+from .ngram import NgramDrafter
+
+
+class Drafter(Protocol):
+    def prefill(self, context: Sequence[int]) -> None: ...  # with the prompt, outside decode time
+
+    def peek(self, context: Sequence[int]) -> str | None: ...
+
+    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
+
+
+__all__ = ["Drafter", "ModelDrafter", "NgramDrafter"]

@@ -1,0 +1,65 @@
+"""A second, smaller model drafts autoregressively; its cache follows the target's context."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..sampling import Random, probs
+from ..types import Draft, SamplingParams
+
+
+class ModelDrafter:
+    source = "model"
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def peek(self, context: Sequence[int]) -> str | None:
+        return self.source
+
+    def prefill(self, context: Sequence[int]) -> None:
+        """Bring the cache up to context[:-1] (done with the prompt, before drafting starts)."""
+        held = common_prefix(self.backend.tokens, context[:-1])
+        self.backend.truncate(held)
+        if held < len(context) - 1:
+            self.backend.forward(context[held:-1], logits="none")
+
+    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
+        if budget <= 0:
+            return None
+        # keep what the cache already holds (accepted drafts included), evaluate the rest;
+        # the last context token is always evaluated because its logits start the draft
+        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
+        self.backend.truncate(held)
+        t0 = time.perf_counter()
+        logits = self.backend.forward(context[held:], logits="last")[-1]
+        t1 = time.perf_counter()
+        tokens, qs = [], []
+        for i in range(budget):
+            if sp.greedy:
+                x = int(np.argmax(logits))
+            else:
+                qs.append(probs(logits, sp))  # q for this position, [vocab]
+                x = rng.categorical(qs[-1])
+            tokens.append(x)
+            if i + 1 < budget:
+                logits = self.backend.forward([x], logits="last")[-1]
+        t2 = time.perf_counter()
+        # steady-state cost of one drafted token: one drafter step each. A long catch-up after
+        # plain decoding is a one-off and would make the drafter look slower than it is.
+        steps, seconds = budget - 1, t2 - t1
+        if len(context) - held <= 2:
+            steps, seconds = steps + 1, seconds + (t1 - t0)
+        cost = seconds / steps if steps else None
+        return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0])

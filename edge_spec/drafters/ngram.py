@@ -1,0 +1,56 @@
+"""Prompt lookup: draft the tokens that followed the most recent earlier occurrence of the
+context's last n tokens (n from n_max down to n_min). Needs no model; strong when the answer
+repeats the prompt (editing a file, quoting code) or itself."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..sampling import Random
+from ..types import Draft, SamplingParams
+
+
+class NgramDrafter:
+    def __init__(self, n_min: int = 2, n_max: int = 4):
+        if not 1 <= n_min <= n_max:
+            raise ValueError("need 1 <= n_min <= n_max")
+        self.n_min, self.n_max = n_min, n_max
+        self._seen: list[int] = []
+        # n → {n-gram: index of the token that followed its most recent occurrence}
+        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(n_min, n_max + 1)}
+
+    def prefill(self, context: Sequence[int]) -> None:
+        self._sync(context)
+
+    def peek(self, context: Sequence[int]) -> str | None:
+        match = self._match(context)
+        return None if match is None else f"ngram{match[0]}"
+
+    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
+        match = self._match(context)
+        if match is None or budget <= 0:
+            return None
+        n, start = match
+        return Draft(tuple(context[start : start + budget]), None, f"ngram{n}")
+
+    def _match(self, context: Sequence[int]) -> tuple[int, int] | None:
+        self._sync(context)
+        for n in range(self.n_max, self.n_min - 1, -1):
+            if len(context) > n:
+                start = self._index[n].get(tuple(context[-n:]))
+                if start is not None:
+                    return n, start
+        return None
+
+    def _sync(self, context: Sequence[int]) -> None:
+        """Index the tokens added since the last call; rebuild when the context was replaced."""
+        m = len(self._seen)
+        if len(context) < m or list(context[:m]) != self._seen:
+            self._seen, m = [], 0
+            for table in self._index.values():
+                table.clear()
+        for j in range(max(m, 1), len(context)):
+            for n, table in self._index.items():
+                if j >= n:
+                    table[tuple(context[j - n : j])] = j
+        self._seen.extend(context[m:])

@@ -1,0 +1,163 @@
+"""The sequential speculative loop: draft, one target pass, verify, repeat.
+
+Invariant between steps: the target's cache holds context[:-1]; the last context token is
+*pending*: the next target pass starts with it, followed by the draft, so a pass over k drafts
+evaluates k + 1 tokens and returns logits [k + 1, vocab].
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .controller import Controller
+from .drafters.model import common_prefix
+from .sampling import NumpyRandom, Random, probs
+from .textstream import TextStream
+from .types import Draft, EdgespecError, SamplingParams, Stats, Step
+from .verify import verify
+
+
+@dataclass
+class _Counters:
+    n_tokens: int = 0
+    n_steps: int = 0
+    n_drafted: int = 0
+    n_accepted: int = 0
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    t_start: float = 0.0
+    drafted: Counter = field(default_factory=Counter)
+    accepted: Counter = field(default_factory=Counter)
+
+    def snapshot(self, plain_step: float | None) -> Stats:
+        return Stats(
+            n_tokens=self.n_tokens, n_steps=self.n_steps, n_drafted=self.n_drafted,
+            n_accepted=self.n_accepted, prompt_tokens=self.prompt_tokens,
+            prompt_seconds=self.prompt_seconds,
+            decode_seconds=time.perf_counter() - self.t_start if self.t_start else 0.0,
+            plain_step_seconds=plain_step,
+            by_source=tuple((s, self.drafted[s], self.accepted[s]) for s in sorted(self.drafted)),
+        )
+
+
+class Runtime:
+    """Runs one target with an ordered list of drafters (cheapest first).
+
+    The controller persists across generations, so what was learned about this machine and
+    these models (step costs, acceptance) carries over from one chat turn to the next.
+    """
+
+    def __init__(self, target, drafters: Sequence = (), controller: Controller | None = None):
+        self.target = target
+        self.drafters = list(drafters)
+        self.controller = controller or Controller()
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        sp: SamplingParams = SamplingParams(),
+        cancel: threading.Event | None = None,
+        rng: Random | None = None,
+    ) -> Iterator[Step]:
+        """Yield Steps until EOS, a stop string, max_tokens, the context limit or `cancel`."""
+        if not prompt:
+            raise EdgespecError("the prompt is empty: give some text to continue")
+        n_ctx = self.target.n_ctx
+        if len(prompt) > n_ctx:
+            raise EdgespecError(
+                f"the prompt is {len(prompt)} tokens but the context holds {n_ctx}: "
+                "raise -c/--ctx-size or shorten the prompt")
+        rng = rng or NumpyRandom(sp.seed)
+        c = _Counters(prompt_tokens=len(prompt))
+        t0 = time.perf_counter()
+        self._prefill(prompt)
+        c.prompt_seconds = time.perf_counter() - t0
+        c.t_start = time.perf_counter()
+        context = list(prompt)
+        text = TextStream(self.target.piece, sp.stop)
+        while True:
+            room = n_ctx - len(self.target.tokens)  # positions the cache can still take
+            left = sp.max_tokens - c.n_tokens
+            if cancel is not None and cancel.is_set():
+                yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "cancelled")
+                return
+            if room < 1:
+                yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "context")
+                return
+            draft = self._draft(context, min(room - 1, left - 1), sp, rng)
+            new = self._verify_step(context, draft, sp, rng, c)
+            step = self._emit(new, text, sp, c)
+            yield step
+            if step.finish_reason:
+                return
+
+    # --- one step ------------------------------------------------------------------------
+    def _draft(self, context: list[int], cap: int, sp: SamplingParams, rng: Random) -> Draft | None:
+        """Ask drafters in order; the controller decides whether and how far each drafts."""
+        for drafter in self.drafters:
+            source = drafter.peek(context)
+            k = self.controller.draft_length(source, cap) if source else 0
+            if k > 0:
+                draft = drafter.propose(context, k, sp, rng)
+                if draft:
+                    return draft
+        return None
+
+    def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters) -> tuple[int, ...]:
+        k = len(draft) if draft else 0
+        n_past = len(self.target.tokens)
+        t0 = time.perf_counter()
+        logits = self.target.forward([context[-1], *(draft.tokens if draft else ())])  # [k + 1, vocab]
+        self.controller.observe_verify(k + 1, time.perf_counter() - t0)
+        if draft:
+            verdict = verify(draft, logits, sp, rng)
+            self.target.truncate(n_past + 1 + verdict.n_accepted)
+            self.controller.observe_draft(draft.source, k, verdict.n_accepted, draft.seconds_per_token)
+            c.drafted[draft.source] += k
+            c.accepted[draft.source] += verdict.n_accepted
+            c.n_drafted += k
+            c.n_accepted += verdict.n_accepted
+            new = (*draft.tokens[: verdict.n_accepted], verdict.token)
+        else:
+            new = (self._sample_plain(logits[0], sp, rng),)
+        c.n_steps += 1
+        context.extend(new)
+        return new
+
+    @staticmethod
+    def _sample_plain(logits, sp: SamplingParams, rng: Random) -> int:
+        return int(logits.argmax()) if sp.greedy else rng.categorical(probs(logits, sp))
+
+    def _emit(self, new: tuple[int, ...], text: TextStream, sp, c: _Counters) -> Step:
+        """Turn a step's tokens into a Step, cutting at EOS, a stop string or max_tokens."""
+        out, pieces, reason = [], [], None
+        for i, token in enumerate(new):
+            if self.target.is_eog(token):
+                reason = "stop"
+                break
+            out.append(token)
+            pieces.append(text.push(token))
+            if text.stopped:
+                reason = "stop"
+                break
+            if c.n_tokens + len(out) >= sp.max_tokens:
+                reason = "length"
+                break
+        c.n_tokens += len(out)
+        if reason is not None:
+            pieces.append(text.flush())
+        from_draft = tuple(i < len(new) - 1 for i in range(len(out)))
+        return Step(tuple(out), from_draft, "".join(pieces), c.snapshot(self.controller.plain_step_seconds), reason)
+
+    def _prefill(self, prompt: Sequence[int]) -> None:
+        """Evaluate prompt[:-1] into every cache, reusing the common prefix already held."""
+        held = common_prefix(self.target.tokens, prompt[:-1])
+        self.target.truncate(held)
+        if held < len(prompt) - 1:
+            self.target.forward(prompt[held:-1], logits="none")
+        for drafter in self.drafters:
+            drafter.prefill(prompt)

@@ -1,0 +1,99 @@
+"""Logits → probabilities, in one place, for the target and the drafter alike.
+
+Speculative sampling is lossless with respect to whatever distribution `probs` returns, so both
+sides of a verification must go through this function with the same SamplingParams. The order of
+the filters follows llama.cpp's default sampler chain: top-k, top-p, min-p, then temperature.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .types import SamplingParams
+
+_TOP_P_CANDIDATES = 1024  # sort only this many tokens for top-p unless they hold too little mass
+
+
+def probs(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
+    """[n, vocab] float logits → [n, vocab] float64 probabilities (rows sum to 1).
+
+    Greedy (temperature 0) gives a one-hot row at the argmax.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    squeeze = logits.ndim == 1
+    logits = np.atleast_2d(logits)
+    out = np.stack([_row(row, sp) for row in logits])
+    return out[0] if squeeze else out
+
+
+def _row(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:  # [vocab] → [vocab]
+    vocab = logits.shape[0]
+    out = np.zeros(vocab)
+    if sp.greedy:
+        out[int(np.argmax(logits))] = 1.0
+        return out
+    # top-k first, so the remaining filters work on k candidates instead of the whole vocabulary
+    if sp.top_k and sp.top_k < vocab:
+        idx = np.argpartition(-logits, sp.top_k - 1)[: sp.top_k]
+        idx.sort()
+    else:
+        idx = np.arange(vocab)
+    sub = logits[idx]
+    keep = np.isfinite(sub)
+    p = _softmax(sub, keep, 1.0)
+    if sp.top_p < 1.0:
+        keep &= _top_p_mask(p, sp.top_p)
+        p = _softmax(sub, keep, 1.0)
+    if sp.min_p > 0:
+        keep &= p >= sp.min_p * p.max()
+    out[idx] = _softmax(sub, keep, sp.temperature)
+    return out
+
+
+def _softmax(logits: np.ndarray, keep: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.where(keep, logits / temperature, -np.inf)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def _top_p_mask(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The smallest set of most probable tokens whose mass reaches top_p (ties broken by id)."""
+    n = min(_TOP_P_CANDIDATES, p.shape[0])
+    cand = np.argpartition(-p, n - 1)[:n] if n < p.shape[0] else np.arange(p.shape[0])
+    if p[cand].sum() < top_p:  # the head holds too little mass: sort everything
+        cand = np.arange(p.shape[0])
+    order = cand[np.lexsort((cand, -p[cand]))]
+    cum = np.cumsum(p[order])
+    n_keep = int(np.searchsorted(cum, top_p * (1 - 1e-12))) + 1
+    mask = np.zeros(p.shape[0], dtype=bool)
+    mask[order[:n_keep]] = True
+    return mask
+
+
+class Random(Protocol):
+    """The randomness verification and drafting draw on. Tests swap in an exhaustive enumerator."""
+
+    def bernoulli(self, prob: float) -> bool: ...
+
+    def categorical(self, p: np.ndarray) -> int: ...
+
+
+class NumpyRandom:
+    def __init__(self, seed: int | None = None):
+        self._rng = np.random.default_rng(seed)
+
+    def bernoulli(self, prob: float) -> bool:
+        return bool(self._rng.random() < prob)
+
+    def categorical(self, p: np.ndarray) -> int:
+        # inverse CDF on one uniform draw; p need not be exactly normalised
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
+        return min(i, p.shape[0] - 1)
+
+
+def choose(p: np.ndarray, sp: SamplingParams, rng: Random) -> int:
+    """Pick a token from a processed distribution p [vocab]: argmax when greedy."""
+    return int(np.argmax(p)) if sp.greedy else rng.categorical(p)

@@ -1,0 +1,175 @@
+"""Small frozen dataclasses that cross module boundaries.
+
+Notation used across edgespec (Leviathan et al. 2023; Chen et al. 2023):
+  p  — the target's distribution at a position, after the sampling transform
+  q  — the drafter's distribution at the same position, after the same transform
+  k  — the number of drafted tokens in one step
+A step yields the *accepted* draft tokens, then one more token: the *recovered* token (sampled
+from the residual max(p - q, 0) after a rejection) or the *bonus* token (sampled from p after
+all k drafts were accepted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+class EdgespecError(Exception):
+    """An error the user can fix; its message says how. The CLI prints it on one line."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 are off.
+
+    The same transform is applied to the target's and the drafter's logits, which is what keeps
+    speculative sampling lossless with respect to the *transformed* target distribution.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = [
+            (math.isfinite(self.temperature) and self.temperature >= 0, "--temp must be >= 0 (0 = greedy)"),
+            (self.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1] (1 = off)"),
+            (0 <= self.min_p < 1, "--min-p must be in [0, 1) (0 = off)"),
+            (self.max_tokens >= 1, "-n/--max-tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgespecError(f"invalid sampling value: {message}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Tokens proposed by a drafter for the positions after the context.
+
+    probs is q for each drafted position ([k, vocab], rows sum to 1), or None when the drafter
+    has no distribution (n-gram lookup, or any greedy draft); the verifier then treats each
+    token as drawn from a one-hot q, which keeps the rule lossless.
+    """
+
+    tokens: tuple[int, ...]
+    probs: np.ndarray | None  # [k, vocab] or None
+    source: str  # the acceptance-statistics key, e.g. "model" or "ngram3"
+    seconds_per_token: float | None = None  # drafter's steady-state cost; None = free or unknown
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, k: int) -> "Draft":
+        if k >= len(self.tokens):
+            return self
+        probs = None if self.probs is None else self.probs[:k]
+        return Draft(self.tokens[:k], probs, self.source, self.seconds_per_token)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of verifying one draft: the first n_accepted draft tokens stand, then `token`
+    (recovered after a rejection, bonus when n_accepted == len(draft))."""
+
+    n_accepted: int
+    token: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Running statistics of one generation (decode phase only, prompt evaluation excluded)."""
+
+    n_tokens: int = 0          # tokens emitted
+    n_steps: int = 0           # target forward passes in the decode phase
+    n_drafted: int = 0         # draft tokens sent to verification
+    n_accepted: int = 0        # of those, accepted
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    plain_step_seconds: float | None = None  # measured cost of one plain target step
+    by_source: tuple[tuple[str, int, int], ...] = ()  # (source, drafted, accepted)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per target pass (1.0 for plain decoding)."""
+        return self.n_tokens / self.n_steps if self.n_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def speedup_vs_plain(self) -> float | None:
+        """Decode speed relative to plain decoding at the step cost measured in this session."""
+        if not self.plain_step_seconds or not self.decode_seconds:
+            return None
+        return self.tokens_per_second * self.plain_step_seconds
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.n_tokens,
+            "steps": self.n_steps,
+            "drafted": self.n_drafted,
+            "accepted": self.n_accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "speedup_vs_plain": None if self.speedup_vs_plain is None else round(self.speedup_vs_plain, 3),
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_seconds": round(self.prompt_seconds, 4),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "by_source": {s: {"drafted": d, "accepted": a} for s, d, a in self.by_source},
+        }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One runtime step: the tokens it emitted, where each came from, the new text."""
+
+    tokens: tuple[int, ...]
+    from_draft: tuple[bool, ...]
+    text: str
+    stats: Stats
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "context", "cancelled"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Facts read from a GGUF file."""
+
+    path: str
+    architecture: str
+    name: str
+    n_params: int
+    file_size: int
+    n_layers: int
+    n_ctx_train: int
+    n_embd: int
+    vocab_size: int
+    vocab_type: int
+    bos: int
+    eos: int
+    chat_template: str | None
+    description: str = ""
+    extra: dict = field(default_factory=dict)
