@@ -5,17 +5,20 @@ For a source with per-token acceptance a, drafting k tokens yields on average
 at a cost of k * c_draft + c_verify(k + 1) seconds, against 1 / c_verify(1) tokens/s for plain
 decoding. The controller drafts the k that maximises E(k) / cost(k), or nothing when plain
 decoding is faster. A source that does not pay is left alone for a cool-down that doubles while
-it keeps not paying, then probed again with a short draft: this is what keeps a session from
-ever being much slower than plain decoding.
+it keeps not paying, then probed with one drafted token; a source that could not pay even at
+OPTIMISTIC_ACCEPTANCE is never tried. This is what keeps a session from being slower than
+plain decoding when speculation does not pay on this prompt and machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRIOR_VERIFY_SLOPE = 0.15  # extra cost of each verified token, relative to one decode step
-PROBE_LENGTH = 2
-INITIAL_BACKOFF = 8
+PRIOR_VERIFY_SLOPE = 0.15    # extra cost of each verified token, relative to one step, until measured
+PROBE_LENGTH = 1
+INITIAL_BACKOFF = 16         # plain steps before the first probe of a source that stopped paying
+OPTIMISTIC_ACCEPTANCE = 0.95
+FREE_SOURCES = ("ngram",)    # drafting costs nothing measurable
 
 
 @dataclass
@@ -35,45 +38,50 @@ class SourceStats:
 @dataclass
 class Controller:
     max_draft: int = 16
-    decay: float = 0.8
-    ema: float = 0.3
-    max_backoff: int = 128
+    decay: float = 0.8       # weight of the past in acceptance estimates, per observed draft
+    ema: float = 0.3         # weight of a new timing in cost estimates
+    max_backoff: int = 256
     prior_acceptance: dict = field(default_factory=lambda: {"model": 0.7, "ngram": 0.6})
-    free_sources: tuple[str, ...] = ("ngram",)  # drafting costs nothing measurable
-    verify_seconds: dict = field(default_factory=dict)  # n tokens → EMA seconds
+    verify_seconds: dict = field(default_factory=dict)  # n tokens → seconds of one target pass
     sources: dict = field(default_factory=dict)
+    _plain: list = field(default_factory=lambda: [0, 0.0])  # plain steps seen, their total seconds
 
     # --- decisions -----------------------------------------------------------------------
+    def could_pay(self, source: str) -> bool:
+        """False when `source` loses to plain decoding even at OPTIMISTIC_ACCEPTANCE."""
+        s = self._source(source)
+        if self.verify_cost(1) is None or (s.draft_seconds is None and source not in FREE_SOURCES):
+            return True  # not measured yet
+        return self._best(source, self.max_draft, OPTIMISTIC_ACCEPTANCE)[0] > 0
+
     def draft_length(self, source: str, cap: int) -> int:
         """How many tokens to draft from `source` now (0 = decode plainly); cap bounds k."""
         cap = min(cap, self.max_draft)
-        if cap <= 0:
-            return 0
         s = self._source(source)
-        if self.plain_step_seconds is None:
-            return 0  # measure one plain step first: it is the baseline every choice is held to
+        if cap <= 0 or self.verify_cost(1) is None:
+            return 0  # one plain step first: its cost is the baseline every choice is held to
         if s.cooldown > 0:
             s.cooldown -= 1
             return 0
-        if s.probe_due:  # the cool-down just ended: one short draft refreshes the estimates
+        if s.probe_due:  # the cool-down just ended: one drafted token refreshes the estimate
             s.probe_due = False
             return min(PROBE_LENGTH, cap)
-        k, _ = self._best(s, source, cap)
+        if s.draft_seconds is None and source not in FREE_SOURCES:
+            return min(PROBE_LENGTH + 1, cap)  # its speed is unknown: measure it on a short draft
+        k, _ = self._best(source, cap, min(s.acceptance, 0.999))
         if k == 0:  # does not pay: decode plainly for a while, then probe
             s.cooldown, s.backoff = s.backoff, min(2 * s.backoff, self.max_backoff)
             s.probe_due = True
         return k
 
-    def _best(self, s: SourceStats, source: str, cap: int) -> tuple[int, float]:
-        t1 = self.verify_cost(1)
-        if s.draft_seconds is None and not self._is_free(source):
-            return min(PROBE_LENGTH, cap), 0.0  # nothing measured yet: try a short draft
-        a = min(s.acceptance, 0.999)
-        c_draft = 0.0 if self._is_free(source) else s.draft_seconds
-        best_k, best_rate = 0, 1.0 / t1
+    def _best(self, source: str, cap: int, acceptance: float) -> tuple[int, float]:
+        """The draft length with the highest expected tokens/s, and that rate (k=0: plain)."""
+        s = self._source(source)
+        c_draft = 0.0 if source in FREE_SOURCES else s.draft_seconds
+        best_k, best_rate = 0, 1.0 / self.verify_cost(1)
         expected = 1.0
         for k in range(1, cap + 1):
-            expected += a**k
+            expected += acceptance**k
             rate = expected / (k * c_draft + self.verify_cost(k + 1))
             if rate > best_rate:
                 best_k, best_rate = k, rate
@@ -92,12 +100,21 @@ class Controller:
 
     @property
     def plain_step_seconds(self) -> float | None:
-        return self.verify_seconds.get(1)
+        """Mean cost of the plain steps seen in this session; the calibrated cost before that."""
+        count, total = self._plain
+        return total / count if count >= 8 else self.verify_seconds.get(1)
 
     # --- feedback --------------------------------------------------------------------------
     def observe_verify(self, n_tokens: int, seconds: float) -> None:
         old = self.verify_seconds.get(n_tokens)
         self.verify_seconds[n_tokens] = seconds if old is None else old + self.ema * (seconds - old)
+        if n_tokens == 1:
+            self._plain[0] += 1
+            self._plain[1] += seconds
+
+    def seed_draft_cost(self, source: str, seconds_per_token: float) -> None:
+        """A measured drafter step cost, before any draft was made (calibration)."""
+        self._source(source).draft_seconds = seconds_per_token
 
     def observe_draft(self, source: str, k: int, n_accepted: int, seconds_per_token: float | None) -> None:
         s = self._source(source)
@@ -107,14 +124,11 @@ class Controller:
         if seconds_per_token is not None:
             old = s.draft_seconds
             s.draft_seconds = seconds_per_token if old is None else old + self.ema * (seconds_per_token - old)
-        if self._best(s, source, self.max_draft)[0] > 0:
+        if self._best(source, self.max_draft, min(s.acceptance, 0.999))[0] > 0:
             s.backoff = INITIAL_BACKOFF  # drafting pays again: the next cool-down starts short
 
     def _source(self, source: str) -> SourceStats:
         if source not in self.sources:
-            prior = self.prior_acceptance.get(source.rstrip("0123456789"), 0.5)
+            prior = self.prior_acceptance.get(source, 0.5)
             self.sources[source] = SourceStats(accepted=2 * prior, trials=2.0)
         return self.sources[source]
-
-    def _is_free(self, source: str) -> bool:
-        return source.rstrip("0123456789") in self.free_sources

@@ -98,9 +98,10 @@ class Runtime:
     # --- one step ------------------------------------------------------------------------
     def _draft(self, context: list[int], cap: int, sp: SamplingParams, rng: Random) -> Draft | None:
         """Ask drafters in order; the controller decides whether and how far each drafts."""
-        for drafter in self.drafters:
-            source = drafter.peek(context)
-            k = self.controller.draft_length(source, cap) if source else 0
+        for drafter in self._useful():
+            if not drafter.ready(context):
+                continue
+            k = self.controller.draft_length(drafter.source, cap)
             if k > 0:
                 draft = drafter.propose(context, k, sp, rng)
                 if draft:
@@ -159,5 +160,10 @@ class Runtime:
         self.target.truncate(held)
         if held < len(prompt) - 1:
             self.target.forward(prompt[held:-1], logits="none")
-        for drafter in self.drafters:
+        for drafter in self._useful():
             drafter.prefill(prompt)
+
+    def _useful(self) -> list:
+        """Drafters that could beat plain decoding on this machine (the others are not even
+        kept in sync: a draft model that cannot pay costs nothing)."""
+        return [d for d in self.drafters if self.controller.could_pay(d.source)]

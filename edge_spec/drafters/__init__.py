@@ -1,8 +1,9 @@
 """Drafters propose tokens for the target to verify.
 
-A drafter has three methods: `prefill(context)` readies it with the prompt; `peek(context)` names the statistics source it would draft from now
-(or None when it has nothing to offer: an n-gram drafter with no match), and
-`propose(context, budget, sampling, rng)` returns a Draft of at most `budget` tokens. Whether a
+A drafter names its statistics `source` and has three methods: `prefill(context)` readies it
+with the prompt; `ready(context)` says whether it has anything to offer now (an n-gram drafter
+without a match has not); `propose(context, budget, sampling, rng)` returns a Draft of at most
+`budget` tokens. Whether a
 draft carries probabilities is data (`Draft.probs`), never a class check.
 """
 
@@ -17,9 +18,11 @@ from .ngram import NgramDrafter
 
 
 class Drafter(Protocol):
+    source: str
+
     def prefill(self, context: Sequence[int]) -> None: ...  # with the prompt, outside decode time
 
-    def peek(self, context: Sequence[int]) -> str | None: ...
+    def ready(self, context: Sequence[int]) -> bool: ...
 
     def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
 

@@ -11,7 +11,9 @@ from ..types import Draft, SamplingParams
 
 
 class NgramDrafter:
-    def __init__(self, n_min: int = 2, n_max: int = 4):
+    source = "ngram"
+
+    def __init__(self, n_min: int = 3, n_max: int = 5):
         if not 1 <= n_min <= n_max:
             raise ValueError("need 1 <= n_min <= n_max")
         self.n_min, self.n_max = n_min, n_max
@@ -22,16 +24,15 @@ class NgramDrafter:
     def prefill(self, context: Sequence[int]) -> None:
         self._sync(context)
 
-    def peek(self, context: Sequence[int]) -> str | None:
-        match = self._match(context)
-        return None if match is None else f"ngram{match[0]}"
+    def ready(self, context: Sequence[int]) -> bool:
+        return self._match(context) is not None
 
     def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
         match = self._match(context)
         if match is None or budget <= 0:
             return None
-        n, start = match
-        return Draft(tuple(context[start : start + budget]), None, f"ngram{n}")
+        start = match[1]
+        return Draft(tuple(context[start : start + budget]), None, self.source)
 
     def _match(self, context: Sequence[int]) -> tuple[int, int] | None:
         self._sync(context)

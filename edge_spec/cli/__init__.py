@@ -1,0 +1,139 @@
+"""The `edgespec` command: a thin typer layer over edge_spec.engine (heavy imports are lazy)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..engine import EngineOptions
+from ..types import EdgespecError, SamplingParams
+from .models import app as models_app
+
+app = typer.Typer(
+    help="Lossless speculative decoding for local LLMs. Run `edgespec chat` to talk to the default models.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(models_app, name="models")
+
+E, S = EngineOptions(), SamplingParams()  # the defaults, read from one place
+
+# --- options shared by chat and generate -------------------------------------------------------
+ModelArg = typer.Argument(None, metavar="[MODEL.gguf]", help="Target model: a .gguf path or a known model name (default: Qwen2.5-Coder-1.5B).", show_default=False)
+ModelOpt = typer.Option(None, "-m", "--model", help="Target model (same as the argument).", show_default=False)
+DraftOpt = typer.Option(None, "-md", "--draft", help="Draft model (.gguf or known name) with the same tokenizer.", show_default=False)
+NgramOpt = typer.Option(False, "--ngram", help="Draft by n-gram lookup only (no draft model).")
+NoNgramOpt = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts.")
+PlainOpt = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline.")
+CtxOpt = typer.Option(E.n_ctx, "-c", "--ctx-size", help="Context size in tokens.")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="Target threads (default: physical cores).", show_default=False)
+ThreadsDraftOpt = typer.Option(None, "-td", "--threads-draft", help="Drafter threads (default: as -t).", show_default=False)
+NglOpt = typer.Option(E.n_gpu_layers, "-ngl", "--gpu-layers", help="Target layers on the GPU.")
+NgldOpt = typer.Option(E.n_gpu_layers_draft, "-ngld", "--gpu-layers-draft", help="Drafter layers on the GPU.")
+MaxDraftOpt = typer.Option(E.max_draft, "--max-draft", help="Most tokens drafted per step.")
+TempOpt = typer.Option(S.temperature, "--temp", help="Temperature (0 = greedy).")
+TopKOpt = typer.Option(S.top_k, "--top-k", help="Top-k (0 = off).")
+TopPOpt = typer.Option(S.top_p, "--top-p", help="Top-p (1 = off).")
+MinPOpt = typer.Option(S.min_p, "--min-p", help="Min-p (0 = off).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed.", show_default=False)
+NOpt = typer.Option(S.max_tokens, "-n", "--max-tokens", help="Most tokens to generate per reply.")
+StatsOpt = typer.Option("text", "--stats", help="Stats line format on stderr: text, json or none.")
+
+
+def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft) -> EngineOptions:
+    if model and model_opt and model != model_opt:
+        raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
+    if ngram and no_ngram:
+        raise EdgespecError("--ngram and --no-ngram contradict each other: choose one")
+    if ngram and draft:
+        raise EdgespecError("--ngram drafts without a model: drop -md/--draft, or drop --ngram to combine both")
+    if max_draft < 1:
+        raise EdgespecError("--max-draft must be >= 1")
+    return EngineOptions(
+        model=model or model_opt, draft=draft, ngram=not no_ngram, draft_model=not ngram, plain=plain,
+        n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
+        n_gpu_layers_draft=ngld, max_draft=max_draft)
+
+
+def _stats_format(value: str) -> str:
+    if value not in ("text", "json", "none"):
+        raise EdgespecError(f"--stats must be text, json or none, not {value!r}")
+    return value
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelArg, model_opt: Optional[str] = ModelOpt, draft: Optional[str] = DraftOpt,
+    ngram: bool = NgramOpt, no_ngram: bool = NoNgramOpt, plain: bool = PlainOpt,
+    ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
+    ngl: int = NglOpt, ngld: int = NgldOpt, max_draft: int = MaxDraftOpt,
+    temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    seed: Optional[int] = SeedOpt, n: int = NOpt,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
+    stats: str = StatsOpt,
+) -> None:
+    """Chat in the terminal. With no model, the default Qwen2.5-Coder 1.5B target and 0.5B drafter."""
+    from .chat import run_chat
+
+    _run(lambda: run_chat(
+        _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft),
+        SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n),
+        system, _stats_format(stats)))
+
+
+@app.command()
+def generate(
+    model: Optional[str] = ModelArg, model_opt: Optional[str] = ModelOpt, draft: Optional[str] = DraftOpt,
+    ngram: bool = NgramOpt, no_ngram: bool = NoNgramOpt, plain: bool = PlainOpt,
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text.", show_default=False),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from a file.", show_default=False),
+    raw: bool = typer.Option(False, "--raw", help="Continue the text as is, without the chat template."),
+    ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
+    ngl: int = NglOpt, ngld: int = NgldOpt, max_draft: int = MaxDraftOpt,
+    temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    seed: Optional[int] = SeedOpt, n: int = NOpt,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
+    stats: str = StatsOpt,
+) -> None:
+    """Generate one reply to -p TEXT or -f FILE and exit."""
+    from .chat import run_generate
+
+    def go():
+        text = _read_prompt(prompt, file)
+        run_generate(
+            _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft),
+            SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n),
+            text, system, raw, _stats_format(stats))
+
+    _run(go)
+
+
+def _read_prompt(prompt: str | None, file: Path | None) -> str:
+    if prompt is not None and file is not None:
+        raise EdgespecError("give the prompt once: -p TEXT or -f FILE")
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgespecError(f"cannot read the prompt file {file}: {e}") from e
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise EdgespecError("no prompt: give -p TEXT or -f FILE (or pipe text in)")
+        return sys.stdin.read()
+    return prompt
+
+
+def _run(fn) -> None:
+    """Run a command; an EdgespecError becomes one line on stderr and exit code 1."""
+    try:
+        fn()
+    except EdgespecError as e:
+        typer.echo(f"edgespec: error: {e}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+def main() -> None:
+    app()
