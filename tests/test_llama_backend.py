@@ -1,0 +1,172 @@
+"""The llama.cpp backend on tiny generated GGUF models: evaluation, rollback, facts, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
+from edge_spec.drafters import ModelDrafter, NgramDrafter
+from edge_spec.engine import Engine, EngineOptions
+from edge_spec.runtime import Runtime
+from edge_spec.types import EdgespecError, SamplingParams
+from edge_spec.vocab import check_compatible
+from tests.tiny_gguf import truncate_copy, write_llama, write_not_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_llama(tmp_path_factory.mktemp("m") / "tiny.gguf", seed=1, chat_template="{{ messages[0]['content'] }}")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny):
+    b = LlamaCppBackend(tiny, LlamaOptions(n_ctx=64, n_threads=1, n_batch=16))
+    yield b
+    b.close()
+
+
+def test_forward_returns_one_row_per_position(backend):
+    backend.truncate(0)
+    all_rows = backend.forward([1, 10, 11, 12])
+    assert all_rows.shape == (4, backend.vocab_size)
+    assert np.isfinite(all_rows).all()
+    assert backend.tokens == [1, 10, 11, 12]
+    backend.truncate(0)
+    last = backend.forward([1, 10, 11, 12], logits="last")
+    assert last.shape == (1, backend.vocab_size)
+    np.testing.assert_allclose(last[0], all_rows[-1], atol=1e-4)
+    assert backend.forward([13], logits="none").shape == (0, backend.vocab_size)
+
+
+def test_rollback_is_exact(backend):
+    backend.truncate(0)
+    backend.forward([1, 20, 21])
+    fresh = backend.forward([22, 23, 24])
+    backend.truncate(3)
+    backend.forward([40, 41])  # a rejected continuation
+    backend.truncate(3)
+    again = backend.forward([22, 23, 24])
+    np.testing.assert_array_equal(again, fresh)
+    assert backend.n_past == 6
+
+
+def test_chunks_longer_than_the_batch(backend):
+    backend.truncate(0)
+    tokens = [1] + list(range(30, 60))  # 31 tokens, n_batch 16
+    chunked = backend.forward(tokens)
+    assert chunked.shape == (31, backend.vocab_size)
+    backend.truncate(0)
+    last = backend.forward(tokens, logits="last")
+    np.testing.assert_allclose(last[0], chunked[-1], atol=1e-4)
+
+
+def test_never_writes_past_the_context(backend):
+    backend.truncate(0)
+    n = backend.n_ctx - 4
+    backend.forward([5 + i % 250 for i in range(n)], logits="none")
+    with pytest.raises(EdgespecError, match="context full"):
+        backend.forward([5, 6, 7, 8, 9])
+    assert backend.n_past == n
+
+
+def test_facts_are_read_from_the_file(backend, tiny):
+    f = backend.facts
+    assert f.architecture == "llama"
+    assert f.vocab_size == 320 and f.n_layers == 2 and f.n_embd == 64
+    assert f.bos == 1 and f.eos == 2
+    assert f.file_size == tiny.stat().st_size
+    assert f.n_params > 0
+    assert f.chat_template == "{{ messages[0]['content'] }}"
+
+
+def test_tokenize_and_pieces_round_trip(backend):
+    tokens = backend.tokenize("hello world", add_special=False, parse_special=False)
+    assert backend.detokenize(tokens).strip() == "hello world"
+    assert backend.is_eog(2) and not backend.is_eog(10)
+
+
+def test_runtime_on_a_real_backend_stops_at_the_context_limit(tiny):
+    with LlamaCppBackend(tiny, LlamaOptions(n_ctx=24, n_threads=1)) as target, \
+         LlamaCppBackend(tiny, LlamaOptions(n_ctx=24, n_threads=1)) as draft:
+        rt = Runtime(target, [NgramDrafter(), ModelDrafter(draft)])
+        steps = list(rt.generate([1, 10, 11, 12], SamplingParams(temperature=0, max_tokens=100)))
+        assert steps[-1].finish_reason in ("context", "stop")
+        assert target.n_past <= 24
+        if steps[-1].finish_reason == "context":
+            assert target.n_past == 24
+
+
+def test_self_drafting_tiny_model_accepts_every_greedy_draft(tiny):
+    with LlamaCppBackend(tiny, LlamaOptions(n_ctx=128, n_threads=1)) as target, \
+         LlamaCppBackend(tiny, LlamaOptions(n_ctx=128, n_threads=1)) as draft:
+        rt = Runtime(target, [ModelDrafter(draft)], AlwaysDraft(3))
+        steps = list(rt.generate([1, 10, 11, 12], SamplingParams(temperature=0, max_tokens=40)))
+        stats = steps[-1].stats
+        assert stats.n_drafted > 20
+        assert stats.acceptance_rate == 1.0
+
+
+class AlwaysDraft:
+    """A controller that always drafts k tokens (for tests that must exercise drafting)."""
+
+    def __init__(self, k):
+        self.k = k
+        self.plain_step_seconds = None
+
+    def could_pay(self, source):
+        return True
+
+    def draft_length(self, source, cap):
+        return min(self.k, cap)
+
+    def observe_verify(self, n, seconds):
+        pass
+
+    def observe_draft(self, *args):
+        pass
+
+
+# --- bad input -------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(EdgespecError, match="no such model file"):
+        LlamaCppBackend(tmp_path / "missing.gguf")
+
+
+def test_not_gguf(tmp_path):
+    with pytest.raises(EdgespecError, match="not a GGUF file"):
+        LlamaCppBackend(write_not_gguf(tmp_path / "x.gguf"))
+
+
+def test_truncated_file(tmp_path, tiny):
+    bad = truncate_copy(tiny, tmp_path / "cut.gguf", -1000)
+    with pytest.raises(EdgespecError, match="could not load"):
+        LlamaCppBackend(bad, LlamaOptions(n_ctx=32, n_threads=1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"token_prefix": "x"}, "token 5 is"),
+    ({"eos": 3}, "BOS/EOS"),
+    ({"vocab_size": 600}, "vocabulary sizes"),
+])
+def test_incompatible_drafters_are_refused(tmp_path, backend, kwargs, message):
+    other = write_llama(tmp_path / "other.gguf", **kwargs)
+    with LlamaCppBackend(other, LlamaOptions(n_ctx=32, n_threads=1)) as d:
+        with pytest.raises(EdgespecError, match=message):
+            check_compatible(backend, d)
+
+
+def test_compatible_drafter_within_size_slack(tmp_path, backend):
+    close = write_llama(tmp_path / "close.gguf", vocab_size=400, n_pieces=59, seed=3)
+    with LlamaCppBackend(close, LlamaOptions(n_ctx=32, n_threads=1)) as d:
+        check_compatible(backend, d)  # 320 vs 400 tokens, same strings: accepted
+
+
+def test_engine_refuses_incompatible_drafter_and_prompt_too_long(tmp_path, tiny):
+    other = write_llama(tmp_path / "other.gguf", token_prefix="y")
+    with pytest.raises(EdgespecError, match="cannot draft for target"):
+        Engine.load(EngineOptions(model=str(tiny), draft=str(other), n_ctx=32, n_threads=1))
+    with Engine.load(EngineOptions(model=str(tiny), n_ctx=16, n_threads=1, calibrate=False)) as engine:
+        with pytest.raises(EdgespecError, match="raise -c/--ctx-size"):
+            list(engine.stream(list(range(5, 30)), SamplingParams(temperature=0)))
+        assert engine.chat_tokens([{"role": "user", "content": "hello"}])
