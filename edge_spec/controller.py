@@ -124,7 +124,7 @@ class Controller:
         if seconds_per_token is not None:
             old = s.draft_seconds
             s.draft_seconds = seconds_per_token if old is None else old + self.ema * (seconds_per_token - old)
-        if self._best(source, self.max_draft, min(s.acceptance, 0.999))[0] > 0:
+        if self.verify_cost(1) is not None and self._best(source, self.max_draft, min(s.acceptance, 0.999))[0] > 0:
             s.backoff = INITIAL_BACKOFF  # drafting pays again: the next cool-down starts short
 
     def _source(self, source: str) -> SourceStats:

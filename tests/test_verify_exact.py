@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakes import (  # noqa: E402
-    FakeModel, FixedController, FunctionDrafter, copy_model, disjoint_pair, enumerate_outcomes,
+    FakeModel, FixedController, FunctionDrafter, disjoint_pair, enumerate_outcomes,
     max_deviation, mixture, peaked_dist, random_dist, target_joint,
 )
 
@@ -216,7 +216,7 @@ TRANSFORMS = [
 @pytest.mark.parametrize("sp", TRANSFORMS, ids=lambda sp: f"T{sp.temperature}-k{sp.top_k}-p{sp.top_p}-m{sp.min_p}")
 def test_output_is_the_transformed_target_distribution(sp):
     vocab = 4
-    cases = [c for c in pair_cases(vocab) if c[0].startswith(("mixed", "p-zeros", "disjoint", "equal"))][:8:2]
+    cases = [c for c in pair_cases(vocab) if c[0] in ("mixed0", "mixed1", "p-zeros0", "q-onehot0", "disjoint0", "equal0")]
 
     def transform(p):
         with np.errstate(divide="ignore"):
