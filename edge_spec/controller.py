@@ -4,7 +4,9 @@ For a source with per-token acceptance a, drafting k tokens yields on average
     E(k) = 1 + a + a^2 + ... + a^k            tokens per target pass (Leviathan et al., eq. 1)
 at a cost of k * c_draft + c_verify(k + 1) seconds, against 1 / c_verify(1) tokens/s for plain
 decoding. The controller drafts the k that maximises E(k) / cost(k), or nothing when plain
-decoding is faster. A source that does not pay is left alone for a cool-down that doubles while
+decoding is faster. Costs are kept in units of one plain step (c_verify(1)), because the speed
+of a shared or thermally throttled machine drifts while the *shape* of the cost curve stays:
+a calibration taken on a faster afternoon still ranks draft lengths right. A source that does not pay is left alone for a cool-down that doubles while
 it keeps not paying, then probed with one drafted token; a source that could not pay even at
 OPTIMISTIC_ACCEPTANCE is never tried. This is what keeps a session from being slower than
 plain decoding when speculation does not pay on this prompt and machine.
@@ -25,7 +27,6 @@ FREE_SOURCES = ("ngram",)    # drafting costs nothing measurable
 class SourceStats:
     accepted: float          # decayed count of accepted draft tokens
     trials: float            # decayed count of accept/reject trials
-    draft_seconds: float | None = None  # per drafted token; None = not measured yet
     cooldown: int = 0        # steps left before this source may draft again
     backoff: int = INITIAL_BACKOFF  # next cool-down length
     probe_due: bool = False
@@ -41,24 +42,31 @@ class Controller:
     decay: float = 0.8       # weight of the past in acceptance estimates, per observed draft
     ema: float = 0.3         # weight of a new timing in cost estimates
     max_backoff: int = 256
-    prior_acceptance: dict = field(default_factory=lambda: {"model": 0.7, "ngram": 0.6})
-    verify_seconds: dict = field(default_factory=dict)  # n tokens → seconds of one target pass
-    sources: dict = field(default_factory=dict)
+    prior_acceptance: dict = field(default_factory=lambda: {
+        "model": 0.7, "model/hot": 0.8, "ngram": 0.75, "ngram/hot": 0.9})
+    step_seconds: float | None = None                 # EMA of one plain step (n = 1)
+    verify_ratio: dict = field(default_factory=dict)  # n tokens → cost of one pass, in plain steps
+    draft_ratio: dict = field(default_factory=dict)   # drafter → cost of one drafted token, in plain steps
+    sources: dict = field(default_factory=dict)       # "drafter" or "drafter/hot" → SourceStats
+    hot: dict = field(default_factory=dict)           # drafter → was its last draft accepted whole?
     _plain: list = field(default_factory=lambda: [0, 0.0])  # plain steps seen, their total seconds
 
     # --- decisions -----------------------------------------------------------------------
     def could_pay(self, source: str) -> bool:
         """False when `source` loses to plain decoding even at OPTIMISTIC_ACCEPTANCE."""
-        s = self._source(source)
-        if self.verify_cost(1) is None or (s.draft_seconds is None and source not in FREE_SOURCES):
-            return True  # not measured yet
+        if not self._measured(source):
+            return True
         return self._best(source, self.max_draft, OPTIMISTIC_ACCEPTANCE)[0] > 0
 
     def draft_length(self, source: str, cap: int) -> int:
-        """How many tokens to draft from `source` now (0 = decode plainly); cap bounds k."""
+        """How many tokens to draft from `source` now (0 = decode plainly); cap bounds k.
+
+        Acceptance is tracked apart for drafts that follow a wholly accepted draft ("hot"):
+        copying a file or a loop accepts in long runs, and this sees a run start within two
+        drafts instead of waiting for a decayed average to climb."""
         cap = min(cap, self.max_draft)
-        s = self._source(source)
-        if cap <= 0 or self.verify_cost(1) is None:
+        s = self._source(self._key(source))
+        if cap <= 0 or self.step_seconds is None:
             return 0  # one plain step first: its cost is the baseline every choice is held to
         if s.cooldown > 0:
             s.cooldown -= 1
@@ -66,7 +74,7 @@ class Controller:
         if s.probe_due:  # the cool-down just ended: one drafted token refreshes the estimate
             s.probe_due = False
             return min(PROBE_LENGTH, cap)
-        if s.draft_seconds is None and source not in FREE_SOURCES:
+        if not self._measured(source):
             return min(PROBE_LENGTH + 1, cap)  # its speed is unknown: measure it on a short draft
         k, _ = self._best(source, cap, min(s.acceptance, 0.999))
         if k == 0:  # does not pay: decode plainly for a while, then probe
@@ -74,61 +82,87 @@ class Controller:
             s.probe_due = True
         return k
 
+    def _measured(self, source: str) -> bool:
+        return self.step_seconds is not None and (source in FREE_SOURCES or source in self.draft_ratio)
+
     def _best(self, source: str, cap: int, acceptance: float) -> tuple[int, float]:
-        """The draft length with the highest expected tokens/s, and that rate (k=0: plain)."""
-        s = self._source(source)
-        c_draft = 0.0 if source in FREE_SOURCES else s.draft_seconds
-        best_k, best_rate = 0, 1.0 / self.verify_cost(1)
+        """The draft length with the highest expected tokens per plain step, and that rate."""
+        c_draft = 0.0 if source in FREE_SOURCES else self.draft_ratio[source]
+        best_k, best_rate = 0, 1.0
         expected = 1.0
         for k in range(1, cap + 1):
             expected += acceptance**k
-            rate = expected / (k * c_draft + self.verify_cost(k + 1))
+            rate = expected / (k * c_draft + self.ratio(k + 1))
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k, best_rate
 
+    def ratio(self, n: int) -> float:
+        """Cost of a target pass over n tokens in plain steps: measured, else interpolated."""
+        if n == 1:
+            return 1.0
+        if n in self.verify_ratio:
+            return self.verify_ratio[n]
+        known = sorted(self.verify_ratio)
+        below = max((m for m in known if m < n), default=1)
+        above = min((m for m in known if m > n), default=None)
+        r_below = self.ratio(below)
+        if above is None:  # beyond the measured range: continue the mean slope
+            slopes = [(self.verify_ratio[m] - 1.0) / (m - 1) for m in known]
+            slope = max(sum(slopes) / len(slopes), 0.0) if slopes else PRIOR_VERIFY_SLOPE
+            return r_below + slope * (n - below)
+        return r_below + (self.verify_ratio[above] - r_below) * (n - below) / (above - below)
+
     def verify_cost(self, n: int) -> float | None:
-        """Seconds for one target pass over n tokens: measured, else a line through t(1)."""
-        if n in self.verify_seconds:
-            return self.verify_seconds[n]
-        t1 = self.verify_seconds.get(1)
-        if t1 is None:
-            return None
-        slopes = [(t - t1) / (m - 1) for m, t in self.verify_seconds.items() if m > 1]
-        slope = max(sum(slopes) / len(slopes), 0.0) if slopes else PRIOR_VERIFY_SLOPE * t1
-        return t1 + slope * (n - 1)
+        """Seconds of one target pass over n tokens, at the current speed of the machine."""
+        return None if self.step_seconds is None else self.step_seconds * self.ratio(n)
 
     @property
     def plain_step_seconds(self) -> float | None:
         """Mean cost of the plain steps seen in this session; the calibrated cost before that."""
         count, total = self._plain
-        return total / count if count >= 8 else self.verify_seconds.get(1)
+        return total / count if count >= 8 else self.step_seconds
 
     # --- feedback --------------------------------------------------------------------------
+    def calibrate(self, seconds: dict[int, float], draft_seconds: dict[str, float] | None = None) -> None:
+        """Seed the cost curve from measured passes of n tokens (and drafters' step times)."""
+        t1 = seconds[1]
+        self.step_seconds = t1
+        self.verify_ratio.update({n: t / t1 for n, t in seconds.items() if n > 1})
+        for source, t in (draft_seconds or {}).items():
+            self.draft_ratio[source] = t / t1
+
     def observe_verify(self, n_tokens: int, seconds: float) -> None:
-        old = self.verify_seconds.get(n_tokens)
-        self.verify_seconds[n_tokens] = seconds if old is None else old + self.ema * (seconds - old)
         if n_tokens == 1:
+            old = self.step_seconds
+            self.step_seconds = seconds if old is None else old + self.ema * (seconds - old)
             self._plain[0] += 1
             self._plain[1] += seconds
-
-    def seed_draft_cost(self, source: str, seconds_per_token: float) -> None:
-        """A measured drafter step cost, before any draft was made (calibration)."""
-        self._source(source).draft_seconds = seconds_per_token
+        elif self.step_seconds is not None:
+            self._update(self.verify_ratio, n_tokens, seconds / self.step_seconds)
 
     def observe_draft(self, source: str, k: int, n_accepted: int, seconds_per_token: float | None) -> None:
-        s = self._source(source)
+        s = self._source(self._key(source))
         rejected = 1 if n_accepted < k else 0
         s.accepted = s.accepted * self.decay + n_accepted
         s.trials = s.trials * self.decay + n_accepted + rejected
+        self.hot[source] = not rejected
+        if self.step_seconds is None:
+            return
         if seconds_per_token is not None:
-            old = s.draft_seconds
-            s.draft_seconds = seconds_per_token if old is None else old + self.ema * (seconds_per_token - old)
-        if self.verify_cost(1) is not None and self._best(source, self.max_draft, min(s.acceptance, 0.999))[0] > 0:
+            self._update(self.draft_ratio, source, seconds_per_token / self.step_seconds)
+        if self._measured(source) and self._best(source, self.max_draft, min(s.acceptance, 0.999))[0] > 0:
             s.backoff = INITIAL_BACKOFF  # drafting pays again: the next cool-down starts short
 
-    def _source(self, source: str) -> SourceStats:
-        if source not in self.sources:
-            prior = self.prior_acceptance.get(source, 0.5)
-            self.sources[source] = SourceStats(accepted=2 * prior, trials=2.0)
-        return self.sources[source]
+    def _update(self, table: dict, key, value: float) -> None:
+        old = table.get(key)
+        table[key] = value if old is None else old + self.ema * (value - old)
+
+    def _key(self, source: str) -> str:
+        return f"{source}/hot" if self.hot.get(source) else source
+
+    def _source(self, key: str) -> SourceStats:
+        if key not in self.sources:
+            prior = self.prior_acceptance.get(key, 0.5)
+            self.sources[key] = SourceStats(accepted=2 * prior, trials=2.0)
+        return self.sources[key]

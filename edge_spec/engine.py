@@ -126,8 +126,8 @@ def _calibrate(controller: Controller, target, draft_backend, max_draft: int, re
 
     costs = verify_costs(target, max_draft + 1,
                          progress=lambda n, total: report("measuring verification cost", n / total))
-    controller.verify_seconds.update(costs)
+    drafts = {}
     if draft_backend is not None:
-        step = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
-        controller.seed_draft_cost("model", step)
+        drafts["model"] = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
+    controller.calibrate(costs, drafts)
 

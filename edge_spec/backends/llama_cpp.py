@@ -110,17 +110,22 @@ def physical_cores() -> int:
 
 class LlamaCppBackend:
     def __init__(self, path: str | os.PathLike, options: LlamaOptions = LlamaOptions(),
-                 progress: Callable[[float], None] | None = None):
+                 progress: Callable[[float], None] | None = None, *, _parent: "LlamaCppBackend | None" = None):
         path = os.fspath(path)
-        check_gguf(path)
         self.lib, self._log = lib, log = _init()
         self.options = options
         self.n_threads = options.n_threads or physical_cores()
-        self.model = self._load_model(path, options, progress)
+        self._parent = _parent  # a sibling context borrows its parent's weights
+        if _parent is None:
+            check_gguf(path)
+            self.model = self._load_model(path, options, progress)
+        else:
+            self.model = _parent.model
         try:
             self.ctx = self._new_context(options)
         except Exception:
-            lib.llama_model_free(self.model)
+            if _parent is None:
+                lib.llama_model_free(self.model)
             raise
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.vocab_size = lib.llama_vocab_n_tokens(self.vocab)
@@ -281,11 +286,16 @@ class LlamaCppBackend:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     # --- lifetime ------------------------------------------------------------------------
+    def sibling(self) -> "LlamaCppBackend":
+        """A second context (own KV cache) on the same weights: close it before this one."""
+        return LlamaCppBackend(self.facts.path, self.options, _parent=self)
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.lib.llama_batch_free(self.batch)
             self.lib.llama_free(self.ctx)
-            self.lib.llama_model_free(self.model)
+            if self._parent is None:
+                self.lib.llama_model_free(self.model)
             self.ctx = self.model = None
 
     def __enter__(self):

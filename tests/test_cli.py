@@ -1,0 +1,100 @@
+"""The `edgespec` command end to end, in a subprocess, on tiny generated models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny_gguf import truncate_copy, write_llama, write_not_gguf
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_llama(tmp_path_factory.mktemp("cli") / "tiny.gguf", seed=2, chat_template=TEMPLATE)
+
+
+def edgespec(*args, stdin: str = "", env: dict | None = None, home=None) -> subprocess.CompletedProcess:
+    environment = os.environ | {"NO_COLOR": "1"} | (env or {})
+    if home is not None:
+        environment["EDGESPEC_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "edge_spec.cli", *args], input=stdin, text=True,
+                          capture_output=True, env=environment, timeout=120)
+
+
+def test_generate_streams_text_and_prints_json_stats(tiny):
+    r = edgespec("generate", str(tiny), "-p", "hello world", "-n", "12", "--temp", "0", "--stats", "json", "-c", "128")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    assert 1 <= stats["tokens"] <= 12
+    assert stats["steps"] >= 1 and "acceptance_rate" in stats
+    assert r.stdout.strip() != ""
+
+
+def test_plain_and_greedy_generations_agree(tiny):
+    common = ("generate", str(tiny), "-p", "the a and of", "-n", "16", "--temp", "0", "--stats", "none", "-c", "128")
+    plain = edgespec(*common, "--plain")
+    spec = edgespec(*common)
+    assert plain.returncode == spec.returncode == 0
+    assert plain.stdout == spec.stdout
+
+
+def test_prompt_from_a_file_and_raw_mode(tiny, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello world hello world hello")
+    r = edgespec("generate", str(tiny), "-f", str(prompt), "--raw", "-n", "8", "--temp", "0", "-c", "128")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr
+
+
+def test_chat_reads_commands_and_messages_from_stdin(tiny):
+    script = "/set temp 0\n/set bogus 1\nhello \\\nthere\n/stats\n/clear\n\"\"\"\nfirst line\nsecond\n\"\"\"\n/help\n/bye\n"
+    r = edgespec("chat", str(tiny), "-n", "6", "-c", "256", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "(temperature = 0.0)" in r.stderr
+    assert "usage: /set NAME VALUE" in r.stderr
+    assert "session:" in r.stderr            # /stats after a reply
+    assert "(conversation cleared)" in r.stderr
+    assert "/bye" in r.stderr                # /help text
+    assert r.stderr.count("tok/s") >= 3      # two replies' stats lines and /stats
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda p: p / "missing.gguf", [], "no such model file"),
+    (lambda p: write_not_gguf(p / "junk.gguf"), [], "not a GGUF file"),
+    (None, ["--temp", "-1"], "--temp must be >= 0"),
+    (None, ["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (None, ["--ngram", "--no-ngram"], "contradict"),
+    (None, ["-c", "16", "-p", "hello " * 40], "raise -c/--ctx-size"),
+])
+def test_bad_input_is_one_line_and_nonzero(tiny, tmp_path, make, args, message):
+    model = str(make(tmp_path)) if make else str(tiny)
+    if "-p" not in args:
+        args = [*args, "-p", "hi"]
+    r = edgespec("generate", model, *args, "-n", "4")
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0  # one line
+
+
+def test_truncated_model_and_missing_defaults(tiny, tmp_path):
+    cut = truncate_copy(tiny, tmp_path / "cut.gguf", -2000)
+    r = edgespec("generate", str(cut), "-p", "hi")
+    assert r.returncode == 1 and "could not load" in r.stderr and "Traceback" not in r.stderr
+    r = edgespec("generate", "-p", "hi", home=tmp_path / "empty-home")
+    assert r.returncode == 1
+    assert "edgespec models install" in r.stderr
+
+
+def test_help_lists_the_conventional_flags():
+    r = edgespec("generate", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0
+    for flag in ("-md", "--draft", "-ngl", "-ngld", "--temp", "--top-k", "--top-p", "--min-p",
+                 "--seed", "--plain", "--stats", "-f", "--system", "--ngram"):
+        assert flag in r.stdout, flag
