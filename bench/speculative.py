@@ -30,9 +30,15 @@ from edge_spec.types import SamplingParams  # noqa: E402
 
 
 def interleaved(runtimes: dict[str, Runtime], prompt: list[int], sp: SamplingParams) -> dict[str, dict]:
-    """Run generations step by step, next step to whichever has used the least time."""
+    """Run generations step by step, next step to whichever has used the least time.
+
+    Also records each one's decode time after every step, so that runs of different lengths
+    (EOS at different places, as at T > 0) are compared over the same number of tokens: later
+    tokens cost more (a longer context), and a short run would look faster per token.
+    """
     gens = {label: rt.generate(prompt, sp) for label, rt in runtimes.items()}
     busy = dict.fromkeys(gens, 0.0)
+    trace = {label: [] for label in gens}  # (tokens so far, decode seconds so far)
     last = {}
     while gens:
         label = min(gens, key=busy.get)
@@ -43,13 +49,24 @@ def interleaved(runtimes: dict[str, Runtime], prompt: list[int], sp: SamplingPar
             del gens[label]
         if step is not None:
             last[label] = step
+            trace[label].append((step.stats.n_tokens, busy[label] - step.stats.prompt_seconds))
     out = {}
     for label, step in last.items():
         stats = step.stats.as_dict()
         # decode time = time inside this generator minus its prompt evaluation
         stats["decode_seconds"] = busy[label] - step.stats.prompt_seconds
-        out[label] = stats | {"finish": step.finish_reason}
+        out[label] = stats | {"finish": step.finish_reason, "trace": trace[label]}
     return out
+
+
+def seconds_for(trace: list, n: int) -> float:
+    """Decode seconds spent to produce the first n tokens (prorated within the step that crossed n)."""
+    prev_tokens, prev_seconds = 0, 0.0
+    for tokens, seconds in trace:
+        if tokens >= n:
+            return prev_seconds + (seconds - prev_seconds) * (n - prev_tokens) / max(tokens - prev_tokens, 1)
+        prev_tokens, prev_seconds = tokens, seconds
+    return prev_seconds
 
 
 def main() -> None:
@@ -89,20 +106,23 @@ def main() -> None:
 
 
 def summarize(name: str, temp: float, runs: dict) -> dict:
-    def rate(rs):  # tokens over decode time, pooled over repetitions
-        return sum(r["tokens"] for r in rs) / sum(r["decode_seconds"] for r in rs)
-
+    """Rates over the tokens both runs of a pair produced, pooled over repetitions."""
+    pairs = list(zip(runs["plain"], runs["edgespec"]))
+    common = [min(p["tokens"], s["tokens"]) for p, s in pairs]
+    plain_s = [seconds_for(p["trace"], n) for (p, _), n in zip(pairs, common)]
+    spec_s = [seconds_for(s["trace"], n) for (_, s), n in zip(pairs, common)]
     spec = runs["edgespec"]
     drafted = sum(r["drafted"] for r in spec)
+    for r in runs["plain"] + spec:
+        del r["trace"]
     return {
-        "prompt": name, "temperature": temp,
-        "plain_tps": round(rate(runs["plain"]), 2), "edgespec_tps": round(rate(spec), 2),
-        "ratio": round(rate(spec) / rate(runs["plain"]), 3),
-        "ratio_per_rep": [round((s["tokens"] / s["decode_seconds"]) / (p["tokens"] / p["decode_seconds"]), 3)
-                          for s, p in zip(spec, runs["plain"])],
+        "prompt": name, "temperature": temp, "compared_tokens": common,
+        "plain_tps": round(sum(common) / sum(plain_s), 2), "edgespec_tps": round(sum(common) / sum(spec_s), 2),
+        "ratio": round(sum(plain_s) / sum(spec_s), 3),
+        "ratio_per_rep": [round(p / s, 3) for p, s in zip(plain_s, spec_s)],
         "acceptance": round(sum(r["accepted"] for r in spec) / drafted, 3) if drafted else 0.0,
         "tokens_per_pass": round(statistics.mean(r["mean_accepted_length"] for r in spec), 3),
-        "tokens": [r["tokens"] for r in spec], "runs": runs,
+        "runs": runs,
     }
 
 
@@ -113,11 +133,12 @@ def format_row(r: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| prompt | T | plain tok/s | edgespec tok/s | ratio | per rep | acceptance | tokens/pass |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| prompt | T | tokens compared | plain tok/s | edgespec tok/s | ratio | per rep | acceptance | tokens/pass |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['prompt']} | {r['temperature']} | {r['plain_tps']} | {r['edgespec_tps']} | "
-              f"**{r['ratio']}** | {', '.join(map(str, r['ratio_per_rep']))} | {r['acceptance']} | {r['tokens_per_pass']} |")
+        print(f"| {r['prompt']} | {r['temperature']} | {', '.join(map(str, r['compared_tokens']))} | {r['plain_tps']} | "
+              f"{r['edgespec_tps']} | **{r['ratio']}** | {', '.join(map(str, r['ratio_per_rep']))} | "
+              f"{r['acceptance']} | {r['tokens_per_pass']} |")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class SourceStats:
 class Controller:
     max_draft: int = 16
     decay: float = 0.8       # weight of the past in acceptance estimates, per observed draft
-    ema: float = 0.3         # weight of a new timing in cost estimates
+    ema: float = 0.1         # weight of a new timing in cost estimates (timings here jitter ±10%)
     max_backoff: int = 256
     prior_acceptance: dict = field(default_factory=lambda: {
         "model": 0.7, "model/hot": 0.8, "ngram": 0.75, "ngram/hot": 0.9})

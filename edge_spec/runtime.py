@@ -73,8 +73,11 @@ class Runtime:
                 "raise -c/--ctx-size or shorten the prompt")
         rng = rng or NumpyRandom(sp.seed)
         c = _Counters(prompt_tokens=len(prompt))
+        # decided once per generation: a draft model left out is not kept in sync, and bringing
+        # it in later would cost a catch-up over the whole context
+        drafters = [d for d in self.drafters if self.controller.could_pay(d.source)]
         t0 = time.perf_counter()
-        self._prefill(prompt)
+        self._prefill(prompt, drafters)
         c.prompt_seconds = time.perf_counter() - t0
         c.t_start = time.perf_counter()
         context = list(prompt)
@@ -88,7 +91,7 @@ class Runtime:
             if room < 1:
                 yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "context")
                 return
-            draft = self._draft(context, min(room - 1, left - 1), sp, rng)
+            draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng)
             new = self._verify_step(context, draft, sp, rng, c)
             step = self._emit(new, text, sp, c)
             yield step
@@ -96,9 +99,9 @@ class Runtime:
                 return
 
     # --- one step ------------------------------------------------------------------------
-    def _draft(self, context: list[int], cap: int, sp: SamplingParams, rng: Random) -> Draft | None:
+    def _draft(self, drafters, context: list[int], cap: int, sp: SamplingParams, rng: Random) -> Draft | None:
         """Ask drafters in order; the controller decides whether and how far each drafts."""
-        for drafter in self._useful():
+        for drafter in drafters:
             if not drafter.ready(context):
                 continue
             k = self.controller.draft_length(drafter.source, cap)
@@ -154,16 +157,11 @@ class Runtime:
         from_draft = tuple(i < len(new) - 1 for i in range(len(out)))
         return Step(tuple(out), from_draft, "".join(pieces), c.snapshot(self.controller.plain_step_seconds), reason)
 
-    def _prefill(self, prompt: Sequence[int]) -> None:
+    def _prefill(self, prompt: Sequence[int], drafters) -> None:
         """Evaluate prompt[:-1] into every cache, reusing the common prefix already held."""
         held = common_prefix(self.target.tokens, prompt[:-1])
         self.target.truncate(held)
         if held < len(prompt) - 1:
             self.target.forward(prompt[held:-1], logits="none")
-        for drafter in self._useful():
+        for drafter in drafters:
             drafter.prefill(prompt)
-
-    def _useful(self) -> list:
-        """Drafters that could beat plain decoding on this machine (the others are not even
-        kept in sync: a draft model that cannot pay costs nothing)."""
-        return [d for d in self.drafters if self.controller.could_pay(d.source)]

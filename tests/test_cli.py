@@ -44,6 +44,14 @@ def test_plain_and_greedy_generations_agree(tiny):
     assert plain.stdout == spec.stdout
 
 
+def test_stop_string_cuts_the_reply(tiny):
+    common = ("generate", str(tiny), "-p", "the a and of", "-n", "24", "--temp", "0", "--stats", "none", "-c", "128")
+    full = edgespec(*common).stdout.rstrip("\n")
+    assert len(full) > 6
+    cut = edgespec(*common, "--stop", full[3:6]).stdout.rstrip("\n")
+    assert cut == full[: full.index(full[3:6])]
+
+
 def test_prompt_from_a_file_and_raw_mode(tiny, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("hello world hello world hello")

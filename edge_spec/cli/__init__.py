@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -38,6 +38,7 @@ TopPOpt = typer.Option(S.top_p, "--top-p", help="Top-p (1 = off).")
 MinPOpt = typer.Option(S.min_p, "--min-p", help="Min-p (0 = off).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed.", show_default=False)
 NOpt = typer.Option(S.max_tokens, "-n", "--max-tokens", help="Most tokens to generate per reply.")
+StopOpt = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).", show_default=False)
 StatsOpt = typer.Option("text", "--stats", help="Stats line format on stderr: text, json or none.")
 
 
@@ -69,7 +70,7 @@ def chat(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: int = NglOpt, ngld: int = NgldOpt, max_draft: int = MaxDraftOpt,
     temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
-    seed: Optional[int] = SeedOpt, n: int = NOpt,
+    seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
     stats: str = StatsOpt,
 ) -> None:
@@ -78,7 +79,8 @@ def chat(
 
     _run(lambda: run_chat(
         _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft),
-        SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n),
+        SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
+                       stop=tuple(stop or ())),
         system, _stats_format(stats)))
 
 
@@ -92,7 +94,7 @@ def generate(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: int = NglOpt, ngld: int = NgldOpt, max_draft: int = MaxDraftOpt,
     temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
-    seed: Optional[int] = SeedOpt, n: int = NOpt,
+    seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
     stats: str = StatsOpt,
 ) -> None:
@@ -103,7 +105,8 @@ def generate(
         text = _read_prompt(prompt, file)
         run_generate(
             _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft),
-            SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n),
+            SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
+                       stop=tuple(stop or ())),
             text, system, raw, _stats_format(stats))
 
     _run(go)
