@@ -23,6 +23,11 @@ OPTIMISTIC_ACCEPTANCE = 0.95
 FREE_SOURCES = ("ngram",)    # drafting costs nothing measurable
 
 
+def _drafter(source: str) -> str:
+    """"ngram:long" → "ngram": a statistics key's drafter, whose speed all its keys share."""
+    return source.split(":")[0]
+
+
 @dataclass
 class SourceStats:
     accepted: float          # decayed count of accepted draft tokens
@@ -43,11 +48,12 @@ class Controller:
     ema: float = 0.1         # weight of a new timing in cost estimates (timings here jitter ±10%)
     max_backoff: int = 256
     prior_acceptance: dict = field(default_factory=lambda: {
-        "model": 0.7, "model/hot": 0.8, "ngram": 0.75, "ngram/hot": 0.9})
+        "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.9,
+        "ngram:long": 0.85, "ngram:long/hot": 0.95})
     step_seconds: float | None = None                 # EMA of one plain step (n = 1)
     verify_ratio: dict = field(default_factory=dict)  # n tokens → cost of one pass, in plain steps
     draft_ratio: dict = field(default_factory=dict)   # drafter → cost of one drafted token, in plain steps
-    sources: dict = field(default_factory=dict)       # "drafter" or "drafter/hot" → SourceStats
+    sources: dict = field(default_factory=dict)       # key or "key/hot" → SourceStats
     hot: dict = field(default_factory=dict)           # drafter → was its last draft accepted whole?
     _plain: list = field(default_factory=lambda: [0, 0.0])  # plain steps seen, their total seconds
 
@@ -83,11 +89,13 @@ class Controller:
         return k
 
     def _measured(self, source: str) -> bool:
-        return self.step_seconds is not None and (source in FREE_SOURCES or source in self.draft_ratio)
+        drafter = _drafter(source)
+        return self.step_seconds is not None and (drafter in FREE_SOURCES or drafter in self.draft_ratio)
 
     def _best(self, source: str, cap: int, acceptance: float) -> tuple[int, float]:
         """The draft length with the highest expected tokens per plain step, and that rate."""
-        c_draft = 0.0 if source in FREE_SOURCES else self.draft_ratio[source]
+        drafter = _drafter(source)
+        c_draft = 0.0 if drafter in FREE_SOURCES else self.draft_ratio[drafter]
         best_k, best_rate = 0, 1.0
         expected = 1.0
         for k in range(1, cap + 1):
@@ -146,11 +154,11 @@ class Controller:
         rejected = 1 if n_accepted < k else 0
         s.accepted = s.accepted * self.decay + n_accepted
         s.trials = s.trials * self.decay + n_accepted + rejected
-        self.hot[source] = not rejected
+        self.hot[_drafter(source)] = not rejected
         if self.step_seconds is None:
             return
         if seconds_per_token is not None:
-            self._update(self.draft_ratio, source, seconds_per_token / self.step_seconds)
+            self._update(self.draft_ratio, _drafter(source), seconds_per_token / self.step_seconds)
         if self._measured(source) and self._best(source, self.max_draft, min(s.acceptance, 0.999))[0] > 0:
             s.backoff = INITIAL_BACKOFF  # drafting pays again: the next cool-down starts short
 
@@ -159,7 +167,7 @@ class Controller:
         table[key] = value if old is None else old + self.ema * (value - old)
 
     def _key(self, source: str) -> str:
-        return f"{source}/hot" if self.hot.get(source) else source
+        return f"{source}/hot" if self.hot.get(_drafter(source)) else source
 
     def _source(self, key: str) -> SourceStats:
         if key not in self.sources:

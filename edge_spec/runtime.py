@@ -102,9 +102,10 @@ class Runtime:
     def _draft(self, drafters, context: list[int], cap: int, sp: SamplingParams, rng: Random) -> Draft | None:
         """Ask drafters in order; the controller decides whether and how far each drafts."""
         for drafter in drafters:
-            if not drafter.ready(context):
+            key = drafter.ready(context)
+            if key is None:
                 continue
-            k = self.controller.draft_length(drafter.source, cap)
+            k = self.controller.draft_length(key, cap)
             if k > 0:
                 draft = drafter.propose(context, k, sp, rng)
                 if draft:

@@ -238,8 +238,8 @@ class FunctionDrafter:
     def prefill(self, context) -> None:
         pass
 
-    def ready(self, context) -> bool:
-        return True
+    def ready(self, context) -> str:
+        return self.source
 
     def propose(self, context, budget: int, sp: SamplingParams, rng) -> Draft | None:
         tokens = tuple(int(t) for t in self.propose_fn(tuple(context), budget))[:budget]

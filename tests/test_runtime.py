@@ -48,12 +48,12 @@ NGRAM_CASES = [
 @pytest.mark.parametrize("context,n_min,n_max,budget,want", NGRAM_CASES)
 def test_ngram_proposals(context, n_min, n_max, budget, want):
     drafter = NgramDrafter(n_min, n_max)
-    assert drafter.ready(context) == (want is not None)
+    assert (drafter.ready(context) is not None) == (want is not None)
     draft = drafter.propose(context, budget, GREEDY, NumpyRandom(0))
     if want is None:
         assert draft is None
     else:
-        assert draft.tokens == want and draft.probs is None and draft.source == drafter.source
+        assert draft.tokens == want and draft.probs is None and draft.source == drafter.ready(context)
 
 
 def test_ngram_budget_zero_proposes_nothing():
@@ -66,7 +66,7 @@ def test_ngram_index_is_rebuilt_when_the_context_is_replaced():
     # a new conversation: (1, 2) has no earlier occurrence in it, whatever the old one held
     assert drafter.propose([4, 5, 1, 2], 4, GREEDY, NumpyRandom(0)) is None
     assert drafter.propose([4, 5, 6, 4, 5], 4, GREEDY, NumpyRandom(0)).tokens == (6, 4, 5)
-    assert not drafter.ready([4, 5])  # shorter than what it had seen
+    assert drafter.ready([4, 5]) is None  # shorter than what it had seen
 
 
 def _reference_proposal(context, n_min, n_max, budget):

@@ -1,8 +1,8 @@
 """Drafters propose tokens for the target to verify.
 
 A drafter names its statistics `source` and has three methods: `prefill(context)` readies it
-with the prompt; `ready(context)` says whether it has anything to offer now (an n-gram drafter
-without a match has not); `propose(context, budget, sampling, rng)` returns a Draft of at most
+with the prompt; `ready(context)` names the statistics key of the draft it would make now, or None
+when it has nothing to offer (an n-gram drafter without a match); `propose(context, budget, sampling, rng)` returns a Draft of at most
 `budget` tokens. Whether a
 draft carries probabilities is data (`Draft.probs`), never a class check.
 """
@@ -22,7 +22,7 @@ class Drafter(Protocol):
 
     def prefill(self, context: Sequence[int]) -> None: ...  # with the prompt, outside decode time
 
-    def ready(self, context: Sequence[int]) -> bool: ...
+    def ready(self, context: Sequence[int]) -> str | None: ...
 
     def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
 

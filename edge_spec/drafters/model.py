@@ -17,8 +17,8 @@ class ModelDrafter:
     def __init__(self, backend):
         self.backend = backend
 
-    def ready(self, context: Sequence[int]) -> bool:
-        return True
+    def ready(self, context: Sequence[int]) -> str | None:
+        return self.source
 
     def prefill(self, context: Sequence[int]) -> None:
         """Bring the cache up to context[:-1] (done with the prompt, before drafting starts)."""

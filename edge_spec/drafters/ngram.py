@@ -1,6 +1,11 @@
 """Prompt lookup: draft the tokens that followed the most recent earlier occurrence of the
 context's last n tokens (n from n_max down to n_min). Needs no model; strong when the answer
-repeats the prompt (editing a file, quoting code) or itself."""
+repeats the prompt (editing a file, quoting code) or itself.
+
+How long the match is predicts acceptance well, so drafts from matches of at least `long_from`
+tokens get their own statistics key ("ngram:long"). Greedy replies of Qwen2.5-Coder-1.5B to the
+bench prompts: 3-4-token matches drafted a right first token 25-33% of the time in chat, while
+copying a file gave 234 matches of 8+ tokens, 98% right (bench/prompts.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +18,10 @@ from ..types import Draft, SamplingParams
 class NgramDrafter:
     source = "ngram"
 
-    def __init__(self, n_min: int = 3, n_max: int = 5):
+    def __init__(self, n_min: int = 3, n_max: int = 8, long_from: int = 6):
         if not 1 <= n_min <= n_max:
             raise ValueError("need 1 <= n_min <= n_max")
-        self.n_min, self.n_max = n_min, n_max
+        self.n_min, self.n_max, self.long_from = n_min, n_max, long_from
         self._seen: list[int] = []
         # n → {n-gram: index of the token that followed its most recent occurrence}
         self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(n_min, n_max + 1)}
@@ -24,15 +29,19 @@ class NgramDrafter:
     def prefill(self, context: Sequence[int]) -> None:
         self._sync(context)
 
-    def ready(self, context: Sequence[int]) -> bool:
-        return self._match(context) is not None
+    def ready(self, context: Sequence[int]) -> str | None:
+        match = self._match(context)
+        return None if match is None else self._key(match[0])
 
     def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
         match = self._match(context)
         if match is None or budget <= 0:
             return None
-        start = match[1]
-        return Draft(tuple(context[start : start + budget]), None, self.source)
+        n, start = match
+        return Draft(tuple(context[start : start + budget]), None, self._key(n))
+
+    def _key(self, n: int) -> str:
+        return f"{self.source}:long" if n >= self.long_from else self.source
 
     def _match(self, context: Sequence[int]) -> tuple[int, int] | None:
         self._sync(context)
