@@ -60,7 +60,9 @@ if [ ! -f "$marker" ] || ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; t
       "llama-cpp-python==$LLAMA_VERSION" -w "$wheels"
   fi
   say "installing llama-cpp-python $LLAMA_VERSION ($variant)"
-  "${pip[@]}" install --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
+  "${pip[@]}" install --force-reinstall --no-deps "$wheel"  # replace any other build in the venv
+  "${pip[@]}" install "$wheel"                               # and bring its dependencies
   rm -f .venv/.edgespec-llama-*
   touch "$marker"
 fi

@@ -10,12 +10,11 @@ import time
 import numpy as np
 import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
+import gguf  # noqa: F401  (the writer's dependency: fail, never skip, when it is missing)
+import llama_cpp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny_gguf  # noqa: E402
-from tiny_gguf import N_BYTES, N_FIXED, build_vocab, truncate_copy, write_llama, write_not_gguf  # noqa: E402
+from tests import tiny_gguf
+from tests.tiny_gguf import N_BYTES, N_FIXED, build_vocab, truncate_copy, write_llama, write_not_gguf  # noqa: E402
 
 _BACKEND_READY = False
 

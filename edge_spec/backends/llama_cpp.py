@@ -49,7 +49,7 @@ def _lib():
         import llama_cpp
     except ImportError as e:  # pragma: no cover - depends on the install
         raise EdgespecError(
-            "llama-cpp-python is not installed: run `bash scripts/setup.sh` "
+            f"llama-cpp-python cannot be imported ({e}): run `bash scripts/setup.sh` "
             "(it builds llama-cpp-python 0.3.36 with flags that are safe on this CPU)") from e
     return llama_cpp
 
