@@ -121,10 +121,6 @@ class Controller:
             return r_below + slope * (n - below)
         return r_below + (self.verify_ratio[above] - r_below) * (n - below) / (above - below)
 
-    def verify_cost(self, n: int) -> float | None:
-        """Seconds of one target pass over n tokens, at the current speed of the machine."""
-        return None if self.step_seconds is None else self.step_seconds * self.ratio(n)
-
     @property
     def plain_step_seconds(self) -> float | None:
         """Mean cost of the plain steps seen in this session; the calibrated cost before that."""

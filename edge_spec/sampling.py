@@ -101,7 +101,3 @@ class NumpyRandom:
         i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
         return int(support[min(i, support.shape[0] - 1)])
 
-
-def choose(p: np.ndarray, sp: SamplingParams, rng: Random) -> int:
-    """Pick a token from a processed distribution p [vocab]: argmax when greedy."""
-    return int(np.argmax(p)) if sp.greedy else rng.categorical(p)

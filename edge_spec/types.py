@@ -70,17 +70,11 @@ class Draft:
 
     tokens: tuple[int, ...]
     probs: np.ndarray | None  # [k, vocab] or None
-    source: str  # the acceptance-statistics key, e.g. "model" or "ngram3"
+    source: str  # the acceptance-statistics key, e.g. "model", "ngram" or "ngram:long"
     seconds_per_token: float | None = None  # drafter's steady-state cost; None = free or unknown
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-    def truncate(self, k: int) -> "Draft":
-        if k >= len(self.tokens):
-            return self
-        probs = None if self.probs is None else self.probs[:k]
-        return Draft(self.tokens[:k], probs, self.source, self.seconds_per_token)
 
 
 @dataclass(frozen=True)

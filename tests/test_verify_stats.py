@@ -87,7 +87,7 @@ def test_broken_verifier_fails_chi_square(broken, name, p, q, k, monkeypatch):
 def test_two_token_sequences_pass_chi_square():
     """The first two tokens of a generation, with p and q depending on the first token: drafts
     of k = 2 tokens, and one more verification whenever the first emitted only one token."""
-    vocab, n, k = 6, 20_000, 2
+    vocab, n = 6, 20_000
     g = np.random.default_rng(21)
     p0, q0 = g.dirichlet(np.full(vocab, 2.0), size=2)          # [vocab] each
     p1, q1 = g.dirichlet(np.full(vocab, 2.0), size=(2, vocab))  # [vocab (first token), vocab] each
