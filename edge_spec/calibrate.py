@@ -18,6 +18,8 @@ from typing import Callable
 from .models import cache_dir
 
 SCHEMA = 1
+# pass sizes measured; the controller interpolates between them and learns the rest as it runs
+SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32)
 _PROBE_TEXT = "def add(a, b):\n    return a + b\n\n" * 8
 
 
@@ -40,12 +42,13 @@ def _build_id(backend) -> str:
 
 def verify_costs(backend, max_n: int, reps: int = 2,
                  progress: Callable[[int, int], None] | None = None, use_cache: bool = True) -> dict[int, float]:
-    """Seconds per target pass for n = 1..max_n tokens (minimum over `reps`), cached on disk."""
+    """Seconds per target pass of n tokens for n in SIZES up to max_n, and max_n itself (the
+    minimum over `reps`), cached on disk."""
     path = calibration_file(backend)
     if use_cache and path.exists():
         try:
             cached = {int(n): float(s) for n, s in json.loads(path.read_text())["seconds"].items()}
-            if all(n in cached for n in range(1, max_n + 1)):
+            if all(n in cached for n in sizes(max_n)):
                 return cached
         except (ValueError, KeyError, OSError):
             pass  # unreadable cache: measure again
@@ -54,6 +57,10 @@ def verify_costs(backend, max_n: int, reps: int = 2,
     path.write_text(json.dumps({"schema": SCHEMA, "model": backend.facts.path,
                                 "threads": backend.n_threads, "seconds": costs}, indent=1))
     return costs
+
+
+def sizes(max_n: int) -> list[int]:
+    return sorted({n for n in SIZES if n <= max_n} | {max_n})
 
 
 def measure(backend, max_n: int, reps: int = 2,
@@ -67,7 +74,8 @@ def measure(backend, max_n: int, reps: int = 2,
         backend.forward(filler[:1])  # warm-up
         backend.truncate(base)
         costs: dict[int, float] = {}
-        for n in range(1, max_n + 1):
+        todo = sizes(max_n)
+        for i, n in enumerate(todo):
             for _ in range(reps):
                 t0 = time.perf_counter()
                 backend.forward(filler[:n])
@@ -75,7 +83,7 @@ def measure(backend, max_n: int, reps: int = 2,
                 backend.truncate(base)
                 costs[n] = min(costs.get(n, dt), dt)
             if progress:
-                progress(n, max_n)
+                progress(i + 1, len(todo))
         return costs
     finally:
         backend.truncate(0)

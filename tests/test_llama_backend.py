@@ -170,3 +170,21 @@ def test_engine_refuses_incompatible_drafter_and_prompt_too_long(tmp_path, tiny)
         with pytest.raises(EdgespecError, match="raise -c/--ctx-size"):
             list(engine.stream(list(range(5, 30)), SamplingParams(temperature=0)))
         assert engine.chat_tokens([{"role": "user", "content": "hello"}])
+
+
+def test_calibration_measures_the_sizes_and_caches_them(tiny, tmp_path, monkeypatch):
+    from edge_spec import calibrate
+
+    monkeypatch.setenv("EDGESPEC_HOME", str(tmp_path))
+    with LlamaCppBackend(tiny, LlamaOptions(n_ctx=128, n_threads=1)) as b:
+        costs = calibrate.verify_costs(b, 9)
+        assert sorted(costs) == [1, 2, 3, 4, 5, 6, 8, 9]
+        assert all(t > 0 for t in costs.values())
+        assert b.n_past == 0  # the cache is left empty
+        assert calibrate.calibration_file(b).is_relative_to(tmp_path)
+
+        def no_measuring(*args, **kwargs):
+            raise AssertionError("measured again instead of reading the cache")
+
+        monkeypatch.setattr(calibrate, "measure", no_measuring)
+        assert calibrate.verify_costs(b, 9) == costs
