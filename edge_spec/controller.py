@@ -48,7 +48,7 @@ class Controller:
     ema: float = 0.1         # weight of a new timing in cost estimates (timings here jitter ±10%)
     max_backoff: int = 256
     prior_acceptance: dict = field(default_factory=lambda: {
-        "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.9,
+        "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.65,
         "ngram:long": 0.85, "ngram:long/hot": 0.95})
     step_seconds: float | None = None                 # EMA of one plain step (n = 1)
     verify_ratio: dict = field(default_factory=dict)  # n tokens → cost of one pass, in plain steps
