@@ -52,6 +52,8 @@ class Controller:
         "ngram:long": 0.85, "ngram:long/hot": 0.95})
     step_seconds: float | None = None                 # EMA of one plain step (n = 1)
     verify_ratio: dict = field(default_factory=dict)  # n tokens → cost of one pass, in plain steps
+    # short n-gram matches are right 25-33% of the time in chat: probe them rarely from the start
+    first_backoff: dict = field(default_factory=lambda: {"ngram": 64})
     draft_ratio: dict = field(default_factory=dict)   # drafter → cost of one drafted token, in plain steps
     sources: dict = field(default_factory=dict)       # key or "key/hot" → SourceStats
     hot: dict = field(default_factory=dict)           # drafter → was its last draft accepted whole?
@@ -168,5 +170,6 @@ class Controller:
     def _source(self, key: str) -> SourceStats:
         if key not in self.sources:
             prior = self.prior_acceptance.get(key, 0.5)
-            self.sources[key] = SourceStats(accepted=2 * prior, trials=2.0)
+            self.sources[key] = SourceStats(accepted=2 * prior, trials=2.0,
+                                            backoff=self.first_backoff.get(key, INITIAL_BACKOFF))
         return self.sources[key]
