@@ -32,6 +32,7 @@ class _Counters:
     t_start: float = 0.0
     drafted: Counter = field(default_factory=Counter)
     accepted: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)  # drafts cut short by a rejection
 
     def snapshot(self, plain_step: float | None) -> Stats:
         return Stats(
@@ -40,7 +41,7 @@ class _Counters:
             prompt_seconds=self.prompt_seconds,
             decode_seconds=time.perf_counter() - self.t_start if self.t_start else 0.0,
             plain_step_seconds=plain_step,
-            by_source=tuple((s, self.drafted[s], self.accepted[s]) for s in sorted(self.drafted)),
+            by_source=tuple((s, self.drafted[s], self.accepted[s], self.rejected[s]) for s in sorted(self.drafted)),
         )
 
 
@@ -124,6 +125,7 @@ class Runtime:
             self.controller.observe_draft(draft.source, k, verdict.n_accepted, draft.seconds_per_token)
             c.drafted[draft.source] += k
             c.accepted[draft.source] += verdict.n_accepted
+            c.rejected[draft.source] += verdict.n_accepted < k
             c.n_drafted += k
             c.n_accepted += verdict.n_accepted
             new = (*draft.tokens[: verdict.n_accepted], verdict.token)

@@ -98,7 +98,7 @@ class Stats:
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     plain_step_seconds: float | None = None  # measured cost of one plain target step
-    by_source: tuple[tuple[str, int, int], ...] = ()  # (source, drafted, accepted)
+    by_source: tuple[tuple[str, int, int, int], ...] = ()  # (source, drafted, accepted, drafts rejected)
 
     @property
     def acceptance_rate(self) -> float:
@@ -133,7 +133,7 @@ class Stats:
             "prompt_tokens": self.prompt_tokens,
             "prompt_seconds": round(self.prompt_seconds, 4),
             "decode_seconds": round(self.decode_seconds, 4),
-            "by_source": {s: {"drafted": d, "accepted": a} for s, d, a in self.by_source},
+            "by_source": {s: {"drafted": d, "accepted": a, "rejected": r} for s, d, a, r in self.by_source},
         }
 
 

@@ -235,8 +235,10 @@ def test_steps_and_stats_are_consistent():
                 assert step.stats.n_accepted == n_from_draft, name
             stats = steps[-1].stats
             assert stats.n_accepted <= stats.n_drafted
-            assert sum(d for _, d, _ in stats.by_source) == stats.n_drafted
-            assert sum(a for _, _, a in stats.by_source) == stats.n_accepted
+            assert sum(d for _, d, _, _ in stats.by_source) == stats.n_drafted
+            assert sum(a for _, _, a, _ in stats.by_source) == stats.n_accepted
+            # each rejection discards at least one drafted token, and only rejections discard
+            assert all(r <= d - a and (r > 0) == (d > a) for _, d, a, r in stats.by_source)
             assert stats.mean_accepted_length == pytest.approx(30 / len(steps))
             if name == "plain":
                 assert stats.n_drafted == 0 and stats.n_steps == 30
