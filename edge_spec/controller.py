@@ -58,11 +58,12 @@ class Controller:
     sources: dict = field(default_factory=dict)       # key or "key/hot" → SourceStats
     hot: dict = field(default_factory=dict)           # drafter → was its last draft accepted whole?
     _plain: list = field(default_factory=lambda: [0, 0.0])  # plain steps seen, their total seconds
+    fixed: dict = field(default_factory=dict)         # drafter → k drafted at every step (benches, experiments)
 
     # --- decisions -----------------------------------------------------------------------
     def could_pay(self, source: str) -> bool:
         """False when `source` loses to plain decoding even at OPTIMISTIC_ACCEPTANCE."""
-        if not self._measured(source):
+        if not self._measured(source) or _drafter(source) in self.fixed:
             return True
         return self._best(source, self.max_draft, OPTIMISTIC_ACCEPTANCE)[0] > 0
 
@@ -73,6 +74,8 @@ class Controller:
         copying a file or a loop accepts in long runs, and this sees a run start within two
         drafts instead of waiting for a decayed average to climb."""
         cap = min(cap, self.max_draft)
+        if _drafter(source) in self.fixed:
+            return max(min(self.fixed[_drafter(source)], cap), 0)
         s = self._source(self._key(source))
         if cap <= 0 or self.step_seconds is None:
             return 0  # one plain step first: its cost is the baseline every choice is held to
