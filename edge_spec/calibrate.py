@@ -12,10 +12,11 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable
 
-from .models import cache_dir
+from .models import state_dir
+from .profile import Calibration
 
 SCHEMA = 1
 # pass sizes measured; the controller interpolates between them and learns the rest as it runs
@@ -24,20 +25,51 @@ _PROBE_TEXT = "def add(a, b):\n    return a + b\n\n" * 8
 
 
 def calibration_file(backend) -> Path:
-    """One file per (model file, threads, batch, KV types, build, CPU)."""
-    st = os.stat(backend.facts.path)
+    return cache_file(backend.facts.path, backend.n_threads, backend.options)
+
+
+def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
+    """One file per (model file, threads, batch, KV types, GPU layers, build, CPU); `options` is
+    the backend's LlamaOptions (only read, so the file is found before a model is loaded)."""
+    st = os.stat(path)
     key = json.dumps([
-        SCHEMA, os.path.realpath(backend.facts.path), st.st_size, int(st.st_mtime),
-        backend.n_threads, backend.options.n_batch, backend.options.type_k, backend.options.type_v,
-        backend.options.n_gpu_layers, _build_id(backend), platform.processor() or platform.machine(),
+        SCHEMA, os.path.realpath(path), st.st_size, int(st.st_mtime),
+        n_threads, options.n_batch, options.type_k, options.type_v,
+        options.n_gpu_layers, _build_id(), platform.processor() or platform.machine(),
     ])
-    return cache_dir().parent / "calibration" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    return state_dir() / "calibration" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
-def _build_id(backend) -> str:
-    import llama_cpp
+def _build_id() -> str:
+    from .backends.llama_cpp import _lib
 
-    return f"{llama_cpp.__version__}:{backend.lib.llama_print_system_info().decode(errors='replace')}"
+    lib = _lib()
+    return f"{lib.__version__}:{lib.llama_print_system_info().decode(errors='replace')}"
+
+
+def cached(path: str | os.PathLike, n_threads: int, options) -> Calibration | None:
+    """The cached measurements of a model with these options, as a profile Calibration."""
+    try:
+        seconds = _read(cache_file(path, n_threads, options))
+    except OSError:
+        return None
+    if not seconds or 1 not in seconds:
+        return None
+    return as_calibration(path, seconds, n_threads, options.n_gpu_layers)
+
+
+def as_calibration(path: str | os.PathLike, seconds: dict[int, float], n_threads: int, n_gpu_layers: int) -> Calibration:
+    return Calibration(
+        model=Path(path).name, model_bytes=os.path.getsize(path), n_params=0,
+        device="cpu" if n_gpu_layers == 0 else "gpu0", threads=n_threads, n_gpu_layers=n_gpu_layers,
+        step_seconds=seconds[1], verify_seconds={n: s for n, s in seconds.items() if n > 1})
+
+
+def _read(path: Path) -> dict[int, float] | None:
+    try:
+        return {int(n): float(s) for n, s in json.loads(path.read_text())["seconds"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # unreadable cache: measure again
 
 
 def verify_costs(backend, max_n: int, reps: int = 2,
@@ -47,11 +79,11 @@ def verify_costs(backend, max_n: int, reps: int = 2,
     path = calibration_file(backend)
     if use_cache and path.exists():
         try:
-            cached = {int(n): float(s) for n, s in json.loads(path.read_text())["seconds"].items()}
-            if all(n in cached for n in sizes(max_n)):
-                return cached
-        except (ValueError, KeyError, OSError):
-            pass  # unreadable cache: measure again
+            known = _read(path)
+        except OSError:
+            known = None
+        if known and all(n in known for n in sizes(max_n)):
+            return known
     costs = measure(backend, max_n, reps, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"schema": SCHEMA, "model": backend.facts.path,
@@ -64,8 +96,10 @@ def sizes(max_n: int) -> list[int]:
 
 
 def measure(backend, max_n: int, reps: int = 2,
-            progress: Callable[[int, int], None] | None = None) -> dict[int, float]:
-    """Time passes of n tokens after a short prompt; the cache is left empty."""
+            progress: Callable[[int, int], None] | None = None,
+            only: Iterable[int] | None = None) -> dict[int, float]:
+    """Time passes of n tokens after a short prompt (n in `only`, else in sizes(max_n)); the
+    cache is left empty."""
     backend.truncate(0)
     try:
         prompt = backend.tokenize(_PROBE_TEXT, True, False)[:96]
@@ -74,7 +108,7 @@ def measure(backend, max_n: int, reps: int = 2,
         backend.forward(filler[:1])  # warm-up
         backend.truncate(base)
         costs: dict[int, float] = {}
-        todo = sizes(max_n)
+        todo = sorted(set(only)) if only is not None else sizes(max_n)
         for i, n in enumerate(todo):
             for _ in range(reps):
                 t0 = time.perf_counter()

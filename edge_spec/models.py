@@ -157,6 +157,14 @@ def cache_dir() -> Path:
     return Path(cache).expanduser() / "edgespec" / "models"
 
 
+def state_dir() -> Path:
+    """Where what edgespec learns about this machine goes (calibrations, profiles, history):
+    $EDGESPEC_STATE, else next to the models folder (~/.cache/edgespec)."""
+    if state := os.environ.get("EDGESPEC_STATE"):
+        return Path(state).expanduser()
+    return cache_dir().parent
+
+
 def local_path(model: str | ModelSpec) -> Path:
     """Where the model's file is (or would be) installed."""
     return cache_dir() / get(model).filename

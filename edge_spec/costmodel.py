@@ -1,0 +1,263 @@
+"""Predicts what a target pass over k tokens costs on a device, from a GGUF file and a profile.
+
+One pass of a decoder over k tokens reads every weight once and does about 2 * params * k
+floating-point operations, so on every device
+
+    t(k) = overhead + streamed_bytes / bandwidth + 2 * params * k / throughput
+
+with the bandwidth and throughput a profile measured (STREAM triad, BLAS GEMM) scaled by how much
+of them llama.cpp's kernels reach. The efficiencies below were fitted on this project's CI machine
+(2-core AMD EPYC, AVX2) against calibrated passes of Qwen2.5-Coder 0.5B (Q8_0) and 1.5B (Q4_K_M):
+decode steps within 10%, verification of 2-32 tokens within 25% (the real curve has steps where
+llama.cpp switches kernels; calibrated measurements replace this formula whenever they exist).
+A split placement (n layers on the GPU, the rest on the CPU) costs the sum of both parts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .gguf_file import ArrayInfo, read_header
+from .profile import Calibration, Gpu, Profile
+from .types import EdgespecError
+
+# share of the measured triad bandwidth / f32 GEMM throughput that llama.cpp's quantized kernels
+# reach (fitted here, see the module docstring); GPUs: typical of llama.cpp's CUDA/Metal kernels
+CPU_BANDWIDTH_EFFICIENCY = 0.8
+CPU_COMPUTE_EFFICIENCY = 0.9
+GPU_BANDWIDTH_EFFICIENCY = 0.7
+GPU_COMPUTE_EFFICIENCY = 0.3
+CPU_OVERHEAD_S = 0.002           # graph build, thread wake-up, sampling: per pass
+GPU_OVERHEAD_PER_LAYER_S = 5e-5  # kernel launches per layer and pass
+SPLIT_SYNC_S = 5e-4              # a pass that crosses devices waits for the copy of activations
+RUNTIME_BYTES = 300 * 2**20      # the process itself, libraries, token buffers
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+            "q4_1": 20 / 32, "q4_0": 18 / 32}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about a GGUF model, read from its header only."""
+
+    path: str
+    name: str
+    architecture: str
+    file_bytes: int
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    vocab_size: int
+    n_ctx_train: int
+    layer_bytes: tuple[int, ...]   # weights of each block
+    output_bytes: int              # the LM head (token_embd when tied): read at every pass
+    embedding_bytes: int           # token_embd: only looked up, not streamed (unless tied)
+    other_bytes: int               # norms and anything outside the blocks
+    layer_params: int              # parameters in all blocks (matmul work per token)
+    output_params: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.output_bytes + self.embedding_bytes + self.other_bytes
+
+    @property
+    def n_params(self) -> int:
+        return self.layer_params + self.output_params
+
+    def kv_bytes_per_token(self, type_k: str = "f16", type_v: str = "f16", layers: int | None = None) -> float:
+        n = self.n_layers if layers is None else layers
+        return n * self.n_head_kv * (self.head_dim_k * KV_BYTES[type_k] + self.head_dim_v * KV_BYTES[type_v])
+
+    def compute_buffer_bytes(self, n_ubatch: int = 512) -> int:
+        """llama.cpp's compute buffer: dominated by the logits of a full batch (measured 300 MiB
+        for Qwen2.5-1.5B at n_ubatch 512; this gives 311 MB + activations)."""
+        return n_ubatch * (self.vocab_size + 4 * self.n_embd) * 4
+
+
+@lru_cache(maxsize=32)
+def _shape_cached(path: str, size: int, mtime: float) -> ModelShape:
+    h = read_header(path)
+    md = h.metadata
+    arch = md.get("general.architecture")
+    if not isinstance(arch, str):
+        raise EdgespecError(f"{path}: no general.architecture in the GGUF metadata")
+
+    def num(key: str, default=None) -> int:
+        v = md.get(f"{arch}.{key}", default)
+        if isinstance(v, list):  # per-layer values (e.g. head_count_kv of hybrid models): the largest
+            v = max(v) if v else default
+        if not isinstance(v, (int, float)) or v is None:
+            if default is None:
+                raise EdgespecError(f"{path}: the GGUF metadata has no {arch}.{key}; cannot plan for it")
+            v = default
+        return int(v)
+
+    n_layers, n_embd, n_head = num("block_count"), num("embedding_length"), num("attention.head_count")
+    n_head_kv = num("attention.head_count_kv", n_head)
+    head_dim = n_embd // max(n_head, 1)
+    layer_bytes = [0] * n_layers
+    layer_params = output_params = output_bytes = embedding_bytes = other_bytes = 0
+    embedding = None
+    for t in h.tensors:
+        if t.name.startswith("blk."):
+            i = int(t.name.split(".")[1])
+            if 0 <= i < n_layers:
+                layer_bytes[i] += t.n_bytes
+                layer_params += t.n_elements if len(t.shape) > 1 else 0
+                continue
+        if t.name == "output.weight":
+            output_bytes, output_params = t.n_bytes, t.n_elements
+        elif t.name == "token_embd.weight":
+            embedding = t
+        else:
+            other_bytes += t.n_bytes
+    if embedding is not None:
+        if output_bytes == 0:  # tied embeddings: the embedding matrix is the LM head, read every pass
+            output_bytes, output_params = embedding.n_bytes, embedding.n_elements
+        else:
+            embedding_bytes = embedding.n_bytes
+    tokens = md.get("tokenizer.ggml.tokens")
+    vocab = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or []) or num("vocab_size", 0)
+    name = md.get("general.name") if isinstance(md.get("general.name"), str) else os.path.basename(path)
+    return ModelShape(
+        path=path, name=name, architecture=arch, file_bytes=h.file_size, n_layers=n_layers, n_embd=n_embd,
+        n_head=n_head, n_head_kv=n_head_kv, head_dim_k=num("attention.key_length", head_dim),
+        head_dim_v=num("attention.value_length", head_dim), vocab_size=vocab,
+        n_ctx_train=num("context_length", 0), layer_bytes=tuple(layer_bytes), output_bytes=output_bytes,
+        embedding_bytes=embedding_bytes, other_bytes=other_bytes, layer_params=layer_params,
+        output_params=output_params)
+
+
+def model_shape(path: str | os.PathLike) -> ModelShape:
+    """The shape of a GGUF model (cached per file version; reading takes ~0.2 s)."""
+    path = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except OSError:
+        from .gguf_file import check_gguf
+
+        check_gguf(path)  # raises the usual clear error
+        raise
+    return _shape_cached(path, st.st_size, st.st_mtime)
+
+
+# --- devices and placements --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs: `gpu_layers` of its blocks on GPU `gpu` (-1 = CPU only); when every
+    block is on the GPU the LM head goes there too, as llama.cpp does with -ngl > n_layers."""
+
+    gpu: int = -1
+    gpu_layers: int = 0
+    threads: int | None = None
+
+    def describe(self, shape: ModelShape) -> str:
+        if self.gpu < 0 or self.gpu_layers == 0:
+            return "CPU"
+        if self.gpu_layers >= shape.n_layers:
+            return f"GPU{self.gpu}"
+        return f"GPU{self.gpu} {self.gpu_layers}/{shape.n_layers}+CPU"
+
+    def ngl(self, shape: ModelShape) -> int:
+        """The value for llama.cpp's n_gpu_layers."""
+        if self.gpu < 0:
+            return 0
+        return shape.n_layers + 1 if self.gpu_layers >= shape.n_layers else self.gpu_layers
+
+
+def _cpu_pass(profile: Profile, streamed: float, params: float, k: int, threads: int | None) -> float:
+    cpu = profile.cpu
+    cores = cpu.physical_cores
+    share = min(threads or cores, cores) / cores  # compute scales with cores; bandwidth saturates
+    gflops = cpu.matmul_gflops.get("f32") or 8.0 * cores  # 8 GFLOP/s per core if never measured
+    bw = cpu.memory_bandwidth_gbs * 1e9 * CPU_BANDWIDTH_EFFICIENCY
+    return streamed / bw + 2 * params * k / (gflops * 1e9 * CPU_COMPUTE_EFFICIENCY * share)
+
+
+def _gpu_pass(gpu: Gpu, streamed: float, params: float, k: int, layers: int) -> float:
+    gflops = gpu.matmul_gflops.get("f16") or gpu.matmul_gflops.get("f32") or 10_000.0
+    bw = gpu.memory_bandwidth_gbs * 1e9 * GPU_BANDWIDTH_EFFICIENCY
+    return layers * GPU_OVERHEAD_PER_LAYER_S + streamed / bw + 2 * params * k / (gflops * 1e9 * GPU_COMPUTE_EFFICIENCY)
+
+
+def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: int) -> float:
+    """Predicted seconds of one pass over k tokens (k = 1: a decode step)."""
+    n_gpu = min(placement.gpu_layers, shape.n_layers) if placement.gpu >= 0 else 0
+    if n_gpu and placement.gpu >= len(profile.gpus):
+        raise EdgespecError(f"the profile {profile.name!r} has no GPU {placement.gpu}")
+    gpu_bytes = sum(shape.layer_bytes[shape.n_layers - n_gpu:]) if n_gpu else 0  # llama.cpp offloads the last layers
+    cpu_bytes = sum(shape.layer_bytes) - gpu_bytes
+    frac_gpu = gpu_bytes / max(sum(shape.layer_bytes), 1)
+    head_on_gpu = n_gpu >= shape.n_layers
+    head_bytes, head_params = shape.output_bytes + shape.other_bytes, shape.output_params
+    t = CPU_OVERHEAD_S
+    if n_gpu:
+        g = profile.gpus[placement.gpu]
+        t += _gpu_pass(g, gpu_bytes + (head_bytes if head_on_gpu else 0),
+                       shape.layer_params * frac_gpu + (head_params if head_on_gpu else 0), k, n_gpu)
+    if not head_on_gpu:
+        t += _cpu_pass(profile, cpu_bytes + head_bytes, shape.layer_params * (1 - frac_gpu) + head_params,
+                       k, placement.threads)
+        if n_gpu:
+            t += SPLIT_SYNC_S
+    return t
+
+
+def pass_costs(shape: ModelShape, profile: Profile, placement: Placement, sizes) -> tuple[dict[int, float], str]:
+    """Seconds per pass for each k in `sizes` and where they come from ("calibrated" when the
+    profile has a matching measurement for this model on this device, else "predicted")."""
+    device = "cpu" if placement.gpu < 0 or placement.gpu_layers == 0 else f"gpu{placement.gpu}"
+    cal = profile.calibration(shape.path, device)
+    if cal is not None and _matches(cal, shape, placement):
+        return {k: interpolate(cal, k) for k in sizes}, "calibrated"
+    return {k: predict_pass(shape, profile, placement, k) for k in sizes}, "predicted"
+
+
+def _matches(cal: Calibration, shape: ModelShape, placement: Placement) -> bool:
+    all_layers = shape.n_layers + 1  # -ngl above the block count puts every layer and the head on the GPU
+    return cal.model_bytes == shape.file_bytes and min(cal.n_gpu_layers, all_layers) == placement.ngl(shape) and (
+        placement.threads is None or cal.threads is None or cal.threads == placement.threads)
+
+
+def interpolate(cal: Calibration, k: int) -> float:
+    """Seconds of a k-token pass from a calibration: measured, interpolated, or the last slope."""
+    points = {1: cal.step_seconds, **{int(n): s for n, s in cal.verify_seconds.items()}}
+    if k in points:
+        return points[k]
+    known = sorted(points)
+    below = max((n for n in known if n < k), default=known[0])
+    above = min((n for n in known if n > k), default=None)
+    if above is None:
+        if len(known) < 2:
+            return points[below] * k
+        a, b = known[-2], known[-1]
+        return points[b] + (points[b] - points[a]) / (b - a) * (k - b)
+    return points[below] + (points[above] - points[below]) * (k - below) / (above - below)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    ram: int
+    vram: int
+
+
+def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str = "f16",
+                type_v: str = "f16", n_ubatch: int = 512) -> MemoryNeed:
+    """Bytes a model needs on each side: weights, KV cache of n_ctx tokens, compute buffers."""
+    n_gpu = min(placement.gpu_layers, shape.n_layers) if placement.gpu >= 0 else 0
+    gpu_layer_bytes = sum(shape.layer_bytes[shape.n_layers - n_gpu:]) if n_gpu else 0
+    head_on_gpu = n_gpu >= shape.n_layers
+    head = shape.output_bytes + shape.other_bytes
+    kv_gpu = shape.kv_bytes_per_token(type_k, type_v, n_gpu) * n_ctx
+    kv_cpu = shape.kv_bytes_per_token(type_k, type_v, shape.n_layers - n_gpu) * n_ctx
+    compute = shape.compute_buffer_bytes(min(n_ubatch, n_ctx))
+    vram = gpu_layer_bytes + (head if head_on_gpu else 0) + kv_gpu + (compute if n_gpu else 0)
+    ram = (shape.file_bytes - gpu_layer_bytes - (head if head_on_gpu else 0)) + kv_cpu + compute
+    return MemoryNeed(ram=int(ram), vram=int(vram))

@@ -1,0 +1,251 @@
+"""Chooses how to run a target (and a drafter) on a machine: strategy, placement, draft budget.
+
+For each strategy and placement that fits in memory, the planner predicts decode tokens/s:
+
+    plain          1 / t_target(1)
+    ngram          plain * g_ngram          (free prompt-lookup drafts; g from past sessions, else 1)
+    draft          E(k) / (k * t_draft(1) + t_target(k + 1)) * g_ngram,  E(k) = 1 + a + ... + a^k
+
+with pass costs from calibrations when present (`edge_spec.costmodel` otherwise), acceptance a
+measured in past sessions with this pair (`edge_spec.history`) or the controller's prior, and k
+the draft length that maximises the rate (DuoDecoding's hardware-aware budget). It keeps the
+fastest; n-gram drafting wins ties (within NGRAM_TOLERANCE) with plain decoding because the
+runtime's controller stops it when it does not pay. Placements: every model on the CPU, or as many layers as fit on each GPU
+(all of them when they fit, llama.cpp's split otherwise), drafter on the other device or on the
+same one; threads are the physical cores (one model computes at a time in a sequential schedule).
+KV caches stay f16 unless memory only fits with q8_0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import costmodel
+from .controller import Controller
+from .costmodel import ModelShape, Placement
+from .profile import Calibration, Profile
+from .types import EdgespecError
+
+RAM_HEADROOM = 0.9     # share of available RAM a plan may use (the OS and the app need the rest)
+VRAM_HEADROOM = 0.95   # share of free VRAM (drivers allocate a little per context)
+MAX_DRAFT = 16
+NGRAM_TOLERANCE = 0.03  # a measured n-gram "loss" this small is session-to-session noise
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Alternative:
+    strategy: str                   # "plain", "ngram", "draft"
+    target: Placement
+    drafter: Placement | None = None
+    draft_length: int = 0           # k the plan drafts with a model (0 = none)
+    acceptance: float | None = None
+    tokens_per_second: float = 0.0
+    step_seconds: float = 0.0       # one plain target step
+    costs: str = "predicted"        # "calibrated" when every cost used was measured
+    ram: int = 0
+    vram: int = 0
+    why: str = ""
+
+    def describe(self, target: ModelShape, drafter: ModelShape | None) -> str:
+        where = f"target {self.target.describe(target)}"
+        if self.strategy == "plain":
+            return f"plain decoding, {where}"
+        if self.strategy == "ngram":
+            return f"n-gram drafts, {where}"
+        return f"draft model k={self.draft_length} on {self.drafter.describe(drafter)} + n-gram, {where}"
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """What past sessions measured (edge_spec.history), or priors."""
+
+    acceptance: float | None = None     # per-token acceptance of the draft model for this pair
+    acceptance_source: str = "prior"
+    ngram_gain: float = 1.0             # speed-up of n-gram drafting over plain in past sessions
+    ngram_source: str = "prior"
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: str
+    target: ModelShape
+    drafter: ModelShape | None
+    chosen: Alternative
+    alternatives: tuple[Alternative, ...]
+    rejected: tuple[str, ...]          # placements that do not fit, and why
+    n_ctx: int
+    type_k: str
+    type_v: str
+    threads: int
+    max_draft: int
+    knowledge: Knowledge = field(default_factory=Knowledge)
+
+    @property
+    def plain(self) -> Alternative:
+        return next(a for a in self.alternatives if a.strategy == "plain")
+
+    def reasons(self) -> list[str]:
+        c, base = self.chosen, self.plain.tokens_per_second
+        out = [f"chosen: {c.describe(self.target, self.drafter)}: {c.tokens_per_second:.1f} tok/s predicted "
+               f"({c.tokens_per_second / base:.2f}x plain), costs {c.costs}"]
+        out.append(c.why)
+        drafts = [a for a in self.alternatives if a.strategy == "draft"]
+        if drafts and c.strategy != "draft":
+            best = max(drafts, key=lambda a: a.tokens_per_second)
+            out.append(f"a draft model does not pay here: at best {best.tokens_per_second / base:.2f}x plain "
+                       f"({best.why})")
+        out.append(f"threads {self.threads}; KV cache {self.type_k}/{self.type_v} "
+                   f"for {self.n_ctx} tokens; draft budget up to {self.max_draft} tokens")
+        return [r for r in out if r]
+
+
+def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None, *, n_ctx: int = 4096,
+         knowledge: Knowledge = Knowledge(), calibrations: tuple[Calibration, ...] = (),
+         max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None) -> Plan:
+    """The plan with the highest predicted tokens/s that fits; EdgespecError when nothing fits.
+
+    `calibrations` add to the profile's (e.g. the engine's cached measurements); `gpu=False`
+    keeps everything on the CPU (llama.cpp built without GPU support); `threads` defaults to
+    the physical cores."""
+    if calibrations:
+        profile = profile.model_copy(update={"calibrations": [*calibrations, *profile.calibrations]})
+    threads = threads or profile.cpu.physical_cores
+    gpus = range(len(profile.gpus)) if gpu else range(0)
+    rejected: list[str] = []
+    for type_k, type_v in (("f16", "f16"), ("q8_0", "q8_0")):
+        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected)
+        if options:
+            break
+    else:
+        raise EdgespecError(_does_not_fit(target, drafter, profile, n_ctx))
+    alternatives: list[Alternative] = []
+    for tp, dp, ram, vram in options:
+        alternatives.extend(_alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_draft))
+    chosen = max(alternatives, key=lambda a: a.tokens_per_second)
+    if chosen.strategy == "plain":  # n-gram drafting within NGRAM_TOLERANCE of plain still wins:
+        ngram = next(a for a in alternatives if a.strategy == "ngram" and a.target == chosen.target)
+        if ngram.tokens_per_second >= chosen.tokens_per_second * (1 - NGRAM_TOLERANCE):
+            chosen = ngram  # the controller turns it off where it does not pay, and it may pay later
+    budget = _draft_budget(chosen, target, profile, max_draft)
+    return Plan(profile.name, target, drafter, chosen, tuple(_dedupe(alternatives)), tuple(rejected),
+                n_ctx, type_k, type_v, threads, budget, knowledge)
+
+
+def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected):
+    """(target placement, drafter placement or None, RAM, VRAM) for each combination that fits."""
+    ram_budget = profile.ram_available_bytes * RAM_HEADROOM
+    out = []
+    target_options = [Placement(-1, 0, threads)]
+    for g in gpus:
+        layers = _layers_that_fit(target, profile, g, n_ctx, type_k, type_v, reserve=0)
+        if layers > 0:
+            target_options.append(Placement(g, layers, threads))
+        else:
+            rejected.append(f"target on GPU{g}: not one layer fits in {profile.gpus[g].vram_free_bytes / GiB:.1f} GiB free")
+    for tp in target_options:
+        t_need = costmodel.memory_need(target, tp, n_ctx, type_k, type_v)
+        drafter_options: list[Placement | None] = [None]
+        if drafter is not None:
+            drafter_options.append(Placement(-1, 0, threads))
+            for g in gpus:
+                used = t_need.vram if tp.gpu == g else 0
+                layers = _layers_that_fit(drafter, profile, g, n_ctx, type_k, type_v, reserve=used)
+                if layers >= drafter.n_layers:  # a split drafter is never worth its sync cost
+                    drafter_options.append(Placement(g, layers, threads))
+        for dp in drafter_options:
+            need = t_need
+            if dp is not None:
+                d = costmodel.memory_need(drafter, dp, n_ctx, type_k, type_v)
+                need = costmodel.MemoryNeed(need.ram + d.ram, need.vram + d.vram)
+            ram = need.ram + costmodel.RUNTIME_BYTES
+            unified = any(profile.gpus[p.gpu].unified_memory for p in (tp, dp) if p is not None and p.gpu >= 0)
+            if unified:  # VRAM is carved out of the same RAM
+                ram += need.vram
+            if ram > ram_budget:
+                what = "target" + (" + drafter" if dp else "")
+                rejected.append(f"{what} with {tp.describe(target)}: needs {ram / GiB:.1f} GiB RAM, "
+                                f"{ram_budget / GiB:.1f} GiB usable (KV {type_k})")
+                continue
+            out.append((tp, dp, int(ram), int(need.vram)))
+    return out
+
+
+def _layers_that_fit(shape: ModelShape, profile: Profile, g: int, n_ctx: int, type_k: str, type_v: str,
+                     reserve: int) -> int:
+    free = profile.gpus[g].vram_free_bytes * VRAM_HEADROOM - reserve
+    for layers in range(shape.n_layers, 0, -1):
+        if costmodel.memory_need(shape, Placement(g, layers), n_ctx, type_k, type_v).vram <= free:
+            return layers
+    return 0
+
+
+def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_draft):
+    sizes = range(1, max_draft + 2)
+    t_costs, t_src = costmodel.pass_costs(target, profile, tp, sizes)
+    step = t_costs[1]
+    plain_rate = 1.0 / step
+    common = dict(target=tp, step_seconds=step, ram=ram, vram=vram)
+    if dp is None:
+        yield Alternative("plain", tokens_per_second=plain_rate, costs=t_src, why="", **common)
+        gain = knowledge.ngram_gain
+        yield Alternative("ngram", tokens_per_second=plain_rate * gain, costs=t_src, **common,
+                          why=f"n-gram drafts cost nothing to make; gain {gain:.2f}x from {knowledge.ngram_source} "
+                              "(it depends on how much a reply repeats its prompt)")
+        return
+    d_costs, d_src = costmodel.pass_costs(drafter, profile, dp, [1])
+    a = knowledge.acceptance if knowledge.acceptance is not None else Controller().prior_acceptance["model"]
+    best_k, best_rate = 0, 0.0
+    expected = 1.0
+    for k in range(1, max_draft + 1):
+        expected += a**k
+        rate = expected / (k * d_costs[1] + t_costs[k + 1])
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    costs = "calibrated" if t_src == d_src == "calibrated" else "predicted"
+    why = (f"acceptance {a:.2f} ({knowledge.acceptance_source}); a drafted token costs "
+           f"{d_costs[1] / step:.2f} target steps, verifying {best_k + 1} tokens {t_costs[best_k + 1] / step:.2f} steps")
+    yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a,
+                      tokens_per_second=best_rate * knowledge.ngram_gain, costs=costs, why=why, **common)
+
+
+def _draft_budget(chosen: Alternative, target: ModelShape, profile: Profile, max_draft: int) -> int:
+    """The most tokens worth drafting in one step: the best length for a long n-gram match (the
+    controller's most confident source, acceptance 0.95) on this placement's verify curve."""
+    if chosen.strategy == "plain":
+        return 0
+    costs, _ = costmodel.pass_costs(target, profile, chosen.target, range(1, max_draft + 2))
+    best_k, best, expected = 1, 0.0, 1.0
+    for k in range(1, max_draft + 1):
+        expected += 0.95**k
+        rate = expected / costs[k + 1]
+        if rate > best:
+            best_k, best = k, rate
+    return max(best_k, chosen.draft_length)
+
+
+def _dedupe(alternatives: list[Alternative]) -> list[Alternative]:
+    """Plain and n-gram alternatives repeat once per drafter placement: keep one of each."""
+    seen, out = set(), []
+    for a in sorted(alternatives, key=lambda a: -a.tokens_per_second):
+        key = (a.strategy, a.target, a.drafter)
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+def _does_not_fit(target: ModelShape, drafter: ModelShape | None, profile: Profile, n_ctx: int) -> str:
+    usable = profile.ram_available_bytes * RAM_HEADROOM
+    need = costmodel.memory_need(target, Placement(), n_ctx, "q8_0", "q8_0").ram + costmodel.RUNTIME_BYTES
+    kv = target.kv_bytes_per_token("q8_0", "q8_0")
+    spare = usable - (need - kv * n_ctx)
+    hints = []
+    if spare > 256 * kv:
+        hints.append(f"a context of {int(spare / kv) // 256 * 256} tokens (-c)")
+    vram = max((g.vram_free_bytes for g in profile.gpus), default=0)
+    hints.append(f"a smaller quantization of the model (weights are {target.file_bytes / GiB:.1f} GiB)")
+    gpu_note = f" and {vram / GiB:.1f} GiB free VRAM" if vram else ""
+    return (f"{target.name} does not fit on {profile.name!r}: it needs {need / GiB:.1f} GiB of RAM at "
+            f"{n_ctx} tokens of context even with a q8_0 KV cache, and {usable / GiB:.1f} GiB is usable"
+            f"{gpu_note}; what would fit: " + " or ".join(hints))
