@@ -102,7 +102,8 @@ def measure(backend, max_n: int, reps: int = 2,
     cache is left empty."""
     backend.truncate(0)
     try:
-        prompt = backend.tokenize(_PROBE_TEXT, True, False)[:96]
+        # a short context (-c) leaves less room for the probe prompt
+        prompt = backend.tokenize(_PROBE_TEXT, True, False)[:max(2, min(96, backend.n_ctx - max_n - 1))]
         backend.forward(prompt, logits="none")
         base, filler = len(backend.tokens), prompt[1:] * (1 + max_n // max(len(prompt) - 1, 1))
         backend.forward(filler[:1])  # warm-up

@@ -1,16 +1,19 @@
 """Predicts what a target pass over k tokens costs on a device, from a GGUF file and a profile.
 
 One pass of a decoder over k tokens reads every weight once and does about 2 * params * k
-floating-point operations, so on every device
+floating-point operations. Reading and computing overlap for the first token (a decode step is
+bound by whichever is slower: memory on big models, compute on small ones); every further token
+in the pass adds its compute:
 
-    t(k) = overhead + streamed_bytes / bandwidth + 2 * params * k / throughput
+    t(k) = overhead + max(streamed_bytes / bandwidth, c) + (k - 1) * c,   c = 2 * params / throughput
 
-with the bandwidth and throughput a profile measured (STREAM triad, BLAS GEMM) scaled by how much
-of them llama.cpp's kernels reach. The efficiencies below were fitted on this project's CI machine
-(2-core AMD EPYC, AVX2) against calibrated passes of Qwen2.5-Coder 0.5B (Q8_0) and 1.5B (Q4_K_M):
-decode steps within 10%, verification of 2-32 tokens within 25% (the real curve has steps where
-llama.cpp switches kernels; calibrated measurements replace this formula whenever they exist).
-A split placement (n layers on the GPU, the rest on the CPU) costs the sum of both parts.
+with the bandwidth and throughput a profile measured (STREAM triad, BLAS f32 GEMM) scaled by how
+much of them llama.cpp's quantized kernels reach. The efficiencies were fitted on this project's
+CI machine against the calibrations in its profile, taken in the same hour (profiles/ci-2core.json:
+2-core AMD EPYC, AVX2, triad 29 GB/s, GEMM 192 GFLOP/s; Qwen2.5-Coder 1.5B Q4_K_M decode 58 ms,
+k = 2..16 within 22%; 0.5B Q8_0 decode 29 ms, predicted 24). The real curve has steps where
+llama.cpp switches kernels, so calibrated measurements replace this formula whenever they exist. A split placement (n layers on the GPU, the rest on the CPU)
+costs the sum of both parts.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from .types import EdgespecError
 
 # share of the measured triad bandwidth / f32 GEMM throughput that llama.cpp's quantized kernels
 # reach (fitted here, see the module docstring); GPUs: typical of llama.cpp's CUDA/Metal kernels
-CPU_BANDWIDTH_EFFICIENCY = 0.8
-CPU_COMPUTE_EFFICIENCY = 0.9
+CPU_BANDWIDTH_EFFICIENCY = 0.62
+CPU_COMPUTE_EFFICIENCY = 0.62
 GPU_BANDWIDTH_EFFICIENCY = 0.7
 GPU_COMPUTE_EFFICIENCY = 0.3
 CPU_OVERHEAD_S = 0.002           # graph build, thread wake-up, sampling: per pass
@@ -176,13 +179,18 @@ def _cpu_pass(profile: Profile, streamed: float, params: float, k: int, threads:
     share = min(threads or cores, cores) / cores  # compute scales with cores; bandwidth saturates
     gflops = cpu.matmul_gflops.get("f32") or 8.0 * cores  # 8 GFLOP/s per core if never measured
     bw = cpu.memory_bandwidth_gbs * 1e9 * CPU_BANDWIDTH_EFFICIENCY
-    return streamed / bw + 2 * params * k / (gflops * 1e9 * CPU_COMPUTE_EFFICIENCY * share)
+    return _roofline(streamed / bw, 2 * params / (gflops * 1e9 * CPU_COMPUTE_EFFICIENCY * share), k)
+
+
+def _roofline(read_s: float, token_s: float, k: int) -> float:
+    """The first token's compute overlaps reading the weights; later tokens add theirs."""
+    return max(read_s, token_s) + (k - 1) * token_s
 
 
 def _gpu_pass(gpu: Gpu, streamed: float, params: float, k: int, layers: int) -> float:
     gflops = gpu.matmul_gflops.get("f16") or gpu.matmul_gflops.get("f32") or 10_000.0
     bw = gpu.memory_bandwidth_gbs * 1e9 * GPU_BANDWIDTH_EFFICIENCY
-    return layers * GPU_OVERHEAD_PER_LAYER_S + streamed / bw + 2 * params * k / (gflops * 1e9 * GPU_COMPUTE_EFFICIENCY)
+    return layers * GPU_OVERHEAD_PER_LAYER_S + _roofline(streamed / bw, 2 * params / (gflops * 1e9 * GPU_COMPUTE_EFFICIENCY), k)
 
 
 def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: int) -> float:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from . import models
 from .chat_template import render
 from .controller import Controller
+from .planner import MAX_DRAFT
 from .runtime import Runtime
-from .types import SamplingParams, Step
+from .types import EdgespecError, SamplingParams, Step
 
 Progress = Callable[[str, float], None]  # (what, fraction done)
 
@@ -26,14 +27,19 @@ class EngineOptions:
     draft_model: bool = True        # False: no draft model even if one would be chosen
     plain: bool = False             # no speculation at all: the baseline
     n_ctx: int = 4096
-    n_threads: int | None = None    # target threads; None = physical cores
+    # None = the planner decides (edge_spec.planner); a value given here overrides the plan
+    n_threads: int | None = None    # target threads (the plan: physical cores)
     n_threads_draft: int | None = None
-    n_gpu_layers: int = 0
-    n_gpu_layers_draft: int = 0
-    type_k: str = "f16"
-    type_v: str = "f16"
-    max_draft: int = 16
+    n_gpu_layers: int | None = None
+    n_gpu_layers_draft: int | None = None
+    type_k: str | None = None
+    type_v: str | None = None
+    max_draft: int | None = None
+    draft_length: int | None = None  # draft exactly this many tokens with the model at every step
+    plan: bool = True               # False: no planner; unset values take llama.cpp-like defaults
+    profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
+    history: bool = True            # learn acceptance across sessions ($EDGESPEC_HOME/history.json)
 
 
 def resolve_model(name: str | None, default: str) -> Path:
@@ -45,13 +51,33 @@ def resolve_model(name: str | None, default: str) -> Path:
 
 
 class Engine:
-    def __init__(self, target, draft_backend, runtime: Runtime, options: EngineOptions):
+    def __init__(self, target, draft_backend, runtime: Runtime, options: EngineOptions,
+                 plan=None, notes: tuple[str, ...] = ()):
         self.target, self.draft_backend = target, draft_backend
         self.runtime, self.options = runtime, options
+        self.plan = plan      # the planner's Plan (None when planning was off)
+        self.notes = notes    # what the engine decided on its own, for the user to see
+        self._history = None
+        if options.history and plan is not None:
+            from .history import History
+
+            self._history = History()
+
+    @property
+    def predicted_tokens_per_second(self) -> float | None:
+        """The plan's prediction for what this engine runs (flags may have overridden the plan)."""
+        if self.plan is None:
+            return None
+        running = "draft" if self.draft_backend is not None else "ngram" if self.runtime.drafters else "plain"
+        if self.plan.chosen.strategy == running:
+            return self.plan.chosen.tokens_per_second
+        same = [a for a in self.plan.alternatives if a.strategy == running and a.target == self.plan.chosen.target]
+        return same[0].tokens_per_second if same else None
 
     @classmethod
-    def load(cls, options: EngineOptions = EngineOptions(), progress: Progress | None = None) -> "Engine":
-        from .backends.llama_cpp import LlamaCppBackend, LlamaOptions
+    def load(cls, options: EngineOptions = EngineOptions(), progress: Progress | None = None) -> Engine:
+        """Plan (unless options.plan is False), load the models the plan uses, calibrate, re-plan
+        with what was measured (dropping a draft model that turns out not to pay)."""
         from .drafters import ModelDrafter, NgramDrafter
         from .vocab import check_compatible
 
@@ -64,30 +90,46 @@ class Engine:
             elif options.model is None:
                 draft_path = resolve_model(None, models.DEFAULT_DRAFT)
 
-        target = LlamaCppBackend(target_path, LlamaOptions(
-            n_ctx=options.n_ctx, n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
-            type_k=options.type_k, type_v=options.type_v), lambda f: report("loading target", f))
+        notes: list[str] = []
+        the_plan = None
+        if options.plan:
+            the_plan = _plan(options, target_path, draft_path, notes, report)
+            if the_plan.chosen.strategy != "draft" and options.draft is None and draft_path is not None:
+                draft_path = None  # the plan leaves the default drafter out; an explicit -md stays
+        t_opts, d_opts = _llama_options(options, the_plan)
+        target = _load(target_path, t_opts, "target", notes, report)
         drafters, draft_backend = [], None
         try:
             if draft_path is not None:
-                draft_backend = LlamaCppBackend(draft_path, LlamaOptions(
-                    n_ctx=options.n_ctx, n_threads=options.n_threads_draft or options.n_threads,
-                    n_gpu_layers=options.n_gpu_layers_draft, type_k=options.type_k, type_v=options.type_v),
-                    lambda f: report("loading drafter", f))
+                draft_backend = _load(draft_path, d_opts, "drafter", notes, report)
                 check_compatible(target, draft_backend)
             if not options.plain and options.ngram:
                 drafters.append(NgramDrafter())
+            max_draft = options.max_draft or (the_plan.max_draft if the_plan else 0) or 16
+            controller = Controller(max_draft=max_draft)
+            if options.draft_length is not None:
+                controller.fixed["model"] = options.draft_length
+            calibration = {}
+            if options.calibrate and (drafters or draft_backend is not None):
+                calibration = _calibrate(controller, target, draft_backend,
+                                         min(max(max_draft, MAX_DRAFT), target.n_ctx // 4), report)
+            if the_plan is not None and the_plan.chosen.costs != "calibrated" and calibration:
+                the_plan = _plan(options, target_path, draft_backend and draft_path, notes, report,
+                                 calibration=calibration, threads=target.n_threads)
+                if options.max_draft is None and the_plan.max_draft:
+                    controller.max_draft = the_plan.max_draft
+                if the_plan.chosen.strategy != "draft" and options.draft is None and draft_backend is not None:
+                    notes.append("measured costs show the draft model does not pay here: it was unloaded")
+                    draft_backend.close()
+                    draft_backend = None
             if draft_backend is not None:
                 drafters.append(ModelDrafter(draft_backend))
-            controller = Controller(max_draft=options.max_draft)
-            if options.calibrate and drafters:
-                _calibrate(controller, target, draft_backend, options.max_draft, report)
         except BaseException:
             target.close()
             if draft_backend is not None:
                 draft_backend.close()
             raise
-        return cls(target, draft_backend, Runtime(target, drafters, controller), options)
+        return cls(target, draft_backend, Runtime(target, drafters, controller), options, the_plan, tuple(notes))
 
     # --- prompts -------------------------------------------------------------------------
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
@@ -105,9 +147,21 @@ class Engine:
     # --- generation ----------------------------------------------------------------------
     def stream(self, prompt: Sequence[int], sp: SamplingParams = SamplingParams(),
                cancel: threading.Event | None = None) -> Iterator[Step]:
-        return self.runtime.generate(prompt, sp, cancel)
+        last = None
+        for step in self.runtime.generate(prompt, sp, cancel):
+            last = step
+            yield step
+        if last is not None and self._history is not None:  # online correction, kept for the next plan
+            self._history.record(self.target.facts.path,
+                                 self.draft_backend.facts.path if self.draft_backend else None,
+                                 last.stats, ngram_only=self.draft_backend is None and bool(self.runtime.drafters))
 
     def close(self) -> None:
+        if self._history is not None:
+            try:
+                self._history.save()
+            except OSError:
+                pass  # a read-only home must not break closing; the next plan starts from priors
         self.target.close()
         if self.draft_backend is not None:
             self.draft_backend.close()
@@ -119,7 +173,22 @@ class Engine:
         self.close()
 
 
-def _calibrate(controller: Controller, target, draft_backend, max_draft: int, report: Progress) -> None:
+def _load(path, opts, what: str, notes: list, report: Progress):
+    """Load a backend; if GPU offload fails (a GPU gone, a driver error), load on the CPU and say so."""
+    from dataclasses import replace as with_
+
+    from .backends.llama_cpp import LlamaCppBackend
+
+    try:
+        return LlamaCppBackend(path, opts, lambda f: report(f"loading {what}", f))
+    except EdgespecError as e:
+        if not opts.n_gpu_layers:
+            raise
+        notes.append(f"the {what} could not be loaded with {opts.n_gpu_layers} GPU layers ({e}): running it on the CPU")
+        return LlamaCppBackend(path, with_(opts, n_gpu_layers=0), lambda f: report(f"loading {what}", f))
+
+
+def _calibrate(controller: Controller, target, draft_backend, max_draft: int, report: Progress) -> dict:
     """Seed the controller with measured costs: target passes of 1..max_draft+1 tokens and one
     drafter step. Cached on disk, so only the first run on a machine pays for it."""
     from .calibrate import verify_costs
@@ -130,4 +199,84 @@ def _calibrate(controller: Controller, target, draft_backend, max_draft: int, re
     if draft_backend is not None:
         drafts["model"] = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
     controller.calibrate(costs, drafts)
+    return {"target": costs, "drafter": drafts.get("model")}
+
+
+def machine_profile(name: str | None):
+    """The profile to plan with: the one named, else this machine's saved `local` profile, else a
+    quick measurement of this machine (about 2 s, saved as `local` for next time)."""
+    from . import profile as profiles
+
+    if name is not None:
+        return profiles.load(name)
+    saved = profiles.profiles_dir() / "local.json"
+    if saved.is_file():
+        return profiles.load(saved)
+    from .hardware import measure_profile
+
+    measured = measure_profile(name="local", quick=True)
+    try:
+        profiles.save(measured)
+    except OSError:
+        pass  # read-only home: measure again next time
+    return measured
+
+
+def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: Progress,
+          calibration: dict | None = None, threads: int | None = None):
+    """Plan for this machine with what is known: the profile's and the cache's calibrations."""
+    from . import calibrate, planner
+    from .backends.llama_cpp import LlamaOptions, _lib
+    from .costmodel import model_shape
+    from .gguf_file import check_gguf
+    from .history import History
+
+    for path in (target_path, draft_path):
+        if path is not None:
+            check_gguf(path)  # a missing or foreign file: the usual one-line error, before any planning
+    report("planning", 0.0)
+    prof = machine_profile(options.profile)
+    threads = threads or options.n_threads or prof.cpu.physical_cores
+    cals = []
+    base = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=0,
+                        type_k=options.type_k or "f16", type_v=options.type_v or "f16")
+    for path, key in ((target_path, "target"), (draft_path, "drafter")):
+        if path is None:
+            continue
+        if calibration and calibration.get(key):
+            seconds = calibration[key] if isinstance(calibration[key], dict) else {1: calibration[key]}
+            cal = calibrate.as_calibration(path, seconds, threads, 0)
+        else:
+            cal = calibrate.cached(path, threads, base)
+        if cal is not None:
+            cals.append(cal)
+    gpu = bool(_lib().llama_supports_gpu_offload())
+    if prof.gpus and not gpu and options.profile is None:
+        notes.append(f"llama.cpp was built without GPU offload: {', '.join(g.name for g in prof.gpus)} "
+                     "not used (rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on or -DGGML_METAL=on)")
+    knowledge = History().knowledge(target_path, draft_path) if options.history else planner.Knowledge()
+    result = planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
+                          n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
+                          max_draft=options.max_draft or planner.MAX_DRAFT, gpu=gpu, threads=threads)
+    report("planning", 1.0)
+    return result
+
+
+def _llama_options(options: EngineOptions, the_plan):
+    """Backend options: what the user set, else the plan's choice, else llama.cpp's defaults."""
+    from .backends.llama_cpp import LlamaOptions
+
+    c = the_plan.chosen if the_plan is not None else None
+    t_ngl = c.target.ngl(the_plan.target) if c is not None else 0
+    d_ngl = c.drafter.ngl(the_plan.drafter) if c is not None and c.drafter is not None else 0
+    type_k = options.type_k or (the_plan.type_k if the_plan else "f16")
+    type_v = options.type_v or (the_plan.type_v if the_plan else "f16")
+    threads = options.n_threads or (the_plan.threads if the_plan else None)
+    target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads,
+                          n_gpu_layers=t_ngl if options.n_gpu_layers is None else options.n_gpu_layers,
+                          type_k=type_k, type_v=type_v)
+    draft = LlamaOptions(n_ctx=options.n_ctx, n_threads=options.n_threads_draft or threads,
+                         n_gpu_layers=d_ngl if options.n_gpu_layers_draft is None else options.n_gpu_layers_draft,
+                         type_k=type_k, type_v=type_v)
+    return target, draft
 

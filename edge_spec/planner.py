@@ -87,9 +87,8 @@ class Plan:
 
     def reasons(self) -> list[str]:
         c, base = self.chosen, self.plain.tokens_per_second
-        out = [f"chosen: {c.describe(self.target, self.drafter)}: {c.tokens_per_second:.1f} tok/s predicted "
-               f"({c.tokens_per_second / base:.2f}x plain), costs {c.costs}"]
-        out.append(c.why)
+        out = [(f"chosen: {c.describe(self.target, self.drafter)}: {c.tokens_per_second:.1f} tok/s predicted "
+                f"({c.tokens_per_second / base:.2f}x plain), costs {c.costs}"), c.why]
         drafts = [a for a in self.alternatives if a.strategy == "draft"]
         if drafts and c.strategy != "draft":
             best = max(drafts, key=lambda a: a.tokens_per_second)
@@ -185,7 +184,7 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
     t_costs, t_src = costmodel.pass_costs(target, profile, tp, sizes)
     step = t_costs[1]
     plain_rate = 1.0 / step
-    common = dict(target=tp, step_seconds=step, ram=ram, vram=vram)
+    common = {"target": tp, "step_seconds": step, "ram": ram, "vram": vram}
     if dp is None:
         yield Alternative("plain", tokens_per_second=plain_rate, costs=t_src, why="", **common)
         gain = knowledge.ngram_gain

@@ -175,7 +175,7 @@ def test_engine_refuses_incompatible_drafter_and_prompt_too_long(tmp_path, tiny)
 def test_calibration_measures_the_sizes_and_caches_them(tiny, tmp_path, monkeypatch):
     from edge_spec import calibrate
 
-    monkeypatch.setenv("EDGESPEC_HOME", str(tmp_path))
+    monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))
     with LlamaCppBackend(tiny, LlamaOptions(n_ctx=128, n_threads=1)) as b:
         costs = calibrate.verify_costs(b, 9)
         assert sorted(costs) == [1, 2, 3, 4, 5, 6, 8, 9]
@@ -188,3 +188,22 @@ def test_calibration_measures_the_sizes_and_caches_them(tiny, tmp_path, monkeypa
 
         monkeypatch.setattr(calibrate, "measure", no_measuring)
         assert calibrate.verify_costs(b, 9) == costs
+
+
+def test_gpu_load_failure_falls_back_to_the_cpu_and_says_so(tiny, monkeypatch):
+    """A GPU that disappeared or a driver error: the model runs on the CPU, stated in the notes."""
+    import edge_spec.backends.llama_cpp as llama_backend
+
+    real = llama_backend.LlamaCppBackend
+
+    class NoGpu(real):
+        def __init__(self, path, options=LlamaOptions(), progress=None, **kw):
+            if options.n_gpu_layers:
+                raise EdgespecError("llama.cpp could not load: CUDA error: no CUDA-capable device is detected")
+            super().__init__(path, options, progress, **kw)
+
+    monkeypatch.setattr(llama_backend, "LlamaCppBackend", NoGpu)
+    with Engine.load(EngineOptions(model=str(tiny), n_ctx=64, n_threads=1, n_gpu_layers=99, history=False)) as engine:
+        assert engine.target.options.n_gpu_layers == 0
+        assert any("99 GPU layers" in n and "CUDA error" in n and "on the CPU" in n for n in engine.notes)
+        assert list(engine.stream(engine.text_tokens("hello"), SamplingParams(temperature=0, max_tokens=3)))

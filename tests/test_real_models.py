@@ -78,8 +78,21 @@ def first_difference(a, b):
 
 @pytest.fixture(scope="module")
 def pair():
-    with Engine.load(EngineOptions(n_ctx=1024)) as engine:
+    # the drafter named explicitly: the plan may leave the default drafter out on a slow CPU
+    with Engine.load(EngineOptions(n_ctx=1024, draft=models.DEFAULT_DRAFT, history=False)) as engine:
         yield engine
+
+
+def test_default_engine_follows_its_plan():
+    """Without flags the engine loads what the plan chose for this machine, and says so."""
+    with Engine.load(EngineOptions(n_ctx=1024, history=False)) as engine:
+        p = engine.plan
+        assert p is not None and p.chosen.tokens_per_second > 0
+        assert (engine.draft_backend is not None) == (p.chosen.strategy == "draft")
+        assert engine.target.n_threads == p.threads
+        assert [d.source for d in engine.runtime.drafters][:1] == ["ngram"]
+        assert engine.runtime.controller.max_draft == p.max_draft
+        assert p.chosen.costs == "calibrated"  # the engine measured before deciding
 
 
 @pytest.mark.parametrize("k, ngram", [(4, False), (3, True)])

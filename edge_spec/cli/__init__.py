@@ -11,11 +11,15 @@ import typer
 from ..engine import EngineOptions
 from ..types import EdgespecError, SamplingParams
 from .models import app as models_app
+from .plan import plan_command
+from .profile import profile_command
 
 app = typer.Typer(
     help="Lossless speculative decoding for local LLMs. Run `edgespec chat` to talk to the default models.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(models_app, name="models")
+app.command("plan")(plan_command)
+app.command("profile")(profile_command)
 
 E, S = EngineOptions(), SamplingParams()  # the defaults, read from one place
 
@@ -27,11 +31,13 @@ NgramOpt = typer.Option(False, "--ngram", help="Draft by n-gram lookup only (no 
 NoNgramOpt = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts.")
 PlainOpt = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline.")
 CtxOpt = typer.Option(E.n_ctx, "-c", "--ctx-size", help="Context size in tokens.")
-ThreadsOpt = typer.Option(None, "-t", "--threads", help="Target threads (default: physical cores).", show_default=False)
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="Target threads (default: the plan's, physical cores).", show_default=False)
 ThreadsDraftOpt = typer.Option(None, "-td", "--threads-draft", help="Drafter threads (default: as -t).", show_default=False)
-NglOpt = typer.Option(E.n_gpu_layers, "-ngl", "--gpu-layers", help="Target layers on the GPU.")
-NgldOpt = typer.Option(E.n_gpu_layers_draft, "-ngld", "--gpu-layers-draft", help="Drafter layers on the GPU.")
-MaxDraftOpt = typer.Option(E.max_draft, "--max-draft", help="Most tokens drafted per step.")
+NglOpt = typer.Option(None, "-ngl", "--gpu-layers", help="Target layers on the GPU (default: the plan's).", show_default=False)
+NgldOpt = typer.Option(None, "-ngld", "--gpu-layers-draft", help="Drafter layers on the GPU (default: the plan's).", show_default=False)
+MaxDraftOpt = typer.Option(None, "--max-draft", help="Most tokens drafted per step (default: the plan's budget).", show_default=False)
+DraftLengthOpt = typer.Option(None, "--draft-length", show_default=False,
+                              help="Draft exactly K tokens with the draft model at every step, paying or not (for experiments).")
 TempOpt = typer.Option(S.temperature, "--temp", help="Temperature (0 = greedy).")
 TopKOpt = typer.Option(S.top_k, "--top-k", help="Top-k (0 = off).")
 TopPOpt = typer.Option(S.top_p, "--top-p", help="Top-p (1 = off).")
@@ -42,19 +48,22 @@ StopOpt = typer.Option(None, "--stop", help="Stop when this text appears (repeat
 StatsOpt = typer.Option("text", "--stats", help="Stats line format on stderr: text, json or none.")
 
 
-def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft) -> EngineOptions:
+def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
+                    draft_length=None) -> EngineOptions:
     if model and model_opt and model != model_opt:
         raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
     if ngram and no_ngram:
         raise EdgespecError("--ngram and --no-ngram contradict each other: choose one")
     if ngram and draft:
         raise EdgespecError("--ngram drafts without a model: drop -md/--draft, or drop --ngram to combine both")
-    if max_draft < 1:
+    if max_draft is not None and max_draft < 1:
         raise EdgespecError("--max-draft must be >= 1")
+    if draft_length is not None and (draft_length < 1 or ngram or plain):
+        raise EdgespecError("--draft-length needs K >= 1 and a draft model (not --ngram or --plain)")
     return EngineOptions(
         model=model or model_opt, draft=draft, ngram=not no_ngram, draft_model=not ngram, plain=plain,
         n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
-        n_gpu_layers_draft=ngld, max_draft=max_draft)
+        n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length)
 
 
 def _stats_format(value: str) -> str:
@@ -68,7 +77,8 @@ def chat(
     model: Optional[str] = ModelArg, model_opt: Optional[str] = ModelOpt, draft: Optional[str] = DraftOpt,
     ngram: bool = NgramOpt, no_ngram: bool = NoNgramOpt, plain: bool = PlainOpt,
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
-    ngl: int = NglOpt, ngld: int = NgldOpt, max_draft: int = MaxDraftOpt,
+    ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
+    draft_length: Optional[int] = DraftLengthOpt,
     temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
@@ -78,7 +88,8 @@ def chat(
     from .chat import run_chat
 
     _run(lambda: run_chat(
-        _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft),
+        _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
+                        draft_length),
         SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
         system, _stats_format(stats)))
@@ -92,7 +103,8 @@ def generate(
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from a file.", show_default=False),
     raw: bool = typer.Option(False, "--raw", help="Continue the text as is, without the chat template."),
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
-    ngl: int = NglOpt, ngld: int = NgldOpt, max_draft: int = MaxDraftOpt,
+    ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
+    draft_length: Optional[int] = DraftLengthOpt,
     temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
@@ -104,7 +116,8 @@ def generate(
     def go():
         text = _read_prompt(prompt, file)
         run_generate(
-            _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft),
+            _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
+                        draft_length),
             SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
             text, system, raw, _stats_format(stats))

@@ -51,12 +51,15 @@ def load_engine(options: EngineOptions) -> Engine:
         return Engine.load(options, report)
 
 
-def stats_line(stats: Stats, fmt: str) -> str | None:
+def stats_line(stats: Stats, fmt: str, predicted: float | None = None) -> str | None:
+    """One line of statistics; `predicted` is the plan's tokens/s, shown next to the measured."""
     if fmt == "none":
         return None
     if fmt == "json":
-        return json.dumps(stats.as_dict())
-    parts = [f"{stats.n_tokens} tokens", f"{stats.tokens_per_second:.1f} tok/s"]
+        return json.dumps({**stats.as_dict(), "predicted_tokens_per_second":
+                           None if predicted is None else round(predicted, 3)})
+    parts = [f"{stats.n_tokens} tokens", f"{stats.tokens_per_second:.1f} tok/s"
+             + (f" (plan: {predicted:.1f})" if predicted else "")]
     if stats.n_drafted:
         parts += [f"acceptance {stats.acceptance_rate:.0%}", f"{stats.mean_accepted_length:.2f} tokens/pass"]
     if stats.speedup_vs_plain is not None and stats.n_tokens >= 16:  # shorter replies: noise
@@ -95,8 +98,19 @@ def stream_reply(engine: Engine, prompt: list[int], sp: SamplingParams, out=None
     return "".join(text), stats, reason
 
 
-def _report(stats: Stats, reason: str | None, fmt: str) -> None:
-    line = stats_line(stats, fmt)
+def plan_lines(engine: Engine) -> list[str]:
+    """What the planner chose and anything the engine decided on its own."""
+    lines = [f"edgespec: note: {n}" for n in engine.notes]
+    p = engine.plan
+    if p is not None:
+        lines.insert(0, f"edgespec: plan: {p.chosen.describe(p.target, p.drafter)}, "
+                        f"{p.chosen.tokens_per_second:.1f} tok/s predicted ({p.chosen.costs} costs; "
+                        "`edgespec plan` explains)")
+    return lines
+
+
+def _report(stats: Stats, reason: str | None, fmt: str, predicted: float | None = None) -> None:
+    line = stats_line(stats, fmt, predicted)
     if line:
         print(line, file=sys.stderr)
     if reason == "context":
@@ -106,13 +120,16 @@ def _report(stats: Stats, reason: str | None, fmt: str) -> None:
 def run_generate(options: EngineOptions, sp: SamplingParams, text: str, system: str | None,
                  raw: bool, stats_fmt: str) -> None:
     with load_engine(options) as engine:
+        if stats_fmt == "text":
+            for line in plan_lines(engine)[1 if engine.plan else 0:]:  # notes; the plan is on the stats line
+                print(line, file=sys.stderr)
         if raw:
             prompt = engine.text_tokens(text)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             prompt = engine.chat_tokens(messages)
         _, stats, reason = stream_reply(engine, prompt, sp)
-        _report(stats, reason, stats_fmt)
+        _report(stats, reason, stats_fmt, engine.predicted_tokens_per_second)
 
 
 @dataclass
@@ -181,7 +198,7 @@ class ChatSession:
         self.session_seconds += stats.decode_seconds
         if reason == "cancelled":
             print("(stopped)", file=sys.stderr)
-        _report(stats, reason, self.stats_fmt)
+        _report(stats, reason, self.stats_fmt, self.engine.predicted_tokens_per_second)
 
 
 def read_message(prompt: str) -> str | None:
@@ -220,6 +237,8 @@ def run_chat(options: EngineOptions, sp: SamplingParams, system: str | None, sta
             facts = engine.target.facts
             drafters = ", ".join(d.source for d in engine.runtime.drafters) or "none (plain decoding)"
             print(f"edgespec chat · {facts.name} · drafters: {drafters} · /help for commands", file=sys.stderr)
+            for line in plan_lines(engine):
+                print(line, file=sys.stderr)
         while True:
             try:
                 text = read_message(">>> ")

@@ -1,0 +1,108 @@
+"""`edgespec plan`: what the planner would do with a model on a machine, and why."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from .. import planner, profile
+
+GiB = 2**30
+
+
+def make_plan(model: str | None, draft: str | None, profile_name: str | None, ctx: int,
+              max_draft: int, use_history: bool) -> planner.Plan:
+    from .. import models
+    from ..costmodel import model_shape
+    from ..engine import EngineOptions, _plan, resolve_model
+
+    target_path = resolve_model(model, models.DEFAULT_TARGET)
+    draft_path = None
+    if draft is not None:
+        draft_path = resolve_model(draft, models.DEFAULT_DRAFT)
+    elif model is None:
+        draft_path = resolve_model(None, models.DEFAULT_DRAFT)
+    if profile_name is None:  # this machine: what `chat` would do, with its calibrations
+        return _plan(EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history),
+                     target_path, draft_path, [], lambda what, fraction: None)
+    prof = profile.load(profile_name)
+    knowledge = planner.Knowledge()
+    if use_history:
+        from ..history import History
+
+        knowledge = History().knowledge(target_path, draft_path)
+    return planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
+                        n_ctx=ctx, knowledge=knowledge, max_draft=max_draft)
+
+
+def plan_dict(p: planner.Plan) -> dict:
+    def alt(a: planner.Alternative) -> dict:
+        return {
+            "strategy": a.strategy, "description": a.describe(p.target, p.drafter),
+            "target_gpu_layers": a.target.ngl(p.target),
+            "drafter_gpu_layers": a.drafter.ngl(p.drafter) if a.drafter else None,
+            "draft_length": a.draft_length, "acceptance": a.acceptance,
+            "tokens_per_second": round(a.tokens_per_second, 2),
+            "vs_plain": round(a.tokens_per_second / p.plain.tokens_per_second, 3),
+            "costs": a.costs, "ram_bytes": a.ram, "vram_bytes": a.vram, "why": a.why,
+        }
+
+    return {
+        "profile": p.profile, "target": p.target.path, "drafter": p.drafter.path if p.drafter else None,
+        "chosen": alt(p.chosen), "alternatives": [alt(a) for a in p.alternatives],
+        "rejected": list(p.rejected), "n_ctx": p.n_ctx, "type_k": p.type_k, "type_v": p.type_v,
+        "threads": p.threads, "max_draft": p.max_draft, "reasons": p.reasons(),
+    }
+
+
+def print_plan(p: planner.Plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    title = f"plan for {p.target.name}" + (f" with drafter {p.drafter.name}" if p.drafter else "") + f" on {p.profile!r}"
+    table = Table(title=title, title_justify="left")
+    for col in ("", "strategy", "target", "drafter", "k", "accept", "tok/s", "×plain", "costs", "RAM", "VRAM"):
+        table.add_column(col, justify="left" if col in ("strategy", "target", "drafter", "costs") else "right")
+    base = p.plain.tokens_per_second
+    for a in p.alternatives:
+        table.add_row(
+            "→" if a == p.chosen else "", a.strategy, a.target.describe(p.target),
+            a.drafter.describe(p.drafter) if a.drafter else "-", str(a.draft_length or "-"),
+            f"{a.acceptance:.2f}" if a.acceptance is not None else "-", f"{a.tokens_per_second:.1f}",
+            f"{a.tokens_per_second / base:.2f}", a.costs[:4] + ".", f"{a.ram / GiB:.1f}G", f"{a.vram / GiB:.1f}G",
+            style="bold" if a == p.chosen else None)
+    console.print(table)
+    for line in p.reasons():
+        console.print(f"  {line}")
+    for line in p.rejected:
+        console.print(f"  [dim]does not fit: {line}[/dim]")
+
+
+def plan_command(
+    model: str | None = typer.Argument(None, metavar="[TARGET.gguf]", show_default=False,
+                                          help="Target model: a .gguf path or a known name (default: Qwen2.5-Coder-1.5B)."),
+    draft: str | None = typer.Option(None, "-md", "--draft", show_default=False,
+                                        help="Draft model candidate (default: the 0.5B drafter with the default target)."),
+    profile_name: str | None = typer.Option(
+        None, "--profile", show_default=False,
+        help="Plan for this hardware profile instead of this machine: a profile JSON file, a saved profile's name, "
+             f"or a reference profile ({', '.join(profile.reference_names())})."),
+    ctx: int = typer.Option(4096, "-c", "--ctx-size", help="Context size in tokens to plan memory for."),
+    max_draft: int = typer.Option(planner.MAX_DRAFT, "--max-draft", help="Longest draft to consider."),
+    no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Show the plan for a model on this machine (or on a hardware profile): every strategy and
+    placement weighed, its predicted tokens/s, and why the chosen one won."""
+    from . import _run
+
+    def go():
+        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history)
+        if as_json:
+            typer.echo(json.dumps(plan_dict(p), indent=1))
+        else:
+            print_plan(p)
+
+    _run(go)
