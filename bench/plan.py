@@ -40,14 +40,15 @@ def main() -> None:
     ap.add_argument("--temps", default="0")
     ap.add_argument("--profile", default=None, help="profile to plan with (default: this machine's)")
     ap.add_argument("--no-history", action="store_true", help="plan from priors, not past sessions")
+    ap.add_argument("--calibration-reps", type=int, default=4, help="rounds over all pass sizes (minimum kept)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     engine = Engine.load(EngineOptions(draft=models.DEFAULT_DRAFT, plan=False, calibrate=False, history=False))
     target, drafter = engine.target, engine.draft_backend
     print("calibrating (fresh) ...", file=sys.stderr, flush=True)
-    t_costs = calibrate.verify_costs(target, planner.MAX_DRAFT + 1, use_cache=False)
-    d_costs = calibrate.verify_costs(drafter, 1, use_cache=False)
+    t_costs = calibrate.verify_costs(target, planner.MAX_DRAFT + 1, reps=args.calibration_reps, use_cache=False)
+    d_costs = calibrate.verify_costs(drafter, 1, reps=args.calibration_reps, use_cache=False)
     knowledge = planner.Knowledge() if args.no_history else History().knowledge(target.facts.path, drafter.facts.path)
     plan = planner.plan(
         model_shape(target.facts.path), machine_profile(args.profile), model_shape(drafter.facts.path),

@@ -110,15 +110,17 @@ def measure(backend, max_n: int, reps: int = 2,
         backend.truncate(base)
         costs: dict[int, float] = {}
         todo = sorted(set(only)) if only is not None else sizes(max_n)
-        for i, n in enumerate(todo):
-            for _ in range(reps):
+        # rounds over all sizes, not size after size: a shared machine's slow spell then slows
+        # one round of every size instead of bending the curve, and the minimum skips it
+        for rep in range(reps):
+            for i, n in enumerate(todo):
                 t0 = time.perf_counter()
                 backend.forward(filler[:n])
                 dt = time.perf_counter() - t0
                 backend.truncate(base)
                 costs[n] = min(costs.get(n, dt), dt)
-            if progress:
-                progress(i + 1, len(todo))
+                if progress:
+                    progress(rep * len(todo) + i + 1, reps * len(todo))
         return costs
     finally:
         backend.truncate(0)

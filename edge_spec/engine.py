@@ -202,7 +202,7 @@ def _calibrate(controller: Controller, target, draft_backend, max_draft: int, re
     return {"target": costs, "drafter": drafts.get("model")}
 
 
-def machine_profile(name: str | None):
+def machine_profile(name: str | None, progress: Progress | None = None):
     """The profile to plan with: the one named, else this machine's saved `local` profile, else a
     quick measurement of this machine (about 2 s, saved as `local` for next time)."""
     from . import profile as profiles
@@ -214,7 +214,9 @@ def machine_profile(name: str | None):
         return profiles.load(saved)
     from .hardware import measure_profile
 
-    measured = measure_profile(name="local", quick=True)
+    report = progress or (lambda what, fraction: None)
+    measured = measure_profile(name="local", quick=True,
+                               progress=lambda what, fraction: report("measuring this machine (once)", fraction))
     try:
         profiles.save(measured)
     except OSError:
@@ -235,7 +237,7 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
         if path is not None:
             check_gguf(path)  # a missing or foreign file: the usual one-line error, before any planning
     report("planning", 0.0)
-    prof = machine_profile(options.profile)
+    prof = machine_profile(options.profile, report)
     threads = threads or options.n_threads or prof.cpu.physical_cores
     cals = []
     base = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=0,

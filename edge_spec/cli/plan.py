@@ -12,7 +12,9 @@ GiB = 2**30
 
 
 def make_plan(model: str | None, draft: str | None, profile_name: str | None, ctx: int,
-              max_draft: int, use_history: bool) -> planner.Plan:
+              max_draft: int, use_history: bool, notes: list | None = None) -> planner.Plan:
+    """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
+    engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
     from .. import models
     from ..costmodel import model_shape
     from ..engine import EngineOptions, _plan, resolve_model
@@ -25,7 +27,7 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
         draft_path = resolve_model(None, models.DEFAULT_DRAFT)
     if profile_name is None:  # this machine: what `chat` would do, with its calibrations
         return _plan(EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history),
-                     target_path, draft_path, [], lambda what, fraction: None)
+                     target_path, draft_path, notes if notes is not None else [], lambda what, fraction: None)
     prof = profile.load(profile_name)
     knowledge = planner.Knowledge()
     if use_history:
@@ -99,10 +101,13 @@ def plan_command(
     from . import _run
 
     def go():
-        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history)
+        notes: list[str] = []
+        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes)
         if as_json:
-            typer.echo(json.dumps(plan_dict(p), indent=1))
+            typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
         else:
             print_plan(p)
+            for line in notes:
+                typer.echo(f"  note: {line}")
 
     _run(go)
