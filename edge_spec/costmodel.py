@@ -220,8 +220,10 @@ def pass_costs(shape: ModelShape, profile: Profile, placement: Placement, sizes)
     """Seconds per pass for each k in `sizes` and where they come from ("calibrated" when the
     profile has a matching measurement for this model on this device, else "predicted")."""
     device = "cpu" if placement.gpu < 0 or placement.gpu_layers == 0 else f"gpu{placement.gpu}"
-    cal = profile.calibration(shape.path, device)
-    if cal is not None and _matches(cal, shape, placement):
+    name = os.path.basename(shape.path)
+    cal = next((c for c in profile.calibrations
+                if c.model == name and c.device == device and _matches(c, shape, placement)), None)
+    if cal is not None:
         return {k: interpolate(cal, k) for k in sizes}, "calibrated"
     return {k: predict_pass(shape, profile, placement, k) for k in sizes}, "predicted"
 

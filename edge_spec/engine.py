@@ -199,7 +199,10 @@ def _calibrate(controller: Controller, target, draft_backend, max_draft: int, re
     if draft_backend is not None:
         drafts["model"] = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
     controller.calibrate(costs, drafts)
-    return {"target": costs, "drafter": drafts.get("model")}
+    out = {"target": (costs, target.options.n_gpu_layers)}
+    if draft_backend is not None:
+        out["drafter"] = ({1: drafts["model"]}, draft_backend.options.n_gpu_layers)
+    return out
 
 
 def machine_profile(name: str | None, progress: Progress | None = None):
@@ -239,20 +242,22 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
     report("planning", 0.0)
     prof = machine_profile(options.profile, report)
     threads = threads or options.n_threads or prof.cpu.physical_cores
+    gpu = bool(_lib().llama_supports_gpu_offload())
     cals = []
-    base = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=0,
-                        type_k=options.type_k or "f16", type_v=options.type_v or "f16")
     for path, key in ((target_path, "target"), (draft_path, "drafter")):
         if path is None:
             continue
-        if calibration and calibration.get(key):
-            seconds = calibration[key] if isinstance(calibration[key], dict) else {1: calibration[key]}
-            cal = calibrate.as_calibration(path, seconds, threads, 0)
-        else:
-            cal = calibrate.cached(path, threads, base)
-        if cal is not None:
-            cals.append(cal)
-    gpu = bool(_lib().llama_supports_gpu_offload())
+        if calibration and key in calibration:  # just measured, with the GPU layers it was loaded with
+            seconds, ngl = calibration[key]
+            cals.append(calibrate.as_calibration(path, seconds, threads, ngl))
+            continue
+        # cached measurements on the CPU and, where llama.cpp can offload, with every layer on the GPU
+        for ngl in (0, model_shape(path).n_layers + 1) if gpu else (0,):
+            cal = calibrate.cached(path, threads, LlamaOptions(
+                n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=ngl,
+                type_k=options.type_k or "f16", type_v=options.type_v or "f16"))
+            if cal is not None:
+                cals.append(cal)
     if prof.gpus and not gpu and options.profile is None:
         notes.append(f"llama.cpp was built without GPU offload: {', '.join(g.name for g in prof.gpus)} "
                      "not used (rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on or -DGGML_METAL=on)")

@@ -245,3 +245,14 @@ def test_cost_model_predicts_the_ci_machines_calibrations(target, drafter):
         for k, seconds in measured.items():
             predicted = costmodel.predict_pass(shape, prof, Placement(), k)
             assert abs(predicted / seconds - 1) < 0.25, (shape.name, k, predicted, seconds)
+
+
+def test_gpu_calibrations_apply_to_the_placement_they_measured(target):
+    name = target.path.rsplit("/", 1)[-1]
+    on_gpu = profile.Calibration(model=name, model_bytes=target.file_bytes, n_params=0, device="gpu0",
+                                 threads=16, n_gpu_layers=999, step_seconds=0.004, verify_seconds={8: 0.005})
+    prof = profile.load("desktop-24gb-gpu").model_copy(update={"calibrations": [on_gpu]})
+    costs, source = costmodel.pass_costs(target, prof, Placement(0, target.n_layers, 16), [1, 8])
+    assert source == "calibrated" and costs == {1: 0.004, 8: 0.005}
+    assert costmodel.pass_costs(target, prof, Placement(0, 10, 16), [1])[1] == "predicted"  # a split
+    assert costmodel.pass_costs(target, prof, Placement(-1, 0, 16), [1])[1] == "predicted"  # the CPU
