@@ -10,9 +10,13 @@ position of draft token i, row k is p for the bonus position after the last draf
   probability min(1, p_i(x_i) / q_i(x_i)); on the first rejection emit a token from the residual
   norm(max(p_i - q_i, 0)); if all k are accepted, emit a bonus token from p_k.
 - drafts without probabilities (n-gram lookup): the draft token is a deterministic proposal, i.e.
-  q_i is one-hot at x_i. The same rule then accepts with probability p_i(x_i) and resamples from
-  p_i with x_i removed — the "match rule", lossless for any proposal that does not look at the
-  target's randomness.
+  q_i is one-hot at x_i. The same rule would accept with probability p_i(x_i) and resample from
+  p_i with x_i removed (the "match rule"). We draw t ~ p_i instead and accept while t == x_i,
+  emitting t at the first mismatch: the same distribution (P(accept) = p_i(x_i), and a mismatch
+  is p_i conditioned on not x_i, the residual), but one categorical draw per emitted token, exactly
+  as plain sampling draws. So with a seed, n-gram speculation emits the very tokens plain
+  decoding with that seed would (up to the rounding of batched logits), whatever was drafted.
+  Lossless for any proposal that does not look at the target's randomness.
 """
 
 from __future__ import annotations
@@ -45,11 +49,16 @@ def verify_sampled(tokens, q: np.ndarray | None, p_row, rng: Random) -> Verdict:
     """
     for i, x in enumerate(tokens):
         p = p_row(i)
-        q_x = 1.0 if q is None else float(q[i, x])
+        if q is None:  # one-hot q: sample p and compare (see the module docstring)
+            t = rng.categorical(p)
+            if t == x:
+                continue
+            return Verdict(i, t)
+        q_x = float(q[i, x])
         # Algorithm 1: keep x if r < p(x) / q(x), r ~ U(0, 1)
         if q_x > 0 and rng.bernoulli(min(1.0, p[x] / q_x)):
             continue
-        return Verdict(i, rng.categorical(residual(p, None if q is None else q[i], x)))
+        return Verdict(i, rng.categorical(residual(p, q[i], x)))
     return Verdict(len(tokens), rng.categorical(p_row(len(tokens))))  # bonus token
 
 

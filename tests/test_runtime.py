@@ -331,3 +331,15 @@ def test_controller_prefers_the_length_the_cost_table_favours(costs, want):
     for _ in range(30):
         c.observe_draft("ngram", 9, 8, None)  # acceptance about 8/9
     assert c.draft_length("ngram", 16) == want
+
+
+def test_seeded_ngram_speculation_emits_what_plain_decoding_with_that_seed_does():
+    """n-gram drafts are checked by sampling p and comparing (verify.py), one draw per emitted
+    token as in plain sampling: same seed, same tokens, however many drafts were made."""
+    for seed in range(20):
+        runtimes = mixed_runtimes(seed, vocab=5)
+        sp = SAMPLED.with_(max_tokens=40, seed=seed)
+        _, plain, _ = run(runtimes["plain"], [0, 1, 2, 0, 1], sp)
+        steps, spec, _ = run(runtimes["ngram-k4"], [0, 1, 2, 0, 1], sp)
+        assert spec == plain, seed
+        assert steps[-1].stats.n_drafted > 0

@@ -40,6 +40,14 @@ def real_step(tokens, q, p_rows, rng) -> Verdict:
     return verify_sampled(tokens, q, lambda i: p_rows[i], rng)
 
 
+def fresh_draw_after_mismatch(tokens, q, p_rows, rng) -> Verdict:
+    """Broken n-gram rule: a mismatching draw is replaced by a fresh one (a second chance for x)."""
+    for i, x in enumerate(tokens):
+        if rng.categorical(p_rows[i]) != x:
+            return Verdict(i, rng.categorical(p_rows[i]))
+    return Verdict(len(tokens), rng.categorical(p_rows[len(tokens)]))
+
+
 def always_accept(tokens, q, p_rows, rng) -> Verdict:
     """Broken: every draft token stands."""
     return Verdict(len(tokens), rng.categorical(p_rows[len(tokens)]))
@@ -75,9 +83,13 @@ def test_real_verifier_passes_chi_square(name, p, q, k):
 @pytest.mark.parametrize("broken", ["resample-from-p", "always-accept"])
 @pytest.mark.parametrize("name,p,q,k", FIXTURES[:2] + FIXTURES[3:], ids=["dense", "p-with-zeros", "proposal"])
 def test_broken_verifier_fails_chi_square(broken, name, p, q, k, monkeypatch):
-    if broken == "resample-from-p":  # after a rejection, draw from p instead of the residual
+    step = always_accept
+    if broken == "resample-from-p" and q is not None:  # after a rejection, draw from p, not the residual
         monkeypatch.setattr(edge_spec.verify, "residual", lambda p, q, x: p)
-    counts = first_tokens(real_step if broken == "resample-from-p" else always_accept, p, q, k, N // 2, seed=12)
+        step = real_step
+    elif broken == "resample-from-p":  # n-gram drafts: a fresh draw from p after a mismatch
+        step = fresh_draw_after_mismatch
+    counts = first_tokens(step, p, q, k, N // 2, seed=12)
     support = p > 0
     # emitting a token the target gives zero probability fails outright; else the chi-square must
     zero_emitted = counts[~support].sum() > 0
