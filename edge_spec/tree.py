@@ -24,8 +24,8 @@ Applying RRS to deterministic top-k children, or accepting each child against p 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class TokenTree:
         return out[::-1]
 
     @classmethod
-    def chain(cls, tokens, q: np.ndarray | None = None) -> "TokenTree":
+    def chain(cls, tokens, q: np.ndarray | None = None) -> TokenTree:
         """An ordinary draft: each token the only child of the one before."""
         return cls(tuple(tokens), tuple(range(-1, len(tokens) - 1)), q, sampled=q is not None)
 

@@ -18,10 +18,10 @@ import pytest
 from scipy.stats import chisquare
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fakes import enumerate_outcomes, max_deviation, random_dist, target_joint  # noqa: E402
+from fakes import enumerate_outcomes, max_deviation, random_dist, target_joint
 
-from edge_spec.sampling import NumpyRandom  # noqa: E402
-from edge_spec.tree import ROOT, TokenTree, TreeVerdict, verify_tree  # noqa: E402
+from edge_spec.sampling import NumpyRandom
+from edge_spec.tree import ROOT, TokenTree, TreeVerdict, verify_tree
 
 V = 3          # vocabulary of the exhaustive tests
 L = 3          # emitted tokens compared
@@ -83,7 +83,7 @@ def emitted(shape, p_fn, q_fn, rng, sampled: bool, rule=verify_tree) -> tuple[in
 def deviation(shape, sampled: bool, rule=verify_tree, pairs=PAIRS) -> dict[str, float]:
     out = {}
     for name, p, q in pairs:
-        got = enumerate_outcomes(lambda rng: emitted(shape, p, q, rng, sampled, rule))
+        got = enumerate_outcomes(lambda rng, p=p, q=q: emitted(shape, p, q, rng, sampled, rule))
         out[name] = max_deviation(got, target_joint(p, PROMPT, L, V))
     return out
 
