@@ -12,12 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from .controller import Controller
 from .planner import Knowledge
 from .types import Stats
 
 SCHEMA = 1
 DECAY = 0.9
 MIN_TRIALS = 8         # fewer accept/reject trials than this: keep the prior
+PRIOR_TRIALS = 10      # the prior counts as this many trials, so one lucky reply cannot claim 0.99
 MIN_TOKENS = 16        # replies shorter than this say little about n-gram gains
 
 
@@ -50,7 +52,9 @@ class History:
         if drafter is not None:
             pair = self.data["pairs"].get(f"{t}|{model_key(drafter)}")
             if pair and pair["trials"] >= MIN_TRIALS:
-                acceptance, a_src = pair["accepted"] / pair["trials"], f"measured over {pair['replies']} replies"
+                prior = Controller().prior_acceptance["model"]
+                acceptance = (pair["accepted"] + PRIOR_TRIALS * prior) / (pair["trials"] + PRIOR_TRIALS)
+                a_src = f"measured over {pair['replies']} replies"
         gain, g_src = 1.0, "prior: no gain assumed until measured"
         ng = self.data["ngram"].get(t)
         if ng and ng["weight"] > 0:

@@ -19,6 +19,7 @@ from edge_spec import costmodel, models, planner, profile
 from edge_spec.cli import app
 from edge_spec.costmodel import ModelShape, Placement
 from edge_spec.gguf_file import read_header
+from edge_spec import history
 from edge_spec.history import History
 from edge_spec.types import EdgespecError, Stats
 from tests.tiny_gguf import truncate_copy, write_llama
@@ -207,7 +208,8 @@ def test_history_turns_measured_acceptance_into_knowledge(tmp_path, target, draf
     h.record(target.path, drafter.path, stats, ngram_only=False)
     h.save()
     k = History(tmp_path / "history.json").knowledge(target.path, drafter.path)
-    assert k.acceptance == pytest.approx(24 / 30) and "measured" in k.acceptance_source
+    prior = history.PRIOR_TRIALS * 0.7
+    assert k.acceptance == pytest.approx((24 + prior) / (30 + history.PRIOR_TRIALS)) and "measured" in k.acceptance_source
     h.record(target.path, None, stats, ngram_only=True)
     assert h.knowledge(target.path, None).ngram_gain == pytest.approx(40 / 2.0 * 0.06)
 
