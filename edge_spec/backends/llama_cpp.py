@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..gguf_file import check_gguf
+from ..gguf_file import validate
 from ..types import EdgespecError, ModelFacts
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -117,7 +117,7 @@ class LlamaCppBackend:
         self.n_threads = options.n_threads or physical_cores()
         self._parent = _parent  # a sibling context borrows its parent's weights
         if _parent is None:
-            check_gguf(path)
+            validate(path)  # the whole header, bounds-checked, before llama.cpp parses it
             self.model = self._load_model(path, options, progress)
         else:
             self.model = _parent.model
@@ -209,6 +209,7 @@ class LlamaCppBackend:
     def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
         """Append tokens to the cache and return logits: "all" → [n, vocab], "last" → [1, vocab],
         "none" → [0, vocab]. Long inputs are split into n_batch chunks."""
+        self._check_open()
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise EdgespecError(
                 f"context full: {len(self.tokens)} + {len(tokens)} tokens > {self.n_ctx}; raise -c/--ctx-size")
@@ -247,12 +248,14 @@ class LlamaCppBackend:
 
     def truncate(self, n_past: int) -> None:
         """Roll the cache back to its first n_past tokens."""
+        self._check_open()
         if n_past < len(self.tokens):
             self.lib.llama_memory_seq_rm(self.mem, 0, n_past, -1)
             del self.tokens[n_past:]
 
     # --- vocabulary ----------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._check_open()
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (self.lib.llama_token * cap)()
@@ -267,6 +270,7 @@ class LlamaCppBackend:
         """The bytes a token adds to the text (special tokens render as nothing)."""
         cached = self._pieces.get(token)
         if cached is None:
+            self._check_open()
             buf = ctypes.create_string_buffer(64)
             n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:
@@ -277,15 +281,22 @@ class LlamaCppBackend:
 
     def token_text(self, token: int) -> str:
         """The vocabulary's own string for a token (as stored in the GGUF)."""
+        self._check_open()
         return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
+        self._check_open()
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     # --- lifetime ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        # after close() the C pointers are dangling: a call would crash the process, not raise
+        if self.ctx is None:
+            raise EdgespecError(f"the model {os.path.basename(self.facts.path)} was closed")
+
     def sibling(self) -> "LlamaCppBackend":
         """A second context (own KV cache) on the same weights: close it before this one."""
         return LlamaCppBackend(self.facts.path, self.options, _parent=self)
@@ -296,7 +307,7 @@ class LlamaCppBackend:
             self.lib.llama_free(self.ctx)
             if self._parent is None:
                 self.lib.llama_model_free(self.model)
-            self.ctx = self.model = None
+            self.ctx = self.model = self.vocab = None
 
     def __enter__(self):
         return self
@@ -311,12 +322,13 @@ class LlamaCppBackend:
             pass
 
 
-FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15}
+FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12,
+          "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama_ftype values
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0", threads: int | None = None) -> None:
     """Write a (re)quantized copy of a GGUF: e.g. a 4-bit self-drafter of a Q8_0 target."""
-    check_gguf(src)
+    validate(src)
     if ftype not in FTYPES:
         raise EdgespecError(f"unknown quantization {ftype!r}: use one of {', '.join(FTYPES)}")
     lib, log = _init()
