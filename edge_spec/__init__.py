@@ -1,6 +1,22 @@
-"""edgespec: lossless speculative decoding for local LLMs on the hardware people own."""
+"""edgespec: lossless speculative decoding for local LLMs on the hardware people own.
+
+    import edge_spec
+    with edge_spec.load() as session:
+        print(session.generate("Hello!", temperature=0).text)
+"""
 
 from .types import Draft, EdgespecError, ModelFacts, SamplingParams, Stats, Step, Verdict
 
 __version__ = "0.1.0"
-__all__ = ["Draft", "EdgespecError", "ModelFacts", "SamplingParams", "Stats", "Step", "Verdict"]
+__all__ = ["Completion", "Draft", "EdgespecError", "ModelFacts", "SamplingParams", "Session", "Stats", "Step",
+           "Verdict", "load"]
+
+
+def __getattr__(name: str):
+    # the API pulls in the engine and planner: imported on first use, so `import edge_spec` and
+    # the CLI's startup stay light
+    if name in ("load", "Session", "Completion"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edge_spec' has no attribute {name!r}")

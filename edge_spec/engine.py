@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -13,6 +15,9 @@ from .controller import Controller
 from .planner import MAX_DRAFT
 from .runtime import Runtime
 from .types import EdgespecError, SamplingParams, Step
+
+# acceptance assumed for a 4-bit copy of the target until measured (QuantSpec reports > 90%)
+SELF_DRAFTER_PRIOR = 0.9
 
 Progress = Callable[[str, float], None]  # (what, fraction done)
 
@@ -93,10 +98,13 @@ class Engine:
         notes: list[str] = []
         the_plan = None
         if options.plan:
-            the_plan = _plan(options, target_path, draft_path, notes, report)
+            the_plan = plan_for(options, target_path, draft_path, notes, report)
+            draft_path = Path(the_plan.drafter.path) if the_plan.drafter is not None else None
             if the_plan.chosen.strategy != "draft" and options.draft is None and draft_path is not None:
                 draft_path = None  # the plan leaves the default drafter out; an explicit -md stays
-        t_opts, d_opts = _llama_options(options, the_plan)
+        t_opts, d_opts = _llama_options(options, the_plan, draft_path)
+        if the_plan is None:  # the planner checks memory for its plans; without one, check here
+            _check_memory(target_path, draft_path, t_opts, d_opts)
         target = _load(target_path, t_opts, "target", notes, report)
         drafters, draft_backend = [], None
         try:
@@ -231,7 +239,7 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
           calibration: dict | None = None, threads: int | None = None):
     """Plan for this machine with what is known: the profile's and the cache's calibrations."""
     from . import calibrate, planner
-    from .backends.llama_cpp import LlamaOptions, _lib
+    from .backends.llama_cpp import _lib
     from .costmodel import model_shape
     from .gguf_file import check_gguf
     from .history import History
@@ -250,18 +258,15 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
         if calibration and key in calibration:  # just measured, with the GPU layers it was loaded with
             seconds, ngl = calibration[key]
             cals.append(calibrate.as_calibration(path, seconds, threads, ngl))
-            continue
-        # cached measurements on the CPU and, where llama.cpp can offload, with every layer on the GPU
-        for ngl in (0, model_shape(path).n_layers + 1) if gpu else (0,):
-            cal = calibrate.cached(path, threads, LlamaOptions(
-                n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=ngl,
-                type_k=options.type_k or "f16", type_v=options.type_v or "f16"))
-            if cal is not None:
-                cals.append(cal)
+        else:
+            cals.extend(_cached_calibrations(options, path, threads, gpu))
     if prof.gpus and not gpu and options.profile is None:
         notes.append(f"llama.cpp was built without GPU offload: {', '.join(g.name for g in prof.gpus)} "
                      "not used (rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on or -DGGML_METAL=on)")
     knowledge = History().knowledge(target_path, draft_path) if options.history else planner.Knowledge()
+    if draft_path is not None and knowledge.acceptance is None and _is_self_drafter(draft_path):
+        knowledge = dataclasses.replace(knowledge, acceptance=SELF_DRAFTER_PRIOR,
+                                        acceptance_source="prior for a self-drafter")
     result = planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
                           n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
                           max_draft=options.max_draft or planner.MAX_DRAFT, gpu=gpu, threads=threads)
@@ -269,8 +274,130 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
     return result
 
 
-def _llama_options(options: EngineOptions, the_plan):
-    """Backend options: what the user set, else the plan's choice, else llama.cpp's defaults."""
+def plan_for(options: EngineOptions, target_path, draft_path, notes: list, report: Progress | None = None):
+    """The plan for this target: with the drafter given, or, for a target of the user's own
+    without -md, the best over the drafters that could serve it (and none)."""
+    report = report or (lambda what, fraction: None)
+    candidates = [draft_path]
+    if options.model is not None and options.draft is None and options.draft_model and not options.plain:
+        candidates = [*drafter_candidates(target_path), None]
+    plans = [_plan(options, target_path, c, notes, report) for c in candidates]
+    best = max(plans, key=lambda p: p.chosen.tokens_per_second)
+    if len(plans) > 1:  # show every drafter weighed, not only the winner's alternatives
+        from .planner import dedupe
+
+        best = dataclasses.replace(best, alternatives=tuple(dedupe([a for p in plans for a in p.alternatives])))
+    if options.model is not None and options.draft is None and not options.plain:
+        _suggest_self_drafter(options, target_path, candidates, best, notes)
+    notes[:] = list(dict.fromkeys(notes))  # one note per fact, however many plans were made
+    return best
+
+
+def drafter_candidates(target_path) -> list[Path]:
+    """Drafters for a target: a self-drafter built from it (`edgespec drafter build`), and the
+    installed default drafter when its tokenizer matches (same model, pre-tokenizer, size ±128)."""
+    from .drafters.build import default_output
+    from .gguf_file import ArrayInfo, validate
+
+    found = []
+    built = default_output(target_path)
+    if built.is_file():
+        found.append(built)
+    default = models.installed_path(models.DEFAULT_DRAFT)
+    if default is not None and os.path.realpath(default) != os.path.realpath(target_path):
+        def vocab(path):
+            md = validate(path).metadata
+            tokens = md.get("tokenizer.ggml.tokens")
+            count = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or ())
+            return md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre"), count
+
+        (tm, tp, tn), (dm, dp, dn) = vocab(target_path), vocab(default)
+        if tm == dm and tp == dp and abs(tn - dn) <= 128:
+            found.append(default)
+    return found
+
+
+def _suggest_self_drafter(options: EngineOptions, target_path, candidates, the_plan, notes: list) -> None:
+    """A high-precision target with no self-drafter built yet: say what one is predicted to give."""
+    import dataclasses
+
+    from . import planner
+    from .costmodel import model_shape
+    from .drafters.build import BITS, MIN_SOURCE_BITS, default_output, source_bits
+
+    built = default_output(target_path)
+    bits = source_bits(target_path)
+    if built in candidates or bits <= MIN_SOURCE_BITS:
+        return
+    shape = model_shape(target_path)
+    scale = BITS["q4_0"] / bits
+    hypothetical = dataclasses.replace(
+        shape, path=str(built), file_bytes=int(shape.file_bytes * scale), output_bytes=int(shape.output_bytes * scale),
+        layer_bytes=tuple(int(b * scale) for b in shape.layer_bytes), embedding_bytes=int(shape.embedding_bytes * scale))
+    prof = machine_profile(options.profile)
+    guess = planner.plan(shape, prof, hypothetical, n_ctx=options.n_ctx, gpu=False, threads=the_plan.threads,
+                         knowledge=planner.Knowledge(SELF_DRAFTER_PRIOR, "prior for a self-drafter"),
+                         calibrations=tuple(_cached_calibrations(options, target_path, the_plan.threads, False)))
+    gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
+    if guess.chosen.strategy == "draft" and gain > 1.1:
+        notes.append(f"this {bits:.0f}-bit model would run about {gain:.1f}x faster with a 4-bit self-drafter "
+                     f"(predicted): build one with `edgespec drafter build {target_path}`")
+
+
+def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
+    """Refuse to load what would not fit in available RAM (weights, KV cache, compute buffers)
+    rather than let llama.cpp thrash or the OS kill the process."""
+    import psutil
+
+    from . import costmodel
+    from .costmodel import Placement
+    from .gguf_file import check_gguf
+    from .planner import RAM_HEADROOM
+
+    need = costmodel.RUNTIME_BYTES
+    parts = []
+    for path, opts in ((target_path, t_opts), (draft_path, d_opts)):
+        if path is None:
+            continue
+        check_gguf(path)
+        shape = costmodel.model_shape(path)
+        placement = Placement(0 if opts.n_gpu_layers else -1, min(opts.n_gpu_layers, shape.n_layers))
+        ram = costmodel.memory_need(shape, placement, opts.n_ctx, opts.type_k, opts.type_v).ram
+        need += ram
+        parts.append(f"{shape.name} {ram / 2**30:.1f} GiB")
+    usable = psutil.virtual_memory().available * RAM_HEADROOM
+    if need > usable:
+        raise EdgespecError(
+            f"not enough memory: {' + '.join(parts)} at {t_opts.n_ctx} tokens of context need "
+            f"{need / 2**30:.1f} GiB, {usable / 2**30:.1f} GiB is available; use a smaller -c/--ctx-size, "
+            "a quantized KV cache, a smaller model or quantization, or let the planner decide (plan=True)")
+
+
+def _cached_calibrations(options: EngineOptions, path, threads: int, gpu: bool) -> list:
+    """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU."""
+    from . import calibrate
+    from .backends.llama_cpp import LlamaOptions
+    from .costmodel import model_shape
+
+    out = []
+    for ngl in (0, model_shape(path).n_layers + 1) if gpu else (0,):
+        cal = calibrate.cached(path, threads, LlamaOptions(
+            n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=ngl,
+            type_k=options.type_k or "f16", type_v=options.type_v or "f16"))
+        if cal is not None:
+            out.append(cal)
+    return out
+
+
+def _is_self_drafter(path) -> bool:
+    from .drafters.build import info
+
+    return info(path).get("method") == "quantspec"
+
+
+def _llama_options(options: EngineOptions, the_plan, draft_path=None):
+    """Backend options: what the user set, else the plan's choice, else llama.cpp's defaults. A
+    built self-drafter runs with the KV cache type its metadata names (QuantSpec: q8_0)."""
     from .backends.llama_cpp import LlamaOptions
 
     c = the_plan.chosen if the_plan is not None else None
@@ -282,8 +409,13 @@ def _llama_options(options: EngineOptions, the_plan):
     target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads,
                           n_gpu_layers=t_ngl if options.n_gpu_layers is None else options.n_gpu_layers,
                           type_k=type_k, type_v=type_v)
+    d_kv = None
+    if draft_path is not None and options.type_k is None and options.type_v is None:
+        from .drafters.build import info
+
+        d_kv = info(draft_path).get("kv_cache")
     draft = LlamaOptions(n_ctx=options.n_ctx, n_threads=options.n_threads_draft or threads,
                          n_gpu_layers=d_ngl if options.n_gpu_layers_draft is None else options.n_gpu_layers_draft,
-                         type_k=type_k, type_v=type_v)
+                         type_k=d_kv or type_k, type_v=d_kv or type_v)
     return target, draft
 

@@ -18,6 +18,7 @@ KV caches stay f16 unless memory only fits with q8_0.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from . import costmodel
@@ -46,6 +47,7 @@ class Alternative:
     ram: int = 0
     vram: int = 0
     why: str = ""
+    drafter_model: str = ""         # the draft model's file name
 
     def describe(self, target: ModelShape, drafter: ModelShape | None) -> str:
         where = f"target {self.target.describe(target)}"
@@ -53,7 +55,8 @@ class Alternative:
             return f"plain decoding, {where}"
         if self.strategy == "ngram":
             return f"n-gram drafts, {where}"
-        return f"draft model k={self.draft_length} on {self.drafter.describe(drafter)} + n-gram, {where}"
+        name = f" {self.drafter_model}" if self.drafter_model else ""
+        return f"draft model{name} k={self.draft_length} on {self.drafter.describe(drafter)} + n-gram, {where}"
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
         if ngram.tokens_per_second >= chosen.tokens_per_second * (1 - NGRAM_TOLERANCE):
             chosen = ngram  # the controller turns it off where it does not pay, and it may pay later
     budget = _draft_budget(chosen, target, profile, max_draft)
-    return Plan(profile.name, target, drafter, chosen, tuple(_dedupe(alternatives)), tuple(rejected),
+    return Plan(profile.name, target, drafter, chosen, tuple(dedupe(alternatives)), tuple(rejected),
                 n_ctx, type_k, type_v, threads, budget, knowledge)
 
 
@@ -204,7 +207,7 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
     costs = "calibrated" if t_src == d_src == "calibrated" else "predicted"
     why = (f"acceptance {a:.2f} ({knowledge.acceptance_source}); a drafted token costs "
            f"{d_costs[1] / step:.2f} target steps, verifying {best_k + 1} tokens {t_costs[best_k + 1] / step:.2f} steps")
-    yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a,
+    yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a, drafter_model=os.path.basename(drafter.path),
                       tokens_per_second=best_rate * knowledge.ngram_gain, costs=costs, why=why, **common)
 
 
@@ -223,11 +226,11 @@ def _draft_budget(chosen: Alternative, target: ModelShape, profile: Profile, max
     return max(best_k, chosen.draft_length)
 
 
-def _dedupe(alternatives: list[Alternative]) -> list[Alternative]:
+def dedupe(alternatives: list[Alternative]) -> list[Alternative]:
     """Plain and n-gram alternatives repeat once per drafter placement: keep one of each."""
     seen, out = set(), []
     for a in sorted(alternatives, key=lambda a: -a.tokens_per_second):
-        key = (a.strategy, a.target, a.drafter)
+        key = (a.strategy, a.target, a.drafter, a.drafter_model)
         if key not in seen:
             seen.add(key)
             out.append(a)

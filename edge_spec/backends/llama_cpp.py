@@ -326,8 +326,10 @@ FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_
           "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama_ftype values
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0", threads: int | None = None) -> None:
-    """Write a (re)quantized copy of a GGUF: e.g. a 4-bit self-drafter of a Q8_0 target."""
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0", threads: int | None = None,
+             metadata: dict[str, str] | None = None) -> None:
+    """Write a (re)quantized copy of a GGUF: e.g. a 4-bit self-drafter of an F16 target.
+    `metadata`: string keys written into the copy's GGUF metadata (values up to 127 bytes)."""
     validate(src)
     if ftype not in FTYPES:
         raise EdgespecError(f"unknown quantization {ftype!r}: use one of {', '.join(FTYPES)}")
@@ -336,5 +338,14 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0"
     params.ftype = FTYPES[ftype]
     params.allow_requantize = True
     params.nthread = threads or physical_cores()
+    items = list((metadata or {}).items())
+    overrides = (lib.llama_model_kv_override * (len(items) + 1))()  # ends with an empty key
+    for o, (key, value) in zip(overrides, items):
+        k, v = key.encode(), str(value).encode()
+        if len(k) >= 128 or len(v) >= 128:
+            raise EdgespecError(f"metadata {key!r} is too long for a GGUF override (127 bytes at most)")
+        o.tag, o.key, o.value.val_str = lib.LLAMA_KV_OVERRIDE_TYPE_STR, k, v
+    if items:
+        params.kv_overrides = ctypes.cast(overrides, type(params.kv_overrides))
     if lib.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), ctypes.byref(params)) != 0:
         raise EdgespecError(f"quantizing {src} to {ftype} failed: {log.last()}")

@@ -10,16 +10,20 @@ import typer
 
 from ..engine import EngineOptions
 from ..types import EdgespecError, SamplingParams
+from .drafter import app as drafter_app
 from .models import app as models_app
 from .plan import plan_command
 from .profile import profile_command
+from .serve import serve_command
 
 app = typer.Typer(
     help="Lossless speculative decoding for local LLMs. Run `edgespec chat` to talk to the default models.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(models_app, name="models")
+app.add_typer(drafter_app, name="drafter")
 app.command("plan")(plan_command)
 app.command("profile")(profile_command)
+app.command("serve")(serve_command)
 
 E, S = EngineOptions(), SamplingParams()  # the defaults, read from one place
 

@@ -32,11 +32,13 @@ def _stderr_console():
     return Console(stderr=True, highlight=False)
 
 
-def load_engine(options: EngineOptions) -> Engine:
-    """Load with a progress bar on stderr when it is a terminal."""
+@contextlib.contextmanager
+def progress_bar():
+    """A `report(what, fraction)` drawing one bar per task on stderr (nothing when not a terminal)."""
     console = _stderr_console()
     if not console.is_terminal:
-        return Engine.load(options)
+        yield lambda what, fraction: None
+        return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -48,6 +50,12 @@ def load_engine(options: EngineOptions) -> Engine:
                 tasks[what] = bar.add_task(what, total=1.0)
             bar.update(tasks[what], completed=fraction)
 
+        yield report
+
+
+def load_engine(options: EngineOptions) -> Engine:
+    """Load with a progress bar on stderr when it is a terminal."""
+    with progress_bar() as report:
         return Engine.load(options, report)
 
 

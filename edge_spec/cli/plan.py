@@ -17,7 +17,7 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
     engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
     from .. import models
     from ..costmodel import model_shape
-    from ..engine import EngineOptions, _plan, resolve_model
+    from ..engine import EngineOptions, plan_for, resolve_model
 
     target_path = resolve_model(model, models.DEFAULT_TARGET)
     draft_path = None
@@ -26,8 +26,8 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
     elif model is None:
         draft_path = resolve_model(None, models.DEFAULT_DRAFT)
     if profile_name is None:  # this machine: what `chat` would do, with its calibrations
-        return _plan(EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history),
-                     target_path, draft_path, notes if notes is not None else [], lambda what, fraction: None)
+        options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history)
+        return plan_for(options, target_path, draft_path, notes if notes is not None else [])
     prof = profile.load(profile_name)
     knowledge = planner.Knowledge()
     if use_history:
@@ -44,6 +44,7 @@ def plan_dict(p: planner.Plan) -> dict:
             "strategy": a.strategy, "description": a.describe(p.target, p.drafter),
             "target_gpu_layers": a.target.ngl(p.target),
             "drafter_gpu_layers": a.drafter.ngl(p.drafter) if a.drafter else None,
+            "drafter_model": a.drafter_model or None,
             "draft_length": a.draft_length, "acceptance": a.acceptance,
             "tokens_per_second": round(a.tokens_per_second, 2),
             "vs_plain": round(a.tokens_per_second / p.plain.tokens_per_second, 3),
@@ -71,7 +72,8 @@ def print_plan(p: planner.Plan) -> None:
     for a in p.alternatives:
         table.add_row(
             "→" if a == p.chosen else "", a.strategy, a.target.describe(p.target),
-            a.drafter.describe(p.drafter) if a.drafter else "-", str(a.draft_length or "-"),
+            f"{a.drafter_model.removesuffix('.gguf')[:28]} {a.drafter.describe(p.drafter)}" if a.drafter else "-",
+            str(a.draft_length or "-"),
             f"{a.acceptance:.2f}" if a.acceptance is not None else "-", f"{a.tokens_per_second:.1f}",
             f"{a.tokens_per_second / base:.2f}", a.costs[:4] + ".", f"{a.ram / GiB:.1f}G", f"{a.vram / GiB:.1f}G",
             style="bold" if a == p.chosen else None)

@@ -1,0 +1,51 @@
+"""`edgespec drafter build|info`: drafters made from the target itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Build a drafter from a model (QuantSpec self-drafter) and inspect built ones.",
+                  no_args_is_help=True)
+
+
+@app.command("build")
+def build_command(
+    source: str = typer.Argument(..., metavar="SOURCE.gguf", help="The target to build a drafter from (F16, BF16 or Q8_0)."),
+    method: str = typer.Option("quant", "--method", help="quant: the target's weights requantized to 4 bits (QuantSpec)."),
+    bits: str = typer.Option("q4_0", "--bits", help="Quantization of the drafter: q4_0, q4_1, q4_k_m, q5_k_m, q8_0."),
+    out: Path | None = typer.Option(None, "-o", "--out", show_default=False,
+                                       help="Output file (default: the drafters folder, where chat finds it)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+) -> None:
+    """Build a drafter; `edgespec chat SOURCE.gguf` then finds and weighs it."""
+    from ..drafters.build import build
+    from ..engine import resolve_model
+    from ..models import DEFAULT_TARGET
+    from . import _run
+    from .chat import progress_bar
+
+    def go():
+        with progress_bar() as report:
+            path = build(resolve_model(source, DEFAULT_TARGET), method, out, bits, force, report)
+        typer.echo(f"built {path} ({path.stat().st_size / 2**30:.2f} GiB)")
+
+    _run(go)
+
+
+@app.command("info")
+def info_command(file: Path = typer.Argument(..., metavar="FILE.gguf", help="A GGUF file.")) -> None:
+    """Show how a drafter was built (method, quantization, source and its SHA-256, date)."""
+    from ..drafters.build import info
+    from . import _run
+
+    def go():
+        found = info(file)
+        if not found:
+            typer.echo(f"{file} was not built by `edgespec drafter build` (no edgespec.drafter.* metadata)")
+            return
+        for key, value in found.items():
+            typer.echo(f"{key:>18}: {value}")
+
+    _run(go)

@@ -1,0 +1,80 @@
+"""`edgespec serve`: the OpenAI-compatible HTTP server (edge_spec.server) over a loaded model."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from ..engine import EngineOptions
+from ..server import ServerConfig, is_loopback
+
+C = ServerConfig()  # the defaults, read from one place
+
+
+def serve_command(
+    model: str | None = typer.Argument(None, metavar="[MODEL.gguf]", show_default=False,
+                                       help="Target model: a .gguf path or a known model name (default: Qwen2.5-Coder-1.5B)."),
+    model_opt: str | None = typer.Option(None, "-m", "--model", help="Target model (same as the argument).",
+                                         show_default=False),
+    draft: str | None = typer.Option(None, "-md", "--draft", show_default=False,
+                                     help="Draft model (.gguf or known name) with the same tokenizer."),
+    host: str = typer.Option(C.host, "--host", help="Address to listen on; anything but loopback needs --api-key."),
+    port: int = typer.Option(C.port, "--port", help="Port to listen on (0: any free port)."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="EDGESPEC_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' (at least 8 characters). Prefer the environment variable: "
+             "other users can read a command line."),
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", show_default=False,
+        help="Also accept requests whose Host header names this (repeatable), e.g. the machine's LAN name or "
+             "address; localhost, 127.0.0.1, [::1] and the --host address always are.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", show_default=False,
+        help="Let web pages of this origin call the API, e.g. http://localhost:3000 (repeatable; default: CORS off)."
+    )] = None,
+    ctx: int = typer.Option(EngineOptions().n_ctx, "-c", "--ctx-size", help="Context size in tokens."),
+    max_tokens_limit: int = typer.Option(C.max_tokens_limit, "--max-tokens-limit",
+                                         help="The most tokens a request may ask for (and the default)."),
+    max_prompt_tokens: int | None = typer.Option(C.max_prompt_tokens, "--max-prompt-tokens", show_default=False,
+                                                 help="Longest prompt in tokens (default: the context size less one)."),
+    max_body_bytes: int = typer.Option(C.max_body_bytes, "--max-body-bytes", help="Largest request body in bytes."),
+    queue: int = typer.Option(C.queue, "--queue",
+                              help="Requests that may wait behind the running one; more get 503 with Retry-After."),
+    no_ngram: bool = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts."),
+    plain: bool = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health) on 127.0.0.1:8080."""
+    from . import _engine_options, _run
+
+    def go():
+        config = ServerConfig(host=host, port=port, api_key=api_key, allowed_hosts=tuple(allowed_host or ()),
+                              cors_origins=tuple(cors_origin or ()), max_body_bytes=max_body_bytes,
+                              max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, queue=queue)
+        config.check()  # before loading anything: a refused address opens no socket and loads no model
+        options = _engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
+                                  None, None, None, None, None)
+        from ..api import Session
+        from ..server import serve
+        from .chat import load_engine, plan_lines
+
+        with Session(load_engine(options)) as session:
+            for line in plan_lines(session.engine):
+                print(line, file=sys.stderr)
+
+            def listening(url: str) -> None:
+                print(f"edgespec: serving {session.model_name} at {url}/v1 (health: {url}/health); "
+                      "Ctrl-C stops", file=sys.stderr)
+                if not is_loopback(host):
+                    print("edgespec: note: plain HTTP: the key and the text cross the network unencrypted; "
+                          "put a TLS proxy in front for anything but a trusted network", file=sys.stderr)
+
+            # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again: SIGTERM
+            # too leaves through the `with`, which closes the session (saving what it learned)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+            serve(session, config, listening)
+
+    _run(go)

@@ -1,0 +1,123 @@
+"""Drafters built from the target itself, with their provenance in the GGUF metadata.
+
+QuantSpec-style self-drafter (`method="quant"`): the target's own weights requantized to 4 bits
+with llama.cpp's quantizer. It shares the target's tokenizer and nearly its predictions, so it is
+accepted far more often than a smaller model; it pays when the target is high precision (F16,
+BF16, Q8_0): measured here, an F16 Qwen2.5-Coder-1.5B step costs 357 ms, its Q4 copy ~55 ms.
+
+Every built file carries `edgespec.drafter.*` keys (method, quantization, source name and
+SHA-256, KV cache type to run it with, date, edgespec version): `edgespec drafter info` reads them.
+The output appears under its final name only when complete (written as NAME.partial, renamed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ..types import EdgespecError
+
+Progress = Callable[[str, float], None]
+PREFIX = "edgespec.drafter."
+BITS = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}   # bits per weight
+# weights stored at this many bits or fewer are already a drafter's precision: no point requantizing
+MIN_SOURCE_BITS = 6.0
+METHODS = ("quant",)
+
+
+def default_output(source: str | os.PathLike, method: str = "quant", bits: str = "q4_0") -> Path:
+    """Where built drafters go unless told otherwise; the engine looks for them there."""
+    from ..models import state_dir
+
+    return state_dir() / "drafters" / f"{Path(source).stem}.{method}-{bits}.gguf"
+
+
+def source_bits(path: str | os.PathLike) -> float:
+    """Mean bits per weight of a GGUF's block tensors (what a drafter would shrink)."""
+    from ..costmodel import model_shape
+
+    shape = model_shape(path)
+    params = shape.layer_params + shape.output_params
+    return 8 * (sum(shape.layer_bytes) + shape.output_bytes) / max(params, 1)
+
+
+def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLike | None = None,
+          bits: str = "q4_0", force: bool = False, progress: Progress | None = None) -> Path:
+    """Build a drafter from `source`; returns its path. Refuses an existing output without force."""
+    from ..backends.llama_cpp import quantize
+    from ..gguf_file import validate
+
+    report = progress or (lambda what, fraction: None)
+    if method not in METHODS:
+        raise EdgespecError(f"unknown drafter method {method!r}: use one of {', '.join(METHODS)}")
+    if bits not in BITS:
+        raise EdgespecError(f"unknown drafter quantization {bits!r}: use one of {', '.join(BITS)}")
+    header = validate(source)
+    have = source_bits(source)
+    if have <= MIN_SOURCE_BITS:
+        raise EdgespecError(
+            f"{Path(source).name} is already {have:.1f} bits per weight: a {bits} copy would be no cheaper "
+            "to run. A self-drafter pays for F16, BF16 or Q8_0 targets; for this one use a smaller model (-md)")
+    out = Path(out) if out is not None else default_output(source, method, bits)
+    if out.exists() and not force:
+        raise EdgespecError(f"{out} exists: give another -o path, or --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = header.file_size * BITS[bits] / have * 1.05
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise EdgespecError(f"{out.parent} has {free / 2**30:.1f} GiB free; the drafter needs about {need / 2**30:.1f} GiB")
+
+    digest = _sha256(source, lambda f: report("hashing the source", f))
+    metadata = {
+        PREFIX + "method": "quantspec" if method == "quant" else method,
+        PREFIX + "quantization": bits,
+        PREFIX + "kv_cache": "q8_0",
+        PREFIX + "source": Path(source).name[:120],
+        PREFIX + "source_sha256": digest,
+        PREFIX + "calibration": "none (weights only)",
+        PREFIX + "created": datetime.date.today().isoformat(),
+        PREFIX + "edgespec_version": _version(),
+    }
+    partial = out.with_name(out.name + ".partial")
+    report(f"quantizing to {bits}", 0.0)
+    try:
+        quantize(source, partial, bits, metadata=metadata)
+        validate(partial)  # a disk that filled up or a crash leaves no half file under `out`
+        os.replace(partial, out)
+    finally:
+        if partial.is_file():
+            partial.unlink()
+    report(f"quantizing to {bits}", 1.0)
+    return out
+
+
+def info(path: str | os.PathLike) -> dict:
+    """The provenance of a built drafter ({} for any other GGUF), plus its size."""
+    from ..gguf_file import validate
+
+    header = validate(path)
+    found = {k[len(PREFIX):]: v for k, v in header.metadata.items() if k.startswith(PREFIX)}
+    if found:
+        found["file_bytes"] = header.file_size
+        found["architecture"] = header.metadata.get("general.architecture")
+    return found
+
+
+def _sha256(path: str | os.PathLike, progress: Callable[[float], None], chunk: int = 8 << 20) -> str:
+    h, size, done = hashlib.sha256(), os.path.getsize(path), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            done += len(block)
+            progress(done / max(size, 1))
+    return h.hexdigest()
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

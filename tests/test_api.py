@@ -1,0 +1,161 @@
+"""The library API (edge_spec.load / Session) on a real small model: streaming, queueing,
+cancellation from another thread, asyncio, and the memory check before loading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import pytest
+
+import edge_spec
+from edge_spec import models
+from edge_spec.types import EdgespecError, SamplingParams
+
+SMOL = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="module")
+def session():
+    with edge_spec.load(str(models.require(SMOL)), n_ctx=1024, history=False) as s:
+        yield s
+
+
+def test_stream_and_generate_agree_and_seeds_reproduce(session):
+    steps = list(session.stream("Name three fruits.", temperature=0.8, seed=7, max_tokens=24))
+    text = "".join(s.text for s in steps)
+    again = session.generate("Name three fruits.", temperature=0.8, seed=7, max_tokens=24)
+    assert text == again.text and again.tokens == tuple(t for s in steps for t in s.tokens)
+    assert steps[-1].stats.n_tokens == len(again.tokens) and again.finish_reason in ("stop", "length")
+    assert again.prompt_tokens == len(session.tokens("Name three fruits."))
+
+
+def test_prompt_forms(session):
+    as_text = session.generate("Say hello.", temperature=0, max_tokens=8)
+    as_messages = session.generate([{"role": "user", "content": "Say hello."}], temperature=0, max_tokens=8)
+    assert as_text.text == as_messages.text
+    ids = session.tokens("Say hello.")
+    assert session.generate(ids, temperature=0, max_tokens=8).text == as_text.text
+    raw = session.generate("The capital of France is", raw=True, temperature=0, max_tokens=4)
+    assert raw.prompt_tokens == len(session.tokens("The capital of France is", raw=True))
+    params = SamplingParams(temperature=0, max_tokens=8)
+    assert session.generate("Say hello.", params).text == as_text.text
+    assert session.generate("Say hello.", temperature=0, max_tokens=30, stop="o").text.count("o") == 0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: s.generate("", raw=True), "the prompt is empty"),
+    (lambda s: s.generate([]), "a prompt is a string"),
+    (lambda s: s.generate([{"role": "user"}]), "a prompt is a string"),
+    (lambda s: s.generate("hi", temprature=0.5), "unknown sampling setting"),
+    (lambda s: s.generate("hi", SamplingParams(), temperature=0.5), "not both"),
+    (lambda s: s.generate("hi", temperature=-1), "--temp must be >= 0"),
+])
+def test_bad_calls_raise_the_projects_error(session, call, message):
+    with pytest.raises(EdgespecError, match=message):
+        call(session)
+
+
+def test_unknown_load_option_is_refused():
+    with pytest.raises(EdgespecError, match="unknown option.*n_ctxx"):
+        edge_spec.load(str(models.require(SMOL)), n_ctxx=512)
+
+
+def test_concurrent_calls_are_queued_in_order_not_interleaved(session):
+    prompts = ["Count from 1 to 10.", "List five colours.", "Write one sentence about the sea."]
+    expected = [session.generate(p, temperature=0, max_tokens=20).text for p in prompts]
+    spans, results = {}, {}
+
+    def run(i):
+        stamps = []
+        text = []
+        for step in session.stream(prompts[i], temperature=0, max_tokens=20):
+            stamps.append(time.perf_counter())
+            text.append(step.text)
+        spans[i], results[i] = (stamps[0], stamps[-1]), "".join(text)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)  # a definite arrival order
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(3)] == expected  # the same answers as one at a time
+    order = sorted(spans, key=lambda i: spans[i][0])
+    assert order == [0, 1, 2]  # first come, first served
+    for a, b in zip(order, order[1:]):
+        assert spans[a][1] < spans[b][0]  # one generation's steps all before the next one's
+    assert session.busy == 0
+
+
+def test_cancel_from_another_thread_leaves_the_session_clean(session):
+    reference = session.generate("Tell me a long story about a dragon.", temperature=0, max_tokens=16).text
+    first_step = threading.Event()
+
+    def cancel_soon():
+        first_step.wait(30)
+        session.cancel()
+
+    threading.Thread(target=cancel_soon).start()
+    steps = []
+    t0 = time.perf_counter()
+    for step in session.stream("Write a 500 word essay on rivers.", temperature=0.7, seed=1, max_tokens=400):
+        steps.append(step)
+        first_step.set()
+    assert steps[-1].finish_reason == "cancelled" and len(steps) < 100
+    assert time.perf_counter() - t0 < 20
+    again = session.generate("Tell me a long story about a dragon.", temperature=0, max_tokens=16).text
+    assert again == reference  # the caches were left consistent
+
+
+def test_asyncio_stream_and_early_exit(session):
+    expected = session.generate("Count to five.", temperature=0, max_tokens=12).text
+
+    async def collect():
+        return "".join([s.text async for s in session.astream("Count to five.", temperature=0, max_tokens=12)])
+
+    async def leave_early():
+        async with contextlib.aclosing(session.astream("Write a long poem.", temperature=0, max_tokens=300)) as steps:
+            async for _ in steps:
+                break  # leaving the block cancels the generation and joins its worker
+        return session.busy
+
+    async def both():
+        # two tasks on one loop: the loop stays free while the model runs, and they queue
+        return await asyncio.gather(collect(), collect())
+
+    assert asyncio.run(collect()) == expected
+    assert asyncio.run(leave_early()) == 0
+    assert asyncio.run(both()) == [expected, expected]
+
+
+def test_closed_session_refuses_work():
+    s = edge_spec.load(str(models.require(SMOL)), n_ctx=256, history=False)
+    s.close()
+    s.close()  # twice is fine
+    with pytest.raises(EdgespecError, match="closed"):
+        s.generate("hi")
+
+
+def test_memory_check_refuses_before_loading(monkeypatch, tmp_path):
+    """Planned: the profile's RAM decides; unplanned: the machine's available RAM does."""
+    from edge_spec import profile
+
+    small = profile.load("raspberry-pi-5").model_dump()
+    small.update(name="tiny-ram", ram_available_bytes=64 * 2**20, ram_total_bytes=128 * 2**20)
+    path = tmp_path / "tiny-ram.json"
+    path.write_text(json.dumps(small))
+    with pytest.raises(EdgespecError, match="does not fit on 'tiny-ram'.*what would fit"):
+        edge_spec.load(str(models.require(SMOL)), plan=str(path), history=False)
+
+    import psutil
+
+    class Tight:
+        available = 32 * 2**20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    with pytest.raises(EdgespecError, match="not enough memory.*GiB is available"):
+        edge_spec.load(str(models.require(SMOL)), plan=False, history=False)
