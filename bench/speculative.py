@@ -9,6 +9,7 @@ calibration (nothing learned from earlier prompts). Prints decode tokens/s, acce
 per target pass and the ratio to plain decoding; writes JSON with --out.
 
     .venv/bin/python bench/speculative.py [--reps 2] [-n 256] [--prompts chat,code,edit] [--out FILE]
+    .venv/bin/python bench/speculative.py -m TARGET.gguf [-md DRAFT.gguf]   # another pair (planned as in chat)
 """
 
 from __future__ import annotations
@@ -76,10 +77,13 @@ def main() -> None:
     ap.add_argument("--prompts", default=",".join(PROMPTS))
     ap.add_argument("--temps", default="0,0.8")
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-m", "--model", default=None, help="target (default: the default pair)")
+    ap.add_argument("-md", "--draft", default=None, help="draft model (default: what the plan picks)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions(n_threads=args.threads))
+    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, n_threads=args.threads, history=False))
+    print(f"edgespec runs: {engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter)}", file=sys.stderr)
     plain_context = engine.target.sibling()
     plain = Runtime(plain_context, [])
     calibrated = copy.deepcopy(engine.runtime.controller)
