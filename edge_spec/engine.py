@@ -18,6 +18,10 @@ from .types import EdgespecError, SamplingParams, Step
 
 # acceptance assumed for a 4-bit copy of the target until measured (QuantSpec reports > 90%)
 SELF_DRAFTER_PRIOR = 0.9
+# a session's plain steps this far from the calibrated step (over at least this many) mark the
+# cached calibration stale; a calibration taken while other work ran was seen 3x too slow here
+STALE_CALIBRATION = 0.3
+STALE_MIN_STEPS = 32
 
 Progress = Callable[[str, float], None]  # (what, fraction done)
 
@@ -63,6 +67,7 @@ class Engine:
         self.plan = plan      # the planner's Plan (None when planning was off)
         self.notes = notes    # what the engine decided on its own, for the user to see
         self._history = None
+        self._calibrated_step: float | None = None  # seconds of one step, as calibrated at load
         if options.history and plan is not None:
             from .history import History
 
@@ -137,7 +142,9 @@ class Engine:
             if draft_backend is not None:
                 draft_backend.close()
             raise
-        return cls(target, draft_backend, Runtime(target, drafters, controller), options, the_plan, tuple(notes))
+        engine = cls(target, draft_backend, Runtime(target, drafters, controller), options, the_plan, tuple(notes))
+        engine._calibrated_step = calibration["target"][0][1] if calibration else None
+        return engine
 
     # --- prompts -------------------------------------------------------------------------
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
@@ -165,6 +172,7 @@ class Engine:
                                  last.stats, ngram_only=self.draft_backend is None and bool(self.runtime.drafters))
 
     def close(self) -> None:
+        self._check_calibration()
         if self._history is not None:
             try:
                 self._history.save()
@@ -173,6 +181,22 @@ class Engine:
         self.target.close()
         if self.draft_backend is not None:
             self.draft_backend.close()
+
+    def _check_calibration(self) -> None:
+        """Online correction of the cached calibration: when this session's plain steps cost
+        clearly more or less than the calibration said (it was taken while the machine was busy,
+        or the machine changed), drop the cached curve so the next load measures it again."""
+        from .calibrate import calibration_file
+
+        controller = self.runtime.controller
+        count, total = controller._plain
+        if count < STALE_MIN_STEPS or self._calibrated_step is None or self.target.ctx is None:
+            return
+        if abs(total / count / self._calibrated_step - 1) > STALE_CALIBRATION:
+            try:
+                calibration_file(self.target).unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self

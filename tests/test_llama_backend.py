@@ -207,3 +207,25 @@ def test_gpu_load_failure_falls_back_to_the_cpu_and_says_so(tiny, monkeypatch):
         assert engine.target.options.n_gpu_layers == 0
         assert any("99 GPU layers" in n and "CUDA error" in n and "on the CPU" in n for n in engine.notes)
         assert list(engine.stream(engine.text_tokens("hello"), SamplingParams(temperature=0, max_tokens=3)))
+
+
+def test_a_stale_calibration_is_dropped_after_a_session_measures_otherwise(tiny):
+    """A calibration taken while the machine was busy (here: the cached curve made 10x slower)
+    is contradicted by the session's own plain steps, and measured again on the next load."""
+    import json
+
+    from edge_spec.calibrate import calibration_file
+
+    options = EngineOptions(model=str(tiny), n_ctx=256, n_threads=1, history=False)
+    with Engine.load(options) as engine:
+        cache = calibration_file(engine.target)
+    data = json.loads(cache.read_text())
+    data["seconds"] = {n: s * 10 for n, s in data["seconds"].items()}
+    cache.write_text(json.dumps(data))
+    with Engine.load(options) as engine:
+        assert engine._calibrated_step == pytest.approx(data["seconds"]["1"])
+        steps = list(engine.stream(engine.text_tokens("hello"), SamplingParams(temperature=0, max_tokens=120)))
+        assert engine.runtime.controller._plain[0] >= 32, steps[-1].stats
+    assert not cache.exists()  # dropped at close
+    with Engine.load(options) as engine:
+        assert engine._calibrated_step < data["seconds"]["1"] / 3  # measured afresh
