@@ -9,6 +9,7 @@ first as in `edgespec chat`. Prints predicted vs measured decode tokens/s, the e
 strategy's measured ratio to plain decoding; writes JSON with --out.
 
     .venv/bin/python bench/plan.py [--reps 1] [-n 192] [--prompts chat,code,edit] [--temps 0] [--no-history]
+    .venv/bin/python bench/plan.py -m TARGET.gguf -md DRAFT.gguf ...     # another pair
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="profile to plan with (default: this machine's)")
     ap.add_argument("--no-history", action="store_true", help="plan from priors, not past sessions")
     ap.add_argument("--calibration-reps", type=int, default=4, help="rounds over all pass sizes (minimum kept)")
+    ap.add_argument("-m", "--model", default=None, help="target (default: the default target)")
+    ap.add_argument("-md", "--draft", default=models.DEFAULT_DRAFT, help="draft model (default: the default drafter)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions(draft=models.DEFAULT_DRAFT, plan=False, calibrate=False, history=False))
+    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, plan=False, calibrate=False, history=False))
     target, drafter = engine.target, engine.draft_backend
     print("calibrating (fresh) ...", file=sys.stderr, flush=True)
     t_costs = calibrate.verify_costs(target, planner.MAX_DRAFT + 1, reps=args.calibration_reps, use_cache=False)
