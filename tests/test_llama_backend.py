@@ -229,3 +229,38 @@ def test_a_stale_calibration_is_dropped_after_a_session_measures_otherwise(tiny)
     assert not cache.exists()  # dropped at close
     with Engine.load(options) as engine:
         assert engine._calibrated_step < data["seconds"]["1"] / 3  # measured afresh
+
+
+def test_tree_pass_equals_each_path_evaluated_alone_and_keeps_one_branch(tiny, backend):
+    """forward_tree: every node sees the context and its ancestors only (llama.cpp sequence sets
+    over a unified KV cache); keep_path leaves the cache as if the kept path had been decoded."""
+    prompt, pending = [5, 9, 14, 7], 11
+    tokens, parents = [20, 21, 22, 23, 24, 25], [-1, -1, 0, 0, 1, 4]
+
+    def reference(seq):
+        backend.truncate(0)
+        return backend.forward(seq, logits="last")[0]
+
+    with LlamaCppBackend(tiny, LlamaOptions(n_ctx=64, n_threads=1, n_batch=16, n_seq_max=8)) as tree:
+        for path, then in (([1, 4, 5], 30), ([0, 3], 31), ([], 32)):
+            tree.truncate(0)
+            tree.forward(prompt, logits="none")
+            logits = tree.forward_tree(pending, tokens, parents)
+            assert logits.shape == (1 + len(tokens), tree.vocab_size)
+            np.testing.assert_allclose(logits[0], reference(prompt + [pending]), atol=1e-3)
+            for i in range(len(tokens)):
+                node, branch = i, []
+                while node >= 0:
+                    branch.insert(0, tokens[node])
+                    node = parents[node]
+                np.testing.assert_allclose(logits[1 + i], reference(prompt + [pending] + branch), atol=1e-3)
+            tree.keep_path(path)
+            kept = prompt + [pending] + [tokens[i] for i in path]
+            assert tree.tokens == kept
+            after = tree.forward([then], logits="last")[0]
+            # the kept cells sit among freed ones, so attention sums in another order: 1e-2
+            np.testing.assert_allclose(after, reference(kept + [then]), atol=1e-2)
+            wrong = kept[:-1] + [kept[-1] + 1] if path else kept + [tokens[0]]
+            assert np.abs(after - reference(wrong + [then])).max() > 0.1  # a wrong cache would show
+        with pytest.raises(EdgespecError, match="n_seq_max"):
+            tree.forward_tree(pending, list(range(20, 28)), [-1] * 8)

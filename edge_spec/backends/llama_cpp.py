@@ -29,6 +29,7 @@ class LlamaOptions:
     type_k: str = "f16"
     type_v: str = "f16"
     n_batch: int = 512
+    n_seq_max: int = 1      # > 1: token trees of up to n_seq_max - 1 leaves in one pass (forward_tree)
     use_extra_bufts: bool | None = None  # None: on, unless the AMX crash applies (see amx_unsafe)
 
     def __post_init__(self):
@@ -133,7 +134,7 @@ class LlamaCppBackend:
         self.n_ctx = min(options.n_ctx, lib.llama_n_ctx(self.ctx))
         self.n_batch = lib.llama_n_batch(self.ctx)
         self.mem = lib.llama_get_memory(self.ctx)
-        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, max(options.n_seq_max, 1))
         self.tokens: list[int] = []  # what the KV cache holds, in order (sequence 0)
         self.facts = self._read_facts(path)
         self._pieces: dict[int, bytes] = {}
@@ -165,6 +166,8 @@ class LlamaCppBackend:
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
         params.no_perf = True
+        if options.n_seq_max > 1:  # tree branches are sequences sharing one KV cache
+            params.n_seq_max, params.kv_unified = options.n_seq_max, True
         ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
             raise EdgespecError(
@@ -245,6 +248,68 @@ class LlamaCppBackend:
         n_rows = n if all_rows else 1
         ptr = lib.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.vocab_size)).copy()
+
+    def forward_tree(self, pending: int, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """One pass over the pending token and a token tree below it (parents[i] = -1: a child of
+        the pending token; parents come before children); every node attends to the context and
+        its ancestors only. Returns logits [1 + n, vocab]: after the pending token, then after each
+        node. Leaf j's branch is sequence j + 1 (context copied into it); sequence 0 gets the
+        pending token. Call keep_path() next: it keeps one branch and drops the others."""
+        self._check_open()
+        n = len(tokens)
+        children = [[] for _ in range(n)]
+        for i, parent in enumerate(parents):
+            if not -1 <= parent < i:
+                raise EdgespecError(f"tree node {i}: parent {parent} must come before it")
+            if parent >= 0:
+                children[parent].append(i)
+        leaves = [i for i in range(n) if not children[i]]
+        if len(leaves) + 1 > self.options.n_seq_max:
+            raise EdgespecError(f"a tree of {len(leaves)} leaves needs n_seq_max >= {len(leaves) + 1}")
+        if n + 1 > self.n_batch or len(self.tokens) + n + 1 > self.n_ctx:
+            raise EdgespecError("the tree does not fit in the batch or the context")
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        depth = [0] * n
+        for i, parent in enumerate(parents):
+            depth[i] = 0 if parent < 0 else depth[parent] + 1
+        for j, leaf in enumerate(leaves):
+            node = leaf
+            while node >= 0:
+                seqs[node].append(j + 1)
+                node = parents[node]
+        lib, b, n0 = self.lib, self.batch, len(self.tokens)
+        for s in range(1, len(leaves) + 1):
+            lib.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
+        rows = [(pending, n0, [0, *range(1, len(leaves) + 1)])]
+        rows += [(tokens[i], n0 + 1 + depth[i], seqs[i]) for i in range(n)]
+        for r, (tok, pos, ids) in enumerate(rows):
+            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = tok, pos, len(ids), True
+            for k, s in enumerate(ids):
+                b.seq_id[r][k] = s
+        b.n_tokens = len(rows)
+        rc = lib.llama_decode(self.ctx, b)
+        self._tree = (n0, list(tokens), list(parents), leaves)
+        if rc != 0:
+            self.keep_path([])
+            lib.llama_memory_seq_rm(self.mem, 0, n0, -1)
+            raise EdgespecError(f"llama_decode failed on a tree (code {rc}): {self._log.last()}")
+        self.tokens.append(int(pending))
+        ptr = lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(len(rows), self.vocab_size)).copy()
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        """After forward_tree: keep the nodes of `path` (root's child first) in sequence 0, after
+        the pending token, and free every other branch."""
+        n0, tokens, parents, leaves = self._tree
+        lib = self.lib
+        if path:
+            last = path[-1]
+            leaf = next(j for j, f in enumerate(leaves) if last in _ancestors(f, parents))
+            lib.llama_memory_seq_cp(self.mem, leaf + 1, 0, n0 + 1, n0 + 1 + len(path))
+            self.tokens.extend(int(tokens[i]) for i in path)
+        for s in range(1, len(leaves) + 1):
+            lib.llama_memory_seq_rm(self.mem, s, -1, -1)
+        self._tree = None
 
     def truncate(self, n_past: int) -> None:
         """Roll the cache back to its first n_past tokens."""
@@ -349,3 +414,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0"
         params.kv_overrides = ctypes.cast(overrides, type(params.kv_overrides))
     if lib.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), ctypes.byref(params)) != 0:
         raise EdgespecError(f"quantizing {src} to {ftype} failed: {log.last()}")
+
+
+def _ancestors(node: int, parents: Sequence[int]) -> set[int]:
+    """The node and all its ancestors in a tree given by parents (-1 = the root)."""
+    out = set()
+    while node >= 0:
+        out.add(node)
+        node = parents[node]
+    return out
