@@ -79,10 +79,13 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("-m", "--model", default=None, help="target (default: the default pair)")
     ap.add_argument("-md", "--draft", default=None, help="draft model (default: what the plan picks)")
+    ap.add_argument("--ngram", action="store_true", help="n-gram drafts only (no draft model)")
+    ap.add_argument("--tree-width", type=int, default=1, help="n-gram drafts as trees of this many branches")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, n_threads=args.threads, history=False))
+    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, n_threads=args.threads, history=False,
+                                       draft_model=not args.ngram, tree_width=args.tree_width))
     print(f"edgespec runs: {engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter)}", file=sys.stderr)
     plain_context = engine.target.sibling()
     plain = Runtime(plain_context, [])
@@ -94,7 +97,7 @@ def main() -> None:
             runs = {"plain": [], "edgespec": []}
             for rep in range(args.reps):
                 sp = SamplingParams(temperature=temp, max_tokens=args.max_tokens, seed=1000 + rep)
-                spec = Runtime(engine.target, engine.runtime.drafters, copy.deepcopy(calibrated))
+                spec = Runtime(engine.target, engine.runtime.drafters, copy.deepcopy(calibrated), args.tree_width)
                 result = interleaved({"plain": plain, "edgespec": spec}, prompt, sp)
                 for label, stats in result.items():
                     runs[label].append(stats)

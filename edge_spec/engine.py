@@ -45,6 +45,7 @@ class EngineOptions:
     type_v: str | None = None
     max_draft: int | None = None
     draft_length: int | None = None  # draft exactly this many tokens with the model at every step
+    tree_width: int = 1             # > 1: n-gram drafts as token trees of up to this many branches
     plan: bool = True               # False: no planner; unset values take llama.cpp-like defaults
     profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
@@ -142,7 +143,8 @@ class Engine:
             if draft_backend is not None:
                 draft_backend.close()
             raise
-        engine = cls(target, draft_backend, Runtime(target, drafters, controller), options, the_plan, tuple(notes))
+        runtime = Runtime(target, drafters, controller, tree_width=options.tree_width)
+        engine = cls(target, draft_backend, runtime, options, the_plan, tuple(notes))
         engine._calibrated_step = calibration["target"][0][1] if calibration else None
         return engine
 
@@ -432,7 +434,7 @@ def _llama_options(options: EngineOptions, the_plan, draft_path=None):
     threads = options.n_threads or (the_plan.threads if the_plan else None)
     target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads,
                           n_gpu_layers=t_ngl if options.n_gpu_layers is None else options.n_gpu_layers,
-                          type_k=type_k, type_v=type_v)
+                          type_k=type_k, type_v=type_v, n_seq_max=max(options.tree_width, 0) + 1)
     d_kv = None
     if draft_path is not None and options.type_k is None and options.type_v is None:
         from .drafters.build import info

@@ -18,7 +18,19 @@ from .drafters.model import common_prefix
 from .sampling import NumpyRandom, Random, probs
 from .textstream import TextStream
 from .types import Draft, EdgespecError, SamplingParams, Stats, Step
+from .tree import ROOT, TokenTree, verify_tree
 from .verify import verify
+
+
+@dataclass(frozen=True)
+class TreeDraft:
+    """A token tree from a drafter, under the statistics key it was drafted for."""
+
+    tree: TokenTree
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.tree)
 
 
 @dataclass
@@ -52,10 +64,14 @@ class Runtime:
     these models (step costs, acceptance) carries over from one chat turn to the next.
     """
 
-    def __init__(self, target, drafters: Sequence = (), controller: Controller | None = None):
+    def __init__(self, target, drafters: Sequence = (), controller: Controller | None = None,
+                 tree_width: int = 1):
         self.target = target
         self.drafters = list(drafters)
         self.controller = controller or Controller()
+        # > 1: drafters that can (n-gram lookup) propose trees of up to tree_width branches,
+        # verified in one pass (the target needs forward_tree/keep_path, n_seq_max > tree_width)
+        self.tree_width = tree_width
 
     def generate(
         self,
@@ -108,12 +124,18 @@ class Runtime:
                 continue
             k = self.controller.draft_length(key, cap)
             if k > 0:
+                if self.tree_width > 1 and hasattr(drafter, "propose_tree"):
+                    tree = drafter.propose_tree(context, k, self.tree_width)
+                    if tree is not None and any(len(tree.children(i)) > 1 for i in (ROOT, *range(len(tree)))):
+                        return TreeDraft(tree, key)
                 draft = drafter.propose(context, k, sp, rng)
                 if draft:
                     return draft
         return None
 
     def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters) -> tuple[int, ...]:
+        if isinstance(draft, TreeDraft):
+            return self._verify_tree_step(context, draft, sp, rng, c)
         k = len(draft) if draft else 0
         n_past = len(self.target.tokens)
         t0 = time.perf_counter()
@@ -132,6 +154,27 @@ class Runtime:
         else:
             new = (self._sample_plain(logits[0], sp, rng),)
         c.n_steps += 1
+        context.extend(new)
+        return new
+
+    def _verify_tree_step(self, context, draft: "TreeDraft", sp, rng, c: _Counters) -> tuple[int, ...]:
+        """One pass over the pending token and the tree, a walk down it (edge_spec.tree), and the
+        target's cache cut back to the accepted branch."""
+        tree = draft.tree
+        t0 = time.perf_counter()
+        logits = self.target.forward_tree(context[-1], tree.tokens, tree.parents)  # [1 + n, vocab]
+        self.controller.observe_verify(len(tree) + 1, time.perf_counter() - t0)
+        verdict = verify_tree(tree, lambda node: probs(logits[node + 1], sp), rng, greedy=sp.greedy)
+        self.target.keep_path(verdict.path)
+        depth = max(tree.depth(i) for i in range(len(tree)))
+        self.controller.observe_draft(draft.source, depth, verdict.n_accepted, None)
+        c.drafted[draft.source] += len(tree)
+        c.accepted[draft.source] += verdict.n_accepted
+        c.rejected[draft.source] += verdict.n_accepted < depth
+        c.n_drafted += len(tree)
+        c.n_accepted += verdict.n_accepted
+        c.n_steps += 1
+        new = (*(tree.tokens[i] for i in verdict.path), verdict.token)
         context.extend(new)
         return new
 

@@ -141,3 +141,28 @@ def test_speculative_sampling_keeps_the_target_distribution(smol_path, smol, tmp
         observed, expected = observed[:-1], expected[:-1]
     assert len(frequent) >= 3
     assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_ngram_trees_on_a_real_model_equal_plain_greedy(smol_path, smol):
+    """n-gram drafts as token trees (llama.cpp sequence sets, one pass per tree) give plain greedy
+    decoding's tokens, except where plain decoding itself was at a near-tie."""
+    text = ("Here is a list: apple pie, apple tart, apple juice, apple cake, apple jam. "
+            "Repeat the list twice, then list it backwards.")
+    prompt = chat(smol, text)
+    sp = SamplingParams(temperature=0, max_tokens=80)
+    plain = tokens_of(Runtime(smol, []).generate(prompt, sp))
+    with LlamaCppBackend(smol_path, LlamaOptions(n_ctx=512, n_seq_max=4)) as tree_backend:
+        calls = []
+        forward_tree = tree_backend.forward_tree
+        tree_backend.forward_tree = lambda *a: calls.append(len(a[1])) or forward_tree(*a)
+        rt = Runtime(tree_backend, [NgramDrafter(1, 4)], AlwaysDraft(6), tree_width=3)
+        spec = tokens_of(rt.generate(prompt, sp))
+        assert len(calls) >= 5  # trees really ran
+        i = first_difference(plain, spec)
+        if i is not None:
+            tree_backend.truncate(0)
+            logits = tree_backend.forward(prompt + plain[:i], logits="last")[0]
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE, f"greedy outputs differ at {i} without a near-tie"
+        else:
+            assert spec == plain

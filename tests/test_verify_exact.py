@@ -336,3 +336,42 @@ def test_enumerator_rejects_code_that_is_not_deterministic():
     calls = iter(range(100))
     with pytest.raises(AssertionError, match="not deterministic"):
         enumerate_outcomes(lambda rng: rng.categorical(np.array([1.0, 1.0, 1.0 + next(calls)])))
+
+
+# --- n-gram token trees ------------------------------------------------------------------------
+def ngram_tree_runtime(p, k: int, width: int, vocab: int = V):
+    return lambda: Runtime(FakeModel(p, vocab), [NgramDrafter(1, 2)], FixedController(k), tree_width=width)
+
+
+@pytest.mark.parametrize("k, width", [(2, 2), (3, 3), (4, 2)])
+def test_ngram_tree_runtime_output_is_target_distribution(k, width):
+    """Prompts where a suffix occurred several times with different continuations, so the
+    n-gram drafter really proposes trees; every path of the runtime is enumerated."""
+    targets = [random_dist(s, V, kind, order=1) for s, kind in enumerate(["mixed", "zeros", "onehot"] * 2)]
+    targets += [p for _, p, _ in CASES[:6]]
+    prompt = [0, 1, 0, 2, 0, 1, 1, 0]  # "0" was followed by 1, 2 and 1: a branching first position
+    trees = 0
+    for p in targets:
+        runtime_of = ngram_tree_runtime(p, k, width)
+
+        def run(rng, runtime_of=runtime_of):
+            return generated(runtime_of(), prompt, PLAIN, rng)
+
+        got = enumerate_outcomes(run)
+        assert max_deviation(got, target_joint(p, prompt, PLAIN.max_tokens, V)) < TOL
+        rt = runtime_of()
+        steps = list(rt.generate(prompt, PLAIN.with_(temperature=0)))
+        trees += getattr(rt.target, "n_trees", 0)
+        greedy_plain = generated(Runtime(FakeModel(p, V)), prompt, PLAIN.with_(temperature=0), None)
+        assert tuple(t for s in steps for t in s.tokens) == greedy_plain
+    assert trees > 0
+
+
+def test_ngram_drafter_proposes_a_trie_of_recent_continuations():
+    d = NgramDrafter(1, 2)
+    context = [7, 1, 2, 7, 1, 3, 7, 4, 7]
+    tree = d.propose_tree(context, budget=6, width=3)
+    # "7" was followed by 4,7 (most recent), 1,3 and 1,2: three branches of 6 // 3 = 2 tokens,
+    # merged into a trie that shares the "1"
+    assert tree.tokens == (4, 7, 1, 3, 2) and tree.parents == (-1, 0, -1, 2, 2)
+    assert d.propose_tree(context, budget=5, width=1).tokens == (4, 7)  # one branch: the chain propose() gives

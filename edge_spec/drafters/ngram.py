@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..sampling import Random
+from ..tree import TokenTree
 from ..types import Draft, SamplingParams
 
 
@@ -23,8 +24,8 @@ class NgramDrafter:
             raise ValueError("need 1 <= n_min <= n_max")
         self.n_min, self.n_max, self.long_from = n_min, n_max, long_from
         self._seen: list[int] = []
-        # n → {n-gram: index of the token that followed its most recent occurrence}
-        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(n_min, n_max + 1)}
+        # n → {n-gram: indices of the tokens that followed its occurrences, most recent last}
+        self._index: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(n_min, n_max + 1)}
 
     def prefill(self, context: Sequence[int]) -> None:
         self._sync(context)
@@ -40,6 +41,37 @@ class NgramDrafter:
         n, start = match
         return Draft(tuple(context[start : start + budget]), None, self._key(n))
 
+    def propose_tree(self, context: Sequence[int], budget: int, width: int) -> TokenTree | None:
+        """The continuations of up to `width` earlier occurrences of the context's suffix (longest
+        matches first, most recent first within a length), merged into a trie of at most `budget`
+        nodes, the first continuation the one propose() drafts. Children are distinct tokens
+        chosen without the target's randomness, so verify_tree samples and compares."""
+        if self._match(context) is None or budget <= 0:
+            return None
+        starts: list[int] = []
+        for n in range(self.n_max, self.n_min - 1, -1):
+            if len(context) > n:
+                for start in reversed(self._index[n].get(tuple(context[-n:]), ())):
+                    if start not in starts and len(starts) < max(width, 1):
+                        starts.append(start)
+        tokens: list[int] = []
+        parents: list[int] = []
+        child: dict[tuple[int, int], int] = {}  # (parent node, token) → node
+        share = max(budget // len(starts), 1)  # each branch's length; the first gets the rest
+        for i, start in enumerate(starts):
+            node = -1
+            length = share + (budget - share * len(starts) if i == 0 else 0)
+            for token in context[start : start + max(length, 1)]:
+                nxt = child.get((node, token))
+                if nxt is None:
+                    if len(tokens) == budget:
+                        break
+                    nxt = child[(node, token)] = len(tokens)
+                    tokens.append(token)
+                    parents.append(node)
+                node = nxt
+        return TokenTree(tuple(tokens), tuple(parents)) if tokens else None
+
     def _key(self, n: int) -> str:
         return f"{self.source}:long" if n >= self.long_from else self.source
 
@@ -47,9 +79,9 @@ class NgramDrafter:
         self._sync(context)
         for n in range(self.n_max, self.n_min - 1, -1):
             if len(context) > n:
-                start = self._index[n].get(tuple(context[-n:]))
-                if start is not None:
-                    return n, start
+                starts = self._index[n].get(tuple(context[-n:]))
+                if starts:
+                    return n, starts[-1]
         return None
 
     def _sync(self, context: Sequence[int]) -> None:
@@ -62,5 +94,5 @@ class NgramDrafter:
         for j in range(max(m, 1), len(context)):
             for n, table in self._index.items():
                 if j >= n:
-                    table[tuple(context[j - n : j])] = j
+                    table.setdefault(tuple(context[j - n : j]), []).append(j)
         self._seen.extend(context[m:])
