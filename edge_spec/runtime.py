@@ -125,7 +125,7 @@ class Runtime:
             k = self.controller.draft_length(key, cap)
             if k > 0:
                 if self.tree_width > 1 and hasattr(drafter, "propose_tree"):
-                    tree = drafter.propose_tree(context, k, self.tree_width)
+                    tree = drafter.propose_tree(context, k, self.tree_width, sp, rng)
                     if tree is not None and any(len(tree.children(i)) > 1 for i in (ROOT, *range(len(tree)))):
                         return TreeDraft(tree, key)
                 draft = drafter.propose(context, k, sp, rng)

@@ -8,14 +8,18 @@ from typing import Sequence
 import numpy as np
 
 from ..sampling import Random, probs
+from ..tree import TokenTree
 from ..types import Draft, SamplingParams
 
 
 class ModelDrafter:
     source = "model"
 
-    def __init__(self, backend):
+    def __init__(self, backend, branch_below: float = 0.6):
         self.backend = backend
+        # multi-sequence drafts (DuoDecoding): branch at the first position only when the drafter
+        # gives its top token less than this probability
+        self.branch_below = branch_below
 
     def ready(self, context: Sequence[int]) -> str | None:
         return self.source
@@ -55,6 +59,46 @@ class ModelDrafter:
             steps, seconds = steps + 1, seconds + (t1 - t0)
         cost = seconds / steps if steps else None
         return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost)
+
+
+    def propose_tree(self, context: Sequence[int], budget: int, width: int, sp: SamplingParams,
+                     rng: Random) -> TokenTree | None:
+        """Several sequences when the drafter is unsure of the next token (DuoDecoding's dynamic
+        multi-sequence drafts): `width` first tokens — the top ones at T = 0, i.i.d. draws from q
+        otherwise — each continued alone, sharing `budget` tokens; None when the drafter is sure
+        (then a chain is drafted as usual)."""
+        if budget < 2 or width < 2:
+            return None
+        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
+        self.backend.truncate(held)
+        root = self.backend.forward(context[held:], logits="last")[-1]
+        q_root = probs(root, sp.with_(temperature=sp.temperature or 1.0))  # T = 0: rank by the softmax
+        if q_root.max() >= self.branch_below:
+            return None
+        base = len(self.backend.tokens)
+        if sp.greedy:
+            firsts = [int(t) for t in np.argsort(-root)[:width]]
+        else:
+            q_root = probs(root, sp)
+            firsts = [rng.categorical(q_root) for _ in range(width)]
+        length = max(budget // width, 1)
+        tokens, parents, qs = [], [], []
+        for first in firsts:
+            node, x, q = -1, first, q_root
+            for i in range(length):
+                tokens.append(x)
+                parents.append(node)
+                qs.append(q)
+                node = len(tokens) - 1
+                if i + 1 < length:
+                    logits = self.backend.forward([x], logits="last")[-1]
+                    if sp.greedy:
+                        x = int(np.argmax(logits))
+                    else:
+                        q = probs(logits, sp)
+                        x = rng.categorical(q)
+            self.backend.truncate(base)
+        return TokenTree(tuple(tokens), tuple(parents), None if sp.greedy else np.stack(qs), sampled=not sp.greedy)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

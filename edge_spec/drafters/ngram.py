@@ -41,7 +41,8 @@ class NgramDrafter:
         n, start = match
         return Draft(tuple(context[start : start + budget]), None, self._key(n))
 
-    def propose_tree(self, context: Sequence[int], budget: int, width: int) -> TokenTree | None:
+    def propose_tree(self, context: Sequence[int], budget: int, width: int,
+                     sp: SamplingParams | None = None, rng: Random | None = None) -> TokenTree | None:
         """The continuations of up to `width` earlier occurrences of the context's suffix (longest
         matches first, most recent first within a length), merged into a trie of at most `budget`
         nodes, the first continuation the one propose() drafts. Children are distinct tokens
