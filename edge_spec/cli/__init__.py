@@ -88,7 +88,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
     stats: str = StatsOpt,
 ) -> None:
-    """Chat in the terminal. With no model, the default Qwen2.5-Coder 1.5B target and 0.5B drafter."""
+    """Chat in the terminal. With no model, the default Qwen2.5-Coder 1.5B; the plan picks the drafters."""
     from .chat import run_chat
 
     _run(lambda: run_chat(

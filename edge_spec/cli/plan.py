@@ -98,8 +98,9 @@ def plan_command(
     no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Show the plan for a model on this machine (or on a hardware profile): every strategy and
-    placement weighed, its predicted tokens/s, and why the chosen one won."""
+    """Show the plan for a model on this machine or a hardware profile, and why it won.
+
+    Every strategy and placement weighed is listed with its predicted tokens/s."""
     from . import _run
 
     def go():

@@ -46,8 +46,9 @@ def serve_command(
     no_ngram: bool = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts."),
     plain: bool = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline."),
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health) on 127.0.0.1:8080."""
+    """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from . import _engine_options, _run
 
     def go():
