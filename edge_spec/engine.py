@@ -60,6 +60,17 @@ def resolve_model(name: str | None, default: str) -> Path:
     return Path(name).expanduser()
 
 
+def model_paths(options: EngineOptions) -> tuple[Path, Path | None]:
+    """The target's file and the drafter's: the one given, else the default drafter with the
+    default target, else none (plain or n-gram-only options: none either)."""
+    target = resolve_model(options.model, models.DEFAULT_TARGET)
+    if options.plain or not options.draft_model:
+        return target, None
+    if options.draft is not None:
+        return target, resolve_model(options.draft, models.DEFAULT_DRAFT)
+    return target, resolve_model(None, models.DEFAULT_DRAFT) if options.model is None else None
+
+
 class Engine:
     def __init__(self, target, draft_backend, runtime: Runtime, options: EngineOptions,
                  plan=None, notes: tuple[str, ...] = ()):
@@ -93,13 +104,7 @@ class Engine:
         from .vocab import check_compatible
 
         report = progress or (lambda what, fraction: None)
-        target_path = resolve_model(options.model, models.DEFAULT_TARGET)
-        draft_path = None
-        if not options.plain and options.draft_model:
-            if options.draft is not None:
-                draft_path = resolve_model(options.draft, models.DEFAULT_DRAFT)
-            elif options.model is None:
-                draft_path = resolve_model(None, models.DEFAULT_DRAFT)
+        target_path, draft_path = model_paths(options)
 
         notes: list[str] = []
         the_plan = None
@@ -262,7 +267,7 @@ def machine_profile(name: str | None, progress: Progress | None = None):
 
 
 def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: Progress,
-          calibration: dict | None = None, threads: int | None = None):
+          calibration: dict | None = None, threads: int | None = None, prof=None):
     """Plan for this machine with what is known: the profile's and the cache's calibrations."""
     from . import calibrate, planner
     from .backends.llama_cpp import _lib
@@ -274,7 +279,7 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
         if path is not None:
             check_gguf(path)  # a missing or foreign file: the usual one-line error, before any planning
     report("planning", 0.0)
-    prof = machine_profile(options.profile, report)
+    prof = prof or machine_profile(options.profile, report)
     threads = threads or options.n_threads or prof.cpu.physical_cores
     gpu = bool(_lib().llama_supports_gpu_offload())
     cals = []
@@ -307,14 +312,15 @@ def plan_for(options: EngineOptions, target_path, draft_path, notes: list, repor
     candidates = [draft_path]
     if options.model is not None and options.draft is None and options.draft_model and not options.plain:
         candidates = [*drafter_candidates(target_path), None]
-    plans = [_plan(options, target_path, c, notes, report) for c in candidates]
+    prof = machine_profile(options.profile, report)
+    plans = [_plan(options, target_path, c, notes, report, prof=prof) for c in candidates]
     best = max(plans, key=lambda p: p.chosen.tokens_per_second)
     if len(plans) > 1:  # show every drafter weighed, not only the winner's alternatives
         from .planner import dedupe
 
         best = dataclasses.replace(best, alternatives=tuple(dedupe([a for p in plans for a in p.alternatives])))
     if options.model is not None and options.draft is None and not options.plain:
-        _suggest_self_drafter(options, target_path, candidates, best, notes)
+        _suggest_self_drafter(options, prof, target_path, candidates, best, notes)
     notes[:] = list(dict.fromkeys(notes))  # one note per fact, however many plans were made
     return best
 
@@ -343,7 +349,7 @@ def drafter_candidates(target_path) -> list[Path]:
     return found
 
 
-def _suggest_self_drafter(options: EngineOptions, target_path, candidates, the_plan, notes: list) -> None:
+def _suggest_self_drafter(options: EngineOptions, prof, target_path, candidates, the_plan, notes: list) -> None:
     """A high-precision target with no self-drafter built yet: say what one is predicted to give."""
     import dataclasses
 
@@ -360,7 +366,6 @@ def _suggest_self_drafter(options: EngineOptions, target_path, candidates, the_p
     hypothetical = dataclasses.replace(
         shape, path=str(built), file_bytes=int(shape.file_bytes * scale), output_bytes=int(shape.output_bytes * scale),
         layer_bytes=tuple(int(b * scale) for b in shape.layer_bytes), embedding_bytes=int(shape.embedding_bytes * scale))
-    prof = machine_profile(options.profile)
     guess = planner.plan(shape, prof, hypothetical, n_ctx=options.n_ctx, gpu=False, threads=the_plan.threads,
                          knowledge=planner.Knowledge(SELF_DRAFTER_PRIOR, "prior for a self-drafter"),
                          calibrations=tuple(_cached_calibrations(options, target_path, the_plan.threads, False)))
@@ -377,7 +382,6 @@ def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
 
     from . import costmodel
     from .costmodel import Placement
-    from .gguf_file import check_gguf
     from .planner import RAM_HEADROOM
 
     need = costmodel.RUNTIME_BYTES
@@ -385,7 +389,6 @@ def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
     for path, opts in ((target_path, t_opts), (draft_path, d_opts)):
         if path is None:
             continue
-        check_gguf(path)
         shape = costmodel.model_shape(path)
         placement = Placement(0 if opts.n_gpu_layers else -1, min(opts.n_gpu_layers, shape.n_layers))
         ram = costmodel.memory_need(shape, placement, opts.n_ctx, opts.type_k, opts.type_v).ram

@@ -162,7 +162,7 @@ class Runtime:
         target's cache cut back to the accepted branch."""
         tree = draft.tree
         t0 = time.perf_counter()
-        logits = self.target.forward_tree(context[-1], tree.tokens, tree.parents)  # [1 + n, vocab]
+        logits = self.target.forward_tree(context[-1], tree)  # [1 + n, vocab]
         self.controller.observe_verify(len(tree) + 1, time.perf_counter() - t0)
         verdict = verify_tree(tree, lambda node: probs(logits[node + 1], sp), rng, greedy=sp.greedy)
         self.target.keep_path(verdict.path)

@@ -59,29 +59,23 @@ class FakeModel:
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
 
-    def forward_tree(self, pending: int, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+    def forward_tree(self, pending: int, tree) -> np.ndarray:
         """As LlamaCppBackend.forward_tree: rows after the pending token and after each node."""
-        if len(self.tokens) + len(tokens) + 1 > self.n_ctx:
+        if len(self.tokens) + len(tree) + 1 > self.n_ctx:
             raise EdgespecError("context full")
         self.tokens.append(int(pending))
         self.n_trees = getattr(self, "n_trees", 0) + 1
-        self.max_len = max(self.max_len, len(self.tokens) + len(tokens))
-        self.n_evaluated += len(tokens) + 1
-        self._tree = (list(tokens), list(parents))
+        self.max_len = max(self.max_len, len(self.tokens) + len(tree))
+        self.n_evaluated += len(tree) + 1
+        self._tree = tree
         rows = [self.logprobs(tuple(self.tokens))]
-        for i in range(len(tokens)):
-            branch, node = [], i
-            while node >= 0:
-                branch.insert(0, int(tokens[node]))
-                node = parents[node]
-            rows.append(self.logprobs(tuple(self.tokens) + tuple(branch)))
+        for i in range(len(tree)):
+            rows.append(self.logprobs(tuple(self.tokens) + tuple(tree.tokens[n] for n in tree.path(i))))
         return np.stack(rows)
 
     def keep_path(self, path: Sequence[int]) -> None:
-        tokens, parents = self._tree
-        for a, b in zip([-1, *path], path):
-            assert parents[b] == a, "keep_path needs a branch from the root down"
-        self.tokens.extend(int(tokens[i]) for i in path)
+        assert not path or list(path) == self._tree.path(path[-1]), "keep_path needs a branch from the root down"
+        self.tokens.extend(int(self._tree.tokens[i]) for i in path)
         self._tree = None
 
     def piece(self, token: int) -> bytes:

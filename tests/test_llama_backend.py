@@ -9,6 +9,7 @@ from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.drafters import ModelDrafter, NgramDrafter
 from edge_spec.engine import Engine, EngineOptions
 from edge_spec.runtime import Runtime
+from edge_spec.tree import TokenTree
 from edge_spec.types import EdgespecError, SamplingParams
 from edge_spec.vocab import check_compatible
 from tests.tiny_gguf import truncate_copy, write_llama, write_not_gguf
@@ -245,7 +246,7 @@ def test_tree_pass_equals_each_path_evaluated_alone_and_keeps_one_branch(tiny, b
         for path, then in (([1, 4, 5], 30), ([0, 3], 31), ([], 32)):
             tree.truncate(0)
             tree.forward(prompt, logits="none")
-            logits = tree.forward_tree(pending, tokens, parents)
+            logits = tree.forward_tree(pending, TokenTree(tuple(tokens), tuple(parents)))
             assert logits.shape == (1 + len(tokens), tree.vocab_size)
             np.testing.assert_allclose(logits[0], reference(prompt + [pending]), atol=1e-3)
             for i in range(len(tokens)):
@@ -263,4 +264,4 @@ def test_tree_pass_equals_each_path_evaluated_alone_and_keeps_one_branch(tiny, b
             wrong = kept[:-1] + [kept[-1] + 1] if path else kept + [tokens[0]]
             assert np.abs(after - reference(wrong + [then])).max() > 0.1  # a wrong cache would show
         with pytest.raises(EdgespecError, match="n_seq_max"):
-            tree.forward_tree(pending, list(range(20, 28)), [-1] * 8)
+            tree.forward_tree(pending, TokenTree(tuple(range(20, 28)), (-1,) * 8))

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..gguf_file import validate
+from ..tree import TokenTree
 from ..types import EdgespecError, ModelFacts
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -249,46 +250,35 @@ class LlamaCppBackend:
         ptr = lib.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.vocab_size)).copy()
 
-    def forward_tree(self, pending: int, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
-        """One pass over the pending token and a token tree below it (parents[i] = -1: a child of
-        the pending token; parents come before children); every node attends to the context and
-        its ancestors only. Returns logits [1 + n, vocab]: after the pending token, then after each
-        node. Leaf j's branch is sequence j + 1 (context copied into it); sequence 0 gets the
-        pending token. Call keep_path() next: it keeps one branch and drops the others."""
+    def forward_tree(self, pending: int, tree: TokenTree) -> np.ndarray:
+        """One pass over the pending token and a token tree below it; every node attends to the
+        context and its ancestors only. Returns logits [1 + n, vocab]: after the pending token,
+        then after each node. Leaf j's branch is sequence j + 1 (context copied into it);
+        sequence 0 gets the pending token. Call keep_path() next: it keeps one branch and drops
+        the others."""
         self._check_open()
-        n = len(tokens)
-        children = [[] for _ in range(n)]
-        for i, parent in enumerate(parents):
-            if not -1 <= parent < i:
-                raise EdgespecError(f"tree node {i}: parent {parent} must come before it")
-            if parent >= 0:
-                children[parent].append(i)
-        leaves = [i for i in range(n) if not children[i]]
+        n = len(tree)
+        leaves = [i for i in range(n) if not tree.children(i)]
         if len(leaves) + 1 > self.options.n_seq_max:
             raise EdgespecError(f"a tree of {len(leaves)} leaves needs n_seq_max >= {len(leaves) + 1}")
         if n + 1 > self.n_batch or len(self.tokens) + n + 1 > self.n_ctx:
             raise EdgespecError("the tree does not fit in the batch or the context")
-        seqs: list[list[int]] = [[] for _ in range(n)]
-        depth = [0] * n
-        for i, parent in enumerate(parents):
-            depth[i] = 0 if parent < 0 else depth[parent] + 1
+        seqs: list[list[int]] = [[] for _ in range(n)]  # node → the sequences of the leaves below it
         for j, leaf in enumerate(leaves):
-            node = leaf
-            while node >= 0:
+            for node in tree.path(leaf):
                 seqs[node].append(j + 1)
-                node = parents[node]
         lib, b, n0 = self.lib, self.batch, len(self.tokens)
         for s in range(1, len(leaves) + 1):
             lib.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
         rows = [(pending, n0, [0, *range(1, len(leaves) + 1)])]
-        rows += [(tokens[i], n0 + 1 + depth[i], seqs[i]) for i in range(n)]
+        rows += [(tree.tokens[i], n0 + tree.depth(i), seqs[i]) for i in range(n)]
         for r, (tok, pos, ids) in enumerate(rows):
             b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = tok, pos, len(ids), True
             for k, s in enumerate(ids):
                 b.seq_id[r][k] = s
         b.n_tokens = len(rows)
         rc = lib.llama_decode(self.ctx, b)
-        self._tree = (n0, list(tokens), list(parents), leaves)
+        self._tree = (n0, tree, leaves)
         if rc != 0:
             self.keep_path([])
             lib.llama_memory_seq_rm(self.mem, 0, n0, -1)
@@ -300,13 +290,12 @@ class LlamaCppBackend:
     def keep_path(self, path: Sequence[int]) -> None:
         """After forward_tree: keep the nodes of `path` (root's child first) in sequence 0, after
         the pending token, and free every other branch."""
-        n0, tokens, parents, leaves = self._tree
+        n0, tree, leaves = self._tree
         lib = self.lib
         if path:
-            last = path[-1]
-            leaf = next(j for j, f in enumerate(leaves) if last in _ancestors(f, parents))
+            leaf = next(j for j, f in enumerate(leaves) if path[-1] in tree.path(f))
             lib.llama_memory_seq_cp(self.mem, leaf + 1, 0, n0 + 1, n0 + 1 + len(path))
-            self.tokens.extend(int(tokens[i]) for i in path)
+            self.tokens.extend(int(tree.tokens[i]) for i in path)
         for s in range(1, len(leaves) + 1):
             lib.llama_memory_seq_rm(self.mem, s, -1, -1)
         self._tree = None
@@ -415,11 +404,3 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0"
     if lib.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), ctypes.byref(params)) != 0:
         raise EdgespecError(f"quantizing {src} to {ftype} failed: {log.last()}")
 
-
-def _ancestors(node: int, parents: Sequence[int]) -> set[int]:
-    """The node and all its ancestors in a tree given by parents (-1 = the root)."""
-    out = set()
-    while node >= 0:
-        out.add(node)
-        node = parents[node]
-    return out

@@ -15,18 +15,12 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
               max_draft: int, use_history: bool, notes: list | None = None) -> planner.Plan:
     """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
     engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
-    from .. import models
     from ..costmodel import model_shape
-    from ..engine import EngineOptions, plan_for, resolve_model
+    from ..engine import EngineOptions, model_paths, plan_for
 
-    target_path = resolve_model(model, models.DEFAULT_TARGET)
-    draft_path = None
-    if draft is not None:
-        draft_path = resolve_model(draft, models.DEFAULT_DRAFT)
-    elif model is None:
-        draft_path = resolve_model(None, models.DEFAULT_DRAFT)
+    options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history)
+    target_path, draft_path = model_paths(options)
     if profile_name is None:  # this machine: what `chat` would do, with its calibrations
-        options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history)
         return plan_for(options, target_path, draft_path, notes if notes is not None else [])
     prof = profile.load(profile_name)
     knowledge = planner.Knowledge()
