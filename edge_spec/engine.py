@@ -101,7 +101,6 @@ class Engine:
         """Plan (unless options.plan is False), load the models the plan uses, calibrate, re-plan
         with what was measured (dropping a draft model that turns out not to pay)."""
         from .drafters import ModelDrafter, NgramDrafter
-        from .vocab import check_compatible
 
         report = progress or (lambda what, fraction: None)
         target_path, draft_path = model_paths(options)
@@ -121,7 +120,7 @@ class Engine:
         try:
             if draft_path is not None:
                 draft_backend = _load(draft_path, d_opts, "drafter", notes, report)
-                check_compatible(target, draft_backend)
+                draft_backend = as_drafter_of(target, draft_path, draft_backend)
             if not options.plain and options.ngram:
                 drafters.append(NgramDrafter())
             max_draft = options.max_draft or (the_plan.max_draft if the_plan else 0) or 16
@@ -155,13 +154,7 @@ class Engine:
 
     # --- prompts -------------------------------------------------------------------------
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
-        """Render messages with the model's chat template and tokenize (special tokens parsed)."""
-        facts = self.target.facts
-        bos = self.target.token_text(facts.bos) if facts.bos >= 0 else ""
-        eos = self.target.token_text(facts.eos) if facts.eos >= 0 else ""
-        text = render(facts.chat_template, list(messages), bos=bos, eos=eos)
-        add_bos = facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
-        return self.target.tokenize(text, add_special=add_bos, parse_special=True)
+        return chat_tokens(self.target, messages)
 
     def text_tokens(self, text: str) -> list[int]:
         return self.target.tokenize(text, add_special=True, parse_special=False)
@@ -210,6 +203,32 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def chat_tokens(backend, messages: Sequence[dict]) -> list[int]:
+    """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+    facts = backend.facts
+    bos = backend.token_text(facts.bos) if facts.bos >= 0 else ""
+    eos = backend.token_text(facts.eos) if facts.eos >= 0 else ""
+    text = render(facts.chat_template, list(messages), bos=bos, eos=eos)
+    add_bos = facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
+    return backend.tokenize(text, add_special=add_bos, parse_special=True)
+
+
+def as_drafter_of(target, draft_path, backend):
+    """The drafter backend as the runtime uses it: a trimmed drafter (built with --method trim)
+    is wrapped to speak the target's token ids; either way checked against the target's vocabulary."""
+    from .drafters.build import kept_ids
+    from .vocab import check_compatible
+
+    kept = kept_ids(draft_path)
+    if kept is not None:
+        from .drafters.trim import TrimmedBackend
+
+        backend = TrimmedBackend(backend, kept, target.vocab_size,
+                                 lambda t: target.piece(t) or target.token_text(t).encode())
+    check_compatible(target, backend)
+    return backend
 
 
 def _load(path, opts, what: str, notes: list, report: Progress):
@@ -310,7 +329,7 @@ def plan_for(options: EngineOptions, target_path, draft_path, notes: list, repor
     without -md, the best over the drafters that could serve it (and none)."""
     report = report or (lambda what, fraction: None)
     candidates = [draft_path]
-    if options.model is not None and options.draft is None and options.draft_model and not options.plain:
+    if options.draft is None and options.draft_model and not options.plain:
         candidates = [*drafter_candidates(target_path), None]
     prof = machine_profile(options.profile, report)
     plans = [_plan(options, target_path, c, notes, report, prof=prof) for c in candidates]
@@ -326,9 +345,10 @@ def plan_for(options: EngineOptions, target_path, draft_path, notes: list, repor
 
 
 def drafter_candidates(target_path) -> list[Path]:
-    """Drafters for a target: a self-drafter built from it (`edgespec drafter build`), and the
-    installed default drafter when its tokenizer matches (same model, pre-tokenizer, size ±128)."""
-    from .drafters.build import default_output
+    """Drafters for a target: a self-drafter built from it (`edgespec drafter build`), the
+    installed default drafter when its tokenizer matches (same model, pre-tokenizer, size ±128),
+    and trimmed drafters built for it (`--method trim --target`, matched by the target's file name)."""
+    from .drafters.build import default_output, info
     from .gguf_file import ArrayInfo, validate
 
     found = []
@@ -346,6 +366,12 @@ def drafter_candidates(target_path) -> list[Path]:
         (tm, tp, tn), (dm, dp, dn) = vocab(target_path), vocab(default)
         if tm == dm and tp == dp and abs(tn - dn) <= 128:
             found.append(default)
+    for path in sorted(built.parent.glob("*.trim.gguf")) if built.parent.is_dir() else ():
+        try:
+            if info(path).get("counted_with") == Path(target_path).name:
+                found.append(path)
+        except EdgespecError:
+            continue  # a broken file in the drafters folder is not this target's business
     return found
 
 

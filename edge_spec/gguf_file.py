@@ -17,6 +17,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from .types import EdgespecError
 
 GGUF_MAGIC = b"GGUF"
@@ -71,10 +73,12 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dimension,
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """A metadata array that was skipped: its element type and length."""
+    """A metadata array that was skipped: its element type, length and where its data starts in
+    the file (read numeric ones with `array_values`)."""
 
     type: int
     count: int
+    offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -149,12 +153,13 @@ class _Cursor:
                                 f"elements but only {len(self.buf) - self.pos} bytes remain")
         if count <= SHORT_ARRAY:
             return [self.value(etype, key) for _ in range(count)]
+        start = self.pos
         if etype in _SCALARS:
             self.take(count * least)
         else:
             for _ in range(count):
                 self.take(self.unpack("<Q"))
-        return ArrayInfo(etype, count)
+        return ArrayInfo(etype, count, start)
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -251,6 +256,25 @@ def read_header(path: str | os.PathLike) -> Header:
     header = Header(path, version, metadata, tuple(tensors), data_offset, size, types)
     _check_model(header)
     return header
+
+
+def array_values(header: Header, key: str) -> np.ndarray | list[str]:
+    """A metadata array's values, long ones read from the file (read_header skips them): numbers
+    as a numpy array, strings as a list."""
+    value = header.metadata.get(key)
+    if value is None:
+        raise EdgespecError(f"{header.path}: no metadata key {_q(key)}")
+    if not isinstance(value, ArrayInfo):
+        return list(value) if header.value_types[key][-1] == _STRING else np.asarray(value)
+    if value.type in _SCALARS:
+        return np.fromfile(header.path, dtype=np.dtype(_SCALARS[value.type]), count=value.count, offset=value.offset)
+    with open(header.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        out, pos = [], value.offset  # read_header checked every length
+        for _ in range(value.count):
+            n = int.from_bytes(mm[pos:pos + 8], "little")
+            out.append(mm[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+            pos += 8 + n
+        return out
 
 
 validate = read_header  # the name for call sites that check a file before llama.cpp opens it

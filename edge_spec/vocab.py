@@ -11,6 +11,15 @@ FIRST_CHECKED = 5  # ids below this are special tokens that converters number di
 def check_compatible(target, drafter) -> None:
     """Raise EdgespecError naming the first difference between two backends' vocabularies."""
     t, d = target.facts, drafter.facts
+    kept = getattr(drafter, "kept", None)
+    if kept is not None:  # a trimmed drafter: row i must be the target's token kept[i]
+        for i, tid in enumerate(kept):
+            if not 0 <= tid < t.vocab_size or target.token_text(int(tid)) != drafter.token_text(i):
+                raise EdgespecError(
+                    f"trimmed drafter {d.name} cannot draft for target {t.name}: its token {i} should be the "
+                    f"target's token {int(tid)}, which is not the same string. Trim a drafter for this target "
+                    "(edgespec drafter build --method trim --target TARGET)")
+        return
     problems = []
     if t.vocab_type != d.vocab_type:
         problems.append(f"vocabulary type {t.vocab_type} vs {d.vocab_type}")

@@ -6,21 +6,30 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Build a drafter from a model (QuantSpec self-drafter) and inspect built ones.",
+app = typer.Typer(help="Build a drafter from a model (QuantSpec self-drafter, VocabTrim) and inspect built ones.",
                   no_args_is_help=True)
 
 
 @app.command("build")
 def build_command(
-    source: str = typer.Argument(..., metavar="SOURCE.gguf", help="The target to build a drafter from (F16, BF16 or Q8_0)."),
-    method: str = typer.Option("quant", "--method", help="quant: the target's weights requantized to 4 bits (QuantSpec)."),
+    source: str = typer.Argument(..., metavar="SOURCE.gguf",
+                                 help="quant: the target (F16, BF16 or Q8_0); trim: the drafter to trim (or the target)."),
+    method: str = typer.Option("quant", "--method",
+                               help="quant: the target's weights requantized to 4 bits (QuantSpec). "
+                                    "trim: the LM head cut to the K tokens the target produces most (VocabTrim)."),
     bits: str = typer.Option("q4_0", "--bits", help="Quantization of the drafter: q4_0, q4_1, q4_k_m, q5_k_m, q8_0."),
     out: Path | None = typer.Option(None, "-o", "--out", show_default=False,
                                        help="Output file (default: the drafters folder, where chat finds it)."),
     force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
+    keep: int | None = typer.Option(None, "--keep", show_default=False,
+                                    help="trim: tokens to keep (default: chosen by measuring coverage and predicted speed)."),
+    target: str | None = typer.Option(None, "--target", show_default=False,
+                                      help="trim: the model whose outputs are counted (default: the source itself)."),
+    calibration: Path | None = typer.Option(None, "--calibration", show_default=False,
+                                            help="trim: a text file of your own to count, besides the shipped replies."),
 ) -> None:
     """Build a drafter; `edgespec chat SOURCE.gguf` then finds and weighs it."""
-    from ..drafters.build import build
+    from ..drafters.build import build, info
     from ..engine import resolve_model
     from ..models import DEFAULT_TARGET
     from . import _run
@@ -28,8 +37,12 @@ def build_command(
 
     def go():
         with progress_bar() as report:
-            path = build(resolve_model(source, DEFAULT_TARGET), method, out, bits, force, report)
+            path = build(resolve_model(source, DEFAULT_TARGET), method, out, bits, force, report, keep=keep,
+                         target=resolve_model(target, DEFAULT_TARGET) if target else None, calibration=calibration)
         typer.echo(f"built {path} ({path.stat().st_size / 2**30:.2f} GiB)")
+        for line in info(path).get("k_choice", "").split("; "):
+            if line:
+                typer.echo(f"  {line}")
 
     _run(go)
 

@@ -5,6 +5,10 @@ with llama.cpp's quantizer. It shares the target's tokenizer and nearly its pred
 accepted far more often than a smaller model; it pays when the target is high precision (F16,
 BF16, Q8_0): measured here, an F16 Qwen2.5-Coder-1.5B step costs 357 ms, its Q4 copy ~55 ms.
 
+VocabTrim drafter (`method="trim"`, see drafters/trim.py): a smaller model (or the target) with
+its LM head cut to the K tokens the target produces most; q is zero outside them, so verification
+stays lossless, and each draft step reads far fewer bytes.
+
 Every built file carries `edgespec.drafter.*` keys (method, quantization, source name and
 SHA-256, KV cache type to run it with, date, edgespec version): `edgespec drafter info` reads them.
 The output appears under its final name only when complete (written as NAME.partial, renamed).
@@ -26,14 +30,15 @@ PREFIX = "edgespec.drafter."
 BITS = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}   # bits per weight
 # weights stored at this many bits or fewer are already a drafter's precision: no point requantizing
 MIN_SOURCE_BITS = 6.0
-METHODS = ("quant",)
+METHODS = ("quant", "trim")
 
 
 def default_output(source: str | os.PathLike, method: str = "quant", bits: str = "q4_0") -> Path:
     """Where built drafters go unless told otherwise; the engine looks for them there."""
     from ..models import state_dir
 
-    return state_dir() / "drafters" / f"{Path(source).stem}.{method}-{bits}.gguf"
+    tag = f"{method}-{bits}" if method == "quant" else method
+    return state_dir() / "drafters" / f"{Path(source).stem}.{tag}.gguf"
 
 
 def source_bits(path: str | os.PathLike) -> float:
@@ -46,8 +51,13 @@ def source_bits(path: str | os.PathLike) -> float:
 
 
 def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLike | None = None,
-          bits: str = "q4_0", force: bool = False, progress: Progress | None = None) -> Path:
-    """Build a drafter from `source`; returns its path. Refuses an existing output without force."""
+          bits: str = "q4_0", force: bool = False, progress: Progress | None = None, *,
+          keep: int | None = None, target: str | os.PathLike | None = None,
+          calibration: str | os.PathLike | None = None) -> Path:
+    """Build a drafter from `source`; returns its path. Refuses an existing output without force.
+
+    trim: `keep` tokens (None: chosen by measuring), counted with `target` (None: the source
+    itself) over the shipped calibration replies plus the text file `calibration`."""
     from ..backends.llama_cpp import quantize
     from ..gguf_file import validate
 
@@ -58,7 +68,7 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
         raise EdgespecError(f"unknown drafter quantization {bits!r}: use one of {', '.join(BITS)}")
     header = validate(source)
     have = source_bits(source)
-    if have <= MIN_SOURCE_BITS:
+    if method == "quant" and have <= MIN_SOURCE_BITS:
         raise EdgespecError(
             f"{Path(source).name} is already {have:.1f} bits per weight: a {bits} copy would be no cheaper "
             "to run. A self-drafter pays for F16, BF16 or Q8_0 targets; for this one use a smaller model (-md)")
@@ -66,32 +76,36 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     if out.exists() and not force:
         raise EdgespecError(f"{out} exists: give another -o path, or --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    need = header.file_size * BITS[bits] / have * 1.05
+    need = header.file_size * (BITS[bits] / have if method == "quant" else 1.0) * 1.05
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise EdgespecError(f"{out.parent} has {free / 2**30:.1f} GiB free; the drafter needs about {need / 2**30:.1f} GiB")
 
     digest = _sha256(source, lambda f: report("hashing the source", f))
     metadata = {
-        PREFIX + "method": "quantspec" if method == "quant" else method,
-        PREFIX + "quantization": bits,
-        PREFIX + "kv_cache": "q8_0",
+        PREFIX + "method": "quantspec" if method == "quant" else "vocabtrim",
         PREFIX + "source": Path(source).name[:120],
         PREFIX + "source_sha256": digest,
-        PREFIX + "calibration": "none (weights only)",
         PREFIX + "created": datetime.date.today().isoformat(),
         PREFIX + "edgespec_version": _version(),
     }
     partial = out.with_name(out.name + ".partial")
-    report(f"quantizing to {bits}", 0.0)
     try:
-        quantize(source, partial, bits, metadata=metadata)
+        if method == "quant":
+            metadata |= {PREFIX + "quantization": bits, PREFIX + "kv_cache": "q8_0",
+                         PREFIX + "calibration": "none (weights only)"}
+            report(f"quantizing to {bits}", 0.0)
+            quantize(source, partial, bits, metadata=metadata)
+            report(f"quantizing to {bits}", 1.0)
+        else:
+            from .trim import build_trimmed
+
+            build_trimmed(source, partial, keep, target, calibration, metadata, report)
         validate(partial)  # a disk that filled up or a crash leaves no half file under `out`
         os.replace(partial, out)
     finally:
         if partial.is_file():
             partial.unlink()
-    report(f"quantizing to {bits}", 1.0)
     return out
 
 
@@ -101,10 +115,19 @@ def info(path: str | os.PathLike) -> dict:
 
     header = validate(path)
     found = {k[len(PREFIX):]: v for k, v in header.metadata.items() if k.startswith(PREFIX)}
+    found.pop("kept_ids", None)  # K ids: `kept_ids(path)` reads them
     if found:
         found["file_bytes"] = header.file_size
         found["architecture"] = header.metadata.get("general.architecture")
     return found
+
+
+def kept_ids(path: str | os.PathLike):
+    """A trimmed drafter's target id per row (numpy), or None for any other GGUF."""
+    from ..gguf_file import array_values, validate
+
+    header = validate(path)
+    return array_values(header, PREFIX + "kept_ids") if PREFIX + "kept_ids" in header.metadata else None
 
 
 def _sha256(path: str | os.PathLike, progress: Callable[[float], None], chunk: int = 8 << 20) -> str:

@@ -20,6 +20,19 @@ class ModelDrafter:
         # multi-sequence drafts (DuoDecoding): branch at the first position only when the drafter
         # gives its top token less than this probability
         self.branch_below = branch_below
+        # a trimmed drafter (drafters/trim.py) has logits over its kept tokens only: row i is
+        # target token kept[i], and q is zero for every other target token
+        self.kept = getattr(backend, "kept", None)
+
+    def _token(self, x: int) -> int:
+        return x if self.kept is None else int(self.kept[x])
+
+    def _q(self, q: np.ndarray) -> np.ndarray:
+        if self.kept is None:
+            return q
+        full = np.zeros(self.backend.target_vocab)
+        full[self.kept] = q
+        return full
 
     def ready(self, context: Sequence[int]) -> str | None:
         return self.source
@@ -44,10 +57,11 @@ class ModelDrafter:
         tokens, qs = [], []
         for i in range(budget):
             if sp.greedy:
-                x = int(np.argmax(logits))
+                x = self._token(int(np.argmax(logits)))
             else:
-                qs.append(probs(logits, sp))  # q for this position, [vocab]
-                x = rng.categorical(qs[-1])
+                q = probs(logits, sp)
+                x = self._token(rng.categorical(q))
+                qs.append(self._q(q))  # q for this position, over the target's vocabulary
             tokens.append(x)
             if i + 1 < budget:
                 logits = self.backend.forward([x], logits="last")[-1]
@@ -77,10 +91,11 @@ class ModelDrafter:
             return None
         base = len(self.backend.tokens)
         if sp.greedy:
-            firsts = [int(t) for t in np.argsort(-root)[:width]]
+            firsts = [self._token(int(t)) for t in np.argsort(-root)[:width]]
         else:
             q_root = probs(root, sp)
-            firsts = [rng.categorical(q_root) for _ in range(width)]
+            firsts = [self._token(rng.categorical(q_root)) for _ in range(width)]
+            q_root = self._q(q_root)
         length = max(budget // width, 1)
         tokens, parents, qs = [], [], []
         for first in firsts:
@@ -93,10 +108,11 @@ class ModelDrafter:
                 if i + 1 < length:
                     logits = self.backend.forward([x], logits="last")[-1]
                     if sp.greedy:
-                        x = int(np.argmax(logits))
+                        x = self._token(int(np.argmax(logits)))
                     else:
                         q = probs(logits, sp)
-                        x = rng.categorical(q)
+                        x = self._token(rng.categorical(q))
+                        q = self._q(q)
             self.backend.truncate(base)
         return TokenTree(tuple(tokens), tuple(parents), None if sp.greedy else np.stack(qs), sampled=not sp.greedy)
 

@@ -1,0 +1,447 @@
+"""VocabTrim / FR-Spec: a drafter whose LM head covers only the K tokens the target produces most.
+
+On the edge a small drafter's step is dominated by its LM head when the vocabulary is large
+(Qwen2.5-Coder-0.5B: the 151,936-row head is 36% of the bytes a step reads; Gemma 3 270M: 70%).
+Trimming it to the top-K rows makes each draft step cheaper; verification stays exactly lossless
+because the drafter's q is zero outside the kept set and the verifier works over the target's
+full vocabulary (a token the drafter cannot propose is still produced by the residual).
+
+The trimmed drafter is a valid GGUF with a K-token vocabulary: the token embeddings and the output
+rows of the kept tokens, the tokenizer arrays cut to them (merges that stay inside the set), special
+token ids renumbered, and the target id of every drafter id in `edgespec.drafter.kept_ids`. At
+run time `TrimmedBackend` shows it to the runtime in the target's ids: a context token outside
+the set is re-encoded with the drafter's own (trimmed) tokenizer from the token's bytes, and the
+drafter's logits are over the K kept tokens, `kept_ids[i]` being the target token of row i.
+
+Which tokens: the target's next-token distributions (at the default sampling settings) summed over
+its own replies to the shipped calibration prompts (`edge_spec/data/calibration.json`, plus any text
+of the user's), ties broken by token id (BPE ids follow merge order, i.e. corpus frequency). Kept
+always: control tokens the chat template or the metadata names, and the byte tokens, so any text
+can still be fed. K is chosen by measuring: the calibration replies are split in two, one half
+ranks the tokens, the other measures how often the target's top token falls outside each
+candidate K (the acceptance a trimmed drafter loses at T = 0 is at most that), and the planner
+predicts tokens/s for each K from the drafter's cost at that head size; the best K wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..types import EdgespecError, SamplingParams
+
+CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.json"
+CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536)
+MIN_K = 1024
+CONTROL, BYTE, USER_DEFINED = 3, 6, 4  # llama.cpp token types
+KEPT_KEY = "edgespec.drafter.kept_ids"
+VOCAB_TENSORS = ("token_embd.weight", "output.weight")
+
+
+@lru_cache(maxsize=1)
+def _byte_chars() -> tuple[str, ...]:
+    """GPT-2 byte-level BPE's printable character for each byte value 0..255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return tuple(chars[b] for b in range(256))
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The parts of a GGUF tokenizer that trimming needs."""
+
+    model: str               # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    tokens: list[str]
+    types: np.ndarray        # llama.cpp token types
+    special_ids: dict        # metadata key -> id, e.g. tokenizer.ggml.eos_token_id
+    chat_template: str
+    scores: np.ndarray | None = None  # SentencePiece piece scores (higher = more frequent)
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def byte_tokens(self) -> np.ndarray:
+        """Ids of the single-byte tokens (every text can be spelled with them). Some vocabularies
+        lack a few (SmolLM2: control bytes such as 0x04), which the model cannot read anyway."""
+        if self.model == "gpt2":
+            index = {t: i for i, t in enumerate(self.tokens) if len(t) == 1}
+            wanted = _byte_chars()
+        elif self.model == "llama":
+            index = {t: i for i, t in enumerate(self.tokens) if self.types[i] == BYTE}
+            wanted = tuple(f"<0x{b:02X}>" for b in range(256))
+        else:
+            raise EdgespecError(f"vocabulary trimming supports BPE (gpt2) and SentencePiece (llama) "
+                                f"tokenizers, not {self.model!r}")
+        found = [index[w] for w in wanted if w in index]
+        if len(found) < 192:
+            raise EdgespecError(f"this {self.model} vocabulary has only {len(found)} of the 256 byte tokens: "
+                                "trimming it would leave text that cannot be fed to the drafter")
+        return np.array(found, dtype=np.int64)
+
+    def forced(self) -> np.ndarray:
+        """Tokens every trimmed vocabulary keeps: bytes, the metadata's special ids, and control
+        or user-defined tokens that appear in the chat template."""
+        ids = set(self.byte_tokens().tolist()) | set(self.special_ids.values())
+        for i in np.flatnonzero((self.types == CONTROL) | (self.types == USER_DEFINED)):
+            if self.tokens[i] and self.tokens[i] in self.chat_template:
+                ids.add(int(i))
+        return np.array(sorted(i for i in ids if 0 <= i < self.size), dtype=np.int64)
+
+
+def read_vocab(path: str | os.PathLike) -> Vocab:
+    from ..gguf_file import array_values, validate
+
+    header = validate(path)
+    md = header.metadata
+    if "tokenizer.ggml.tokens" not in md:
+        raise EdgespecError(f"{path} has no tokenizer.ggml.tokens: nothing to trim")
+    tokens = array_values(header, "tokenizer.ggml.tokens")
+    types = array_values(header, "tokenizer.ggml.token_type") if "tokenizer.ggml.token_type" in md \
+        else np.ones(len(tokens), dtype=np.int32)
+    scores = array_values(header, "tokenizer.ggml.scores") if "tokenizer.ggml.scores" in md else None
+    specials = {k: int(v) for k, v in md.items() if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")}
+    return Vocab(md.get("tokenizer.ggml.model", ""), tokens, np.asarray(types), specials,
+                 md.get("tokenizer.chat_template", "") or "", scores)
+
+
+# --- which tokens the target produces ---------------------------------------------------------
+
+def calibration_texts(extra: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(prompt, reply) pairs: the shipped target replies, then the user's text in ~2 KB pieces
+    (as replies to an empty prompt)."""
+    items = [(i["prompt"], i["reply"]) for i in json.loads(CALIBRATION.read_text())["items"]]
+    if extra is not None:
+        try:
+            text = Path(extra).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgespecError(f"calibration file {extra} is not UTF-8 text") from None
+        except OSError as e:
+            raise EdgespecError(f"cannot read calibration file {extra}: {e.strerror}") from None
+        if not text.strip():
+            raise EdgespecError(f"calibration file {extra} is empty")
+        pieces = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+        chunk, chunks = "", []
+        for p in pieces:
+            chunk = f"{chunk}\n\n{p}" if chunk else p
+            if len(chunk) > 2000:
+                chunks.append(chunk)
+                chunk = ""
+        chunks += [chunk] if chunk else []
+        items += [("", c) for c in chunks]
+    return items
+
+
+def target_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[float], None] | None = None,
+                  sp: SamplingParams = SamplingParams(), chunk: int = 64) -> list[np.ndarray]:
+    """For each (prompt, reply): the target's sampling distribution summed over the reply's
+    positions (teacher-forced: one batched pass per chunk), as [vocab] float32 counts."""
+    from ..engine import chat_tokens
+    from ..sampling import probs
+
+    out = []
+    for n, (prompt, reply) in enumerate(items):
+        if prompt:
+            head = chat_tokens(target, [{"role": "user", "content": prompt}])
+            body = target.tokenize(reply, add_special=False, parse_special=False)
+        else:
+            head, body = [], target.tokenize(reply, add_special=True, parse_special=False)
+        room = target.n_ctx - 1
+        tokens = (head + body)[:room]
+        start = max(len(head) - 1, 0)  # logits after the last prompt token predict the first reply token
+        target.truncate(0)
+        target.forward(tokens[:start], logits="none")
+        counts = np.zeros(target.vocab_size, dtype=np.float64)
+        for i in range(start, len(tokens), chunk):
+            rows = target.forward(tokens[i:i + chunk], logits="all")
+            for row in rows:
+                p = probs(row, sp)
+                nz = np.flatnonzero(p)
+                counts[nz] += p[nz]
+        out.append(counts.astype(np.float32))
+        if progress:
+            progress((n + 1) / len(items))
+    target.truncate(0)
+    return out
+
+
+def rank(counts: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Token ids, most produced first; ties (most of the vocabulary: never seen) by SentencePiece
+    score, else by lower id (BPE ids follow merge order, i.e. frequency in the tokenizer's corpus)."""
+    second = -np.asarray(vocab.scores, dtype=np.float64) if vocab.scores is not None else np.arange(len(counts))
+    return np.lexsort((np.arange(len(counts)), second, -counts))
+
+
+def kept_ids(counts: np.ndarray, vocab: Vocab, k: int) -> np.ndarray:
+    """The K tokens to keep, ascending: the forced ones, then the most produced."""
+    forced = vocab.forced()
+    if k < len(forced) + MIN_K // 4 or k < MIN_K:
+        raise EdgespecError(f"--keep {k} is too small: at least {max(MIN_K, len(forced) + MIN_K // 4)} "
+                            f"(the bytes and special tokens alone are {len(forced)})")
+    if k >= vocab.size:
+        raise EdgespecError(f"--keep {k} is not smaller than the vocabulary ({vocab.size} tokens): nothing to trim")
+    is_forced = np.zeros(vocab.size, dtype=bool)
+    is_forced[forced] = True
+    order = rank(counts, vocab)
+    rest = order[~is_forced[order]][: k - len(forced)]
+    return np.sort(np.concatenate([forced, rest]))
+
+
+def coverage(rank_counts: np.ndarray, held_out: Sequence[np.ndarray], vocab: Vocab, ks: Sequence[int]) -> dict:
+    """For each K: the share of the held-out target probability mass inside the kept set (an
+    upper bound on acceptance after trimming, relative to before)."""
+    mass = np.sum(held_out, axis=0)
+    total = float(mass.sum()) or 1.0
+    return {k: float(mass[kept_ids(rank_counts, vocab, k)].sum()) / total for k in ks}
+
+
+# --- writing the trimmed GGUF ------------------------------------------------------------------
+
+def write_trimmed(source: str | os.PathLike, out: str | os.PathLike, kept: np.ndarray, metadata: dict,
+                  progress: Callable[[float], None] | None = None) -> None:
+    """Copy `source` to `out` with only the `kept` vocabulary rows (see the module docstring)."""
+    import gguf
+    from gguf import GGUFValueType as T
+
+    from ..gguf_file import array_values, validate
+
+    header = validate(source)
+    md = header.metadata
+    tokens = array_values(header, "tokenizer.ggml.tokens")
+    vocab_size = len(tokens)
+    remap = np.full(vocab_size, -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    arch = md["general.architecture"]
+    kept_set = {tokens[i] for i in kept}
+    writer = gguf.GGUFWriter(out, arch)
+    for name, stored in header.value_types.items():
+        if name == "general.architecture":
+            continue
+        vtype, sub = T(stored[0]), (T(stored[1]) if len(stored) > 1 else None)
+        value = array_values(header, name) if sub is not None else md[name]
+        if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            value = [value[i] for i in kept]
+        elif name == "tokenizer.ggml.merges":
+            value = [m for m in value if _merge_inside(m, kept_set)]
+        elif name.startswith("tokenizer.ggml.") and name.endswith("_token_id"):
+            if not 0 <= value < vocab_size or remap[value] < 0:
+                continue  # an id pointing outside the kept set (forced ones never do)
+            value = int(remap[value])
+        elif name == f"{arch}.vocab_size":
+            value = len(kept)
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+    for key, value in metadata.items():
+        if isinstance(value, np.ndarray):
+            writer.add_key_value(key, [int(v) for v in value], T.ARRAY, sub_type=T.INT32)
+        else:
+            writer.add_key_value(key, value, T.STRING if isinstance(value, str) else T.UINT32)
+    raw = np.memmap(source, dtype=np.uint8, mode="r")
+    parts = []
+    for t in header.tensors:
+        rows = t.shape[1] if len(t.shape) > 1 else 1
+        data = raw[header.data_offset + t.offset: header.data_offset + t.offset + t.n_bytes].reshape(rows, -1)
+        if t.name in VOCAB_TENSORS:
+            if rows != vocab_size:
+                raise EdgespecError(f"{source}: {t.name} has {rows} rows, not one per token ({vocab_size})")
+            data = data[kept]
+        elif len(t.shape) == 2 and rows == vocab_size:
+            raise EdgespecError(f"{source}: tensor {t.name} has one row per token; trimming supports only "
+                                f"{' and '.join(VOCAB_TENSORS)}")
+        shape = (t.shape[0], data.shape[0], *t.shape[2:])[: len(t.shape)]
+        writer.add_tensor_info(t.name, tuple(reversed(shape)), np.dtype(np.float32), data.nbytes,
+                               gguf.GGMLQuantizationType(t.type))
+        parts.append(data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total, done = sum(d.nbytes for d in parts) or 1, 0
+    for data in parts:
+        writer.write_tensor_data(np.ascontiguousarray(data))
+        done += data.nbytes
+        if progress:
+            progress(done / total)
+    writer.close()
+
+
+def _merge_inside(merge: str, kept: set) -> bool:
+    a, _, b = merge.partition(" ")
+    return a in kept and b in kept and a + b in kept
+
+
+# --- running a trimmed drafter -----------------------------------------------------------------
+
+class TrimmedBackend:
+    """A trimmed drafter's backend seen in the target's token ids (see the module docstring).
+
+    `tokens` are target ids; `forward` returns logits over the kept tokens, whose target ids are
+    `kept` (ModelDrafter maps them back). `piece(target_id)` gives a target token's bytes, for
+    re-encoding tokens outside the kept set (for a control token, its text)."""
+
+    def __init__(self, backend, kept: np.ndarray, target_vocab: int, piece: Callable[[int], bytes]):
+        if len(kept) != backend.vocab_size:
+            raise EdgespecError(f"trimmed drafter {backend.facts.name}: {len(kept)} kept ids for "
+                                f"{backend.vocab_size} rows")
+        self.backend, self.kept, self.target_vocab, self._piece = backend, np.asarray(kept), target_vocab, piece
+        self.to_drafter = np.full(target_vocab, -1, dtype=np.int64)
+        self.to_drafter[self.kept] = np.arange(len(self.kept))
+        self.tokens: list[int] = []   # target ids held
+        self._ends: list[int] = []    # drafter cache length after each of them
+        self._spelled: dict[int, list[int]] = {}
+        self.reencoded = 0            # context tokens that were outside the kept set
+
+    def __getattr__(self, name):  # facts, n_ctx, n_threads, close, ...: the drafter's own
+        return getattr(self.backend, name)
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def spell(self, token: int) -> list[int]:
+        """Drafter ids for one target token: itself if kept, else its bytes tokenized by the
+        drafter (checked to give back the same bytes), else its bytes one token each."""
+        if 0 <= token < self.target_vocab and self.to_drafter[token] >= 0:
+            return [int(self.to_drafter[token])]
+        ids = self._spelled.get(token)
+        if ids is None:
+            raw, ids = self._piece(token), []
+            try:
+                ids = self.backend.tokenize(raw.decode("utf-8"), add_special=False, parse_special=False)
+                if b"".join(self.backend.piece(i) for i in ids) != raw:
+                    ids = []
+            except UnicodeDecodeError:  # part of a multi-byte character: spell it byte by byte
+                pass
+            if not ids:  # bytes the vocabulary has no token for are left out (the model never saw them)
+                ids = [self._byte_ids()[b] for b in raw if b in self._byte_ids()]
+            self._spelled[token] = ids
+        return ids
+
+    def _byte_ids(self) -> dict[int, int]:
+        """Byte value -> the drafter token that is exactly that byte (bytes are always kept)."""
+        if not hasattr(self, "_bytes"):
+            self._bytes: dict[int, int] = {}
+            for d in range(self.backend.vocab_size):
+                raw = self.backend.piece(d)
+                if len(raw) == 1:
+                    self._bytes.setdefault(raw[0], d)
+        return self._bytes
+
+    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
+        spelled = [self.spell(t) for t in tokens]
+        flat = [d for ids in spelled for d in ids]
+        self.reencoded += sum(1 for t in tokens if self.to_drafter[t] < 0)
+        base = self._ends[-1] if self._ends else 0
+        if logits == "all":
+            rows = self.backend.forward(flat, logits="all")
+        else:
+            rows = self.backend.forward(flat, logits="last" if logits == "last" and flat else "none")
+        end = base
+        ends = []
+        for ids in spelled:
+            end += len(ids)
+            ends.append(end)
+        self.tokens.extend(int(t) for t in tokens)
+        self._ends.extend(ends)
+        if logits == "all":
+            # one row per target token: after its last drafter token (an empty spelling repeats the previous)
+            return rows[[max(e - base - 1, 0) for e in ends]] if len(rows) else rows
+        if logits == "last" and not flat:
+            raise EdgespecError("trimmed drafter: asked for logits after tokens it cannot see")
+        return rows
+
+    def truncate(self, n_past: int) -> None:
+        if n_past < len(self.tokens):
+            self.backend.truncate(self._ends[n_past - 1] if n_past else 0)
+            del self.tokens[n_past:], self._ends[n_past:]
+
+
+# --- building ------------------------------------------------------------------------------------
+
+def check_same_vocab(source: Vocab, target: Vocab, source_name: str, target_name: str) -> None:
+    """Counting with the target only makes sense if its token ids mean the drafter's strings."""
+    n = min(source.size, target.size)
+    if abs(source.size - target.size) > 128 or source.tokens[:n] != target.tokens[:n]:
+        raise EdgespecError(f"{target_name} and {source_name} have different vocabularies: "
+                            "count tokens with a target from the drafter's model family (--target)")
+
+
+def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target) -> tuple[int, list[str]]:
+    """K with the best predicted tokens/s: acceptance scaled by the held-out coverage of each K
+    (half the replies rank, the other half measure), drafter cost from the cost model at that
+    head size. Returns K and one line per candidate."""
+    import dataclasses
+
+    from .. import planner
+    from ..controller import Controller
+    from ..costmodel import model_shape
+    from ..engine import machine_profile
+    from ..history import History
+
+    ranking, held_out = np.sum(counts[0::2], axis=0), counts[1::2]
+    ks = [k for k in CANDIDATE_K if len(vocab.forced()) + MIN_K // 4 <= k < vocab.size]
+    cov = coverage(ranking, held_out, vocab, ks)
+    cov[vocab.size] = 1.0
+    shape, tshape, prof = model_shape(source), model_shape(target), machine_profile(None)
+    base = History().knowledge(target, source).acceptance or Controller().prior_acceptance["model"]
+    speed = {}
+    for k, c in cov.items():
+        f = k / vocab.size
+        hyp = dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
+                                  output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
+                                  embedding_bytes=int(shape.embedding_bytes * f))
+        plan = planner.plan(tshape, prof, hyp, knowledge=planner.Knowledge(base * c, "coverage"), gpu=False)
+        speed[k] = max((a.tokens_per_second for a in plan.alternatives if a.strategy == "draft"), default=0.0)
+    best = max(ks, key=lambda k: (speed[k], -k))
+    lines = [f"K={k}: held-out coverage {cov[k]:.3f}, {speed[k]:.1f} tok/s predicted"
+             + (" (untrimmed)" if k == vocab.size else " (chosen)" if k == best else "") for k in cov]
+    return best, lines
+
+
+def build_trimmed(source, out, keep: int | None, target, calibration, metadata: dict,
+                  report: Callable[[str, float], None]) -> None:
+    """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`."""
+    from ..backends.llama_cpp import LlamaCppBackend, LlamaOptions
+
+    vocab = read_vocab(source)
+    target = target or source
+    if os.path.realpath(target) != os.path.realpath(source):
+        check_same_vocab(vocab, read_vocab(target), Path(source).name, Path(target).name)
+    vocab.byte_tokens()  # a tokenizer that cannot spell bytes fails here, before the long part
+    if keep is not None:
+        kept_ids(np.zeros(vocab.size), vocab, keep)  # K too small / too large: fail before counting
+    items = calibration_texts(calibration)
+    report("reading the target's distributions", 0.0)
+    with LlamaCppBackend(target, LlamaOptions(n_ctx=2048)) as t:
+        counts = target_counts(t, items, lambda f: report("reading the target's distributions", f))
+    counts = [np.pad(c, (0, max(vocab.size - len(c), 0)))[: vocab.size] for c in counts]
+    if keep is None:
+        report("choosing K", 0.0)
+        keep, lines = choose_k(counts, vocab, source, target)
+    else:
+        lines = [f"K={keep}: held-out coverage "
+                 f"{coverage(np.sum(counts[0::2], axis=0), counts[1::2], vocab, [keep])[keep]:.3f} (given)"]
+    kept = kept_ids(np.sum(counts, axis=0), vocab, keep)
+    described = f"{len(items)} replies ({CALIBRATION.name}" + (f" + {Path(calibration).name})" if calibration else ")")
+    metadata = metadata | {
+        "edgespec.drafter.keep": int(keep),
+        "edgespec.drafter.counted_with": Path(target).name[:120],
+        "edgespec.drafter.calibration": described,
+        "edgespec.drafter.k_choice": "; ".join(lines),
+        KEPT_KEY: kept,
+    }
+    report(f"writing {keep} of {vocab.size} tokens", 0.0)
+    write_trimmed(source, out, kept, metadata, lambda f: report(f"writing {keep} of {vocab.size} tokens", f))
