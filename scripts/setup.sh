@@ -78,5 +78,9 @@ say "installing the default models"
 .venv/bin/edgespec models install
 if [ "$want_tests" = 1 ]; then
   .venv/bin/edgespec models install smollm2-135m-instruct-q4_1
+  # torch CPU for the torch backend's tests (this version has a CPU wheel on the local index;
+  # other versions pull a multi-GB CUDA build)
+  say "installing torch (CPU) for the torch backend tests"
+  "${pip[@]}" install torch==2.13.0
 fi
 say "done: run .venv/bin/edgespec chat"
