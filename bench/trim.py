@@ -1,0 +1,141 @@
+"""VocabTrim: a drafter with a trimmed LM head vs the same drafter untrimmed, side by side.
+
+1. Counts the target's next-token distributions over the shipped calibration replies once, and
+   prints each K's held-out coverage (target probability mass inside the kept set).
+2. Writes the trimmed drafter at each K (into --dir).
+3. Draft step cost: one decode step + the argmax over its logits, as ModelDrafter does it,
+   interleaved round-robin over the untrimmed and trimmed drafters (same machine moments); the
+   median and its ratio to the untrimmed drafter.
+4. End to end on the bench prompts (bench/prompts.py, distinct from the calibration prompts):
+   plain decoding and speculative decoding with each drafter, interleaved step by step as in
+   bench/speculative.py; tokens/s, ratio to plain, ratio to the untrimmed drafter, acceptance.
+
+    .venv/bin/python bench/trim.py                                   # default pair: 0.5B drafter, 1.5B target
+    .venv/bin/python bench/trim.py --source gemma-3-270m-q4_k_m --target gemma-3-270m-q4_k_m --ks 8192,16384,32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.prompts import PROMPTS  # noqa: E402
+from bench.speculative import interleaved, seconds_for  # noqa: E402
+from edge_spec import models  # noqa: E402
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
+from edge_spec.controller import Controller  # noqa: E402
+from edge_spec.drafters import ModelDrafter  # noqa: E402
+from edge_spec.drafters.trim import (  # noqa: E402
+    calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed,
+)
+from edge_spec.engine import as_drafter_of, chat_tokens, resolve_model  # noqa: E402
+from edge_spec.runtime import Runtime  # noqa: E402
+from edge_spec.types import SamplingParams  # noqa: E402
+
+
+def step_costs(drafters: dict, prompt: list[int], steps: int) -> dict[str, float]:
+    """Median seconds of one greedy draft step per drafter, round-robin."""
+    times = {label: [] for label in drafters}
+    for d in drafters.values():
+        d.truncate(0)
+        last = d.forward(prompt, logits="last")[-1]
+    feed = {label: int(prompt[-1]) for label in drafters}
+    for _ in range(steps):
+        for label, d in drafters.items():
+            t0 = time.perf_counter()
+            row = d.forward([feed[label]], logits="last")[-1]
+            x = int(np.argmax(row))
+            times[label].append(time.perf_counter() - t0)
+            feed[label] = int(d.kept[x]) if hasattr(d, "kept") else x
+    del last
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default=models.DEFAULT_DRAFT, help="the drafter to trim")
+    ap.add_argument("--target", default=models.DEFAULT_TARGET, help="the target (counts, verification)")
+    ap.add_argument("--ks", default="8192,16384,32768")
+    ap.add_argument("--steps", type=int, default=48, help="draft steps timed per drafter")
+    ap.add_argument("-n", "--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--temps", default="0")
+    ap.add_argument("-k", "--draft-length", type=int, default=3,
+                    help="tokens drafted per step end to end (fixed, so the drafters' costs show; 0 = adaptive)")
+    ap.add_argument("--no-e2e", action="store_true", help="coverage and step cost only")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/edgespec-trim"))
+    args = ap.parse_args()
+    source, target_path = resolve_model(args.source, models.DEFAULT_DRAFT), resolve_model(args.target, models.DEFAULT_TARGET)
+    ks = [int(k) for k in args.ks.split(",")]
+    vocab = read_vocab(source)
+    opts = LlamaOptions(n_ctx=2048)
+
+    target = LlamaCppBackend(target_path, opts)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    cache = args.dir / f"counts-{target_path.stem}.npy"  # counting takes minutes; the counts depend on the target only
+    if cache.is_file():
+        counts = list(np.load(cache))
+    else:
+        t0 = time.perf_counter()
+        counts = target_counts(target, calibration_texts())
+        print(f"counted {len(counts)} calibration replies with {target_path.name} in {time.perf_counter() - t0:.0f} s")
+        np.save(cache, np.stack(counts))
+    counts = [np.pad(c, (0, max(vocab.size - len(c), 0)))[: vocab.size] for c in counts]
+    cov = coverage(np.sum(counts[0::2], axis=0), counts[1::2], vocab, ks)
+    paths = {}
+    for k in ks:
+        paths[k] = args.dir / f"{source.stem}.trim-{k}.gguf"
+        kept = kept_ids(np.sum(counts, axis=0), vocab, k)
+        write_trimmed(source, paths[k], kept, {"edgespec.drafter.kept_ids": kept})
+
+    backends = {"untrimmed": LlamaCppBackend(source, opts)}
+    for k in ks:
+        backends[f"K={k}"] = as_drafter_of(target, paths[k], LlamaCppBackend(paths[k], opts))
+    prompt = chat_tokens(target, [{"role": "user", "content": PROMPTS["code"]}])
+    cost = step_costs(backends, prompt, args.steps)
+    base = cost["untrimmed"]
+    print(f"\ndrafter {source.name} ({vocab.size} tokens), counted with {target_path.name}")
+    print("| drafter | head rows | held-out coverage | draft step ms | step cost vs untrimmed |")
+    print("|---|---|---|---|---|")
+    for label, c in cost.items():
+        k = vocab.size if label == "untrimmed" else int(label[2:])
+        print(f"| {label} | {k} | {cov.get(k, 1.0):.3f} | {c * 1e3:.1f} | **{c / base:.2f}** |")
+    if args.no_e2e:
+        return
+
+    print("\n| prompt | T | drafter | tok/s | vs plain | vs untrimmed | acceptance | tokens/pass |")
+    print("|---|---|---|---|---|---|---|---|")
+    contexts = {label: target.sibling() for label in ["plain", *backends]}
+    for name in args.prompts.split(","):
+        prompt = chat_tokens(target, [{"role": "user", "content": PROMPTS[name]}])
+        for temp in (float(t) for t in args.temps.split(",")):
+            sp = SamplingParams(temperature=temp, max_tokens=args.max_tokens, seed=7)
+            runtimes = {"plain": Runtime(contexts["plain"], [])}
+            for label, d in backends.items():
+                d.truncate(0)
+                controller = Controller()
+                if args.draft_length:
+                    controller.fixed["model"] = args.draft_length
+                runtimes[label] = Runtime(contexts[label], [ModelDrafter(d)], controller)
+            result = interleaved(runtimes, prompt, sp)
+            n = min(r["tokens"] for r in result.values())
+            secs = {label: seconds_for(r["trace"], n) for label, r in result.items()}
+            for label, r in result.items():
+                if label == "plain":
+                    continue
+                acc = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
+                print(f"| {name} | {temp} | {label} | {n / secs[label]:.2f} | **{secs['plain'] / secs[label]:.2f}** | "
+                      f"{secs['untrimmed'] / secs[label]:.2f} | {acc:.3f} | {r['mean_accepted_length']:.2f} |", flush=True)
+    for c in contexts.values():
+        c.close()
+
+
+if __name__ == "__main__":
+    main()
