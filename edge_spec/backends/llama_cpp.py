@@ -110,7 +110,49 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-class LlamaCppBackend:
+class VocabMethods:
+    """Tokenizer calls on a llama.cpp vocabulary; needs self.lib, self.vocab, self._pieces and
+    self._check_open(). Shared by LlamaCppBackend and the torch backend's vocab-only load."""
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._check_open()
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self.lib.llama_token * cap)()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self.lib.llama_token * cap)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (special tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            self._check_open()
+            buf = ctypes.create_string_buffer(64)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's own string for a token (as stored in the GGUF)."""
+        self._check_open()
+        return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        self._check_open()
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+class LlamaCppBackend(VocabMethods):
     def __init__(self, path: str | os.PathLike, options: LlamaOptions = LlamaOptions(),
                  progress: Callable[[float], None] | None = None, *, _parent: "LlamaCppBackend | None" = None):
         path = os.fspath(path)
@@ -307,43 +349,6 @@ class LlamaCppBackend:
             self.lib.llama_memory_seq_rm(self.mem, 0, n_past, -1)
             del self.tokens[n_past:]
 
-    # --- vocabulary ----------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        self._check_open()
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        buf = (self.lib.llama_token * cap)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (self.lib.llama_token * cap)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token adds to the text (special tokens render as nothing)."""
-        cached = self._pieces.get(token)
-        if cached is None:
-            self._check_open()
-            buf = ctypes.create_string_buffer(64)
-            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            cached = self._pieces[token] = buf.raw[:n]
-        return cached
-
-    def token_text(self, token: int) -> str:
-        """The vocabulary's own string for a token (as stored in the GGUF)."""
-        self._check_open()
-        return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
-
-    def is_eog(self, token: int) -> bool:
-        self._check_open()
-        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     # --- lifetime ------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..gguf_file import read_header
+from .llama_cpp import VocabMethods
 from ..tree import TokenTree
 from ..types import EdgespecError, ModelFacts
 
@@ -100,7 +101,7 @@ class TorchOptions:
 
 # --- the vocabulary: llama.cpp's, loaded without weights ---------------------------------------
 
-class LlamaVocab:
+class LlamaVocab(VocabMethods):
     """llama.cpp's tokenizer for a GGUF file, from a vocab_only load (no weights, no context)."""
 
     def __init__(self, path: str):
@@ -125,38 +126,6 @@ class LlamaVocab:
     def _check_open(self):
         if self.vocab is None:
             raise EdgespecError("the vocabulary was closed")
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        self._check_open()
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        buf = (self.lib.llama_token * cap)()
-        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (self.lib.llama_token * cap)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int) -> bytes:
-        cached = self._pieces.get(token)
-        if cached is None:
-            self._check_open()
-            buf = ctypes.create_string_buffer(64)
-            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            cached = self._pieces[token] = buf.raw[:n]
-        return cached
-
-    def token_text(self, token: int) -> str:
-        self._check_open()
-        return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
-
-    def is_eog(self, token: int) -> bool:
-        self._check_open()
-        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
     def close(self) -> None:
         if getattr(self, "model", None):
