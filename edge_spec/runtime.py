@@ -7,6 +7,7 @@ evaluates k + 1 tokens and returns logits [k + 1, vocab].
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from .types import Draft, EdgespecError, SamplingParams, Stats, Step
 from .tree import ROOT, TokenTree, verify_tree
 from .verify import verify
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TreeDraft:
@@ -45,6 +47,7 @@ class _Counters:
     drafted: Counter = field(default_factory=Counter)
     accepted: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)  # drafts cut short by a rejection
+    notes: list = field(default_factory=list)
 
     def snapshot(self, plain_step: float | None) -> Stats:
         return Stats(
@@ -54,6 +57,7 @@ class _Counters:
             decode_seconds=time.perf_counter() - self.t_start if self.t_start else 0.0,
             plain_step_seconds=plain_step,
             by_source=tuple((s, self.drafted[s], self.accepted[s], self.rejected[s]) for s in sorted(self.drafted)),
+            notes=tuple(self.notes),
         )
 
 
@@ -94,7 +98,7 @@ class Runtime:
         # it in later would cost a catch-up over the whole context
         drafters = [d for d in self.drafters if self.controller.could_pay(d.source)]
         t0 = time.perf_counter()
-        self._prefill(prompt, drafters)
+        self._prefill(prompt, drafters, c)
         c.prompt_seconds = time.perf_counter() - t0
         c.t_start = time.perf_counter()
         context = list(prompt)
@@ -108,7 +112,7 @@ class Runtime:
             if room < 1:
                 yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "context")
                 return
-            draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng)
+            draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
             new = self._verify_step(context, draft, sp, rng, c)
             step = self._emit(new, text, sp, c)
             yield step
@@ -116,22 +120,37 @@ class Runtime:
                 return
 
     # --- one step ------------------------------------------------------------------------
-    def _draft(self, drafters, context: list[int], cap: int, sp: SamplingParams, rng: Random) -> Draft | None:
+    def _draft(self, drafters: list, context: list[int], cap: int, sp: SamplingParams, rng: Random,
+               c: _Counters) -> Draft | None:
         """Ask drafters in order; the controller decides whether and how far each drafts."""
-        for drafter in drafters:
-            key = drafter.ready(context)
-            if key is None:
-                continue
-            k = self.controller.draft_length(key, cap)
-            if k > 0:
-                if self.tree_width > 1 and hasattr(drafter, "propose_tree"):
-                    tree = drafter.propose_tree(context, k, self.tree_width, sp, rng)
-                    if tree is not None and any(len(tree.children(i)) > 1 for i in (ROOT, *range(len(tree)))):
-                        return TreeDraft(tree, key)
-                draft = drafter.propose(context, k, sp, rng)
-                if draft:
-                    return draft
+        for drafter in list(drafters):
+            try:
+                key = drafter.ready(context)
+                if key is None:
+                    continue
+                k = self.controller.draft_length(key, cap)
+                if k > 0:
+                    if self.tree_width > 1 and hasattr(drafter, "propose_tree"):
+                        tree = drafter.propose_tree(context, k, self.tree_width, sp, rng)
+                        if tree is not None and any(len(tree.children(i)) > 1 for i in (ROOT, *range(len(tree)))):
+                            return TreeDraft(tree, key)
+                    draft = drafter.propose(context, k, sp, rng)
+                    if draft:
+                        return draft
+            except Exception as exc:  # noqa: BLE001 (a drafter or its device failing must not end the reply)
+                self._drop(drafters, drafter, exc, c)
         return None
+
+    @staticmethod
+    def _drop(drafters: list, drafter, exc: Exception, c: _Counters) -> None:
+        """Go on without a drafter that failed, for the rest of this reply, and say so. Its draft
+        was never verified, so nothing emitted depends on it: the output is still the target's."""
+        drafters.remove(drafter)
+        name = getattr(drafter, "source", type(drafter).__name__)
+        rest = "the other drafters" if drafters else "plain decoding"
+        note = f"drafter {name} failed ({type(exc).__name__}: {exc}); the reply goes on with {rest}"
+        c.notes.append(note)
+        log.warning("%s", note, exc_info=exc)
 
     def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters) -> tuple[int, ...]:
         if isinstance(draft, TreeDraft):
@@ -203,11 +222,14 @@ class Runtime:
         from_draft = tuple(i < len(new) - 1 for i in range(len(out)))
         return Step(tuple(out), from_draft, "".join(pieces), c.snapshot(self.controller.plain_step_seconds), reason)
 
-    def _prefill(self, prompt: Sequence[int], drafters) -> None:
+    def _prefill(self, prompt: Sequence[int], drafters: list, c: _Counters) -> None:
         """Evaluate prompt[:-1] into every cache, reusing the common prefix already held."""
         held = common_prefix(self.target.tokens, prompt[:-1])
         self.target.truncate(held)
         if held < len(prompt) - 1:
             self.target.forward(prompt[held:-1], logits="none")
-        for drafter in drafters:
-            drafter.prefill(prompt)
+        for drafter in list(drafters):
+            try:
+                drafter.prefill(prompt)
+            except Exception as exc:  # noqa: BLE001 (as in _draft)
+                self._drop(drafters, drafter, exc, c)

@@ -99,6 +99,7 @@ class Stats:
     decode_seconds: float = 0.0
     plain_step_seconds: float | None = None  # measured cost of one plain target step
     by_source: tuple[tuple[str, int, int, int], ...] = ()  # (source, drafted, accepted, drafts rejected)
+    notes: tuple[str, ...] = ()  # what went wrong and how the reply went on (a drafter that failed)
 
     @property
     def acceptance_rate(self) -> float:

@@ -343,3 +343,57 @@ def test_seeded_ngram_speculation_emits_what_plain_decoding_with_that_seed_does(
         steps, spec, _ = run(runtimes["ngram-k4"], [0, 1, 2, 0, 1], sp)
         assert spec == plain, seed
         assert steps[-1].stats.n_drafted > 0
+
+
+# --- a drafter that fails ------------------------------------------------------------------
+class FailingDrafter(ModelDrafter):
+    """A model drafter whose backend (or device) fails at its `fail_at`-th call of `where`."""
+
+    def __init__(self, backend, where: str, fail_at: int):
+        super().__init__(backend)
+        self.where, self.fail_at, self.calls = where, fail_at, 0
+
+    def _count(self, where: str) -> None:
+        if where == self.where:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError("device lost")
+
+    def prefill(self, context) -> None:
+        self._count("prefill")
+        super().prefill(context)
+
+    def propose(self, context, budget, sp, rng):
+        self._count("propose")
+        return super().propose(context, budget, sp, rng)
+
+
+@pytest.mark.parametrize("where,fail_at", [("propose", 1), ("propose", 3), ("prefill", 1)])
+@pytest.mark.parametrize("sp", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_failing_drafter_leaves_the_reply_to_the_others_and_says_so(sp, where, fail_at):
+    target = FakeModel(peaked_dist(11, 6), 6)
+    prompt, sp = [0, 1, 2], sp.with_(max_tokens=24, seed=3)
+    plain = run(Runtime(copy_model(target), []), prompt, sp)[1]
+    runtime = Runtime(target, [FailingDrafter(FakeModel(peaked_dist(12, 6), 6), where, fail_at)], FixedController(3))
+    steps, tokens, _ = run(runtime, prompt, sp)
+    if sp.greedy:  # the reply is the target's either way: at T=0, token for token
+        assert tokens == plain
+    assert len(tokens) == 24 and steps[-1].finish_reason == "length"
+    notes = steps[-1].stats.notes
+    assert len(notes) == 1 and "drafter model failed (RuntimeError: device lost)" in notes[0]
+    assert "plain decoding" in notes[0]
+    drafted_before = steps[-1].stats.n_drafted
+    assert all(s.stats.n_drafted == drafted_before for s in steps[fail_at:])  # nothing drafted after it
+    # the next reply tries the drafter again (the failure may have been passing)
+    steps, tokens, _ = run(runtime, prompt + [5], sp)
+    assert steps[-1].stats.notes == () and steps[-1].stats.n_drafted > 0
+
+
+def test_a_failing_drafter_hands_over_to_the_next_one():
+    target = FakeModel(peaked_dist(11, 6), 6)
+    failing = FailingDrafter(FakeModel(peaked_dist(12, 6), 6), "propose", 2)
+    runtime = Runtime(target, [failing, NgramDrafter()], FixedController(3))
+    steps, tokens, _ = run(runtime, [0, 1, 2, 0, 1, 2, 0, 1], GREEDY.with_(max_tokens=20))
+    assert tokens == run(Runtime(copy_model(target), []), [0, 1, 2, 0, 1, 2, 0, 1], GREEDY.with_(max_tokens=20))[1]
+    assert "the other drafters" in steps[-1].stats.notes[0]
+    assert {s for s, *_ in steps[-1].stats.by_source} <= {"model", "ngram", "ngram:long"}

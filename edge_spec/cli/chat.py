@@ -121,6 +121,8 @@ def _report(stats: Stats, reason: str | None, fmt: str, predicted: float | None 
     line = stats_line(stats, fmt, predicted)
     if line:
         print(line, file=sys.stderr)
+    for note in stats.notes:
+        print(f"edgespec: note: {note}", file=sys.stderr)
     if reason == "context":
         print("edgespec: the context is full; /clear to start over, or raise -c/--ctx-size", file=sys.stderr)
 
