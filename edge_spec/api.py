@@ -44,7 +44,9 @@ def load(target: str | None = None, draft: str | None = None, plan: bool | str |
     `draft`: a draft model with the target's tokenizer (None: the default drafter with the default
     target, else n-gram drafts only). `plan`: None/True plans for this machine, a string plans
     with that hardware profile (name or file), False skips planning. Other keywords are
-    EngineOptions fields (n_ctx, n_threads, n_gpu_layers, ngram, plain, max_draft, ...)."""
+    EngineOptions fields (n_ctx, n_threads, n_gpu_layers, ngram, plain, max_draft, ...), among
+    them backend= and draft_backend= ("llama" or "torch"; the target's default "auto" is llama.cpp
+    unless the plan streams a target too big for the GPU with torch)."""
     known = {f.name for f in fields(EngineOptions)}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -7,6 +7,7 @@ controller needs the real curve, not a formula. Results are cached in the user c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,12 +31,16 @@ def calibration_file(backend) -> Path:
 
 def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
     """One file per (model file, threads, batch, KV types, GPU layers, build, CPU); `options` is
-    the backend's LlamaOptions (only read, so the file is found before a model is loaded)."""
+    the backend's LlamaOptions or TorchOptions (only read, so the file is found before a model
+    is loaded)."""
     st = os.stat(path)
+    if hasattr(options, "type_k"):  # LlamaOptions
+        setup = [options.n_batch, options.type_k, options.type_v, options.n_gpu_layers]
+    else:  # TorchOptions: every field (device, dtype, KV cache, offloading budget)
+        setup = ["torch", *dataclasses.astuple(options)]
     key = json.dumps([
         SCHEMA, os.path.realpath(path), st.st_size, int(st.st_mtime),
-        n_threads, options.n_batch, options.type_k, options.type_v,
-        options.n_gpu_layers, _build_id(), platform.processor() or platform.machine(),
+        n_threads, *setup, _build_id(), platform.processor() or platform.machine(),
     ])
     return state_dir() / "calibration" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 

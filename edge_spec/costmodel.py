@@ -14,6 +14,16 @@ CI machine against the calibrations in its profile, taken in the same hour (prof
 k = 2..16 within 22%; 0.5B Q8_0 decode 29 ms, predicted 24). The real curve has steps where
 llama.cpp switches kernels, so calibrated measurements replace this formula whenever they exist. A split placement (n layers on the GPU, the rest on the CPU)
 costs the sum of both parts.
+
+An offloaded target (SpecExec; the torch backend, backends/offload.py) computes every layer on
+the GPU and streams the layers that are not resident from host memory at every pass; copying
+overlaps compute, so
+
+    t(k) = overhead + max(streamed_bytes / host_to_device, t_gpu(k))
+
+which stays flat in k up to large trees (t_gpu grows by 2 * params / throughput per token). The
+torch backend holds weights dequantized (bfloat16 on a GPU: 2 bytes per parameter, not the
+GGUF's ~0.6), which this term and its memory counts include.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ CPU_OVERHEAD_S = 0.002           # graph build, thread wake-up, sampling: per pa
 GPU_OVERHEAD_PER_LAYER_S = 5e-5  # kernel launches per layer and pass
 SPLIT_SYNC_S = 5e-4              # a pass that crosses devices waits for the copy of activations
 RUNTIME_BYTES = 300 * 2**20      # the process itself, libraries, token buffers
+TORCH_OFFLOAD_SLOTS = 2          # device buffers that streamed layers pass through (offload.py)
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
             "q4_1": 20 / 32, "q4_0": 18 / 32}
 
@@ -153,22 +164,33 @@ def model_shape(path: str | os.PathLike) -> ModelShape:
 @dataclass(frozen=True)
 class Placement:
     """Where a model runs: `gpu_layers` of its blocks on GPU `gpu` (-1 = CPU only); when every
-    block is on the GPU the LM head goes there too, as llama.cpp does with -ngl > n_layers."""
+    block is on the GPU the LM head goes there too, as llama.cpp does with -ngl > n_layers.
+    `offload`: the torch backend computes every block on the GPU with room for `gpu_layers` of
+    them there (TORCH_OFFLOAD_SLOTS of those are streaming buffers), streaming the others."""
 
     gpu: int = -1
     gpu_layers: int = 0
     threads: int | None = None
+    offload: bool = False
 
     def describe(self, shape: ModelShape) -> str:
+        if self.offload:
+            return f"GPU{self.gpu} torch, {self.streamed(shape)}/{shape.n_layers} layers streamed"
         if self.gpu < 0 or self.gpu_layers == 0:
             return "CPU"
         if self.gpu_layers >= shape.n_layers:
             return f"GPU{self.gpu}"
         return f"GPU{self.gpu} {self.gpu_layers}/{shape.n_layers}+CPU"
 
+    def streamed(self, shape: ModelShape) -> int:
+        """Blocks copied to the GPU at every pass (offload)."""
+        if not self.offload or self.gpu_layers >= shape.n_layers:
+            return 0
+        return shape.n_layers - max(self.gpu_layers - TORCH_OFFLOAD_SLOTS, 0)
+
     def ngl(self, shape: ModelShape) -> int:
-        """The value for llama.cpp's n_gpu_layers."""
-        if self.gpu < 0:
+        """The value for llama.cpp's n_gpu_layers (0 for the torch backend's offloading)."""
+        if self.gpu < 0 or self.offload:
             return 0
         return shape.n_layers + 1 if self.gpu_layers >= shape.n_layers else self.gpu_layers
 
@@ -193,8 +215,26 @@ def _gpu_pass(gpu: Gpu, streamed: float, params: float, k: int, layers: int) -> 
     return layers * GPU_OVERHEAD_PER_LAYER_S + _roofline(streamed / bw, 2 * params / (gflops * 1e9 * GPU_COMPUTE_EFFICIENCY), k)
 
 
+def torch_layer_bytes(shape: ModelShape, dtype_bytes: int = 2) -> int:
+    """One block's weights as the torch backend holds them (matrices in its dtype, vectors f32),
+    rounded up: the offloading budget of n layers is n times this."""
+    vectors = 16 * shape.n_embd * 4  # norms and biases, generously
+    return -(-shape.layer_params // shape.n_layers) * dtype_bytes + vectors
+
+
+def predict_offload_pass(shape: ModelShape, profile: Profile, placement: Placement, k: int) -> float:
+    """An offloaded pass: the streamed blocks' copy overlaps the GPU's compute of all of them."""
+    g = profile.gpus[placement.gpu]
+    copy_s = placement.streamed(shape) * torch_layer_bytes(shape) / (g.host_to_device_gbs * 1e9)
+    resident = shape.n_layers * torch_layer_bytes(shape) + shape.output_params * 2
+    compute_s = _gpu_pass(g, resident, shape.n_params, k, shape.n_layers)
+    return CPU_OVERHEAD_S + max(copy_s, compute_s)
+
+
 def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: int) -> float:
     """Predicted seconds of one pass over k tokens (k = 1: a decode step)."""
+    if placement.offload:
+        return predict_offload_pass(shape, profile, placement, k)
     n_gpu = min(placement.gpu_layers, shape.n_layers) if placement.gpu >= 0 else 0
     if n_gpu and placement.gpu >= len(profile.gpus):
         raise EdgespecError(f"the profile {profile.name!r} has no GPU {placement.gpu}")
@@ -221,8 +261,8 @@ def pass_costs(shape: ModelShape, profile: Profile, placement: Placement, sizes)
     profile has a matching measurement for this model on this device, else "predicted")."""
     device = "cpu" if placement.gpu < 0 or placement.gpu_layers == 0 else f"gpu{placement.gpu}"
     name = os.path.basename(shape.path)
-    cal = next((c for c in profile.calibrations
-                if c.model == name and c.device == device and _matches(c, shape, placement)), None)
+    cal = next((c for c in profile.calibrations if not placement.offload  # calibrations are llama.cpp's
+                and c.model == name and c.device == device and _matches(c, shape, placement)), None)
     if cal is not None:
         return {k: interpolate(cal, k) for k in sizes}, "calibrated"
     return {k: predict_pass(shape, profile, placement, k) for k in sizes}, "predicted"
@@ -258,9 +298,29 @@ class MemoryNeed:
     vram: int
 
 
+def torch_memory_need(shape: ModelShape, n_ctx: int, dtype_bytes: int = 4, kv_cache: str = "plain",
+                      budget: int | None = None, device: str = "cpu") -> MemoryNeed:
+    """The torch backend: weights dequantized to its dtype (an untied embedding table stays
+    quantized), KV cache (int8x2: ~1 byte per element), activations of a 512-token batch; on a
+    GPU, `budget` bytes of layers there and all of them in (pinned) host memory."""
+    layers = shape.n_layers * torch_layer_bytes(shape, dtype_bytes)
+    head = shape.output_params * dtype_bytes + shape.embedding_bytes + shape.other_bytes
+    elements = shape.n_layers * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * n_ctx
+    kv = elements * (dtype_bytes if kv_cache == "plain" else 1 + 2 / min(shape.head_dim_k, shape.head_dim_v))
+    compute = shape.compute_buffer_bytes(min(512, n_ctx))
+    if device == "cpu":
+        return MemoryNeed(ram=int(layers + head + kv + compute), vram=0)
+    on_gpu = layers if budget is None else min(budget, layers)
+    ram = layers if budget is not None else 0
+    return MemoryNeed(ram=int(ram + compute), vram=int(on_gpu + head + kv + compute))
+
+
 def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str = "f16",
                 type_v: str = "f16", n_ubatch: int = 512) -> MemoryNeed:
     """Bytes a model needs on each side: weights, KV cache of n_ctx tokens, compute buffers."""
+    if placement.offload:  # the torch backend in bfloat16
+        budget = min(placement.gpu_layers, shape.n_layers) * torch_layer_bytes(shape, 2)
+        return torch_memory_need(shape, n_ctx, 2, "plain", budget, device="cuda")
     n_gpu = min(placement.gpu_layers, shape.n_layers) if placement.gpu >= 0 else 0
     gpu_layer_bytes = sum(shape.layer_bytes[shape.n_layers - n_gpu:]) if n_gpu else 0
     head_on_gpu = n_gpu >= shape.n_layers

@@ -22,6 +22,7 @@ SELF_DRAFTER_PRIOR = 0.9
 # cached calibration stale; a calibration taken while other work ran was seen 3x too slow here
 STALE_CALIBRATION = 0.3
 STALE_MIN_STEPS = 32
+BACKENDS = ("llama", "torch")  # llama.cpp (edge_spec.backends.llama_cpp) or torch (backends.torch_backend)
 
 Progress = Callable[[str, float], None]  # (what, fraction done)
 
@@ -50,6 +51,16 @@ class EngineOptions:
     profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
     history: bool = True            # learn acceptance across sessions ($EDGESPEC_HOME/history.json)
+    # which backend runs each model: "llama" (llama.cpp) or "torch"; the target's "auto" is
+    # llama.cpp unless the plan streams a target too big for VRAM with torch (SpecExec offloading)
+    backend: str = "auto"
+    draft_backend: str = "llama"
+
+    def __post_init__(self):
+        if self.backend not in ("auto", *BACKENDS):
+            raise EdgespecError(f"unknown backend {self.backend!r}: use auto, {' or '.join(BACKENDS)}")
+        if self.draft_backend not in BACKENDS:
+            raise EdgespecError(f"unknown draft backend {self.draft_backend!r}: use {' or '.join(BACKENDS)}")
 
 
 def resolve_model(name: str | None, default: str) -> Path:
@@ -90,6 +101,8 @@ class Engine:
         """The plan's prediction for what this engine runs (flags may have overridden the plan)."""
         if self.plan is None:
             return None
+        if self.target.facts.extra.get("backend") == "torch" and not self.plan.chosen.target.offload:
+            return None  # a torch target asked for: the plan's costs are llama.cpp's
         running = "draft" if self.draft_backend is not None else "ngram" if self.runtime.drafters else "plain"
         if self.plan.chosen.strategy == running:
             return self.plan.chosen.tokens_per_second
@@ -104,6 +117,7 @@ class Engine:
 
         report = progress or (lambda what, fraction: None)
         target_path, draft_path = model_paths(options)
+        check_backends(options, target_path, draft_path)  # before anything is planned or loaded
 
         notes: list[str] = []
         the_plan = None
@@ -112,7 +126,7 @@ class Engine:
             draft_path = Path(the_plan.drafter.path) if the_plan.drafter is not None else None
             if the_plan.chosen.strategy != "draft" and options.draft is None and draft_path is not None:
                 draft_path = None  # the plan leaves the default drafter out; an explicit -md stays
-        t_opts, d_opts = _llama_options(options, the_plan, draft_path)
+        t_opts, d_opts = _backend_options(options, the_plan, target_path, draft_path)
         if the_plan is None:  # the planner checks memory for its plans; without one, check here
             _check_memory(target_path, draft_path, t_opts, d_opts)
         target = _load(target_path, t_opts, "target", notes, report)
@@ -131,7 +145,9 @@ class Engine:
             if options.calibrate and (drafters or draft_backend is not None):
                 calibration = _calibrate(controller, target, draft_backend,
                                          min(max(max_draft, MAX_DRAFT), target.n_ctx // 4), report)
-            if the_plan is not None and the_plan.chosen.costs != "calibrated" and calibration:
+            # (a torch target's measurements would pass for llama.cpp's CPU placement: not re-planned)
+            if the_plan is not None and the_plan.chosen.costs != "calibrated" and calibration \
+                    and hasattr(t_opts, "n_gpu_layers"):
                 the_plan = _plan(options, target_path, draft_backend and draft_path, notes, report,
                                  calibration=calibration, threads=target.n_threads)
                 if options.max_draft is None and the_plan.max_draft:
@@ -190,7 +206,7 @@ class Engine:
 
         controller = self.runtime.controller
         count, total = controller._plain
-        if count < STALE_MIN_STEPS or self._calibrated_step is None or self.target.ctx is None:
+        if count < STALE_MIN_STEPS or self._calibrated_step is None:
             return
         if abs(total / count / self._calibrated_step - 1) > STALE_CALIBRATION:
             try:
@@ -232,11 +248,19 @@ def as_drafter_of(target, draft_path, backend):
 
 
 def _load(path, opts, what: str, notes: list, report: Progress):
-    """Load a backend; if GPU offload fails (a GPU gone, a driver error), load on the CPU and say so."""
+    """Load a backend (llama.cpp for LlamaOptions, torch for TorchOptions); if llama.cpp's GPU
+    offload fails (a GPU gone, a driver error), load on the CPU and say so."""
     from dataclasses import replace as with_
 
-    from .backends.llama_cpp import LlamaCppBackend
+    from .backends.llama_cpp import LlamaCppBackend, LlamaOptions
 
+    if not isinstance(opts, LlamaOptions):
+        from .backends.torch_backend import TorchBackend
+
+        report(f"loading {what} (torch)", 0.0)
+        backend = TorchBackend(path, opts)
+        report(f"loading {what} (torch)", 1.0)
+        return backend
     try:
         return LlamaCppBackend(path, opts, lambda f: report(f"loading {what}", f))
     except EdgespecError as e:
@@ -257,9 +281,10 @@ def _calibrate(controller: Controller, target, draft_backend, max_draft: int, re
     if draft_backend is not None:
         drafts["model"] = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
     controller.calibrate(costs, drafts)
-    out = {"target": (costs, target.options.n_gpu_layers)}
+    # a torch backend's measurements stand for the CPU placement the planner knows (n_gpu_layers 0)
+    out = {"target": (costs, getattr(target.options, "n_gpu_layers", 0))}
     if draft_backend is not None:
-        out["drafter"] = ({1: drafts["model"]}, draft_backend.options.n_gpu_layers)
+        out["drafter"] = ({1: drafts["model"]}, getattr(draft_backend.options, "n_gpu_layers", 0))
     return out
 
 
@@ -314,12 +339,12 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
         notes.append(f"llama.cpp was built without GPU offload: {', '.join(g.name for g in prof.gpus)} "
                      "not used (rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on or -DGGML_METAL=on)")
     knowledge = History().knowledge(target_path, draft_path) if options.history else planner.Knowledge()
-    if draft_path is not None and knowledge.acceptance is None and _is_self_drafter(draft_path):
-        knowledge = dataclasses.replace(knowledge, acceptance=SELF_DRAFTER_PRIOR,
-                                        acceptance_source="prior for a self-drafter")
+    if draft_path is not None and knowledge.acceptance is None and (prior := _self_drafter_prior(draft_path)):
+        knowledge = dataclasses.replace(knowledge, acceptance=prior[0], acceptance_source=prior[1])
     result = planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
                           n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
-                          max_draft=options.max_draft or planner.MAX_DRAFT, gpu=gpu, threads=threads)
+                          max_draft=options.max_draft or planner.MAX_DRAFT, gpu=gpu, threads=threads,
+                          offload=torch_offload_possible(options.backend, target_path))
     report("planning", 1.0)
     return result
 
@@ -345,16 +370,15 @@ def plan_for(options: EngineOptions, target_path, draft_path, notes: list, repor
 
 
 def drafter_candidates(target_path) -> list[Path]:
-    """Drafters for a target: a self-drafter built from it (`edgespec drafter build`), the
-    installed default drafter when its tokenizer matches (same model, pre-tokenizer, size ±128),
-    and trimmed drafters built for it (`--method trim --target`, matched by the target's file name)."""
+    """Drafters for a target: self-drafters built from it (`edgespec drafter build`, the 4-bit copy
+    and the layer-skipping one), the installed default drafter when its tokenizer matches (same
+    model, pre-tokenizer, size ±128), and trimmed drafters built for it (`--method trim --target`,
+    matched by the target's file name)."""
     from .drafters.build import default_output, info
     from .gguf_file import ArrayInfo, validate
 
-    found = []
     built = default_output(target_path)
-    if built.is_file():
-        found.append(built)
+    found = [path for path in (built, default_output(target_path, "skip")) if path.is_file()]
     default = models.installed_path(models.DEFAULT_DRAFT)
     if default is not None and os.path.realpath(default) != os.path.realpath(target_path):
         def vocab(path):
@@ -416,6 +440,12 @@ def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
         if path is None:
             continue
         shape = costmodel.model_shape(path)
+        if not hasattr(opts, "n_gpu_layers"):  # TorchOptions
+            ram = costmodel.torch_memory_need(shape, opts.n_ctx, 4 if opts.dtype == "float32" else 2,
+                                              opts.kv_cache, opts.device_budget_bytes, opts.device).ram
+            need += ram
+            parts.append(f"{shape.name} (torch) {ram / 2**30:.1f} GiB")
+            continue
         placement = Placement(0 if opts.n_gpu_layers else -1, min(opts.n_gpu_layers, shape.n_layers))
         ram = costmodel.memory_need(shape, placement, opts.n_ctx, opts.type_k, opts.type_v).ram
         need += ram
@@ -444,10 +474,77 @@ def _cached_calibrations(options: EngineOptions, path, threads: int, gpu: bool) 
     return out
 
 
-def _is_self_drafter(path) -> bool:
+def _self_drafter_prior(path) -> tuple[float, str] | None:
+    """The acceptance to plan with until measured, for a drafter built from its target: the
+    QuantSpec prior, or the T = 0 agreement a layer-skipping drafter's build measured."""
     from .drafters.build import info
 
-    return info(path).get("method") == "quantspec"
+    found = info(path)
+    if found.get("method") == "quantspec":
+        return SELF_DRAFTER_PRIOR, "prior for a self-drafter"
+    if found.get("method") == "layerskip" and "agreement" in found:
+        return float(found["agreement"]), "agreement measured when it was built"
+    return None
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported (found without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def torch_offload_possible(backend: str, target_path) -> bool:
+    """Whether the planner may stream the target with the torch backend: torch installed and the
+    target's architecture one it runs (the planner checks for a GPU torch can use and a target
+    that does not fit in its VRAM)."""
+    if backend not in ("auto", "torch") or not torch_installed():
+        return False
+    from .backends.torch_backend import check_supported
+
+    try:
+        check_supported(target_path)
+    except EdgespecError:
+        return False
+    return True
+
+
+def check_backends(options: EngineOptions, target_path, draft_path) -> None:
+    """A torch backend asked for: torch installed and the model's architecture and tensor types
+    supported, checked from the GGUF header before anything is loaded."""
+    wanted = [(p, what) for p, what, kind in ((target_path, "target", options.backend),
+                                              (draft_path, "drafter", options.draft_backend))
+              if p is not None and kind == "torch"]
+    if not wanted:
+        return
+    if not torch_installed():
+        raise EdgespecError(
+            "the torch backend needs torch: `pip install edgespec[torch]` (CPU-only: `pip install torch "
+            "--index-url https://download.pytorch.org/whl/cpu`), or use --backend llama / --draft-backend llama")
+    from .backends.torch_backend import check_supported
+
+    for path, what in wanted:
+        check_supported(path, what)
+
+
+def _backend_options(options: EngineOptions, the_plan, target_path, draft_path=None):
+    """(target options, drafter options): LlamaOptions for llama.cpp, TorchOptions for torch."""
+    from .backends.torch_backend import TorchOptions
+
+    t_opts, d_opts = _llama_options(options, the_plan, draft_path)
+    placement = the_plan.chosen.target if the_plan is not None else None
+    if placement is not None and placement.offload:  # the plan streams the target (SpecExec)
+        from . import costmodel
+
+        shape = costmodel.model_shape(target_path)
+        t_opts = TorchOptions(n_ctx=options.n_ctx, n_threads=t_opts.n_threads, device=f"cuda:{placement.gpu}",
+                              dtype="bfloat16",
+                              device_budget_bytes=placement.gpu_layers * costmodel.torch_layer_bytes(shape, 2))
+    elif options.backend == "torch":
+        t_opts = TorchOptions(n_ctx=options.n_ctx, n_threads=t_opts.n_threads, device="auto")
+    if options.draft_backend == "torch":
+        d_opts = TorchOptions(n_ctx=options.n_ctx, n_threads=d_opts.n_threads, device="auto")
+    return t_opts, d_opts
 
 
 def _llama_options(options: EngineOptions, the_plan, draft_path=None):

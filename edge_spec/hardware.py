@@ -288,6 +288,9 @@ def _cuda_gpus(notes: list[str], seconds: float) -> list[Gpu]:
 
 def _torch_with_gpu(problems: list[str]):
     """torch, if it is importable and sees a CUDA or ROCm device; else None and a problem noted."""
+    # before torch loads OpenMP, as backends.torch_backend does: its idle threads must not spin
+    # (a torch drafter next to a llama.cpp target later in this process ran 8x slower)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
     except ImportError:

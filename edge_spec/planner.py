@@ -14,6 +14,13 @@ runtime's controller stops it when it does not pay. Placements: every model on t
 (all of them when they fit, llama.cpp's split otherwise), drafter on the other device or on the
 same one; threads are the physical cores (one model computes at a time in a sequential schedule).
 KV caches stay f16 unless memory only fits with q8_0.
+
+Offloading (SpecExec): where torch is installed (`offload=True`), a GPU torch can drive (CUDA or
+ROCm) exists and the target does not fit in its VRAM, the target may also run on the torch
+backend with every layer computed on the GPU, as many resident as fit and the rest streamed
+from RAM at every pass (costmodel.predict_offload_pass: flat in the number of tokens, so it pays
+with long drafts and high acceptance, and rarely against a fast CPU: the torch backend streams
+bfloat16, ~3.5x the bytes of a 4-bit GGUF).
 """
 
 from __future__ import annotations
@@ -104,19 +111,20 @@ class Plan:
 
 def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None, *, n_ctx: int = 4096,
          knowledge: Knowledge = Knowledge(), calibrations: tuple[Calibration, ...] = (),
-         max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None) -> Plan:
+         max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None, offload: bool = False) -> Plan:
     """The plan with the highest predicted tokens/s that fits; EdgespecError when nothing fits.
 
     `calibrations` add to the profile's (e.g. the engine's cached measurements); `gpu=False`
-    keeps everything on the CPU (llama.cpp built without GPU support); `threads` defaults to
-    the physical cores."""
+    keeps llama.cpp on the CPU (built without GPU support); `threads` defaults to the physical
+    cores; `offload=True` (torch is installed) adds the torch backend's offloaded target where
+    it applies (see the module docstring)."""
     if calibrations:
         profile = profile.model_copy(update={"calibrations": [*calibrations, *profile.calibrations]})
     threads = threads or profile.cpu.physical_cores
     gpus = range(len(profile.gpus)) if gpu else range(0)
     rejected: list[str] = []
     for type_k, type_v in (("f16", "f16"), ("q8_0", "q8_0")):
-        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected)
+        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload)
         if options:
             break
     else:
@@ -134,7 +142,7 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
                 n_ctx, type_k, type_v, threads, budget, knowledge)
 
 
-def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected):
+def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload=False):
     """(target placement, drafter placement or None, RAM, VRAM) for each combination that fits."""
     ram_budget = profile.ram_available_bytes * RAM_HEADROOM
     out = []
@@ -145,6 +153,8 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
             target_options.append(Placement(g, layers, threads))
         else:
             rejected.append(f"target on GPU{g}: not one layer fits in {profile.gpus[g].vram_free_bytes / GiB:.1f} GiB free")
+    if offload:
+        target_options.extend(_offload_placements(target, profile, threads, n_ctx, type_k, type_v, rejected))
     for tp in target_options:
         t_need = costmodel.memory_need(target, tp, n_ctx, type_k, type_v)
         drafter_options: list[Placement | None] = [None]
@@ -171,6 +181,21 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
                 continue
             out.append((tp, dp, int(ram), int(need.vram)))
     return out
+
+
+def _offload_placements(target, profile, threads, n_ctx, type_k, type_v, rejected):
+    """The torch backend streaming the target through each GPU torch drives that cannot hold it
+    (llama.cpp would split it): as many layers on the GPU as fit, at least one streaming slot."""
+    for g, gpu in enumerate(profile.gpus):
+        if gpu.api not in ("cuda", "rocm") or _layers_that_fit(target, profile, g, n_ctx, type_k, type_v, 0) >= target.n_layers:
+            continue
+        free = gpu.vram_free_bytes * VRAM_HEADROOM
+        fixed = costmodel.memory_need(target, Placement(g, 0, offload=True), n_ctx).vram  # head, KV, buffers
+        layers = min(int((free - fixed) // costmodel.torch_layer_bytes(target)), target.n_layers)
+        if layers < 1:
+            rejected.append(f"target streamed through GPU{g} (torch): not one layer fits next to its head and KV cache")
+            continue
+        yield Placement(g, layers, threads, offload=True)
 
 
 def _layers_that_fit(shape: ModelShape, profile: Profile, g: int, n_ctx: int, type_k: str, type_v: str,

@@ -258,3 +258,60 @@ def test_gpu_calibrations_apply_to_the_placement_they_measured(target):
     assert source == "calibrated" and costs == {1: 0.004, 8: 0.005}
     assert costmodel.pass_costs(target, prof, Placement(0, 10, 16), [1])[1] == "predicted"  # a split
     assert costmodel.pass_costs(target, prof, Placement(-1, 0, 16), [1])[1] == "predicted"  # the CPU
+
+
+# --- an offloaded target (SpecExec, the torch backend) ---------------------------------------------
+
+def with_ram(prof, gib: int):
+    return prof.model_copy(update={"ram_available_bytes": gib * GiB, "ram_total_bytes": (gib + 8) * GiB})
+
+
+def test_an_offloaded_target_costs_one_stream_of_its_layers_per_pass(target):
+    """laptop-8gb-gpu with 64 GB of RAM and a target 8x the default (9 GB): it does not fit the card,
+    so with torch installed the planner weighs streaming it; one pass costs the streamed bytes over
+    PCIe, the same for 1 token or a 128-token tree. Against this laptop's fast CPU, llama.cpp's
+    split (1 layer on the CPU) still wins: torch streams bfloat16, ~3.5x a 4-bit GGUF's bytes."""
+    huge, prof = big(target, 8), with_ram(profile.load("laptop-8gb-gpu"), 64)
+    p = planner.plan(huge, prof, offload=True)
+    streamed = [a for a in p.alternatives if a.target.offload]
+    assert {a.strategy for a in streamed} == {"plain", "ngram"}
+    placement = streamed[0].target
+    assert 1 <= placement.gpu_layers < huge.n_layers and streamed[0].vram <= prof.gpus[0].vram_free_bytes * 0.95
+    assert "torch" in placement.describe(huge) and placement.ngl(huge) == 0
+    link = placement.streamed(huge) * costmodel.torch_layer_bytes(huge) / (prof.gpus[0].host_to_device_gbs * 1e9)
+    costs = [costmodel.predict_pass(huge, prof, placement, k) for k in (1, 16, 128)]
+    assert costs == pytest.approx([costmodel.CPU_OVERHEAD_S + link] * 3)
+    assert not p.chosen.target.offload
+
+
+def test_an_offloaded_target_is_weighed_only_with_torch_a_gpu_and_a_target_too_big(target):
+    huge, laptop = big(target, 8), with_ram(profile.load("laptop-8gb-gpu"), 64)
+    for shape, prof, offload in ((huge, laptop, False),                                   # no torch
+                                 (huge, with_ram(profile.load("laptop-cpu"), 64), True),  # no GPU
+                                 (target, laptop, True)):                                 # it fits the card
+        assert not any(a.target.offload for a in planner.plan(shape, prof, offload=offload).alternatives)
+
+
+def test_streaming_wins_where_the_cpus_share_of_a_split_is_slower(target):
+    """What-if: the same GPU next to a weak CPU (2 GB/s, 20 GFLOP/s) and a 26 GB target (20x):
+    llama.cpp would run most layers on that CPU; streaming them at 12.6 GB/s is faster."""
+    prof = with_ram(profile.load("laptop-8gb-gpu"), 96)
+    prof = prof.model_copy(update={"cpu": prof.cpu.model_copy(update={"memory_bandwidth_gbs": 2.0,
+                                                                      "matmul_gflops": {"f32": 20.0}})})
+    p = planner.plan(big(target, 20), prof, offload=True)
+    assert p.chosen.target.offload and p.chosen.target.gpu == 0
+
+
+def test_an_offload_plan_loads_the_torch_backend_with_its_budget(target):
+    """A 1.25 GB card cannot hold the default target with its KV cache and buffers; the plan's
+    offloaded placement becomes TorchOptions on that GPU with room for the planned layers."""
+    from edge_spec.engine import EngineOptions, _backend_options
+
+    prof = profile.load("laptop-8gb-gpu")
+    small_card = prof.model_copy(update={"gpus": [prof.gpus[0].model_copy(update={"vram_free_bytes": int(1.25 * GiB)})]})
+    p = planner.plan(target, small_card, offload=True, n_ctx=4096)
+    offloaded = next(a for a in p.alternatives if a.target.offload)
+    p = dataclasses.replace(p, chosen=offloaded)
+    t_opts, _ = _backend_options(EngineOptions(), p, target.path)
+    assert (t_opts.device, t_opts.dtype) == ("cuda:0", "bfloat16")
+    assert t_opts.device_budget_bytes == offloaded.target.gpu_layers * costmodel.torch_layer_bytes(target, 2)

@@ -40,10 +40,18 @@ KV cache: preallocated [layers, kv heads, n_ctx, head dim] per K and V, keys sto
 so rollback is `truncate` (the cache slots past n_past are simply ignored and overwritten).
 Token trees run in one pass with an explicit attention mask; `keep_path` moves the accepted
 branch's K/V rows into place (RoPE positions equal their final slots, so nothing is recomputed).
+With `kv_cache="int8x2"` the cache is QuantSpec's hierarchical INT8 = two INT4 planes
+(backends/kv_quant.py), read through `kv_view` "full" (INT8, a target) or "upper" (INT4, a
+drafter), the last `kv_recent` tokens in full precision.
+
+Offloading (SpecExec): with `device_budget_bytes`, only that much of the transformer layers'
+weights stays on the device; the rest is streamed from host memory at every pass
+(backends/offload.py). Each pass reads every streamed layer once, whatever its token count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -59,6 +67,7 @@ from ..types import EdgespecError, ModelFacts
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 DTYPES = ("float32", "bfloat16")
+KV_CACHES = ("plain", "int8x2")
 
 
 def _torch():
@@ -75,6 +84,28 @@ def _torch():
     return torch
 
 
+def check_supported(path, what: str = "model"):
+    """The GGUF header of a model this backend can run (no torch needed); a clear error otherwise."""
+    from gguf import GGMLQuantizationType as T
+
+    path = os.fspath(path)
+    header = read_header(path)  # validated: every size and offset checked against the file
+    arch = header.metadata["general.architecture"]
+    if arch not in ARCHITECTURES:
+        raise EdgespecError(
+            f"{path}: architecture {arch!r} is not supported by the torch backend "
+            f"(it runs {', '.join(ARCHITECTURES)}); the llama.cpp backend can run it"
+            + ("" if what == "model" else f" (--{'draft-' if what == 'drafter' else ''}backend llama)"))
+    ok = set(supported_tensor_types())
+    for t in header.tensors:
+        name = T(t.type).name
+        if name not in ok:
+            raise EdgespecError(
+                f"{path}: tensor {t.name} has type {name}, which the torch backend cannot dequantize "
+                f"(it reads {', '.join(sorted(ok))}); the llama.cpp backend can run this model")
+    return header
+
+
 def supported_tensor_types() -> tuple[str, ...]:
     import gguf.quants
     from gguf import GGMLQuantizationType as T
@@ -89,6 +120,13 @@ class TorchOptions:
     device: str = "cpu"           # "cpu", "cuda", "cuda:N", or "auto" (CUDA when available)
     dtype: str = "float32"        # weights and KV cache: "float32" or "bfloat16"
     n_batch: int = 512            # longer inputs are evaluated in chunks of this many tokens
+    # offloading: device memory for transformer layer weights (embeddings, LM head and KV cache
+    # come on top); None: every layer resident. Layers beyond it stream from host memory.
+    device_budget_bytes: int | None = None
+    kv_cache: str = "plain"       # "plain" (dtype) or "int8x2" (QuantSpec's INT8 = 2 x INT4 planes)
+    kv_view: str = "full"         # int8x2: "full" reads INT8 (a target), "upper" the upper INT4 (a drafter)
+    kv_recent: int = 32           # int8x2: a token reads itself and this many before it in full precision
+    kv_rollback: int = 64         # int8x2: rollbacks up to this deep keep the recent tokens exact
 
     def __post_init__(self):
         if self.n_ctx < 8:
@@ -97,6 +135,18 @@ class TorchOptions:
             raise EdgespecError(f"unknown torch dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.n_batch < 1:
             raise EdgespecError("n_batch must be at least 1")
+        if self.device_budget_bytes is not None and self.device_budget_bytes < 0:
+            raise EdgespecError("device_budget_bytes must be >= 0 (None: no offloading)")
+        if self.kv_cache not in KV_CACHES:
+            raise EdgespecError(f"unknown torch KV cache {self.kv_cache!r}: use one of {', '.join(KV_CACHES)}")
+        from .kv_quant import VIEWS
+
+        if self.kv_view not in VIEWS:
+            raise EdgespecError(f"unknown KV view {self.kv_view!r}: use one of {', '.join(VIEWS)}")
+        if self.kv_view != "full" and self.kv_cache == "plain":
+            raise EdgespecError(f"kv_view={self.kv_view!r} reads a quantized cache: add kv_cache='int8x2'")
+        if self.kv_recent < 0 or self.kv_rollback < 0:
+            raise EdgespecError("kv_recent and kv_rollback must be >= 0")
 
 
 # --- the vocabulary: llama.cpp's, loaded without weights ---------------------------------------
@@ -195,6 +245,40 @@ def _hparams(md: dict, path: str) -> _Hparams:
     return _Hparams(**common)
 
 
+# --- the KV cache -------------------------------------------------------------------------------
+
+class PlainKV:
+    """K and V as [layers, kv heads, n_ctx, head dim] in the backend's dtype (see
+    kv_quant.QuantKV for the quantized one; both have begin / attend / keep / nbytes)."""
+
+    def __init__(self, torch, shape, dtype, device):
+        self.torch = torch
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def begin(self, start, stop, kpos) -> None:
+        pass
+
+    def attend(self, il, q, k, v, start, stop, mask, qpos, scale):
+        """q [kv, G * n, d] over slots 0..stop after writing k, v [kv, n, d] at start..stop."""
+        self.k[il, :, start:stop] = k.to(self.k.dtype)
+        self.v[il, :, start:stop] = v.to(self.v.dtype)
+        return self.torch.nn.functional.scaled_dot_product_attention(
+            q, self.k[il, :, :stop].float(), self.v[il, :, :stop].float(), attn_mask=mask, scale=scale)
+
+    def keep(self, src, dst) -> None:
+        self.k[:, :, dst] = self.k.index_select(2, src)
+        self.v[:, :, dst] = self.v.index_select(2, src)
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 class TorchBackend:
@@ -204,14 +288,9 @@ class TorchBackend:
         path = os.fspath(path)
         self.options = options
         self._vocab = None
-        header = read_header(path)  # validated: every size and offset checked against the file
+        header = check_supported(path)
         md = header.metadata
         arch = md["general.architecture"]
-        if arch not in ARCHITECTURES:
-            raise EdgespecError(
-                f"{path}: architecture {arch!r} is not supported by the torch backend "
-                f"(it runs {', '.join(ARCHITECTURES)}); the llama.cpp backend can run it")
-        self._check_tensor_types(header, path)
         self.hp = hp = _hparams(md, path)
         torch = self.torch = _torch()
         self.device = self._device(options.device)
@@ -227,10 +306,14 @@ class TorchBackend:
             raise
         self.vocab_size = int(self._out_rows)
         self.n_ctx = options.n_ctx
-        shape = (hp.n_layer, hp.n_head_kv, self.n_ctx, hp.head_dim)
         self.kv_dtype = self.dtype
-        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        if options.kv_cache == "int8x2":
+            from .kv_quant import QuantKV
+
+            self.kv = QuantKV(torch, hp.n_layer, hp.n_head_kv, self.n_ctx, hp.head_dim, self.device, self.kv_dtype,
+                              options.kv_view, options.kv_recent, options.kv_rollback)
+        else:
+            self.kv = PlainKV(torch, (hp.n_layer, hp.n_head_kv, self.n_ctx, hp.head_dim), self.kv_dtype, self.device)
         self._slot_pos = torch.zeros(self.n_ctx, dtype=torch.long, device=self.device)  # RoPE position per slot
         self._init_rope()
         self.tokens: list[int] = []
@@ -244,22 +327,12 @@ class TorchBackend:
             chat_template=md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str) else None,
             description=getattr(v, "description", ""),
             extra={"n_head_kv": hp.n_head_kv, "n_head": hp.n_head, "add_bos": v.add_bos,
-                   "backend": "torch", "device": str(self.device), "dtype": options.dtype},
+                   "backend": "torch", "device": str(self.device), "dtype": options.dtype,
+                   "kv_cache": options.kv_cache + (f"/{options.kv_view}" if options.kv_cache != "plain" else ""),
+                   "resident_layers": hp.n_layer if self.streamer is None else len(self.streamer.resident)},
         )
 
     # --- loading -------------------------------------------------------------------------
-    @staticmethod
-    def _check_tensor_types(header, path):
-        from gguf import GGMLQuantizationType as T
-
-        ok = set(supported_tensor_types())
-        for t in header.tensors:
-            name = T(t.type).name
-            if name not in ok:
-                raise EdgespecError(
-                    f"{path}: tensor {t.name} has type {name}, which the torch backend cannot dequantize "
-                    f"(it reads {', '.join(sorted(ok))}); the llama.cpp backend can run this model")
-
     def _device(self, want: str):
         torch = self.torch
         if want == "auto":
@@ -285,7 +358,11 @@ class TorchBackend:
             rows = math.prod(t.shape[1:])
             return data.reshape(rows, t.n_bytes // rows), T(t.type), t.shape
 
-        def tensor(name, optional=False, dtype=None):
+        # offloading: layer weights are loaded into host memory, the streamer places them
+        offload = self.options.device_budget_bytes is not None
+        layer_device = torch.device("cpu") if offload else self.device
+
+        def tensor(name, optional=False, dtype=None, device=None):
             if name not in infos:
                 if optional:
                     return None
@@ -294,23 +371,29 @@ class TorchBackend:
                     "backend; the llama.cpp backend can run this model")
             data, qtype, shape = raw(name)
             out = _dequantize(torch, data, qtype).reshape(tuple(reversed(shape)))
-            return out.to(self.device, dtype or self.dtype)
+            return out.to(device or self.device, dtype or self.dtype)
 
         f32 = torch.float32
         self.w: list[dict] = []
         for i in range(hp.n_layer):
             p = f"blk.{i}."
-            layer = {k: tensor(p + k + ".weight") for k in
+            at = layer_device
+            layer = {k: tensor(p + k + ".weight", device=at) for k in
                      ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
-            layer["attn_norm"] = tensor(p + "attn_norm.weight", dtype=f32)
+            layer["attn_norm"] = tensor(p + "attn_norm.weight", dtype=f32, device=at)
             for k in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                layer[k + ".bias"] = tensor(p + k + ".bias", optional=True, dtype=f32)
+                layer[k + ".bias"] = tensor(p + k + ".bias", optional=True, dtype=f32, device=at)
             if hp.arch == "gemma3":
                 for k in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
-                    layer[k] = tensor(p + k + ".weight", dtype=f32)
+                    layer[k] = tensor(p + k + ".weight", dtype=f32, device=at)
             else:
-                layer["ffn_norm"] = tensor(p + "ffn_norm.weight", dtype=f32)
+                layer["ffn_norm"] = tensor(p + "ffn_norm.weight", dtype=f32, device=at)
             self.w.append(layer)
+        self.streamer = None
+        if offload:
+            from .offload import LayerStreamer
+
+            self.streamer = LayerStreamer(torch, self.w, self.device, self.options.device_budget_bytes)
         self.output_norm = tensor("output_norm.weight", dtype=f32)
         self.rope_freqs = tensor("rope_freqs.weight", optional=True, dtype=f32)
         if "output.weight" in infos:
@@ -384,10 +467,12 @@ class TorchBackend:
         [n]; `mask` [n, stop] bool (True = may attend) over cache slots 0..stop. Returns the
         final hidden states of `rows` (index tensor or slice), [r, n_embd], float32."""
         torch, hp = self.torch, self.hp
-        n, (start, stop) = len(tokens), slots
+        start, stop = slots
         group = hp.n_head // hp.n_head_kv
         x = self._embed(tokens)
         self._slot_pos[start:stop] = pos
+        self.kv.begin(start, stop, self._slot_pos[:stop])
+        qpos = pos.repeat(group)  # the query heads' rows, as the masks' rows
         # per kind of layer (swa: a gemma3 local layer), the RoPE tables and the additive mask,
         # repeated for the `group` query heads that share each kv head
         tables = {False: self._rope_tables(pos, self._inv_freq)}
@@ -397,37 +482,45 @@ class TorchBackend:
             tables[True] = self._rope_tables(pos, self._inv_freq_swa)
             near = (pos[:, None] - self._slot_pos[None, :stop]) < (hp.swa_window or self.n_ctx + 1)
             masks[True] = neg.masked_fill(~near, float("-inf")).repeat(group, 1)
-        for il, w in enumerate(self.w):
-            swa = self._is_swa(il)
-            h = self._rms(x, w["attn_norm"])
-            q = self._linear(h, w["attn_q"], w["attn_q.bias"]).view(n, hp.n_head, hp.head_dim)
-            k = self._linear(h, w["attn_k"], w["attn_k.bias"]).view(n, hp.n_head_kv, hp.head_dim)
-            v = self._linear(h, w["attn_v"], w["attn_v.bias"]).view(n, hp.n_head_kv, hp.head_dim)
-            if hp.arch == "gemma3":
-                q, k = self._rms(q, w["attn_q_norm"]), self._rms(k, w["attn_k_norm"])
-            c, s = tables[swa]
-            q, k = self._rope(q, c, s), self._rope(k, c, s)
-            self.k_cache[il, :, start:stop] = k.transpose(0, 1).to(self.kv_dtype)
-            self.v_cache[il, :, start:stop] = v.transpose(0, 1).to(self.kv_dtype)
-            keys = self.k_cache[il, :, :stop].float()                   # [kv, T, d]
-            values = self.v_cache[il, :, :stop].float()
-            # grouped-query attention without copying K/V: query head h uses kv head h // group
-            qg = q.view(n, hp.n_head_kv, group, hp.head_dim).permute(1, 2, 0, 3).reshape(hp.n_head_kv, group * n, hp.head_dim)
-            att = torch.nn.functional.scaled_dot_product_attention(
-                qg, keys, values, attn_mask=masks[swa], scale=hp.attn_scale)  # [kv, group * n, d]
-            att = att.view(hp.n_head_kv, group, n, hp.head_dim).permute(2, 0, 1, 3).reshape(n, hp.n_head * hp.head_dim)
-            out = self._linear(att, w["attn_output"], w["attn_output.bias"])
-            if hp.arch == "gemma3":
-                x = x + self._rms(out, w["post_attention_norm"])
-                h = self._rms(x, w["ffn_norm"])
-                f = torch.nn.functional.gelu(self._linear(h, w["ffn_gate"]), approximate="tanh") * self._linear(h, w["ffn_up"])
-                x = x + self._rms(self._linear(f, w["ffn_down"]), w["post_ffw_norm"])
-            else:
-                x = x + out
-                h = self._rms(x, w["ffn_norm"])
-                f = torch.nn.functional.silu(self._linear(h, w["ffn_gate"])) * self._linear(h, w["ffn_up"])
-                x = x + self._linear(f, w["ffn_down"])
+        with contextlib.closing(self._layers()) as layers:
+            for il, w in layers:
+                x = self._layer(il, w, x, tables, masks, qpos, start, stop)
         return x[rows]
+
+    def _layers(self):
+        """(index, weights on the compute device) per layer; streamed when offloading."""
+        yield from enumerate(self.w) if self.streamer is None else self.streamer.layers()
+
+    def _layer(self, il, w, x, tables, masks, qpos, start, stop):
+        """One transformer block over x [n, n_embd] at cache slots start..stop."""
+        torch, hp = self.torch, self.hp
+        n, group = x.shape[0], hp.n_head // hp.n_head_kv
+        swa = self._is_swa(il)
+        h = self._rms(x, w["attn_norm"])
+        q = self._linear(h, w["attn_q"], w["attn_q.bias"]).view(n, hp.n_head, hp.head_dim)
+        k = self._linear(h, w["attn_k"], w["attn_k.bias"]).view(n, hp.n_head_kv, hp.head_dim)
+        v = self._linear(h, w["attn_v"], w["attn_v.bias"]).view(n, hp.n_head_kv, hp.head_dim)
+        if hp.arch == "gemma3":
+            q, k = self._rms(q, w["attn_q_norm"]), self._rms(k, w["attn_k_norm"])
+        c, s = tables[swa]
+        q, k = self._rope(q, c, s), self._rope(k, c, s)
+        # grouped-query attention without copying K/V: query head h uses kv head h // group
+        qg = q.view(n, hp.n_head_kv, group, hp.head_dim).permute(1, 2, 0, 3).reshape(hp.n_head_kv, group * n, hp.head_dim)
+        att = self.kv.attend(il, qg, k.transpose(0, 1), v.transpose(0, 1), start, stop, masks[swa], qpos,
+                             hp.attn_scale)  # [kv, group * n, d]
+        att = att.view(hp.n_head_kv, group, n, hp.head_dim).permute(2, 0, 1, 3).reshape(n, hp.n_head * hp.head_dim)
+        out = self._linear(att, w["attn_output"], w["attn_output.bias"])
+        if hp.arch == "gemma3":
+            x = x + self._rms(out, w["post_attention_norm"])
+            h = self._rms(x, w["ffn_norm"])
+            f = torch.nn.functional.gelu(self._linear(h, w["ffn_gate"]), approximate="tanh") * self._linear(h, w["ffn_up"])
+            x = x + self._rms(self._linear(f, w["ffn_down"]), w["post_ffw_norm"])
+        else:
+            x = x + out
+            h = self._rms(x, w["ffn_norm"])
+            f = torch.nn.functional.silu(self._linear(h, w["ffn_gate"])) * self._linear(h, w["ffn_up"])
+            x = x + self._linear(f, w["ffn_down"])
+        return x
 
     def _logits(self, hidden) -> np.ndarray:
         if hidden.shape[0] == 0:
@@ -510,8 +603,7 @@ class TorchBackend:
         src = torch.tensor([n0 + 1 + i for i in path], device=self.device)
         dst = slice(n0 + 1, n0 + 1 + len(path))
         with torch.inference_mode():
-            self.k_cache[:, :, dst] = self.k_cache.index_select(2, src)
-            self.v_cache[:, :, dst] = self.v_cache.index_select(2, src)
+            self.kv.keep(src, dst)
             self._slot_pos[dst] = self._slot_pos.index_select(0, src)
         self.tokens.extend(int(tree.tokens[i]) for i in path)
 
@@ -554,9 +646,12 @@ class TorchBackend:
         self._set_threads()
 
     def close(self) -> None:
+        if getattr(self, "streamer", None) is not None:
+            self.streamer.close()
+            self.streamer = None
         if getattr(self, "w", None) is not None:
             self.w = self.output = self.embd = self._embd_q = self._mm = None
-            self.k_cache = self.v_cache = None
+            self.kv = None
         if getattr(self, "_vocab", None) is not None and self._own_vocab:
             self._vocab.close()
         self._vocab = None

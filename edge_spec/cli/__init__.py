@@ -50,10 +50,13 @@ SeedOpt = typer.Option(None, "--seed", help="Random seed.", show_default=False)
 NOpt = typer.Option(S.max_tokens, "-n", "--max-tokens", help="Most tokens to generate per reply.")
 StopOpt = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).", show_default=False)
 StatsOpt = typer.Option("text", "--stats", help="Stats line format on stderr: text, json or none.")
+BackendOpt = typer.Option(E.backend, "--backend", help="Target backend: llama (llama.cpp), torch, or auto: llama.cpp, "
+                          "or torch streaming a target too big for the GPU's memory (needs `pip install edgespec[torch]`).")
+DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend", help="Draft model backend: llama (llama.cpp) or torch.")
 
 
 def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                    draft_length=None) -> EngineOptions:
+                    draft_length=None, backend=E.backend, draft_backend=E.draft_backend) -> EngineOptions:
     if model and model_opt and model != model_opt:
         raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
     if ngram and no_ngram:
@@ -67,7 +70,8 @@ def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, thread
     return EngineOptions(
         model=model or model_opt, draft=draft, ngram=not no_ngram, draft_model=not ngram, plain=plain,
         n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
-        n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length)
+        n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length, backend=backend,
+        draft_backend=draft_backend)
 
 
 def _stats_format(value: str) -> str:
@@ -82,7 +86,7 @@ def chat(
     ngram: bool = NgramOpt, no_ngram: bool = NoNgramOpt, plain: bool = PlainOpt,
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
-    draft_length: Optional[int] = DraftLengthOpt,
+    draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
     temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
@@ -93,7 +97,7 @@ def chat(
 
     _run(lambda: run_chat(
         _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                        draft_length),
+                        draft_length, backend, draft_backend),
         SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
         system, _stats_format(stats)))
@@ -108,7 +112,7 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Continue the text as is, without the chat template."),
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
-    draft_length: Optional[int] = DraftLengthOpt,
+    draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
     temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
@@ -121,7 +125,7 @@ def generate(
         text = _read_prompt(prompt, file)
         run_generate(
             _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                        draft_length),
+                            draft_length, backend, draft_backend),
             SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
             text, system, raw, _stats_format(stats))

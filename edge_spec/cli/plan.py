@@ -12,13 +12,14 @@ GiB = 2**30
 
 
 def make_plan(model: str | None, draft: str | None, profile_name: str | None, ctx: int,
-              max_draft: int, use_history: bool, notes: list | None = None) -> planner.Plan:
+              max_draft: int, use_history: bool, notes: list | None = None, backend: str = "auto") -> planner.Plan:
     """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
     engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
     from ..costmodel import model_shape
-    from ..engine import EngineOptions, model_paths, plan_for
+    from ..engine import EngineOptions, model_paths, plan_for, torch_offload_possible
 
-    options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history)
+    options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history,
+                            backend=backend)
     target_path, draft_path = model_paths(options)
     if profile_name is None:  # this machine: what `chat` would do, with its calibrations
         return plan_for(options, target_path, draft_path, notes if notes is not None else [])
@@ -29,7 +30,8 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
 
         knowledge = History().knowledge(target_path, draft_path)
     return planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
-                        n_ctx=ctx, knowledge=knowledge, max_draft=max_draft)
+                        n_ctx=ctx, knowledge=knowledge, max_draft=max_draft,
+                        offload=torch_offload_possible(backend, target_path))
 
 
 def plan_dict(p: planner.Plan) -> dict:
@@ -37,6 +39,7 @@ def plan_dict(p: planner.Plan) -> dict:
         return {
             "strategy": a.strategy, "description": a.describe(p.target, p.drafter),
             "target_gpu_layers": a.target.ngl(p.target),
+            "target_backend": "torch" if a.target.offload else "llama",
             "drafter_gpu_layers": a.drafter.ngl(p.drafter) if a.drafter else None,
             "drafter_model": a.drafter_model or None,
             "draft_length": a.draft_length, "acceptance": a.acceptance,
@@ -90,6 +93,9 @@ def plan_command(
     ctx: int = typer.Option(4096, "-c", "--ctx-size", help="Context size in tokens to plan memory for."),
     max_draft: int = typer.Option(planner.MAX_DRAFT, "--max-draft", help="Longest draft to consider."),
     no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Target backend: llama (llama.cpp), torch, or auto: llama.cpp, or torch streaming "
+                                  "a target too big for the GPU's memory (offloading; needs torch installed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the plan for a model on this machine or a hardware profile, and why it won.
@@ -99,7 +105,7 @@ def plan_command(
 
     def go():
         notes: list[str] = []
-        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes)
+        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes, backend)
         if as_json:
             typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
         else:

@@ -11,7 +11,7 @@ import typer
 from ..engine import EngineOptions
 from ..server import ServerConfig, is_loopback
 
-C = ServerConfig()  # the defaults, read from one place
+C, C_ENGINE = ServerConfig(), EngineOptions()  # the defaults, read from one place
 
 
 def serve_command(
@@ -35,7 +35,7 @@ def serve_command(
         "--cors-origin", show_default=False,
         help="Let web pages of this origin call the API, e.g. http://localhost:3000 (repeatable; default: CORS off)."
     )] = None,
-    ctx: int = typer.Option(EngineOptions().n_ctx, "-c", "--ctx-size", help="Context size in tokens."),
+    ctx: int = typer.Option(C_ENGINE.n_ctx, "-c", "--ctx-size", help="Context size in tokens."),
     max_tokens_limit: int = typer.Option(C.max_tokens_limit, "--max-tokens-limit",
                                          help="The most tokens a request may ask for (and the default)."),
     max_prompt_tokens: int | None = typer.Option(C.max_prompt_tokens, "--max-prompt-tokens", show_default=False,
@@ -45,6 +45,11 @@ def serve_command(
                               help="Requests that may wait behind the running one; more get 503 with Retry-After."),
     no_ngram: bool = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts."),
     plain: bool = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline."),
+    backend: str = typer.Option(C_ENGINE.backend, "--backend",
+                                help="Target backend: llama (llama.cpp), torch, or auto (llama.cpp, or torch streaming "
+                                     "a target too big for the GPU's memory)."),
+    draft_backend: str = typer.Option(C_ENGINE.draft_backend, "--draft-backend",
+                                      help="Draft model backend: llama (llama.cpp) or torch."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
 
@@ -57,7 +62,7 @@ def serve_command(
                               max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, queue=queue)
         config.check()  # before loading anything: a refused address opens no socket and loads no model
         options = _engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
-                                  None, None, None, None, None)
+                                  None, None, None, None, None, backend=backend, draft_backend=draft_backend)
         from ..api import Session
         from ..server import serve
         from .chat import load_engine, plan_lines
