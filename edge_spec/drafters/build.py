@@ -9,6 +9,10 @@ VocabTrim drafter (`method="trim"`, see drafters/trim.py): a smaller model (or t
 its LM head cut to the K tokens the target produces most; q is zero outside them, so verification
 stays lossless, and each draft step reads far fewer bytes.
 
+Layer-skipping self-drafter (`method="skip"`, see drafters/skip.py): the target without the blocks
+whose absence changes its greedy tokens least (measured on the calibration replies), requantized
+first when the target is high precision. Same tokenizer as the target, fewer bytes per step.
+
 Every built file carries `edgespec.drafter.*` keys (method, quantization, source name and
 SHA-256, KV cache type to run it with, date, edgespec version): `edgespec drafter info` reads them.
 The output appears under its final name only when complete (written as NAME.partial, renamed).
@@ -20,17 +24,22 @@ import datetime
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..types import EdgespecError
+
+if TYPE_CHECKING:
+    from .skip import SkipSettings
 
 Progress = Callable[[str, float], None]
 PREFIX = "edgespec.drafter."
 BITS = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}   # bits per weight
 # weights stored at this many bits or fewer are already a drafter's precision: no point requantizing
 MIN_SOURCE_BITS = 6.0
-METHODS = ("quant", "trim")
+METHODS = ("quant", "trim", "skip")
+METHOD_NAMES = {"quant": "quantspec", "trim": "vocabtrim", "skip": "layerskip"}  # as recorded
 
 
 def default_output(source: str | os.PathLike, method: str = "quant", bits: str = "q4_0") -> Path:
@@ -51,23 +60,38 @@ def source_bits(path: str | os.PathLike) -> float:
 
 
 def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLike | None = None,
-          bits: str = "q4_0", force: bool = False, progress: Progress | None = None, *,
+          bits: str | None = None, force: bool = False, progress: Progress | None = None, *,
           keep: int | None = None, target: str | os.PathLike | None = None,
-          calibration: str | os.PathLike | None = None) -> Path:
+          calibration: str | os.PathLike | None = None, layers: Sequence[int] | None = None,
+          search: SkipSettings | None = None) -> Path:
     """Build a drafter from `source`; returns its path. Refuses an existing output without force.
 
     trim: `keep` tokens (None: chosen by measuring), counted with `target` (None: the source
-    itself) over the shipped calibration replies plus the text file `calibration`."""
+    itself) over the shipped calibration replies plus the text file `calibration`; with `bits`,
+    the trimmed copy is requantized too (its head kept at 8 bits).
+    quant and skip: `bits` None means q4_0.
+    skip: leaves out `layers` (None: chosen by measuring on the same replies, with the sizes in
+    `search`, a skip.SkipSettings); a source above MIN_SOURCE_BITS is requantized to `bits` first,
+    any other keeps its weights."""
     from ..backends.llama_cpp import quantize
     from ..gguf_file import validate
 
     report = progress or (lambda what, fraction: None)
     if method not in METHODS:
         raise EdgespecError(f"unknown drafter method {method!r}: use one of {', '.join(METHODS)}")
-    if bits not in BITS:
+    if method != "trim":
+        bits = bits or "q4_0"
+    if bits is not None and bits not in BITS:
         raise EdgespecError(f"unknown drafter quantization {bits!r}: use one of {', '.join(BITS)}")
     header = validate(source)
     have = source_bits(source)
+    requantize = method == "quant" or (method == "skip" and have > MIN_SOURCE_BITS)
+    if method == "skip":
+        from .skip import check_layers, check_source
+
+        n_layers = check_source(header)
+        if layers is not None:
+            check_layers(layers, n_layers)  # before the long part
     if method == "quant" and have <= MIN_SOURCE_BITS:
         raise EdgespecError(
             f"{Path(source).name} is already {have:.1f} bits per weight: a {bits} copy would be no cheaper "
@@ -76,14 +100,17 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     if out.exists() and not force:
         raise EdgespecError(f"{out} exists: give another -o path, or --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    need = header.file_size * (BITS[bits] / have if method == "quant" else 1.0) * 1.05
+    # skip also holds a scratch candidate and, when requantizing, the requantized copy
+    requantize = requantize or (method == "trim" and bits is not None)
+    copies = {"quant": 1, "trim": 2 if requantize else 1, "skip": 3 if requantize else 2}[method]
+    need = header.file_size * (BITS[bits] / have if requantize else 1.0) * 1.05 * copies
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise EdgespecError(f"{out.parent} has {free / 2**30:.1f} GiB free; the drafter needs about {need / 2**30:.1f} GiB")
 
     digest = _sha256(source, lambda f: report("hashing the source", f))
     metadata = {
-        PREFIX + "method": "quantspec" if method == "quant" else "vocabtrim",
+        PREFIX + "method": METHOD_NAMES[method],
         PREFIX + "source": Path(source).name[:120],
         PREFIX + "source_sha256": digest,
         PREFIX + "created": datetime.date.today().isoformat(),
@@ -97,10 +124,15 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             report(f"quantizing to {bits}", 0.0)
             quantize(source, partial, bits, metadata=metadata)
             report(f"quantizing to {bits}", 1.0)
-        else:
+        elif method == "trim":
             from .trim import build_trimmed
 
-            build_trimmed(source, partial, keep, target, calibration, metadata, report)
+            build_trimmed(source, partial, keep, target, calibration, metadata, report, bits)
+        else:
+            from .skip import SkipSettings, build_skipped
+
+            build_skipped(source, partial, layers, calibration, metadata, report, bits if requantize else None,
+                          search or SkipSettings())
         validate(partial)  # a disk that filled up or a crash leaves no half file under `out`
         os.replace(partial, out)
     finally:
@@ -111,11 +143,12 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
 
 def info(path: str | os.PathLike) -> dict:
     """The provenance of a built drafter ({} for any other GGUF), plus its size."""
-    from ..gguf_file import validate
+    from ..gguf_file import ArrayInfo, array_values, validate
 
     header = validate(path)
-    found = {k[len(PREFIX):]: v for k, v in header.metadata.items() if k.startswith(PREFIX)}
-    found.pop("kept_ids", None)  # K ids: `kept_ids(path)` reads them
+    found = {k[len(PREFIX):]: array_values(header, k).tolist() if isinstance(v, ArrayInfo) else v
+             for k, v in header.metadata.items()
+             if k.startswith(PREFIX) and k != PREFIX + "kept_ids"}  # K ids: `kept_ids(path)` reads them
     if found:
         found["file_bytes"] = header.file_size
         found["architecture"] = header.metadata.get("general.architecture")

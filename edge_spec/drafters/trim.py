@@ -25,6 +25,7 @@ predicts tokens/s for each K from the drafter's cost at that head size; the best
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -41,7 +42,8 @@ CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.jso
 CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536)
 MIN_K = 1024
 CONTROL, BYTE, USER_DEFINED = 3, 6, 4  # llama.cpp token types
-KEPT_KEY = "edgespec.drafter.kept_ids"
+PREFIX = "edgespec.drafter."
+KEPT_KEY = PREFIX + "kept_ids"
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 
 
@@ -145,6 +147,37 @@ def calibration_texts(extra: str | os.PathLike | None = None) -> list[tuple[str,
     return items
 
 
+def cached_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[float], None] | None = None,
+                  cache: Path | None = None) -> list[np.ndarray]:
+    """target_counts, remembered per reply in `cache` (a .npz; default: the state folder, keyed by
+    the target file's name, size and date): counting the shipped replies takes minutes with a 1.5B
+    target, and a second build (another K, another --bits, the user's text added) needs only what
+    is new."""
+    if cache is None:
+        from ..models import state_dir
+
+        st = os.stat(target.facts.path)
+        cache = state_dir() / "counts" / f"{Path(target.facts.path).stem}-{st.st_size}-{st.st_mtime_ns}.npz"
+    keys = [hashlib.sha256(json.dumps(item).encode()).hexdigest()[:24] for item in items]
+    known = dict(np.load(cache)) if cache.is_file() else {}
+    missing = [i for i, key in enumerate(keys) if key + ".i" not in known]
+    fresh = target_counts(target, [items[i] for i in missing], progress) if missing else []
+    for i, counts in zip(missing, fresh):
+        nz = np.flatnonzero(counts)  # sparse: the default sampler keeps few tokens per position
+        known[keys[i] + ".i"], known[keys[i] + ".v"] = nz.astype(np.int32), counts[nz]
+    if missing:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(cache.name + ".partial.npz")
+        np.savez(partial, **known)
+        os.replace(partial, cache)
+    out = []
+    for key in keys:
+        counts = np.zeros(target.vocab_size, dtype=np.float32)
+        counts[known[key + ".i"]] = known[key + ".v"]
+        out.append(counts)
+    return out
+
+
 def target_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[float], None] | None = None,
                   sp: SamplingParams = SamplingParams(), chunk: int = 64) -> list[np.ndarray]:
     """For each (prompt, reply): the target's sampling distribution summed over the reply's
@@ -213,69 +246,39 @@ def coverage(rank_counts: np.ndarray, held_out: Sequence[np.ndarray], vocab: Voc
 def write_trimmed(source: str | os.PathLike, out: str | os.PathLike, kept: np.ndarray, metadata: dict,
                   progress: Callable[[float], None] | None = None) -> None:
     """Copy `source` to `out` with only the `kept` vocabulary rows (see the module docstring)."""
-    import gguf
-    from gguf import GGUFValueType as T
-
     from ..gguf_file import array_values, validate
+    from .rewrite import DROP, rewrite
 
     header = validate(source)
-    md = header.metadata
     tokens = array_values(header, "tokenizer.ggml.tokens")
     vocab_size = len(tokens)
     remap = np.full(vocab_size, -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
-    arch = md["general.architecture"]
+    arch = header.metadata["general.architecture"]
     kept_set = {tokens[i] for i in kept}
-    writer = gguf.GGUFWriter(out, arch)
-    for name, stored in header.value_types.items():
-        if name == "general.architecture":
-            continue
-        vtype, sub = T(stored[0]), (T(stored[1]) if len(stored) > 1 else None)
-        value = array_values(header, name) if sub is not None else md[name]
+
+    def edit_key(name: str, value):
         if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            value = [value[i] for i in kept]
-        elif name == "tokenizer.ggml.merges":
-            value = [m for m in value if _merge_inside(m, kept_set)]
-        elif name.startswith("tokenizer.ggml.") and name.endswith("_token_id"):
+            return [value[i] for i in kept]
+        if name == "tokenizer.ggml.merges":
+            return [m for m in value if _merge_inside(m, kept_set)]
+        if name.startswith("tokenizer.ggml.") and name.endswith("_token_id"):
             if not 0 <= value < vocab_size or remap[value] < 0:
-                continue  # an id pointing outside the kept set (forced ones never do)
-            value = int(remap[value])
-        elif name == f"{arch}.vocab_size":
-            value = len(kept)
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        writer.add_key_value(name, value, vtype, sub_type=sub)
-    for key, value in metadata.items():
-        if isinstance(value, np.ndarray):
-            writer.add_key_value(key, [int(v) for v in value], T.ARRAY, sub_type=T.INT32)
-        else:
-            writer.add_key_value(key, value, T.STRING if isinstance(value, str) else T.UINT32)
-    raw = np.memmap(source, dtype=np.uint8, mode="r")
-    parts = []
-    for t in header.tensors:
-        rows = t.shape[1] if len(t.shape) > 1 else 1
-        data = raw[header.data_offset + t.offset: header.data_offset + t.offset + t.n_bytes].reshape(rows, -1)
+                return DROP  # an id pointing outside the kept set (forced ones never do)
+            return int(remap[value])
+        return len(kept) if name == f"{arch}.vocab_size" else value
+
+    def edit_tensor(t, rows: np.ndarray):
         if t.name in VOCAB_TENSORS:
-            if rows != vocab_size:
-                raise EdgespecError(f"{source}: {t.name} has {rows} rows, not one per token ({vocab_size})")
-            data = data[kept]
-        elif len(t.shape) == 2 and rows == vocab_size:
+            if len(rows) != vocab_size:
+                raise EdgespecError(f"{source}: {t.name} has {len(rows)} rows, not one per token ({vocab_size})")
+            return t.name, rows[kept]
+        if len(t.shape) == 2 and len(rows) == vocab_size:
             raise EdgespecError(f"{source}: tensor {t.name} has one row per token; trimming supports only "
                                 f"{' and '.join(VOCAB_TENSORS)}")
-        shape = (t.shape[0], data.shape[0], *t.shape[2:])[: len(t.shape)]
-        writer.add_tensor_info(t.name, tuple(reversed(shape)), np.dtype(np.float32), data.nbytes,
-                               gguf.GGMLQuantizationType(t.type))
-        parts.append(data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    total, done = sum(d.nbytes for d in parts) or 1, 0
-    for data in parts:
-        writer.write_tensor_data(np.ascontiguousarray(data))
-        done += data.nbytes
-        if progress:
-            progress(done / total)
-    writer.close()
+        return t.name, rows
+
+    rewrite(header, out, metadata, edit_key=edit_key, edit_tensor=edit_tensor, progress=progress)
 
 
 def _merge_inside(merge: str, kept: set) -> bool:
@@ -379,10 +382,12 @@ def check_same_vocab(source: Vocab, target: Vocab, source_name: str, target_name
                             "count tokens with a target from the drafter's model family (--target)")
 
 
-def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target) -> tuple[int, list[str]]:
+def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
+             layer_scale: float = 1.0) -> tuple[int, list[str]]:
     """K with the best predicted tokens/s: acceptance scaled by the held-out coverage of each K
     (half the replies rank, the other half measure), drafter cost from the cost model at that
-    head size. Returns K and one line per candidate."""
+    head size (and blocks scaled by `layer_scale` when they are requantized). Returns K and one
+    line per candidate."""
     import dataclasses
 
     from .. import planner
@@ -401,6 +406,7 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target) -> tupl
     for k, c in cov.items():
         f = k / vocab.size
         hyp = dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
+                                  layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
                                   output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
                                   embedding_bytes=int(shape.embedding_bytes * f))
         plan = planner.plan(tshape, prof, hyp, knowledge=planner.Knowledge(base * c, "coverage"), gpu=False)
@@ -412,9 +418,12 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target) -> tupl
 
 
 def build_trimmed(source, out, keep: int | None, target, calibration, metadata: dict,
-                  report: Callable[[str, float], None]) -> None:
-    """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`."""
-    from ..backends.llama_cpp import LlamaCppBackend, LlamaOptions
+                  report: Callable[[str, float], None], bits: str | None = None) -> None:
+    """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`;
+    with `bits`, requantize it (trim + QuantSpec): the blocks to `bits`, the K-row head kept at
+    8 bits (it is small once trimmed, and the drafter's ranking of tokens lives there)."""
+    from ..backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+    from .build import BITS, source_bits
 
     vocab = read_vocab(source)
     target = target or source
@@ -426,11 +435,12 @@ def build_trimmed(source, out, keep: int | None, target, calibration, metadata: 
     items = calibration_texts(calibration)
     report("reading the target's distributions", 0.0)
     with LlamaCppBackend(target, LlamaOptions(n_ctx=2048)) as t:
-        counts = target_counts(t, items, lambda f: report("reading the target's distributions", f))
+        counts = cached_counts(t, items, lambda f: report("reading the target's distributions", f))
     counts = [np.pad(c, (0, max(vocab.size - len(c), 0)))[: vocab.size] for c in counts]
     if keep is None:
         report("choosing K", 0.0)
-        keep, lines = choose_k(counts, vocab, source, target)
+        keep, lines = choose_k(counts, vocab, source, target,
+                               BITS[bits] / source_bits(source) if bits else 1.0)
     else:
         lines = [f"K={keep}: held-out coverage "
                  f"{coverage(np.sum(counts[0::2], axis=0), counts[1::2], vocab, [keep])[keep]:.3f} (given)"]
@@ -443,5 +453,16 @@ def build_trimmed(source, out, keep: int | None, target, calibration, metadata: 
         "edgespec.drafter.k_choice": "; ".join(lines),
         KEPT_KEY: kept,
     }
-    report(f"writing {keep} of {vocab.size} tokens", 0.0)
-    write_trimmed(source, out, kept, metadata, lambda f: report(f"writing {keep} of {vocab.size} tokens", f))
+    if bits:
+        metadata[PREFIX + "quantization"] = f"{bits}, head q8_0"
+    scratch = Path(out).with_name(Path(out).name + ".trim") if bits else Path(out)
+    try:
+        report(f"writing {keep} of {vocab.size} tokens", 0.0)
+        write_trimmed(source, scratch, kept, metadata, lambda f: report(f"writing {keep} of {vocab.size} tokens", f))
+        if bits:  # the quantizer copies every metadata key, kept ids included
+            report(f"quantizing to {bits}", 0.0)
+            quantize(scratch, out, bits, head="q8_0")
+            report(f"quantizing to {bits}", 1.0)
+    finally:
+        if bits and scratch.is_file():
+            scratch.unlink()
