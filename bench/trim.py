@@ -2,7 +2,9 @@
 
 1. Counts the target's next-token distributions over the shipped calibration replies once, and
    prints each K's held-out coverage (target probability mass inside the kept set).
-2. Writes the trimmed drafter at each K (into --dir).
+2. Writes the trimmed drafter at each K (into --dir); with --bits, also each K requantized with
+   llama.cpp's quantizer (trim + quant, LM head at --head), and the untrimmed drafter requantized
+   the same way, so the two effects can be told apart.
 3. Draft step cost: one decode step + the argmax over its logits, as ModelDrafter does it,
    interleaved round-robin over the untrimmed and trimmed drafters (same machine moments); the
    median and its ratio to the untrimmed drafter.
@@ -11,12 +13,15 @@
    bench/speculative.py; tokens/s, ratio to plain, ratio to the untrimmed drafter, acceptance.
 
     .venv/bin/python bench/trim.py                                   # default pair: 0.5B drafter, 1.5B target
+    .venv/bin/python bench/trim.py --ks 32768 --bits q4_0            # + the trimmed drafter requantized
     .venv/bin/python bench/trim.py --source gemma-3-270m-q4_k_m --target gemma-3-270m-q4_k_m --ks 8192,16384,32768
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import sys
 import time
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.prompts import PROMPTS  # noqa: E402
 from bench.speculative import interleaved, seconds_for  # noqa: E402
 from edge_spec import models  # noqa: E402
-from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
+from edge_spec.backends.llama_cpp import HEAD_TYPES, LlamaCppBackend, LlamaOptions, quantize  # noqa: E402
 from edge_spec.controller import Controller  # noqa: E402
 from edge_spec.drafters import ModelDrafter  # noqa: E402
 from edge_spec.drafters.trim import (  # noqa: E402
@@ -69,6 +74,9 @@ def main() -> None:
     ap.add_argument("--temps", default="0")
     ap.add_argument("-k", "--draft-length", type=int, default=3,
                     help="tokens drafted per step end to end (fixed, so the drafters' costs show; 0 = adaptive)")
+    ap.add_argument("--bits", default=None, help="also measure each drafter requantized to this type (e.g. q4_0)")
+    ap.add_argument("--head", default="q8_0", choices=sorted(HEAD_TYPES),
+                    help="LM head type of the requantized drafters (q8_0: as `drafter build --method trim --bits`)")
     ap.add_argument("--no-e2e", action="store_true", help="coverage and step cost only")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/edgespec-trim"))
     args = ap.parse_args()
@@ -79,25 +87,36 @@ def main() -> None:
 
     target = LlamaCppBackend(target_path, opts)
     args.dir.mkdir(parents=True, exist_ok=True)
-    cache = args.dir / f"counts-{target_path.stem}.npy"  # counting takes minutes; the counts depend on the target only
+    texts = calibration_texts()
+    tag = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
+    cache = args.dir / f"counts-{target_path.stem}-{tag}.npy"  # counting takes minutes; keyed by target and texts
     if cache.is_file():
         counts = list(np.load(cache))
     else:
         t0 = time.perf_counter()
-        counts = target_counts(target, calibration_texts())
+        counts = target_counts(target, texts)
         print(f"counted {len(counts)} calibration replies with {target_path.name} in {time.perf_counter() - t0:.0f} s")
         np.save(cache, np.stack(counts))
     counts = [np.pad(c, (0, max(vocab.size - len(c), 0)))[: vocab.size] for c in counts]
     cov = coverage(np.sum(counts[0::2], axis=0), counts[1::2], vocab, ks)
-    paths = {}
+    paths, rows = {"untrimmed": source}, {"untrimmed": vocab.size}
     for k in ks:
-        paths[k] = args.dir / f"{source.stem}.trim-{k}.gguf"
+        paths[f"K={k}"], rows[f"K={k}"] = args.dir / f"{source.stem}.trim-{k}.gguf", k
         kept = kept_ids(np.sum(counts, axis=0), vocab, k)
-        write_trimmed(source, paths[k], kept, {"edgespec.drafter.kept_ids": kept})
+        write_trimmed(source, paths[f"K={k}"], kept, {"edgespec.drafter.kept_ids": kept})
+    if args.bits:
+        head = args.head
+        for label in list(paths):
+            quant = f"{label}+{args.bits}" + (f"/head {head}" if head != args.bits else "")
+            paths[quant], rows[quant] = args.dir / f"{Path(paths[label]).stem}.{args.bits}-{head}.gguf", rows[label]
+            if rows[label] < vocab.size or not paths[quant].is_file():  # trimmed files were just rewritten
+                quantize(paths[label], paths[quant], args.bits, head=head)
 
-    backends = {"untrimmed": LlamaCppBackend(source, opts)}
-    for k in ks:
-        backends[f"K={k}"] = as_drafter_of(target, paths[k], LlamaCppBackend(paths[k], opts))
+    backends = {}
+    for label, path in paths.items():
+        backends[label] = LlamaCppBackend(path, opts)
+        if rows[label] < vocab.size:
+            backends[label] = as_drafter_of(target, path, backends[label])
     prompt = chat_tokens(target, [{"role": "user", "content": PROMPTS["code"]}])
     cost = step_costs(backends, prompt, args.steps)
     base = cost["untrimmed"]
@@ -105,7 +124,7 @@ def main() -> None:
     print("| drafter | head rows | held-out coverage | draft step ms | step cost vs untrimmed |")
     print("|---|---|---|---|---|")
     for label, c in cost.items():
-        k = vocab.size if label == "untrimmed" else int(label[2:])
+        k = rows[label]
         print(f"| {label} | {k} | {cov.get(k, 1.0):.3f} | {c * 1e3:.1f} | **{c / base:.2f}** |")
     if args.no_e2e:
         return

@@ -157,3 +157,26 @@ def test_cli_builds_and_reports_the_choice(smol_path, tmp_path):
     assert "K=4096: held-out coverage" in result.output
     shown = CliRunner().invoke(app, ["drafter", "info", str(out)])
     assert "vocabtrim" in shown.output and "mine.txt" in shown.output
+
+
+def test_trim_with_bits_requantizes_the_blocks_keeps_the_head_at_8_bits_and_stays_exact(smol_path, trimmed, tmp_path):
+    k = info(trimmed)["keep"]
+    both = build(smol_path, method="trim", keep=k, bits="q4_0", out=tmp_path / "smol.trim-q4_0.gguf")
+    meta = info(both)
+    assert meta["quantization"] == "q4_0, head q8_0" and meta["keep"] == k
+    assert np.array_equal(kept_ids(both), kept_ids(trimmed))  # same counts (cached), same tokens
+    types = {t.name: t.type for t in validate(both).tensors}
+    assert types["token_embd.weight"] == 8  # Q8_0: SmolLM2's head is its embedding table
+    assert {types[n] for n in types if n.startswith("blk.") and n.endswith("ffn_down.weight")} == {2}  # Q4_0
+    assert both.stat().st_size < trimmed.stat().st_size
+    assert not list(tmp_path.glob("*.trim")) and not list(tmp_path.glob("*.partial"))
+    # the counts of every reply are remembered (one file per target), for the next build
+    assert len(list((models.state_dir() / "counts").glob(f"{smol_path.stem}-*.npz"))) == 1
+    opts = dict(model=str(smol_path), n_ctx=512, plan=False, calibrate=False, ngram=False, history=False)
+    sp = SamplingParams(temperature=0, max_tokens=40)
+    messages = [{"role": "user", "content": "Name three rivers in Europe."}]
+    with Engine.load(EngineOptions(**opts, plain=True)) as plain:
+        want = [t for s in plain.stream(plain.chat_tokens(messages), sp) for t in s.tokens]
+    with Engine.load(EngineOptions(**opts, draft=str(both), draft_length=3)) as spec:
+        steps = list(spec.stream(spec.chat_tokens(messages), sp))
+    assert [t for s in steps for t in s.tokens] == want and steps[-1].stats.n_accepted > 0

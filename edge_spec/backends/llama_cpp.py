@@ -383,19 +383,25 @@ class LlamaCppBackend(VocabMethods):
 
 FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12,
           "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # llama_ftype values
+HEAD_TYPES = {"f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q6_k": 14}  # ggml_type values
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "q4_0", threads: int | None = None,
-             metadata: dict[str, str] | None = None) -> None:
+             metadata: dict[str, str] | None = None, head: str | None = None) -> None:
     """Write a (re)quantized copy of a GGUF: e.g. a 4-bit self-drafter of an F16 target.
-    `metadata`: string keys written into the copy's GGUF metadata (values up to 127 bytes)."""
+    `metadata`: string keys written into the copy's GGUF metadata (values up to 127 bytes).
+    `head`: the LM head's type (one of HEAD_TYPES); None lets llama.cpp choose (Q6_K for 4-bit)."""
     validate(src)
     if ftype not in FTYPES:
         raise EdgespecError(f"unknown quantization {ftype!r}: use one of {', '.join(FTYPES)}")
+    if head is not None and head not in HEAD_TYPES:
+        raise EdgespecError(f"unknown LM head type {head!r}: use one of {', '.join(HEAD_TYPES)}")
     lib, log = _init()
     params = lib.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.allow_requantize = True
+    if head is not None:
+        params.output_tensor_type = HEAD_TYPES[head]
     params.nthread = threads or physical_cores()
     items = list((metadata or {}).items())
     overrides = (lib.llama_model_kv_override * (len(items) + 1))()  # ends with an empty key
