@@ -365,6 +365,8 @@ def plan_for(options: EngineOptions, target_path, draft_path, notes: list, repor
         best = dataclasses.replace(best, alternatives=tuple(dedupe([a for p in plans for a in p.alternatives])))
     if options.model is not None and options.draft is None and not options.plain:
         _suggest_self_drafter(options, prof, target_path, candidates, best, notes)
+    if options.draft is None and not options.plain:
+        _suggest_trimmed_drafter(options, prof, target_path, candidates, best, notes)
     notes[:] = list(dict.fromkeys(notes))  # one note per fact, however many plans were made
     return best
 
@@ -423,6 +425,34 @@ def _suggest_self_drafter(options: EngineOptions, prof, target_path, candidates,
     if guess.chosen.strategy == "draft" and gain > 1.1:
         notes.append(f"this {bits:.0f}-bit model would run about {gain:.1f}x faster with a 4-bit self-drafter "
                      f"(predicted): build one with `edgespec drafter build {target_path}`")
+
+
+def _suggest_trimmed_drafter(options: EngineOptions, prof, target_path, candidates, the_plan, notes: list) -> None:
+    """The installed default drafter weighed untrimmed and no trimmed build for this target yet:
+    say what a trimmed, 4-bit copy of it (`--method trim --bits q4_0`) is predicted to give."""
+    from . import planner
+    from .costmodel import model_shape
+    from .drafters.build import BITS, source_bits
+    from .drafters.trim import SUGGESTED_COVERAGE, SUGGESTED_K, trimmed_shape
+    from .history import History
+
+    default = models.installed_path(models.DEFAULT_DRAFT)
+    if default is None or default not in candidates or any(str(c).endswith(".trim.gguf") for c in candidates if c):
+        return
+    shape = model_shape(default)
+    if shape.vocab_size <= SUGGESTED_K:
+        return
+    hypothetical = trimmed_shape(shape, SUGGESTED_K, min(1.0, BITS["q4_0"] / source_bits(default)))
+    known = History().knowledge(target_path, default).acceptance if options.history else None
+    acceptance = (known or Controller().prior_acceptance["model"]) * SUGGESTED_COVERAGE
+    guess = planner.plan(model_shape(target_path), prof, hypothetical, n_ctx=options.n_ctx, gpu=False,
+                         threads=the_plan.threads, knowledge=planner.Knowledge(acceptance, "coverage of a trim"),
+                         calibrations=tuple(_cached_calibrations(options, target_path, the_plan.threads, False)))
+    gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
+    if guess.chosen.strategy == "draft" and gain > 1.1:
+        notes.append(f"a trimmed 4-bit copy of the drafter {default.name} would run this model about {gain:.1f}x "
+                     f"faster (predicted): `edgespec drafter build {default} --method trim --target {target_path} "
+                     "--bits q4_0`")
 
 
 def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:

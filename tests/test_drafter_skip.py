@@ -9,6 +9,7 @@ difference from a default build."""
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -129,6 +130,11 @@ def test_automatic_choice_records_what_it_measured(target, chosen):
     assert meta["quantization"].startswith("as the source")  # 5 bits: not requantized
     assert f"skip {len(skipped)} ({','.join(map(str, skipped))}): held-out agreement" in meta["skip_choice"]
     assert "(chosen)" in meta["skip_choice"] and "skip 0 (none): held-out agreement 1.000" in meta["skip_choice"]
+    # the hint to build the 4-bit copy instead shows exactly when skipping nothing is predicted faster
+    rates = {line.split(" (")[0]: float(re.search(r"([\d.]+) tok/s", line).group(1))
+             for line in meta["skip_choice"].split("; ")}
+    faster = rates["skip 0"] > rates[f"skip {len(skipped)}"]
+    assert ("does not pay here, use --method quant" in meta["skip_choice"]) == faster
     scores = dict(pair.split(":") for pair in meta["layer_agreement"].split())
     assert sorted(map(int, scores)) == list(range(1, LAYERS - 1))  # every layer but the first and last
     assert all(0 <= float(a) <= 1 for a in scores.values())

@@ -180,3 +180,22 @@ def test_trim_with_bits_requantizes_the_blocks_keeps_the_head_at_8_bits_and_stay
     with Engine.load(EngineOptions(**opts, draft=str(both), draft_length=3)) as spec:
         steps = list(spec.stream(spec.chat_tokens(messages), sp))
     assert [t for s in steps for t in s.tokens] == want and steps[-1].stats.n_accepted > 0
+
+
+def test_plan_suggests_building_a_trimmed_drafter_only_when_it_is_predicted_to_pay(monkeypatch, tmp_path):
+    from edge_spec.engine import model_paths, plan_for
+    from edge_spec.history import History
+    from edge_spec.types import Stats
+
+    monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))  # the history written here stays here
+    target, drafter = model_paths(EngineOptions())  # the default pair
+    notes: list[str] = []
+    plan_for(EngineOptions(profile="ci-2core", history=False), target, drafter, notes)
+    assert not any("trimmed 4-bit copy" in n for n in notes)  # at the prior acceptance n-gram drafting wins
+    history = History()  # this pair measured at 96% acceptance: a cheaper drafter step pays
+    history.record(target, drafter, Stats(by_source=(("model", 1000, 960, 10),)), ngram_only=False)
+    history.save()
+    notes = []
+    plan_for(EngineOptions(profile="ci-2core"), target, drafter, notes)
+    hint = [n for n in notes if "trimmed 4-bit copy" in n]
+    assert len(hint) == 1 and f"drafter build {drafter} --method trim --target {target} --bits q4_0" in hint[0]

@@ -336,7 +336,10 @@ def choose_layers(candidates: Candidates, n_layers: int, target_shape, base_shap
     best = max(counts, key=lambda c: (speed[c][0], -c))
     lines = [f"skip {c} ({','.join(map(str, skip)) or 'none'}): held-out agreement {s.agreement:.3f}, "
              f"{speed[c][0]:.1f} tok/s predicted ({speed[c][0] / speed[c][1]:.2f}x plain)"
-             + (" (chosen)" if c == best else "") for c, (skip, s) in rows.items()]
+             + (" (chosen)" if c == best else "")
+             + (" (predicted faster: layer skipping does not pay here, use --method quant)"
+                if c == 0 and speed[0][0] > speed[best][0] else "")
+             for c, (skip, s) in rows.items()]
     per_layer = [f"{i}:{alone[i].agreement:.3f}" for i in inner]
     return rows[best][0], rows[best][1], lines, per_layer
 

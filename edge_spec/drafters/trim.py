@@ -41,6 +41,9 @@ from ..types import EdgespecError, SamplingParams
 CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.json"
 CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536)
 MIN_K = 1024
+# what the planner assumes of a trimmed drafter not built yet (bench/trim.py, 0.5B for the 1.5B:
+# K=49,152 kept 0.948 of the held-out mass and drafted best end to end with --bits q4_0)
+SUGGESTED_K, SUGGESTED_COVERAGE = 49152, 0.95
 CONTROL, BYTE, USER_DEFINED = 3, 6, 4  # llama.cpp token types
 PREFIX = "edgespec.drafter."
 KEPT_KEY = PREFIX + "kept_ids"
@@ -388,8 +391,6 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     (half the replies rank, the other half measure), drafter cost from the cost model at that
     head size (and blocks scaled by `layer_scale` when they are requantized). Returns K and one
     line per candidate."""
-    import dataclasses
-
     from .. import planner
     from ..controller import Controller
     from ..costmodel import model_shape
@@ -404,17 +405,25 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     base = History().knowledge(target, source).acceptance or Controller().prior_acceptance["model"]
     speed = {}
     for k, c in cov.items():
-        f = k / vocab.size
-        hyp = dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
-                                  layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
-                                  output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
-                                  embedding_bytes=int(shape.embedding_bytes * f))
+        hyp = trimmed_shape(shape, k, layer_scale)
         plan = planner.plan(tshape, prof, hyp, knowledge=planner.Knowledge(base * c, "coverage"), gpu=False)
         speed[k] = max((a.tokens_per_second for a in plan.alternatives if a.strategy == "draft"), default=0.0)
     best = max(ks, key=lambda k: (speed[k], -k))
     lines = [f"K={k}: held-out coverage {cov[k]:.3f}, {speed[k]:.1f} tok/s predicted"
              + (" (untrimmed)" if k == vocab.size else " (chosen)" if k == best else "") for k in cov]
     return best, lines
+
+
+def trimmed_shape(shape, k: int, layer_scale: float = 1.0):
+    """The cost model's view (costmodel.ModelShape) of `shape` with a K-row head and embedding
+    table, its blocks' bytes scaled by `layer_scale` (requantized)."""
+    import dataclasses
+
+    f = k / shape.vocab_size
+    return dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
+                               layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
+                               output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
+                               embedding_bytes=int(shape.embedding_bytes * f))
 
 
 def build_trimmed(source, out, keep: int | None, target, calibration, metadata: dict,
