@@ -82,5 +82,8 @@ if [ "$want_tests" = 1 ]; then
   # other versions pull a multi-GB CUDA build)
   say "installing torch (CPU) for the torch backend tests"
   "${pip[@]}" install torch==2.13.0
+  # onnxruntime (CPU) and onnx for the onnx backend tests (torch.onnx.export, dynamo=False: no onnxscript)
+  say "installing onnxruntime and onnx for the onnx backend tests"
+  "${pip[@]}" install onnxruntime==1.31.1 onnx==1.23.2
 fi
 say "done: run .venv/bin/edgespec chat"

@@ -1,0 +1,306 @@
+"""GGUF models exported to ONNX (from the torch backend's model code) and run by onnxruntime.
+
+Minimal: chain passes only (no `forward_tree`), float32 weights, a single sequence.
+
+Export (`export_onnx`): the torch backend loads and dequantizes the GGUF (torch_backend.py), and
+`_Decoder` below, a module over those same weights and helpers (`_embed` semantics, `_rms`,
+`_rope`, `_linear`), is traced by `torch.onnx.export` (the legacy TorchScript exporter). The graph:
+
+    inputs   input_ids [n] int64, rope_cos / rope_sin [n, n_rot/2] float32 (computed on the host
+             in float64, as the torch backend does), attn_mask [n, past + n] float32 (additive:
+             0 or -inf), past_k / past_v [past, layers, kv heads, head dim] float32
+    outputs  logits [n, vocab], new_k / new_v [n, layers, kv heads, head dim] (keys after RoPE)
+
+with `n` and `past` dynamic. The cache is laid out token-major so that the host keeps one
+preallocated [n_ctx, layers, kv heads, head dim] array per K and V: passing the past is a
+contiguous slice (no copy), appending writes the new rows, and rollback (`truncate`) is exact:
+the rows past n_past are simply ignored and later overwritten.
+
+The exported file is cached under `models.state_dir() / "onnx"`, keyed by the GGUF's path, size
+and mtime and by `EXPORT_VERSION`. Architectures: those of the torch backend without sliding
+windows (`llama`, `qwen2`); gemma3 is refused.
+
+Providers: `OnnxOptions.providers` in order of preference; one that this onnxruntime build does
+not have is dropped with a warning (recorded in `facts.extra["provider_note"]`), and the CPU
+provider is always last.
+
+onnxruntime, onnx and torch are imported lazily, inside this module's functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..types import EdgespecError, ModelFacts
+
+EXPORT_VERSION = 1
+ARCHITECTURES = ("llama", "qwen2")
+CPU = "CPUExecutionProvider"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise EdgespecError(f"onnxruntime cannot be imported ({e}): `pip install edgespec[onnx]`") from e
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    n_ctx: int = 4096
+    n_threads: int | None = None                # None: physical cores
+    providers: tuple[str, ...] = (CPU,)         # in order of preference; CPU is always added last
+    cache_dir: str | None = None                # exported models; None: state_dir()/onnx
+
+    def __post_init__(self):
+        if self.n_ctx < 8:
+            raise EdgespecError("-c/--ctx-size must be at least 8")
+        if isinstance(self.providers, str):
+            object.__setattr__(self, "providers", (self.providers,))
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _decoder(tb):
+    """A torch module over a TorchBackend's weights: (ids, cos, sin, mask, past_k, past_v) →
+    (logits, new_k, new_v). Same arithmetic as TorchBackend._layer (explicit softmax attention
+    instead of SDPA)."""
+    torch, hp = tb.torch, tb.hp
+    if tb.embd is not None:
+        embd = tb.embd.float()
+    else:  # untied and kept quantized by the torch backend: the full table, dequantized
+        from .torch_backend import _dequantize
+
+        data, qtype, n_embd = tb._embd_q
+        embd = _dequantize(torch, data, qtype).reshape(-1, n_embd)
+
+    class Decoder(torch.nn.Module):
+        def forward(self, ids, cos, sin, mask, past_k, past_v):
+            n = ids.shape[0]
+            group = hp.n_head // hp.n_head_kv
+            x = embd[ids]
+            new_k, new_v = [], []
+            for il, w in enumerate(tb.w):
+                h = tb._rms(x, w["attn_norm"])
+                q = tb._linear(h, w["attn_q"], w["attn_q.bias"]).view(n, hp.n_head, hp.head_dim)
+                k = tb._linear(h, w["attn_k"], w["attn_k.bias"]).view(n, hp.n_head_kv, hp.head_dim)
+                v = tb._linear(h, w["attn_v"], w["attn_v.bias"]).view(n, hp.n_head_kv, hp.head_dim)
+                q, k = tb._rope(q, cos, sin), tb._rope(k, cos, sin)
+                new_k.append(k)
+                new_v.append(v)
+                keys = torch.cat((past_k[:, il], k), 0).permute(1, 2, 0)        # [kv, d, T]
+                values = torch.cat((past_v[:, il], v), 0).permute(1, 0, 2)      # [kv, T, d]
+                qg = q.view(n, hp.n_head_kv, group, hp.head_dim).permute(1, 2, 0, 3)  # [kv, G, n, d]
+                scores = torch.matmul(qg, keys.unsqueeze(1)) * hp.attn_scale + mask  # [kv, G, n, T]
+                att = torch.matmul(torch.softmax(scores, -1), values.unsqueeze(1))    # [kv, G, n, d]
+                att = att.permute(2, 0, 1, 3).reshape(n, hp.n_head * hp.head_dim)
+                x = x + tb._linear(att, w["attn_output"], w["attn_output.bias"])
+                h = tb._rms(x, w["ffn_norm"])
+                f = torch.nn.functional.silu(tb._linear(h, w["ffn_gate"])) * tb._linear(h, w["ffn_up"])
+                x = x + tb._linear(f, w["ffn_down"])
+            logits = tb._linear(tb._rms(x, tb.output_norm), tb.output)
+            return logits, torch.stack(new_k, 1), torch.stack(new_v, 1)
+
+    return Decoder()
+
+
+def _cache_path(gguf_path: str, cache_dir: str | None) -> Path:
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|v{EXPORT_VERSION}"
+                         .encode()).hexdigest()[:16]
+    if cache_dir is None:
+        from .. import models
+
+        cache_dir = models.state_dir() / "onnx"
+    return Path(cache_dir) / f"{Path(gguf_path).stem}-{key}.onnx"
+
+
+def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
+    """Export a GGUF model (llama or qwen2) to an ONNX file with KV-cache inputs and outputs."""
+    from .torch_backend import TorchBackend, TorchOptions, check_supported
+
+    gguf_path, out_path = os.fspath(gguf_path), Path(out_path)
+    arch = check_supported(gguf_path).metadata["general.architecture"]
+    if arch not in ARCHITECTURES:
+        raise EdgespecError(f"{gguf_path}: architecture {arch!r} is not supported by the onnx backend "
+                            f"(it runs {', '.join(ARCHITECTURES)}); the torch or llama.cpp backend can run it")
+    with TorchBackend(gguf_path, TorchOptions(n_ctx=8)) as tb:
+        if tb.streamer is not None or tb.dtype != tb.torch.float32:  # pragma: no cover - defaults
+            raise EdgespecError("the onnx export needs float32 resident weights")
+        torch, hp = tb.torch, tb.hp
+        model = _decoder(tb)
+        n, past = 3, 2
+        dummy = (torch.tensor([1, 2, 3], dtype=torch.long),
+                 torch.zeros(n, hp.n_rot // 2), torch.zeros(n, hp.n_rot // 2), torch.zeros(n, past + n),
+                 torch.zeros(past, hp.n_layer, hp.n_head_kv, hp.head_dim),
+                 torch.zeros(past, hp.n_layer, hp.n_head_kv, hp.head_dim))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, dummy, str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
+                input_names=["input_ids", "rope_cos", "rope_sin", "attn_mask", "past_k", "past_v"],
+                output_names=["logits", "new_k", "new_v"],
+                dynamic_axes={"input_ids": {0: "n"}, "rope_cos": {0: "n"}, "rope_sin": {0: "n"},
+                              "attn_mask": {0: "n", 1: "total"}, "past_k": {0: "past"}, "past_v": {0: "past"},
+                              "logits": {0: "n"}, "new_k": {0: "n"}, "new_v": {0: "n"}})
+        os.replace(tmp, out_path)
+    return out_path
+
+
+# --- the backend -----------------------------------------------------------------------------------
+
+class OnnxBackend:
+    """One model run by onnxruntime, one KV cache (a single sequence). Takes a GGUF (exported
+    and cached on first use) or an .onnx file plus the GGUF it came from (`gguf=`, for the
+    vocabulary, hyperparameters and facts)."""
+
+    def __init__(self, path, options: OnnxOptions = OnnxOptions(), gguf=None, vocab=None):
+        from .torch_backend import LlamaVocab, _hparams, _physical_cores, check_supported
+
+        path = os.fspath(path)
+        self.options = options
+        self._vocab = self.session = None
+        if path.endswith(".onnx"):
+            if gguf is None:
+                raise EdgespecError("an .onnx model needs gguf= (the GGUF it was exported from)")
+            onnx_path, gguf = Path(path), os.fspath(gguf)
+        else:
+            gguf = path
+            onnx_path = _cache_path(gguf, options.cache_dir)
+            if not onnx_path.exists():
+                export_onnx(gguf, onnx_path)
+        header = check_supported(gguf)
+        md = header.metadata
+        self.hp = hp = _hparams(md, gguf)
+        ort = _ort()
+        available = ort.get_available_providers()
+        missing = [p for p in options.providers if p not in available]
+        self.provider_note = ""
+        if missing:
+            self.provider_note = (f"onnxruntime provider(s) {', '.join(missing)} not available in this install "
+                                  f"(it has {', '.join(available)}); falling back to {CPU}")
+            warnings.warn(self.provider_note, RuntimeWarning, stacklevel=2)
+        providers = [p for p in options.providers if p in available and p != CPU] + [CPU]
+        self.n_threads = options.n_threads or _physical_cores()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.n_threads
+        so.inter_op_num_threads = 1
+        # idle threads must not spin and steal the cores another model in the process needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        self.providers = self.session.get_providers()
+        self.onnx_path = str(onnx_path)
+        self._own_vocab = vocab is None
+        self._vocab = vocab if vocab is not None else LlamaVocab(gguf)
+        self.n_ctx = options.n_ctx
+        shape = (self.n_ctx, hp.n_layer, hp.n_head_kv, hp.head_dim)
+        self._k = np.zeros(shape, np.float32)
+        self._v = np.zeros(shape, np.float32)
+        inv = hp.freq_base ** (-np.arange(0, hp.n_rot, 2, dtype=np.float64) / hp.n_rot)
+        if "rope_freqs.weight" in {t.name for t in header.tensors}:  # pragma: no cover - llama3
+            raise EdgespecError(f"{gguf}: rope_freqs is not supported by the onnx backend")
+        self._inv_freq = inv * hp.freq_scale
+        self.tokens: list[int] = []
+        output = next((t for t in header.tensors if t.name == "output.weight"), None) or \
+            next(t for t in header.tensors if t.name == "token_embd.weight")
+        self.vocab_size = int(output.shape[1])
+        v = self._vocab
+        self.facts = ModelFacts(
+            path=gguf, architecture=hp.arch, name=md.get("general.name") or os.path.basename(gguf),
+            n_params=sum(t.n_elements for t in header.tensors), file_size=header.file_size,
+            n_layers=hp.n_layer, n_ctx_train=hp.n_ctx_train, n_embd=hp.n_embd, vocab_size=self.vocab_size,
+            vocab_type=v.vocab_type, bos=v.bos, eos=v.eos,
+            chat_template=md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str) else None,
+            description=getattr(v, "description", ""),
+            extra={"n_head_kv": hp.n_head_kv, "n_head": hp.n_head, "add_bos": v.add_bos, "backend": "onnx",
+                   "providers": list(self.providers), "provider_note": self.provider_note,
+                   "onnx_path": self.onnx_path})
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
+        """Append tokens to the cache and return logits: "all" → [n, vocab], "last" → [1, vocab],
+        "none" → [0, vocab]."""
+        self._check_open()
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
+        n0, n = len(self.tokens), len(tokens)
+        if n0 + n > self.n_ctx:
+            raise EdgespecError(f"context full: {n0} + {n} tokens > {self.n_ctx}; raise -c/--ctx-size")
+        bad = [t for t in tokens if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise EdgespecError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if n == 0:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        angles = np.arange(n0, n0 + n, dtype=np.float64)[:, None] * self._inv_freq[None, :]
+        mask = np.zeros((n, n0 + n), np.float32)
+        mask[:, n0:] = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+        out, new_k, new_v = self.session.run(None, {
+            "input_ids": np.asarray(tokens, dtype=np.int64),
+            "rope_cos": np.cos(angles).astype(np.float32), "rope_sin": np.sin(angles).astype(np.float32),
+            "attn_mask": mask, "past_k": self._k[:n0], "past_v": self._v[:n0]})
+        self._k[n0:n0 + n] = new_k
+        self._v[n0:n0 + n] = new_v
+        self.tokens.extend(int(t) for t in tokens)
+        if logits == "all":
+            return out
+        return out[-1:] if logits == "last" else np.zeros((0, self.vocab_size), dtype=np.float32)
+
+    def truncate(self, n_past: int) -> None:
+        """Roll the cache back to its first n_past tokens (exact: later rows are ignored)."""
+        self._check_open()
+        if n_past < len(self.tokens):
+            del self.tokens[max(n_past, 0):]
+
+    # --- vocabulary (llama.cpp's, see torch_backend.LlamaVocab) --------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._check_open()
+        return self._vocab.tokenize(text, add_special, parse_special)
+
+    def piece(self, token: int) -> bytes:
+        return self._vocab.piece(token)
+
+    def token_text(self, token: int) -> str:
+        return self._vocab.token_text(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self._vocab.is_eog(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.session is None:
+            raise EdgespecError(f"the model {os.path.basename(self.facts.path)} was closed")
+
+    def close(self) -> None:
+        self.session = None
+        if getattr(self, "_vocab", None) is not None and self._own_vocab:
+            self._vocab.close()
+        self._vocab = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
