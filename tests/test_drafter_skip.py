@@ -22,9 +22,10 @@ from edge_spec.drafters import skip as skip_mod
 from edge_spec.drafters.build import build, default_output, info, source_bits
 from edge_spec.drafters.rewrite import DROP, rewrite
 from edge_spec.drafters.skip import SkipSettings, write_skipped
-from edge_spec.engine import Engine, EngineOptions, drafter_candidates, plan_for
+from edge_spec.engine import EngineOptions, drafter_candidates, plan_for
 from edge_spec.gguf_file import Header, validate
-from edge_spec.types import EdgespecError, SamplingParams
+from edge_spec.types import EdgespecError
+from tests.test_drafter_trim import greedy_runs
 
 pytestmark = pytest.mark.real
 SMOL = "smollm2-135m-instruct-q4_1"
@@ -142,13 +143,7 @@ def test_automatic_choice_records_what_it_measured(target, chosen):
 
 
 def test_skip_drafter_greedy_equals_plain_greedy(target, chosen):
-    opts = dict(model=str(target), n_ctx=512, plan=False, calibrate=False, ngram=False, history=False)
-    sp = SamplingParams(temperature=0, max_tokens=40)
-    messages = [{"role": "user", "content": "Write a haiku about rivers."}]
-    with Engine.load(EngineOptions(**opts, plain=True)) as plain:
-        want = [t for s in plain.stream(plain.chat_tokens(messages), sp) for t in s.tokens]
-    with Engine.load(EngineOptions(**opts, draft=str(chosen), draft_length=3)) as spec:
-        steps = list(spec.stream(spec.chat_tokens(messages), sp))
+    want, steps = greedy_runs(target, chosen, "Write a haiku about rivers.", 40, 3)
     assert [t for s in steps for t in s.tokens] == want
     assert 0 < steps[-1].stats.n_accepted < steps[-1].stats.n_drafted
 

@@ -75,14 +75,21 @@ def test_trimmed_drafter_rows_are_the_targets_tokens(smol_path, trimmed):
             as_drafter_of(d, smol_path, t)  # the untrimmed model is no trimmed drafter's target
 
 
-def test_trimmed_drafter_greedy_equals_plain_greedy(smol_path, trimmed):
-    opts = dict(model=str(smol_path), n_ctx=512, plan=False, calibrate=False, ngram=False, history=False)
-    sp = SamplingParams(temperature=0, max_tokens=48)
-    messages = [{"role": "user", "content": "Write a haiku about rivers."}]
+def greedy_runs(model, draft, prompt: str, max_tokens: int, draft_length: int):
+    """(plain greedy tokens, the Steps of greedy speculation with `draft`), both through the
+    engine on `model` with nothing else drafting."""
+    opts = dict(model=str(model), n_ctx=512, plan=False, calibrate=False, ngram=False, history=False)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens)
+    messages = [{"role": "user", "content": prompt}]
     with Engine.load(EngineOptions(**opts, plain=True)) as plain:
         want = [t for s in plain.stream(plain.chat_tokens(messages), sp) for t in s.tokens]
-    with Engine.load(EngineOptions(**opts, draft=str(trimmed), draft_length=4)) as spec:
+    with Engine.load(EngineOptions(**opts, draft=str(draft), draft_length=draft_length)) as spec:
         steps = list(spec.stream(spec.chat_tokens(messages), sp))
+    return want, steps
+
+
+def test_trimmed_drafter_greedy_equals_plain_greedy(smol_path, trimmed):
+    want, steps = greedy_runs(smol_path, trimmed, "Write a haiku about rivers.", 48, 4)
     assert [t for s in steps for t in s.tokens] == want
     assert steps[-1].stats.n_accepted > 0
 
@@ -172,13 +179,7 @@ def test_trim_with_bits_requantizes_the_blocks_keeps_the_head_at_8_bits_and_stay
     assert not list(tmp_path.glob("*.trim")) and not list(tmp_path.glob("*.partial"))
     # the counts of every reply are remembered (one file per target), for the next build
     assert len(list((models.state_dir() / "counts").glob(f"{smol_path.stem}-*.npz"))) == 1
-    opts = dict(model=str(smol_path), n_ctx=512, plan=False, calibrate=False, ngram=False, history=False)
-    sp = SamplingParams(temperature=0, max_tokens=40)
-    messages = [{"role": "user", "content": "Name three rivers in Europe."}]
-    with Engine.load(EngineOptions(**opts, plain=True)) as plain:
-        want = [t for s in plain.stream(plain.chat_tokens(messages), sp) for t in s.tokens]
-    with Engine.load(EngineOptions(**opts, draft=str(both), draft_length=3)) as spec:
-        steps = list(spec.stream(spec.chat_tokens(messages), sp))
+    want, steps = greedy_runs(smol_path, both, "Name three rivers in Europe.", 40, 3)
     assert [t for s in steps for t in s.tokens] == want and steps[-1].stats.n_accepted > 0
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ..gguf_file import validate
 from ..tree import TokenTree
 from ..types import EdgespecError, ModelFacts
+from .common import Closing
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 
@@ -152,7 +153,7 @@ class VocabMethods:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
 
-class LlamaCppBackend(VocabMethods):
+class LlamaCppBackend(VocabMethods, Closing):
     def __init__(self, path: str | os.PathLike, options: LlamaOptions = LlamaOptions(),
                  progress: Callable[[float], None] | None = None, *, _parent: "LlamaCppBackend | None" = None):
         path = os.fspath(path)
@@ -367,18 +368,6 @@ class LlamaCppBackend(VocabMethods):
             if self._parent is None:
                 self.lib.llama_model_free(self.model)
             self.ctx = self.model = self.vocab = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12,

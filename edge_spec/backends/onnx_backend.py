@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..types import EdgespecError, ModelFacts
+from .common import BorrowedVocab, Closing
 
 EXPORT_VERSION = 1
 ARCHITECTURES = ("llama", "qwen2")
@@ -159,7 +160,7 @@ def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
 
 # --- the backend -----------------------------------------------------------------------------------
 
-class OnnxBackend:
+class OnnxBackend(BorrowedVocab, Closing):
     """One model run by onnxruntime, one KV cache (a single sequence). Takes a GGUF (exported
     and cached on first use) or an .onnx file plus the GGUF it came from (`gguf=`, for the
     vocabulary, hyperparameters and facts)."""
@@ -265,23 +266,6 @@ class OnnxBackend:
         if n_past < len(self.tokens):
             del self.tokens[max(n_past, 0):]
 
-    # --- vocabulary (llama.cpp's, see torch_backend.LlamaVocab) --------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        self._check_open()
-        return self._vocab.tokenize(text, add_special, parse_special)
-
-    def piece(self, token: int) -> bytes:
-        return self._vocab.piece(token)
-
-    def token_text(self, token: int) -> str:
-        return self._vocab.token_text(token)
-
-    def is_eog(self, token: int) -> bool:
-        return self._vocab.is_eog(token)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
     # --- lifetime ------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self.session is None:
@@ -292,15 +276,3 @@ class OnnxBackend:
         if getattr(self, "_vocab", None) is not None and self._own_vocab:
             self._vocab.close()
         self._vocab = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -62,6 +62,7 @@ import numpy as np
 
 from ..gguf_file import read_header
 from .llama_cpp import VocabMethods
+from .common import BorrowedVocab, Closing
 from ..tree import TokenTree
 from ..types import EdgespecError, ModelFacts
 
@@ -281,7 +282,7 @@ class PlainKV:
 
 # --- the backend --------------------------------------------------------------------------------
 
-class TorchBackend:
+class TorchBackend(BorrowedVocab, Closing):
     """One GGUF model in torch, one KV cache (a single sequence)."""
 
     def __init__(self, path: str | os.PathLike, options: TorchOptions = TorchOptions(), vocab=None):
@@ -613,23 +614,6 @@ class TorchBackend:
         if n_past < len(self.tokens):
             del self.tokens[max(n_past, 0):]
 
-    # --- vocabulary (llama.cpp's, see LlamaVocab) ------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        self._check_open()
-        return self._vocab.tokenize(text, add_special, parse_special)
-
-    def piece(self, token: int) -> bytes:
-        return self._vocab.piece(token)
-
-    def token_text(self, token: int) -> str:
-        return self._vocab.token_text(token)
-
-    def is_eog(self, token: int) -> bool:
-        return self._vocab.is_eog(token)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
     # --- helpers and lifetime ----------------------------------------------------------------------
     def _check_tokens(self, tokens):
         bad = [t for t in tokens if not 0 <= int(t) < self.vocab_size]
@@ -655,18 +639,6 @@ class TorchBackend:
         if getattr(self, "_vocab", None) is not None and self._own_vocab:
             self._vocab.close()
         self._vocab = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _dequantize(torch, data: np.ndarray, qtype):
