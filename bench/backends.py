@@ -1,7 +1,8 @@
 """Per-backend cost of a decode step and of verifying k tokens, as ratios to llama.cpp.
 
 The same GGUF through each backend (llama.cpp; torch with float32 or bfloat16 weights, on CPU,
-or on CUDA with --device cuda), each pass timed with calibrate.measure (rounds over sizes,
+or on CUDA with --device cuda, and float32 with the hierarchical INT8x2 KV cache; onnxruntime,
+exported from the torch code, on the CPU provider, --no-onnx to leave it out), each pass timed with calibrate.measure (rounds over sizes,
 minimum kept) after a short prompt, in one process, one backend loaded at a time.
 
     .venv/bin/python bench/backends.py [-m MODEL ...] [--k 1 2 4 8] [--reps 3] [--device cpu]
@@ -22,13 +23,19 @@ from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, physical
 from edge_spec.engine import resolve_model  # noqa: E402
 
 
-def backends(path, threads: int, device: str):
+def backends(path, threads: int, device: str, onnx: bool):
     yield "llama.cpp", lambda: LlamaCppBackend(path, LlamaOptions(n_ctx=512, n_threads=threads))
     from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
 
     for dtype in ("float32", "bfloat16"):
         yield f"torch {dtype} {device}", lambda dtype=dtype: TorchBackend(
             path, TorchOptions(n_ctx=512, n_threads=threads, dtype=dtype, device=device))
+    yield f"torch float32 {device}, int8x2 KV", lambda: TorchBackend(
+        path, TorchOptions(n_ctx=512, n_threads=threads, device=device, kv_cache="int8x2"))
+    if onnx:
+        from edge_spec.backends.onnx_backend import OnnxBackend, OnnxOptions
+
+        yield "onnxruntime float32 CPU", lambda: OnnxBackend(path, OnnxOptions(n_ctx=512, n_threads=threads))
 
 
 def main() -> None:
@@ -38,6 +45,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-onnx", action="store_true", help="leave out onnxruntime (its first run exports the model)")
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     sizes = sorted(set(args.k))
@@ -47,7 +55,7 @@ def main() -> None:
     for name in args.model:
         path = resolve_model(name, name)
         base = None
-        for label, make in backends(path, threads, args.device):
+        for label, make in backends(path, threads, args.device, not args.no_onnx):
             with make() as b:
                 costs = calibrate.measure(b, max(sizes), args.reps, only=sizes)
             base = base or costs
