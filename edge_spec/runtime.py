@@ -1,4 +1,8 @@
-"""The sequential speculative loop: draft, one target pass, verify, repeat.
+"""The speculative loop: draft, one target pass, verify, repeat.
+
+Two schedules: "sequential" drafts, then verifies; "parallel" lets each draft model keep
+drafting in a thread of its own while the target verifies (edge_spec.drafters.ahead), so a draft
+that follows a wholly accepted one is often ready before it is asked for.
 
 Invariant between steps: the target's cache holds context[:-1]; the last context token is
 *pending*: the next target pass starts with it, followed by the draft, so a pass over k drafts
@@ -12,9 +16,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .controller import Controller
+from .drafters.ahead import AheadDrafter
 from .drafters.model import common_prefix
 from .sampling import NumpyRandom, Random, probs
 from .textstream import TextStream
@@ -23,6 +28,8 @@ from .tree import ROOT, TokenTree, verify_tree
 from .verify import verify
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("sequential", "parallel")
 
 @dataclass(frozen=True)
 class TreeDraft:
@@ -48,6 +55,7 @@ class _Counters:
     accepted: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)  # drafts cut short by a rejection
     notes: list = field(default_factory=list)
+    workers: list = field(default_factory=list)  # the parallel schedule's AheadDrafters
 
     def snapshot(self, plain_step: float | None) -> Stats:
         return Stats(
@@ -57,7 +65,7 @@ class _Counters:
             decode_seconds=time.perf_counter() - self.t_start if self.t_start else 0.0,
             plain_step_seconds=plain_step,
             by_source=tuple((s, self.drafted[s], self.accepted[s], self.rejected[s]) for s in sorted(self.drafted)),
-            notes=tuple(self.notes),
+            notes=tuple(self.notes), drafted_ahead=sum(w.kept for w in self.workers),
         )
 
 
@@ -69,13 +77,22 @@ class Runtime:
     """
 
     def __init__(self, target, drafters: Sequence = (), controller: Controller | None = None,
-                 tree_width: int = 1):
+                 tree_width: int = 1, schedule: str = "sequential"):
+        if schedule not in SCHEDULES:
+            raise EdgespecError(f"unknown schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
         self.target = target
         self.drafters = list(drafters)
         self.controller = controller or Controller()
         # > 1: drafters that can (n-gram lookup) propose trees of up to tree_width branches,
         # verified in one pass (the target needs forward_tree/keep_path, n_seq_max > tree_width)
         self.tree_width = tree_width
+        self.schedule = schedule
+        # parallel schedule: a fixed "tokens drafted ahead at step i" run inline, no thread
+        # (the exact tests enumerate it); None = a drafting thread per draft model
+        self.ahead: Callable[[int], int] | None = None
+        # parallel schedule: the drafting threads wait while a step is out with the caller
+        # (benches interleaving runs; otherwise they would take cores from the other runs)
+        self.hold_between_steps = False
 
     def generate(
         self,
@@ -97,6 +114,28 @@ class Runtime:
         # decided once per generation: a draft model left out is not kept in sync, and bringing
         # it in later would cost a catch-up over the whole context
         drafters = [d for d in self.drafters if self.controller.could_pay(d.source)]
+        workers = c.workers
+        if self.schedule == "parallel":
+            drafters = [self._ahead(d, sp, rng, workers) for d in drafters]
+        try:
+            yield from self._loop(prompt, drafters, workers, sp, cancel, rng, c)
+        finally:  # the reply ended, was cancelled or abandoned: no drafting thread outlives it
+            for w in workers:
+                w.close()
+
+    def _ahead(self, drafter, sp: SamplingParams, rng: Random, workers: list):
+        if not hasattr(drafter, "extend"):  # n-gram lookups cost nothing: no thread for them
+            return drafter
+        if self.ahead is not None:
+            w = AheadDrafter(drafter, sp, rng, threaded=False, ahead=self.ahead)
+        else:  # the worker's own randomness: the two threads never share a generator
+            w = AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1))
+        workers.append(w)
+        return w
+
+    def _loop(self, prompt, drafters: list, workers: list, sp: SamplingParams, cancel, rng: Random,
+              c: _Counters) -> Iterator[Step]:
+        n_ctx = self.target.n_ctx
         t0 = time.perf_counter()
         self._prefill(prompt, drafters, c)
         c.prompt_seconds = time.perf_counter() - t0
@@ -115,7 +154,12 @@ class Runtime:
             draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
             new = self._verify_step(context, draft, sp, rng, c)
             step = self._emit(new, text, sp, c)
+            if self.hold_between_steps:
+                for w in workers:
+                    w.hold()
             yield step
+            for w in workers:
+                w.release()
             if step.finish_reason:
                 return
 

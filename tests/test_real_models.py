@@ -76,6 +76,18 @@ def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
+def assert_plain_greedy(backend, prompt, plain, spec):
+    """spec == plain, except from a place where plain decoding itself was at a near-tie between its
+    top two tokens (batched verification is not bit-exact)."""
+    i = first_difference(plain, spec)
+    if i is None:
+        assert spec == plain
+        return
+    backend.truncate(0)
+    top2 = np.sort(backend.forward(prompt + plain[:i], logits="last")[0])[-2:]
+    assert top2[1] - top2[0] < NEAR_TIE, f"greedy outputs differ at {i} without a near-tie"
+
+
 @pytest.fixture(scope="module")
 def pair():
     # the drafter named explicitly: the plan may leave the default drafter out on a slow CPU
@@ -104,22 +116,21 @@ def test_default_pair_greedy_speculation_equals_plain_greedy(pair, k, ngram):
     spec_steps = list(Runtime(pair.target, drafters, AlwaysDraft(k)).generate(prompt, sp))
     spec = tokens_of(spec_steps)
     assert spec_steps[-1].stats.n_drafted > 30  # speculation really ran
-    i = first_difference(plain, spec)
-    if i is None:
-        assert spec == plain
-        return
-    # allowed only where plain decoding itself was at a near-tie between its top two tokens
-    pair.target.truncate(0)
-    logits = pair.target.forward(prompt + plain[:i], logits="last")[0]
-    top2 = np.sort(logits)[-2:]
-    assert top2[1] - top2[0] < NEAR_TIE, f"greedy outputs differ at {i} without a near-tie"
+    assert_plain_greedy(pair.target, prompt, plain, spec)
 
 
-def test_speculative_sampling_keeps_the_target_distribution(smol_path, smol, tmp_path):
+@pytest.fixture(scope="module")
+def smol_q4_0(smol_path, tmp_path_factory):
+    """A Q4_0 requantization of SmolLM2: a drafter whose q differs from the target's p."""
+    path = tmp_path_factory.mktemp("smol") / "smol-q4_0.gguf"
+    quantize(smol_path, path, "q4_0")
+    return path
+
+
+def test_speculative_sampling_keeps_the_target_distribution(smol_path, smol, smol_q4_0):
     """Chi-square on the first token of many sampled replies: drafter = a Q4_0 requantization of
     the target, so q differs from p and rejections (residual sampling) really happen."""
-    drafter_path = tmp_path / "smol-q4_0.gguf"
-    quantize(smol_path, drafter_path, "q4_0")
+    drafter_path = smol_q4_0
     sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=2)
     prompt = chat(smol, "Name one colour. Answer with one word.")
     smol.truncate(0)
@@ -158,11 +169,19 @@ def test_ngram_trees_on_a_real_model_equal_plain_greedy(smol_path, smol):
         rt = Runtime(tree_backend, [NgramDrafter(1, 4)], AlwaysDraft(6), tree_width=3)
         spec = tokens_of(rt.generate(prompt, sp))
         assert len(calls) >= 5  # trees really ran
-        i = first_difference(plain, spec)
-        if i is not None:
-            tree_backend.truncate(0)
-            logits = tree_backend.forward(prompt + plain[:i], logits="last")[0]
-            top2 = np.sort(logits)[-2:]
-            assert top2[1] - top2[0] < NEAR_TIE, f"greedy outputs differ at {i} without a near-tie"
-        else:
-            assert spec == plain
+        assert_plain_greedy(tree_backend, prompt, plain, spec)
+
+
+def test_parallel_schedule_on_real_models_equals_plain_greedy(smol_path, smol_q4_0):
+    """The drafter drafting in its own thread (one core each) while llama.cpp verifies: plain
+    greedy decoding's tokens (near-ties aside), with drafts really made during verification."""
+    prompt_text = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
+    sp = SamplingParams(temperature=0, max_tokens=96)
+    with LlamaCppBackend(smol_path, LlamaOptions(n_ctx=512, n_threads=1)) as target, \
+            LlamaCppBackend(smol_q4_0, LlamaOptions(n_ctx=512, n_threads=1)) as draft:
+        prompt = chat(target, prompt_text)
+        plain = tokens_of(Runtime(target, []).generate(prompt, sp))
+        steps = list(Runtime(target, [ModelDrafter(draft)], AlwaysDraft(3), schedule="parallel").generate(prompt, sp))
+        spec, stats = tokens_of(steps), steps[-1].stats
+        assert 0 < stats.n_accepted < stats.n_drafted and stats.drafted_ahead > 0
+        assert_plain_greedy(target, prompt, plain, spec)

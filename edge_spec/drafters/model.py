@@ -56,13 +56,10 @@ class ModelDrafter:
         t1 = time.perf_counter()
         tokens, qs = [], []
         for i in range(budget):
-            if sp.greedy:
-                x = self._token(int(np.argmax(logits)))
-            else:
-                q = probs(logits, sp)
-                x = self._token(rng.categorical(q))
-                qs.append(self._q(q))  # q for this position, over the target's vocabulary
+            x, q = self.sample(logits, sp, rng)
             tokens.append(x)
+            if q is not None:
+                qs.append(q)
             if i + 1 < budget:
                 logits = self.backend.forward([x], logits="last")[-1]
         t2 = time.perf_counter()
@@ -74,6 +71,21 @@ class ModelDrafter:
         cost = seconds / steps if steps else None
         return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost)
 
+
+    def sample(self, logits: np.ndarray, sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
+        """One drafted token from the drafter's logits, as a target token, with q over the
+        target's vocabulary (None at T = 0: drafts are then checked by the match rule)."""
+        if sp.greedy:
+            return self._token(int(np.argmax(logits))), None
+        q = probs(logits, sp)
+        return self._token(rng.categorical(q)), self._q(q)
+
+    def extend(self, seq: Sequence[int], sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
+        """The token the drafter proposes after `seq` (and its q): the cache keeps what it holds
+        of seq and evaluates the rest, one token in the steady state of drafting ahead."""
+        held = min(common_prefix(self.backend.tokens, seq), len(seq) - 1)
+        self.backend.truncate(held)
+        return self.sample(self.backend.forward(seq[held:], logits="last")[-1], sp, rng)
 
     def propose_tree(self, context: Sequence[int], budget: int, width: int, sp: SamplingParams,
                      rng: Random) -> TokenTree | None:
@@ -106,13 +118,7 @@ class ModelDrafter:
                 qs.append(q)
                 node = len(tokens) - 1
                 if i + 1 < length:
-                    logits = self.backend.forward([x], logits="last")[-1]
-                    if sp.greedy:
-                        x = self._token(int(np.argmax(logits)))
-                    else:
-                        q = probs(logits, sp)
-                        x = self._token(rng.categorical(q))
-                        q = self._q(q)
+                    x, q = self.sample(self.backend.forward([x], logits="last")[-1], sp, rng)
             self.backend.truncate(base)
         return TokenTree(tuple(tokens), tuple(parents), None if sp.greedy else np.stack(qs), sampled=not sp.greedy)
 
