@@ -5,6 +5,7 @@ For each strategy and placement that fits in memory, the planner predicts decode
     plain          1 / t_target(1)
     ngram          plain * g_ngram          (free prompt-lookup drafts; g from past sessions, else 1)
     draft          E(k) / (k * t_draft(1) + t_target(k + 1)) * g_ngram,  E(k) = 1 + a + ... + a^k
+    draft, in parallel   E(k) / (P * max(t_v, (k + 1) * t_d) + (1 - P) * (t_v + k * t_d)) * g_ngram
 
 with pass costs from calibrations when present (`edge_spec.costmodel` otherwise), acceptance a
 measured in past sessions with this pair (`edge_spec.history`) or the controller's prior, and k
@@ -14,6 +15,16 @@ runtime's controller stops it when it does not pay. Placements: every model on t
 (all of them when they fit, llama.cpp's split otherwise), drafter on the other device or on the
 same one; threads are the physical cores (one model computes at a time in a sequential schedule).
 KV caches stay f16 unless memory only fits with q8_0.
+
+The parallel schedule (edge_spec.drafters.ahead) drafts while the target verifies. After a draft
+wholly accepted and followed by the drafter's own next token (P = a^(k+1)) the next draft was
+made during the verification t_v = t_target(k + 1), so the cycle costs the longer of the two;
+after any rejection it costs what the sequential cycle does. It is weighed where drafter and
+target compute on different devices (all of the target on a GPU and the drafter on the CPU, or
+the reverse), and on a CPU alone with the cores split between them: each pass then costs its
+all-threads cost times all threads / its threads. That is compute-bound scaling: on the 2-core
+CI machine one thread instead of two made passes 1.6-1.8x slower (bench/threads.py), more than
+the roofline predicts, because the two models also share the memory bandwidth.
 
 Offloading (SpecExec): where torch is installed (`offload=True`), a GPU torch can drive (CUDA or
 ROCm) exists and the target does not fit in its VRAM, the target may also run on the torch
@@ -55,6 +66,7 @@ class Alternative:
     vram: int = 0
     why: str = ""
     drafter_model: str = ""         # the draft model's file name
+    schedule: str = "sequential"    # "parallel": the drafter drafts while the target verifies
 
     def describe(self, target: ModelShape, drafter: ModelShape | None) -> str:
         where = f"target {self.target.describe(target)}"
@@ -63,7 +75,12 @@ class Alternative:
         if self.strategy == "ngram":
             return f"n-gram drafts, {where}"
         name = f" {self.drafter_model}" if self.drafter_model else ""
-        return f"draft model{name} k={self.draft_length} on {self.drafter.describe(drafter)} + n-gram, {where}"
+        out = f"draft model{name} k={self.draft_length} on {self.drafter.describe(drafter)} + n-gram, {where}"
+        if self.schedule == "parallel":
+            split = self.target.gpu < 0 and self.drafter.gpu < 0
+            out += (f", in parallel ({self.drafter.threads} drafter / {self.target.threads} target threads)"
+                    if split else ", in parallel")
+        return out
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,53 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
            f"{d_costs[1] / step:.2f} target steps, verifying {best_k + 1} tokens {t_costs[best_k + 1] / step:.2f} steps")
     yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a, drafter_model=os.path.basename(drafter.path),
                       tokens_per_second=best_rate * knowledge.ngram_gain, costs=costs, why=why, **common)
+    for ptp, pdp, pt, pd in _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_costs[1], max_draft):
+        k, rate = _best_parallel(pt, pd, a, max_draft)
+        if k == 0:
+            continue
+        why = (f"acceptance {a:.2f} ({knowledge.acceptance_source}); drafting overlaps verification after "
+               f"{a ** (k + 1):.0%} of drafts; a drafted token costs {pd / step:.2f} and verifying {k + 1} tokens "
+               f"{pt[k + 1] / step:.2f} of today's target steps")
+        yield Alternative("draft", target=ptp, drafter=pdp, draft_length=k, acceptance=a, schedule="parallel",
+                          drafter_model=os.path.basename(drafter.path), step_seconds=step, ram=ram, vram=vram,
+                          tokens_per_second=rate * knowledge.ngram_gain, costs="predicted" if pt is not t_costs else costs,
+                          why=why)
+
+
+def _best_parallel(t_costs: dict, d_cost: float, a: float, max_draft: int) -> tuple[int, float]:
+    """The draft length with the best rate in the parallel schedule, and that rate."""
+    best_k, best_rate, expected = 0, 0.0, 1.0
+    for k in range(1, max_draft + 1):
+        expected += a**k
+        t_v, overlap = t_costs[k + 1], a ** (k + 1)
+        cycle = overlap * max(t_v, (k + 1) * d_cost) + (1 - overlap) * (t_v + k * d_cost)
+        if expected / cycle > best_rate:
+            best_k, best_rate = k, expected / cycle
+    return best_k, best_rate
+
+
+def _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_cost, max_draft):
+    """(target placement, drafter placement, target pass costs, drafter step) for running the two
+    at once: on different devices as placed, or on the CPU with its threads split."""
+    def whole_gpu(p, shape):
+        return p.gpu >= 0 and (p.offload or p.gpu_layers >= shape.n_layers)
+
+    def cpu_only(p):
+        return p.gpu < 0 or (p.gpu_layers == 0 and not p.offload)
+
+    if (whole_gpu(tp, target) and cpu_only(dp)) or (cpu_only(tp) and whole_gpu(dp, drafter)) or (
+            whole_gpu(tp, target) and whole_gpu(dp, drafter) and tp.gpu != dp.gpu):
+        yield tp, dp, t_costs, d_cost
+        return
+    if not (cpu_only(tp) and cpu_only(dp)):
+        return  # the same GPU, or a target split across GPU and CPU: the two would contend
+    threads = tp.threads or profile.cpu.physical_cores
+    sizes = range(1, max_draft + 2)
+    for d_threads in range(1, threads):
+        ptp, pdp = Placement(-1, 0, threads - d_threads), Placement(-1, 0, d_threads)
+        d_full = dp.threads or profile.cpu.physical_cores
+        yield (ptp, pdp, {k: t_costs[k] * threads / (threads - d_threads) for k in sizes},
+               d_cost * d_full / d_threads)
 
 
 def _draft_budget(chosen: Alternative, target: ModelShape, profile: Profile, max_draft: int) -> int:
@@ -255,7 +319,7 @@ def dedupe(alternatives: list[Alternative]) -> list[Alternative]:
     """Plain and n-gram alternatives repeat once per drafter placement: keep one of each."""
     seen, out = set(), []
     for a in sorted(alternatives, key=lambda a: -a.tokens_per_second):
-        key = (a.strategy, a.target, a.drafter, a.drafter_model)
+        key = (a.strategy, a.target, a.drafter, a.drafter_model, a.schedule)
         if key not in seen:
             seen.add(key)
             out.append(a)

@@ -198,6 +198,42 @@ def test_acceptance_decides_whether_the_draft_model_pays(target, drafter):
     assert d_sure.draft_length >= d_unsure.draft_length
 
 
+def test_splitting_two_cores_between_drafter_and_target_does_not_pay(target, drafter):
+    """On the CI machine the parallel schedule is weighed with one core each and loses: each model
+    runs at half speed (bench/schedules.py measured 0.52x plain for it)."""
+    prof = profile.load("ci-2core")
+    for a in (0.7, 0.95):
+        p = planner.plan(target, prof, drafter, knowledge=planner.Knowledge(acceptance=a, acceptance_source="test"))
+        par = [x for x in p.alternatives if x.schedule == "parallel"]
+        seq = max((x for x in p.alternatives if x.strategy == "draft" and x.schedule == "sequential"),
+                  key=lambda x: x.tokens_per_second)
+        assert par and all(x.target.threads == x.drafter.threads == 1 for x in par)
+        assert max(x.tokens_per_second for x in par) < seq.tokens_per_second
+        assert p.chosen.schedule == "sequential"
+
+
+def test_a_gpu_target_with_a_cpu_drafter_runs_them_in_parallel(target, drafter):
+    """DuoDecoding's placement: on a machine whose CPU drafts about as fast as its GPU verifies, the
+    drafter on the CPU drafting while the target verifies on the GPU is predicted fastest."""
+    p = planner.plan(target, profile.load("apple-m3-pro"), drafter,
+                     knowledge=planner.Knowledge(acceptance=0.85, acceptance_source="test"))
+    c = p.chosen
+    assert c.schedule == "parallel" and c.drafter.gpu < 0 and c.target.gpu == 0
+    seq = max((x for x in p.alternatives if x.strategy == "draft" and x.schedule == "sequential"),
+              key=lambda x: x.tokens_per_second)
+    assert c.tokens_per_second > 1.2 * seq.tokens_per_second
+    assert "in parallel" in c.describe(p.target, p.drafter) and "overlaps" in c.why
+
+
+def test_parallel_cycle_is_the_longer_of_drafting_and_verifying_when_all_is_accepted():
+    costs = {k: 1.0 for k in range(1, 10)}  # verification as flat as on a GPU
+    k, rate = planner._best_parallel(costs, 0.25, 1.0, 8)
+    # a = 1: every cycle overlaps; k = 3 drafts 4 tokens in exactly one verification
+    assert k >= 3 and rate == pytest.approx((k + 1) / max(1.0, (k + 1) * 0.25))
+    k0, rate0 = planner._best_parallel(costs, 0.25, 0.0, 8)
+    assert k0 == 1 and rate0 == pytest.approx(1 / 1.25)  # nothing accepted: the sequential cost
+
+
 # --- history: the online correction kept across sessions -------------------------------------
 
 def test_history_turns_measured_acceptance_into_knowledge(tmp_path, target, drafter):

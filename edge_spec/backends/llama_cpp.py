@@ -357,6 +357,13 @@ class LlamaCppBackend(VocabMethods, Closing):
         if self.ctx is None:
             raise EdgespecError(f"the model {os.path.basename(self.facts.path)} was closed")
 
+    def set_threads(self, n: int) -> None:
+        """Compute with n threads from the next pass on (the parallel schedule splits the cores
+        between a target and a drafter on the same CPU)."""
+        self._check_open()
+        self.lib.llama_set_n_threads(self.ctx, n, n)
+        self.n_threads = n
+
     def sibling(self) -> "LlamaCppBackend":
         """A second context (own KV cache) on the same weights: close it before this one."""
         return LlamaCppBackend(self.facts.path, self.options, _parent=self)
