@@ -2,8 +2,10 @@
 
 The same GGUF through each backend (llama.cpp; torch with float32 or bfloat16 weights, on CPU,
 or on CUDA with --device cuda, and float32 with the hierarchical INT8x2 KV cache; onnxruntime,
-exported from the torch code, on the CPU provider, --no-onnx to leave it out), each pass timed with calibrate.measure (rounds over sizes,
-minimum kept) after a short prompt, in one process, one backend loaded at a time.
+exported from the torch code, on the CPU provider with float32 weights and with onnxruntime's
+8-bit quantizations "int8" (MatMulNBits) and "int8-dynamic" (quantize_dynamic), --no-onnx to leave
+them out), each pass timed with calibrate.measure (rounds over sizes, minimum kept) after a short
+prompt, in one process, one backend loaded at a time.
 
     .venv/bin/python bench/backends.py [-m MODEL ...] [--k 1 2 4 8] [--reps 3] [--device cpu]
 """
@@ -33,9 +35,11 @@ def backends(path, threads: int, device: str, onnx: bool):
     yield f"torch float32 {device}, int8x2 KV", lambda: TorchBackend(
         path, TorchOptions(n_ctx=512, n_threads=threads, device=device, kv_cache="int8x2"))
     if onnx:
-        from edge_spec.backends.onnx_backend import OnnxBackend, OnnxOptions
+        from edge_spec.backends.onnx_backend import WEIGHTS, OnnxBackend, OnnxOptions
 
-        yield "onnxruntime float32 CPU", lambda: OnnxBackend(path, OnnxOptions(n_ctx=512, n_threads=threads))
+        for weights in WEIGHTS:
+            yield f"onnxruntime {weights} CPU", lambda weights=weights: OnnxBackend(
+                path, OnnxOptions(n_ctx=512, n_threads=threads, weights=weights))
 
 
 def main() -> None:
@@ -45,7 +49,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-onnx", action="store_true", help="leave out onnxruntime (its first run exports the model)")
+    ap.add_argument("--no-onnx", action="store_true",
+                    help="leave out onnxruntime (its first run exports the model, and quantizes it)")
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     sizes = sorted(set(args.k))

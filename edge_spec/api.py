@@ -45,8 +45,9 @@ def load(target: str | None = None, draft: str | None = None, plan: bool | str |
     target, else n-gram drafts only). `plan`: None/True plans for this machine, a string plans
     with that hardware profile (name or file), False skips planning. Other keywords are
     EngineOptions fields (n_ctx, n_threads, n_gpu_layers, ngram, plain, max_draft, ...), among
-    them backend= and draft_backend= ("llama" or "torch"; the target's default "auto" is llama.cpp
-    unless the plan streams a target too big for the GPU with torch)."""
+    them backend= and draft_backend= ("llama", "torch" or "onnx"; the target's default "auto" is
+    llama.cpp unless the plan streams a target too big for the GPU with torch) and onnx_weights=
+    ("float32", "int8" or "int8-dynamic", for the models onnxruntime runs)."""
     known = {f.name for f in fields(EngineOptions)}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -31,13 +31,13 @@ def calibration_file(backend) -> Path:
 
 def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
     """One file per (model file, threads, batch, KV types, GPU layers, build, CPU); `options` is
-    the backend's LlamaOptions or TorchOptions (only read, so the file is found before a model
+    the backend's LlamaOptions, TorchOptions or OnnxOptions (only read, so the file is found before a model
     is loaded)."""
     st = os.stat(path)
     if hasattr(options, "type_k"):  # LlamaOptions
         setup = [options.n_batch, options.type_k, options.type_v, options.n_gpu_layers]
-    else:  # TorchOptions: every field (device, dtype, KV cache, offloading budget)
-        setup = ["torch", *dataclasses.astuple(options)]
+    else:  # TorchOptions or OnnxOptions: every field (device, dtype, KV cache, offloading budget; weights)
+        setup = ["onnx" if hasattr(options, "providers") else "torch", *dataclasses.astuple(options)]
     key = json.dumps([
         SCHEMA, os.path.realpath(path), st.st_size, int(st.st_mtime),
         n_threads, *setup, _build_id(), platform.processor() or platform.machine(),

@@ -22,7 +22,9 @@ SELF_DRAFTER_PRIOR = 0.9
 # cached calibration stale; a calibration taken while other work ran was seen 3x too slow here
 STALE_CALIBRATION = 0.3
 STALE_MIN_STEPS = 32
-BACKENDS = ("llama", "torch")  # llama.cpp (edge_spec.backends.llama_cpp) or torch (backends.torch_backend)
+# llama.cpp (edge_spec.backends.llama_cpp), torch (backends.torch_backend) or onnxruntime
+# (backends.onnx_backend: a GGUF exported to ONNX from the torch code; chain drafts only, no trees)
+BACKENDS = ("llama", "torch", "onnx")
 
 Progress = Callable[[str, float], None]  # (what, fraction done)
 
@@ -51,16 +53,31 @@ class EngineOptions:
     profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
     history: bool = True            # learn acceptance across sessions ($EDGESPEC_HOME/history.json)
-    # which backend runs each model: "llama" (llama.cpp) or "torch"; the target's "auto" is
-    # llama.cpp unless the plan streams a target too big for VRAM with torch (SpecExec offloading)
+    # which backend runs each model: "llama" (llama.cpp), "torch" or "onnx" (onnxruntime); the
+    # target's "auto" is llama.cpp unless the plan streams a target too big for VRAM with torch
+    # (SpecExec offloading)
     backend: str = "auto"
     draft_backend: str = "llama"
+    # weights of the models onnxruntime runs: "float32", "int8" or "int8-dynamic" (quantized by
+    # onnxruntime.quantization, cached; see backends/onnx_backend.py)
+    onnx_weights: str = "float32"
 
     def __post_init__(self):
         if self.backend not in ("auto", *BACKENDS):
-            raise EdgespecError(f"unknown backend {self.backend!r}: use auto, {' or '.join(BACKENDS)}")
+            raise EdgespecError(f"unknown backend {self.backend!r}: use {_either(('auto', *BACKENDS))}")
         if self.draft_backend not in BACKENDS:
-            raise EdgespecError(f"unknown draft backend {self.draft_backend!r}: use {' or '.join(BACKENDS)}")
+            raise EdgespecError(f"unknown draft backend {self.draft_backend!r}: use {_either(BACKENDS)}")
+        from .backends.onnx_backend import WEIGHTS  # numpy only: no onnxruntime
+
+        if self.onnx_weights not in WEIGHTS:
+            raise EdgespecError(f"unknown onnx weights {self.onnx_weights!r}: use {_either(WEIGHTS)}")
+        if self.backend == "onnx" and self.tree_width > 1:
+            raise EdgespecError("token trees (tree_width > 1) need a target that verifies trees in one pass; "
+                                "the onnx backend runs chains only: use tree_width=1, or --backend llama or torch")
+
+
+def _either(names) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def resolve_model(name: str | None, default: str) -> Path:
@@ -101,8 +118,8 @@ class Engine:
         """The plan's prediction for what this engine runs (flags may have overridden the plan)."""
         if self.plan is None:
             return None
-        if self.target.facts.extra.get("backend") == "torch" and not self.plan.chosen.target.offload:
-            return None  # a torch target asked for: the plan's costs are llama.cpp's
+        if self.target.facts.extra.get("backend") in ("torch", "onnx") and not self.plan.chosen.target.offload:
+            return None  # a torch or onnx target asked for: the plan's costs are llama.cpp's
         running = "draft" if self.draft_backend is not None else "ngram" if self.runtime.drafters else "plain"
         if self.plan.chosen.strategy == running:
             return self.plan.chosen.tokens_per_second
@@ -129,6 +146,10 @@ class Engine:
         t_opts, d_opts = _backend_options(options, the_plan, target_path, draft_path)
         if the_plan is None:  # the planner checks memory for its plans; without one, check here
             _check_memory(target_path, draft_path, t_opts, d_opts)
+        if getattr(t_opts, "weights", None) == "int8-dynamic" and not options.plain:
+            notes.append("the target runs onnx int8-dynamic weights, whose activation scales span a whole pass: "
+                         "its logits depend on the other tokens verified with them, so speculation can change "
+                         "its greedy output (onnx_weights='int8' or 'float32' for a target; int8-dynamic is for drafters)")
         target = _load(target_path, t_opts, "target", notes, report)
         drafters, draft_backend = [], None
         try:
@@ -145,7 +166,7 @@ class Engine:
             if options.calibrate and (drafters or draft_backend is not None):
                 calibration = _calibrate(controller, target, draft_backend,
                                          min(max(max_draft, MAX_DRAFT), target.n_ctx // 4), report)
-            # (a torch target's measurements would pass for llama.cpp's CPU placement: not re-planned)
+            # (a torch or onnx target's measurements would pass for llama.cpp's CPU placement: not re-planned)
             if the_plan is not None and the_plan.chosen.costs != "calibrated" and calibration \
                     and hasattr(t_opts, "n_gpu_layers"):
                 the_plan = _plan(options, target_path, draft_backend and draft_path, notes, report,
@@ -158,6 +179,9 @@ class Engine:
                     draft_backend = None
             if draft_backend is not None:
                 drafters.append(ModelDrafter(draft_backend))
+            if options.tree_width > 1 and not hasattr(target, "forward_tree"):
+                raise EdgespecError(f"token trees (tree_width {options.tree_width}) need a target that verifies "
+                                    f"trees; the {target.facts.extra.get('backend')} backend runs chains only")
         except BaseException:
             target.close()
             if draft_backend is not None:
@@ -248,12 +272,21 @@ def as_drafter_of(target, draft_path, backend):
 
 
 def _load(path, opts, what: str, notes: list, report: Progress):
-    """Load a backend (llama.cpp for LlamaOptions, torch for TorchOptions); if llama.cpp's GPU
-    offload fails (a GPU gone, a driver error), load on the CPU and say so."""
+    """Load a backend (llama.cpp for LlamaOptions, torch for TorchOptions, onnxruntime for
+    OnnxOptions: exported, and quantized, on first use); if llama.cpp's GPU offload fails (a GPU
+    gone, a driver error), load on the CPU and say so."""
     from dataclasses import replace as with_
 
     from .backends.llama_cpp import LlamaCppBackend, LlamaOptions
+    from .backends.onnx_backend import OnnxOptions
 
+    if isinstance(opts, OnnxOptions):
+        from .backends.onnx_backend import OnnxBackend
+
+        report(f"loading {what} (onnx)", 0.0)
+        backend = OnnxBackend(path, opts, progress=lambda stage: report(f"{stage}: {what} (first use only)", 0.0))
+        report(f"loading {what} (onnx)", 1.0)
+        return backend
     if not isinstance(opts, LlamaOptions):
         from .backends.torch_backend import TorchBackend
 
@@ -281,7 +314,7 @@ def _calibrate(controller: Controller, target, draft_backend, max_draft: int, re
     if draft_backend is not None:
         drafts["model"] = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
     controller.calibrate(costs, drafts)
-    # a torch backend's measurements stand for the CPU placement the planner knows (n_gpu_layers 0)
+    # a torch or onnx backend's measurements stand for the CPU placement the planner knows (n_gpu_layers 0)
     out = {"target": (costs, getattr(target.options, "n_gpu_layers", 0))}
     if draft_backend is not None:
         out["drafter"] = ({1: drafts["model"]}, getattr(draft_backend.options, "n_gpu_layers", 0))
@@ -470,6 +503,11 @@ def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
         if path is None:
             continue
         shape = costmodel.model_shape(path)
+        if hasattr(opts, "providers"):  # OnnxOptions
+            ram = _onnx_ram(shape, opts)
+            need += ram
+            parts.append(f"{shape.name} (onnx) {ram / 2**30:.1f} GiB")
+            continue
         if not hasattr(opts, "n_gpu_layers"):  # TorchOptions
             ram = costmodel.torch_memory_need(shape, opts.n_ctx, 4 if opts.dtype == "float32" else 2,
                                               opts.kv_cache, opts.device_budget_bytes, opts.device).ram
@@ -486,6 +524,16 @@ def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
             f"not enough memory: {' + '.join(parts)} at {t_opts.n_ctx} tokens of context need "
             f"{need / 2**30:.1f} GiB, {usable / 2**30:.1f} GiB is available; use a smaller -c/--ctx-size, "
             "a quantized KV cache, a smaller model or quantization, or let the planner decide (plan=True)")
+
+
+def _onnx_ram(shape, opts) -> int:
+    """The onnx backend: matrices in float32 (int8: 1 byte and a float scale per 32), a float32
+    embedding table (tied models: besides the LM head), float32 KV cache, a batch's activations.
+    The first use's export needs about twice the float32 weights on top (torch's copy)."""
+    per_weight = 4 if opts.weights == "float32" else 1 + 4 / 32
+    weights = (shape.layer_params + shape.output_params) * per_weight + shape.vocab_size * shape.n_embd * 4
+    kv = shape.n_layers * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * opts.n_ctx * 4
+    return int(weights + shape.other_bytes + kv + shape.compute_buffer_bytes(min(512, opts.n_ctx)))
 
 
 def _cached_calibrations(options: EngineOptions, path, threads: int, gpu: bool) -> list:
@@ -539,12 +587,31 @@ def torch_offload_possible(backend: str, target_path) -> bool:
     return True
 
 
+def onnx_missing() -> list[str]:
+    """What the onnx backend needs and this install lacks (found without importing anything):
+    onnxruntime to run, torch to export the GGUF, onnx to quantize and for large exports."""
+    import importlib.util
+
+    return [name for name in ("onnxruntime", "onnx", "torch") if importlib.util.find_spec(name) is None]
+
+
 def check_backends(options: EngineOptions, target_path, draft_path) -> None:
-    """A torch backend asked for: torch installed and the model's architecture and tensor types
-    supported, checked from the GGUF header before anything is loaded."""
-    wanted = [(p, what) for p, what, kind in ((target_path, "target", options.backend),
-                                              (draft_path, "drafter", options.draft_backend))
-              if p is not None and kind == "torch"]
+    """A torch or onnx backend asked for: its packages installed and the model's architecture and
+    tensor types supported, checked from the GGUF header before anything is loaded."""
+    chosen = ((target_path, "target", options.backend), (draft_path, "drafter", options.draft_backend))
+    onnx = [(p, what) for p, what, kind in chosen if p is not None and kind == "onnx"]
+    if onnx:
+        missing = onnx_missing()
+        if missing:
+            flags = " / ".join(f"--{'draft-' if what == 'drafter' else ''}backend llama" for _, what in onnx)
+            raise EdgespecError(
+                f"the onnx backend needs {', '.join(missing)} (not installed): `pip install edgespec[onnx]` "
+                f"(onnxruntime runs the model, torch exports the GGUF to ONNX, onnx quantizes it), or use {flags}")
+        from .backends.onnx_backend import check_supported as onnx_supported
+
+        for path, what in onnx:
+            onnx_supported(path, what)
+    wanted = [(p, what) for p, what, kind in chosen if p is not None and kind == "torch"]
     if not wanted:
         return
     if not torch_installed():
@@ -558,7 +625,9 @@ def check_backends(options: EngineOptions, target_path, draft_path) -> None:
 
 
 def _backend_options(options: EngineOptions, the_plan, target_path, draft_path=None):
-    """(target options, drafter options): LlamaOptions for llama.cpp, TorchOptions for torch."""
+    """(target options, drafter options): LlamaOptions for llama.cpp, TorchOptions for torch,
+    OnnxOptions for onnxruntime (CPU provider; weights as options.onnx_weights)."""
+    from .backends.onnx_backend import OnnxOptions
     from .backends.torch_backend import TorchOptions
 
     t_opts, d_opts = _llama_options(options, the_plan, draft_path)
@@ -572,8 +641,12 @@ def _backend_options(options: EngineOptions, the_plan, target_path, draft_path=N
                               device_budget_bytes=placement.gpu_layers * costmodel.torch_layer_bytes(shape, 2))
     elif options.backend == "torch":
         t_opts = TorchOptions(n_ctx=options.n_ctx, n_threads=t_opts.n_threads, device="auto")
+    elif options.backend == "onnx":
+        t_opts = OnnxOptions(n_ctx=options.n_ctx, n_threads=t_opts.n_threads, weights=options.onnx_weights)
     if options.draft_backend == "torch":
         d_opts = TorchOptions(n_ctx=options.n_ctx, n_threads=d_opts.n_threads, device="auto")
+    elif options.draft_backend == "onnx":
+        d_opts = OnnxOptions(n_ctx=options.n_ctx, n_threads=d_opts.n_threads, weights=options.onnx_weights)
     return t_opts, d_opts
 
 

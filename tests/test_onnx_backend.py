@@ -1,6 +1,7 @@
 """The onnxruntime backend (SmolLM2-135M exported from the torch backend's model code): parity
 with llama.cpp and the torch backend, exact KV rollback, greedy speculation with an ONNX drafter
-and a llama.cpp target, and the provider fallback.
+and a llama.cpp target, the provider fallback, the 8-bit weights (onnxruntime.quantization), and
+the backend through the engine (backend= / draft_backend= "onnx"), all on one export.
 
 Parity: the ONNX graph computes what the torch backend computes (same float32 weights, explicit
 softmax attention instead of SDPA, ONNX Runtime's own kernels), measured ~1e-4 on logits;
@@ -31,18 +32,31 @@ from tests.test_torch_backend import (ARGMAX_AGREEMENT, CODE, LOGPROB_MAX, LOGPR
                                       N_PARITY, log_softmax, parity, speculation_equals_plain)
 
 TORCH_LOGPROB_TOL = 1e-3  # nats, |log p| of every token vs the torch backend (measured ~1e-4)
+# argmax agreement with the float32 export over the first N_PARITY tokens of CODE (one pass),
+# measured on 2 AVX2 cores with onnxruntime 1.31: int8 (MatMulNBits, 8-bit blocks of 32) 99.2%,
+# int8-dynamic (quantize_dynamic, QUInt8 per tensor) 70.3%; other CPUs run other int8 kernels
+INT8_AGREEMENT = 0.97
+INT8_DYNAMIC_AGREEMENT = 0.62
+SMOL = "smollm2-135m-instruct-q4_1"
+QUICK = dict(n_ctx=512, plan=False, calibrate=False, history=False)  # no planning: the models asked for
 
 
 @pytest.fixture(scope="module")
 def smol_path():
-    return models.require("smollm2-135m-instruct-q4_1")
+    return models.require(SMOL)
 
 
 @pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
+def onnx_state(tmp_path_factory):
     # the export is ~650 MB: under pytest's tmp dirs (only the last few runs are kept), not the
-    # session's state dir, which conftest.py makes per run and never removes
-    return str(tmp_path_factory.mktemp("onnx"))
+    # session's state dir, which conftest.py makes per run and never removes; engine tests point
+    # EDGESPEC_STATE here, so that the engine finds this export in its default place (state/onnx)
+    return tmp_path_factory.mktemp("onnx-state")
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(onnx_state):
+    return str(onnx_state / "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +141,85 @@ def test_missing_provider_falls_back_to_cpu(smol_onnx, smol_path, onnx_cache):
         tokens = b.tokenize(CODE)[:20]
         smol_onnx.truncate(0)
         np.testing.assert_array_equal(b.forward(tokens), smol_onnx.forward(tokens))
+
+
+# --- 8-bit weights ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def f32_logits(smol_onnx, smol_llama):
+    tokens = smol_llama.tokenize(CODE)[:N_PARITY]
+    smol_onnx.truncate(0)
+    return tokens, smol_onnx.forward(tokens)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("weights, threshold", [("int8", INT8_AGREEMENT), ("int8-dynamic", INT8_DYNAMIC_AGREEMENT)])
+def test_quantized_weights_agree_with_float32(smol_path, onnx_cache, smol_onnx, f32_logits, weights, threshold):
+    tokens, ref = f32_logits
+    with OnnxBackend(smol_path, OnnxOptions(n_ctx=256, cache_dir=onnx_cache, weights=weights)) as q:
+        assert q.facts.extra["weights"] == weights
+        assert q.onnx_path.endswith(f".{weights}-q1.onnx") and os.path.dirname(q.onnx_path) == onnx_cache
+        assert os.path.getsize(q.onnx_path) < 0.6 * os.path.getsize(smol_onnx.onnx_path)
+        out = q.forward(tokens)
+    agree = (out.argmax(-1) == ref.argmax(-1)).mean()
+    print(f"\n{weights} vs float32: argmax agreement {agree:.2%} over {len(tokens)} tokens")
+    assert agree >= threshold
+
+
+@pytest.mark.real
+def test_an_int8_dynamic_target_is_flagged(monkeypatch, onnx_state, smol_path):
+    """Its per-pass activation scales make verification batch-dependent: the engine says so."""
+    import edge_spec
+
+    monkeypatch.setenv("EDGESPEC_STATE", str(onnx_state))
+    with edge_spec.load(str(smol_path), backend="onnx", onnx_weights="int8-dynamic", **QUICK) as s:
+        assert s.engine.target.facts.extra["weights"] == "int8-dynamic"
+        assert any("int8-dynamic" in note and "for drafters" in note for note in s.engine.notes)
+
+
+def test_unknown_weights_are_refused():
+    with pytest.raises(EdgespecError, match="unknown onnx weights 'int4': use float32, int8, int8-dynamic"):
+        OnnxOptions(weights="int4")
+
+
+# --- through the engine ----------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_an_onnx_target_through_the_api_gives_llama_cpp_s_greedy_reply(monkeypatch, onnx_state, smol_onnx, smol_path):
+    """backend="onnx": the engine loads the cached export, calibrates the onnx passes, and runs
+    n-gram speculation over chains; its greedy reply is llama.cpp's (float32 vs llama.cpp's 8-bit
+    activations: equal on this prompt, as the parity test's near-ties allow)."""
+    import edge_spec
+    from edge_spec import calibrate
+
+    monkeypatch.setenv("EDGESPEC_STATE", str(onnx_state))
+    prompt = "Write a Python function that returns the square of a number."
+    with edge_spec.load(str(smol_path), plain=True, **QUICK) as s:
+        plain = s.generate(prompt, temperature=0, max_tokens=32)
+    with edge_spec.load(str(smol_path), backend="onnx", **(QUICK | dict(calibrate=True))) as s:
+        target = s.engine.target
+        assert isinstance(target, OnnxBackend) and target.onnx_path == smol_onnx.onnx_path  # the export reused
+        assert target.facts.extra["backend"] == "onnx" and s.engine.predicted_tokens_per_second is None
+        assert calibrate.calibration_file(target).is_file()  # the onnx passes were measured and cached
+        assert s.engine.runtime.tree_width == 1
+        reply = s.generate(prompt, temperature=0, max_tokens=32)
+    assert reply.text == plain.text and reply.tokens == plain.tokens
+
+
+@pytest.mark.real
+def test_an_int8_onnx_drafter_for_a_llama_cpp_target_gives_the_plain_greedy_reply(monkeypatch, onnx_state,
+                                                                                  smol_path, onnx_cache):
+    import edge_spec
+
+    monkeypatch.setenv("EDGESPEC_STATE", str(onnx_state))
+    prompt = "List three fruits and say one thing about each."
+    with edge_spec.load(str(smol_path), plain=True, **QUICK) as s:
+        plain = s.generate(prompt, temperature=0, max_tokens=40)
+    with edge_spec.load(str(smol_path), draft=str(smol_path), draft_backend="onnx", onnx_weights="int8", ngram=False,
+                        draft_length=4, **QUICK) as s:
+        drafter = s.engine.draft_backend
+        assert isinstance(s.engine.target, LlamaCppBackend) and isinstance(drafter, OnnxBackend)
+        assert drafter.facts.extra["weights"] == "int8" and os.path.dirname(drafter.onnx_path) == onnx_cache
+        spec = s.generate(prompt, temperature=0, max_tokens=40)
+    assert spec.stats.n_drafted >= 20 and spec.stats.n_accepted >= 10
+    assert spec.text == plain.text and spec.tokens == plain.tokens

@@ -1,5 +1,6 @@
 """Choosing the backend of each model: --backend / --draft-backend on the CLI, backend= /
-draft_backend= in edge_spec.load; torch is imported only when a torch backend is chosen."""
+draft_backend= in edge_spec.load; torch is imported only when a torch backend is chosen. The onnx
+backend's engine-level runs are in tests/test_onnx_backend.py (they reuse its export)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ QUICK = dict(n_ctx=512, plan=False, calibrate=False, history=False)  # no planni
 @pytest.mark.parametrize("command", ["chat", "generate", "serve"])
 def test_help_names_both_backend_options(command):
     out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
-    assert "--backend" in out and "--draft-backend" in out and "torch" in out
+    assert "--backend" in out and "--draft-backend" in out and "torch" in out and "onnx" in out
 
 
 def test_plan_help_names_the_backend():
@@ -31,12 +32,57 @@ def test_plan_help_names_the_backend():
 
 
 def test_unknown_backends_are_refused():
-    with pytest.raises(EdgespecError, match="unknown backend 'onnx': use auto, llama or torch"):
-        EngineOptions(backend="onnx")
-    with pytest.raises(EdgespecError, match="unknown draft backend 'auto': use llama or torch"):
+    with pytest.raises(EdgespecError, match="unknown backend 'tensorrt': use auto, llama, torch or onnx"):
+        EngineOptions(backend="tensorrt")
+    with pytest.raises(EdgespecError, match="unknown draft backend 'auto': use llama, torch or onnx"):
         EngineOptions(draft_backend="auto")
+    with pytest.raises(EdgespecError, match="unknown onnx weights 'int4': use float32, int8 or int8-dynamic"):
+        EngineOptions(backend="onnx", onnx_weights="int4")
     result = CliRunner().invoke(app, ["generate", "-p", "hi", "--draft-backend", "tf"])
     assert result.exit_code == 1 and "unknown draft backend 'tf'" in result.output
+    assert EngineOptions(backend="onnx", draft_backend="onnx", onnx_weights="int8").backend == "onnx"
+
+
+def test_an_onnx_target_refuses_token_trees():
+    with pytest.raises(EdgespecError, match=r"tree_width > 1.*onnx backend runs chains only"):
+        EngineOptions(backend="onnx", tree_width=2)
+    EngineOptions(draft_backend="onnx", tree_width=2)  # an onnx drafter for a tree-verifying target is fine
+
+
+def test_missing_onnx_packages_are_a_clear_error(monkeypatch):
+    """onnxruntime missing (as if not installed: find_spec and import both see None), checked
+    before anything is planned, exported or loaded."""
+    import sys
+
+    smol = str(models.require(SMOL))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert "onnxruntime" in engine.onnx_missing()
+    with pytest.raises(EdgespecError, match=r"the onnx backend needs onnxruntime.*`pip install edgespec\[onnx\]`"
+                                            r".*--draft-backend llama"):
+        edge_spec.load(smol, draft=smol, draft_backend="onnx", **QUICK)
+    with pytest.raises(EdgespecError, match=r"needs onnxruntime.*--backend llama"):
+        edge_spec.load(smol, backend="onnx", **QUICK)
+    from edge_spec.backends.onnx_backend import OnnxBackend
+
+    with pytest.raises(EdgespecError, match=r"onnxruntime cannot be imported.*edgespec\[onnx\]"):
+        OnnxBackend(smol)  # the backend itself says so too, before exporting anything
+
+
+def test_architectures_the_onnx_backend_cannot_run_are_clear_errors(monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    from tests.test_torch_backend import _write_arch
+
+    smol = str(models.require(SMOL))
+    monkeypatch.setattr(engine, "onnx_missing", lambda: [])  # whatever is installed: the header decides
+    gemma = str(_write_arch(tmp_path / "g.gguf", "gemma3"))  # the torch backend runs it, the export does not
+    with pytest.raises(EdgespecError, match=r"architecture 'gemma3' is not supported by the onnx backend "
+                                            r"\(it runs llama, qwen2\); the torch or llama.cpp backend can run it "
+                                            r"\(--draft-backend llama or torch\)"):
+        engine.check_backends(EngineOptions(draft_backend="onnx"), smol, gemma)
+    mamba = str(_write_arch(tmp_path / "m.gguf", "mamba"))
+    with pytest.raises(EdgespecError, match=r"architecture 'mamba' is not supported by the onnx backend.*"
+                                            r"the llama.cpp backend can run it \(--backend llama\)"):
+        engine.check_backends(EngineOptions(backend="onnx"), mamba, None)
 
 
 def test_missing_torch_and_unsupported_architectures_are_clear_errors(monkeypatch, tmp_path):

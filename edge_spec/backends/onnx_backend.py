@@ -1,6 +1,7 @@
 """GGUF models exported to ONNX (from the torch backend's model code) and run by onnxruntime.
 
-Minimal: chain passes only (no `forward_tree`), float32 weights, a single sequence.
+Minimal: chain passes only (no `forward_tree`: no token trees), a single sequence; float32
+weights, or 8-bit weights quantized by onnxruntime's own tools (`OnnxOptions.weights`, below).
 
 Export (`export_onnx`): the torch backend loads and dequantizes the GGUF (torch_backend.py), and
 `_Decoder` below, a module over those same weights and helpers (`_embed` semantics, `_rms`,
@@ -18,7 +19,40 @@ the rows past n_past are simply ignored and later overwritten.
 
 The exported file is cached under `models.state_dir() / "onnx"`, keyed by the GGUF's path, size
 and mtime and by `EXPORT_VERSION`. Architectures: those of the torch backend without sliding
-windows (`llama`, `qwen2`); gemma3 is refused.
+windows (`llama`, `qwen2`); gemma3 is refused (`check_supported`, from the GGUF header).
+
+Weights (`OnnxOptions.weights`), quantized from the float32 export and cached next to it:
+
+    "float32"       the export as is
+    "int8"          onnxruntime.quantization's MatMulNBitsQuantizer: every weight MatMul (the LM
+                    head included) becomes MatMulNBits with 8-bit symmetric weights in blocks of
+                    32 along the input dimension, accuracy_level 4 (activations quantized to int8
+                    per row and block on the fly, int8 dot products). Measured on SmolLM2-135M,
+                    the code text of the tests: 99.2% argmax agreement with float32 (128 tokens).
+                    Without accuracy_level 4 (float compute) onnxruntime 1.31 ran it 25x slower
+                    than float32 here.
+    "int8-dynamic"  onnxruntime.quantization.quantize_dynamic: MatMul weights QUInt8 per tensor,
+                    activations quantized per tensor at run time (MatMulInteger). The fastest, but
+                    per-tensor activation scales meet the outlier channels of LLM activations
+                    (worst at the FFN down projections; left in float32: 95%, float32's speed):
+                    70% argmax agreement with float32. Measured alternatives: QInt8 weights 71%,
+                    about as fast; per-channel QUInt8 78%, 1.2x slower; per-channel QInt8 0%
+                    (garbage: the u8s8 kernels saturate on AVX2 without VNNI; reduce_range=True
+                    avoids it, 75%). A scale spans the whole pass, so a token's logits depend on
+                    the other tokens of its pass (batched vs one at a time: 80% argmax agreement;
+                    int8: 100%, float32: 100%): meant for drafters, not targets.
+
+Speeds: bench/backends.py, and the README's table.
+
+The weights of the exported graph are Constant nodes (the traced module closes over tensors);
+both quantizers only see initializers, so the 2-D float Constants are moved to initializers first.
+
+A model holds float32 (or 8-bit) copies of every matrix plus a float32 embedding table (tied
+models: twice, once for the lookup and once, transposed, for the LM head). Past protobuf's 2 GB
+(Qwen2.5-Coder-0.5B: 2.5 GB; its export took 90 s and 9.5 GB of memory here) the weights go to
+one `<name>.onnx.data` file beside the model: torch writes one file per weight, named after its
+node, names that would collide between the models of the cache folder, so the export rewrites
+them (`_single_data_file`).
 
 Providers: `OnnxOptions.providers` in order of preference; one that this onnxruntime build does
 not have is dropped with a warning (recorded in `facts.extra["provider_note"]`), and the CPU
@@ -31,8 +65,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +79,9 @@ from ..types import EdgespecError, ModelFacts
 from .common import BorrowedVocab, Closing
 
 EXPORT_VERSION = 1
+QUANT_VERSION = 1  # of quantize_onnx's recipes: part of the quantized files' names
 ARCHITECTURES = ("llama", "qwen2")
+WEIGHTS = ("float32", "int8", "int8-dynamic")
 CPU = "CPUExecutionProvider"
 
 
@@ -60,12 +99,37 @@ class OnnxOptions:
     n_threads: int | None = None                # None: physical cores
     providers: tuple[str, ...] = (CPU,)         # in order of preference; CPU is always added last
     cache_dir: str | None = None                # exported models; None: state_dir()/onnx
+    weights: str = "float32"                    # "float32", "int8" or "int8-dynamic" (module docstring)
 
     def __post_init__(self):
         if self.n_ctx < 8:
             raise EdgespecError("-c/--ctx-size must be at least 8")
+        if self.weights not in WEIGHTS:
+            raise EdgespecError(f"unknown onnx weights {self.weights!r}: use {', '.join(WEIGHTS)}")
         if isinstance(self.providers, str):
             object.__setattr__(self, "providers", (self.providers,))
+
+
+def check_supported(path, what: str = "model"):
+    """The GGUF header of a model this backend can export and run (no torch or onnxruntime
+    needed); a clear error otherwise. `what`: "target" or "drafter" names the CLI option to use."""
+    from ..gguf_file import read_header
+    from . import torch_backend
+
+    path = os.fspath(path)
+    header = read_header(path)
+    arch = header.metadata["general.architecture"]
+    flag = {"target": " (--backend {})", "drafter": " (--draft-backend {})"}.get(what, "")
+    if arch not in ARCHITECTURES:
+        others = "torch or llama.cpp backend" if arch in torch_backend.ARCHITECTURES else "llama.cpp backend"
+        raise EdgespecError(
+            f"{path}: architecture {arch!r} is not supported by the onnx backend (it runs {', '.join(ARCHITECTURES)}); "
+            f"the {others} can run it" + flag.format("llama or torch" if "torch" in others else "llama"))
+    if "rope_freqs.weight" in {t.name for t in header.tensors}:
+        raise EdgespecError(f"{path}: rope_freqs (llama3's RoPE scaling) is not supported by the onnx backend; "
+                            "the torch or llama.cpp backend can run it" + flag.format("llama or torch"))
+    torch_backend.check_supported(path, what)  # tensor types: the export dequantizes with the torch backend
+    return header
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -126,13 +190,10 @@ def _cache_path(gguf_path: str, cache_dir: str | None) -> Path:
 
 def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
     """Export a GGUF model (llama or qwen2) to an ONNX file with KV-cache inputs and outputs."""
-    from .torch_backend import TorchBackend, TorchOptions, check_supported
+    from .torch_backend import TorchBackend, TorchOptions
 
     gguf_path, out_path = os.fspath(gguf_path), Path(out_path)
-    arch = check_supported(gguf_path).metadata["general.architecture"]
-    if arch not in ARCHITECTURES:
-        raise EdgespecError(f"{gguf_path}: architecture {arch!r} is not supported by the onnx backend "
-                            f"(it runs {', '.join(ARCHITECTURES)}); the torch or llama.cpp backend can run it")
+    check_supported(gguf_path)
     with TorchBackend(gguf_path, TorchOptions(n_ctx=8)) as tb:
         if tb.streamer is not None or tb.dtype != tb.torch.float32:  # pragma: no cover - defaults
             raise EdgespecError("the onnx export needs float32 resident weights")
@@ -143,9 +204,7 @@ def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
                  torch.zeros(n, hp.n_rot // 2), torch.zeros(n, hp.n_rot // 2), torch.zeros(n, past + n),
                  torch.zeros(past, hp.n_layer, hp.n_head_kv, hp.head_dim),
                  torch.zeros(past, hp.n_layer, hp.n_head_kv, hp.head_dim))
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-        with torch.no_grad(), warnings.catch_warnings():
+        with _staging(out_path) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, dummy, str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
@@ -154,8 +213,112 @@ def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
                 dynamic_axes={"input_ids": {0: "n"}, "rope_cos": {0: "n"}, "rope_sin": {0: "n"},
                               "attn_mask": {0: "n", 1: "total"}, "past_k": {0: "past"}, "past_v": {0: "past"},
                               "logits": {0: "n"}, "new_k": {0: "n"}, "new_v": {0: "n"}})
-        os.replace(tmp, out_path)
+            if len(list(tmp.parent.iterdir())) > 1:
+                # past protobuf's 2 GB torch writes every weight to its own file next to the model,
+                # named after the node (`_Constant_12_attr__value`): the same names for every model
+                # in the cache folder. Rewritten as initializers in one `<name>.onnx.data` file.
+                _single_data_file(tmp)
     return out_path
+
+
+@contextmanager
+def _staging(out: Path):
+    """A path to write `out` at in a fresh folder beside it; on success, its files (the model and
+    any external data file) are moved into place, the model last, so a reader never sees a model
+    without its data."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
+    try:
+        yield folder / out.name
+        for f in sorted(folder.iterdir(), key=lambda f: f.name == out.name):
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _single_data_file(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))  # with its external data
+    for f in path.parent.iterdir():
+        f.unlink()
+    _constants_to_initializers(onnx, model)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+# --- weight quantization (onnxruntime.quantization) -------------------------------------------------
+
+def quantized_path(onnx_path, weights: str) -> Path:
+    """Where the `weights` copy of an exported model is cached: next to it."""
+    onnx_path = Path(onnx_path)
+    return onnx_path if weights == "float32" else onnx_path.with_name(f"{onnx_path.stem}.{weights}-q{QUANT_VERSION}.onnx")
+
+
+def quantize_onnx(src, out, weights: str = "int8") -> Path:
+    """Quantize the MatMul weights of an exported model (`export_onnx`) with onnxruntime's tools:
+    "int8" (MatMulNBits, 8-bit blocks of 32) or "int8-dynamic" (quantize_dynamic); see the module
+    docstring. Written to a temporary folder, then moved into place (data file first)."""
+    import logging
+
+    if weights not in WEIGHTS[1:]:
+        raise EdgespecError(f"unknown onnx weight quantization {weights!r}: use {', '.join(WEIGHTS[1:])}")
+    ort = _ort()
+    try:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise EdgespecError(f"onnx weight quantization needs onnx and onnxruntime.quantization ({e}): "
+                            "`pip install edgespec[onnx]`") from e
+    src, out = Path(src), Path(out)
+    model = onnx.load(str(src))
+    # protobuf's 2 GB limit: weights in a separate file past it
+    large = sum(len(t.raw_data) for t in model.graph.initializer) + \
+        sum(len(a.t.raw_data) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute) > 1.8 * 2**30
+    _constants_to_initializers(onnx, model)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing", once per model
+    try:
+        with _staging(out) as tmp:
+            if weights == "int8":
+                q = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+                                         op_types_to_quantize=("MatMul",))
+                q.process()
+                q.model.save_model_to_file(str(tmp), use_external_data_format=large)
+            else:
+                quantize_dynamic(model, tmp, op_types_to_quantize=["MatMul"], per_channel=False,
+                                 weight_type=QuantType.QUInt8, use_external_data_format=large,
+                                 extra_options={"MatMulConstBOnly": True})
+    except EdgespecError:
+        raise
+    except Exception as e:
+        raise EdgespecError(f"onnxruntime {ort.__version__} could not quantize {src.name} to {weights} "
+                            f"({type(e).__name__}: {e})") from e
+    finally:
+        root.setLevel(level)
+    return out
+
+
+def _constants_to_initializers(onnx, model) -> int:
+    """Move the 2-D float Constant nodes (the traced weights) to graph initializers, which is
+    where the quantizers look for weights. Returns how many were moved."""
+    graph, kept, moved = model.graph, [], 0
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT \
+                and len(attr.t.dims) == 2:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return moved
 
 
 # --- the backend -----------------------------------------------------------------------------------
@@ -165,25 +328,36 @@ class OnnxBackend(BorrowedVocab, Closing):
     and cached on first use) or an .onnx file plus the GGUF it came from (`gguf=`, for the
     vocabulary, hyperparameters and facts)."""
 
-    def __init__(self, path, options: OnnxOptions = OnnxOptions(), gguf=None, vocab=None):
-        from .torch_backend import LlamaVocab, _hparams, _physical_cores, check_supported
+    def __init__(self, path, options: OnnxOptions = OnnxOptions(), gguf=None, vocab=None,
+                 progress: Callable[[str], None] | None = None):
+        """`progress(stage)` is called before the slow first-use steps ("exporting", "quantizing")."""
+        from .torch_backend import LlamaVocab, _hparams, _physical_cores
 
         path = os.fspath(path)
         self.options = options
         self._vocab = self.session = None
+        ort = _ort()  # before any export: a missing onnxruntime is said at once
         if path.endswith(".onnx"):
             if gguf is None:
                 raise EdgespecError("an .onnx model needs gguf= (the GGUF it was exported from)")
             onnx_path, gguf = Path(path), os.fspath(gguf)
+            header = check_supported(gguf)
         else:
             gguf = path
+            header = check_supported(gguf)
             onnx_path = _cache_path(gguf, options.cache_dir)
             if not onnx_path.exists():
+                if progress:
+                    progress("exporting to ONNX")
                 export_onnx(gguf, onnx_path)
-        header = check_supported(gguf)
+        if options.weights != "float32":
+            source, onnx_path = onnx_path, quantized_path(onnx_path, options.weights)
+            if not onnx_path.exists() or onnx_path.stat().st_mtime_ns < source.stat().st_mtime_ns:
+                if progress:
+                    progress(f"quantizing to {options.weights}")
+                quantize_onnx(source, onnx_path, options.weights)
         md = header.metadata
         self.hp = hp = _hparams(md, gguf)
-        ort = _ort()
         available = ort.get_available_providers()
         missing = [p for p in options.providers if p not in available]
         self.provider_note = ""
@@ -199,7 +373,11 @@ class OnnxBackend(BorrowedVocab, Closing):
         # idle threads must not spin and steal the cores another model in the process needs
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        except Exception as e:  # e.g. an onnxruntime too old for MatMulNBits with 8 bits
+            raise EdgespecError(f"onnxruntime {ort.__version__} cannot load {onnx_path.name} "
+                                f"({type(e).__name__}: {e})") from e
         self.providers = self.session.get_providers()
         self.onnx_path = str(onnx_path)
         self._own_vocab = vocab is None
@@ -209,8 +387,6 @@ class OnnxBackend(BorrowedVocab, Closing):
         self._k = np.zeros(shape, np.float32)
         self._v = np.zeros(shape, np.float32)
         inv = hp.freq_base ** (-np.arange(0, hp.n_rot, 2, dtype=np.float64) / hp.n_rot)
-        if "rope_freqs.weight" in {t.name for t in header.tensors}:  # pragma: no cover - llama3
-            raise EdgespecError(f"{gguf}: rope_freqs is not supported by the onnx backend")
         self._inv_freq = inv * hp.freq_scale
         self.tokens: list[int] = []
         output = next((t for t in header.tensors if t.name == "output.weight"), None) or \
@@ -225,7 +401,7 @@ class OnnxBackend(BorrowedVocab, Closing):
             chat_template=md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str) else None,
             description=getattr(v, "description", ""),
             extra={"n_head_kv": hp.n_head_kv, "n_head": hp.n_head, "add_bos": v.add_bos, "backend": "onnx",
-                   "providers": list(self.providers), "provider_note": self.provider_note,
+                   "weights": options.weights, "providers": list(self.providers), "provider_note": self.provider_note,
                    "onnx_path": self.onnx_path})
 
     @property

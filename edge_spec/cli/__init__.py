@@ -50,9 +50,12 @@ SeedOpt = typer.Option(None, "--seed", help="Random seed.", show_default=False)
 NOpt = typer.Option(S.max_tokens, "-n", "--max-tokens", help="Most tokens to generate per reply.")
 StopOpt = typer.Option(None, "--stop", help="Stop when this text appears (repeatable).", show_default=False)
 StatsOpt = typer.Option("text", "--stats", help="Stats line format on stderr: text, json or none.")
-BackendOpt = typer.Option(E.backend, "--backend", help="Target backend: llama (llama.cpp), torch, or auto: llama.cpp, "
-                          "or torch streaming a target too big for the GPU's memory (needs `pip install edgespec[torch]`).")
-DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend", help="Draft model backend: llama (llama.cpp) or torch.")
+BackendOpt = typer.Option(E.backend, "--backend", help="Target backend: llama (llama.cpp), torch, onnx (onnxruntime, "
+                          "CPU: the GGUF exported to ONNX on first use; no token trees), or auto: llama.cpp, or torch "
+                          "streaming a target too big for the GPU's memory (torch: `pip install edgespec[torch]`, onnx: "
+                          "`pip install edgespec[onnx]`).")
+DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend",
+                               help="Draft model backend: llama (llama.cpp), torch or onnx (onnxruntime).")
 
 
 def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,

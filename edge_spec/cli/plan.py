@@ -94,8 +94,9 @@ def plan_command(
     max_draft: int = typer.Option(planner.MAX_DRAFT, "--max-draft", help="Longest draft to consider."),
     no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
     backend: str = typer.Option(
-        "auto", "--backend", help="Target backend: llama (llama.cpp), torch, or auto: llama.cpp, or torch streaming "
-                                  "a target too big for the GPU's memory (offloading; needs torch installed)."),
+        "auto", "--backend", help="Target backend: llama (llama.cpp), torch, onnx, or auto: llama.cpp, or torch "
+                                  "streaming a target too big for the GPU's memory (offloading; needs torch installed). "
+                                  "Only offloading has its own costs: the others are planned with llama.cpp's."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the plan for a model on this machine or a hardware profile, and why it won.

@@ -46,10 +46,10 @@ def serve_command(
     no_ngram: bool = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts."),
     plain: bool = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline."),
     backend: str = typer.Option(C_ENGINE.backend, "--backend",
-                                help="Target backend: llama (llama.cpp), torch, or auto (llama.cpp, or torch streaming "
-                                     "a target too big for the GPU's memory)."),
+                                help="Target backend: llama (llama.cpp), torch, onnx (onnxruntime, CPU), or auto "
+                                     "(llama.cpp, or torch streaming a target too big for the GPU's memory)."),
     draft_backend: str = typer.Option(C_ENGINE.draft_backend, "--draft-backend",
-                                      help="Draft model backend: llama (llama.cpp) or torch."),
+                                      help="Draft model backend: llama (llama.cpp), torch or onnx (onnxruntime)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
 
