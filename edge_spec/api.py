@@ -47,7 +47,8 @@ def load(target: str | None = None, draft: str | None = None, plan: bool | str |
     EngineOptions fields (n_ctx, n_threads, n_gpu_layers, ngram, plain, max_draft, ...), among
     them backend= and draft_backend= ("llama", "torch" or "onnx"; the target's default "auto" is
     llama.cpp unless the plan streams a target too big for the GPU with torch) and onnx_weights=
-    ("float32", "int8" or "int8-dynamic", for the models onnxruntime runs)."""
+    ("float32", "int8" or "int8-dynamic", for the models onnxruntime runs) and schedule=
+    ("sequential", "parallel" or the plan's choice, "auto")."""
     known = {f.name for f in fields(EngineOptions)}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -13,7 +13,7 @@ from . import models
 from .chat_template import render
 from .controller import Controller
 from .planner import MAX_DRAFT
-from .runtime import Runtime
+from .runtime import SCHEDULES, Runtime
 from .types import EdgespecError, SamplingParams, Step
 
 # acceptance assumed for a 4-bit copy of the target until measured (QuantSpec reports > 90%)
@@ -61,12 +61,18 @@ class EngineOptions:
     # weights of the models onnxruntime runs: "float32", "int8" or "int8-dynamic" (quantized by
     # onnxruntime.quantization, cached; see backends/onnx_backend.py)
     onnx_weights: str = "float32"
+    # "sequential" (draft, then verify), "parallel" (the draft model drafts in a thread of its own
+    # while the target verifies; on a CPU alone the cores are split between them) or "auto": the
+    # plan's choice (edge_spec.planner weighs both)
+    schedule: str = "auto"
 
     def __post_init__(self):
         if self.backend not in ("auto", *BACKENDS):
             raise EdgespecError(f"unknown backend {self.backend!r}: use {_either(('auto', *BACKENDS))}")
         if self.draft_backend not in BACKENDS:
             raise EdgespecError(f"unknown draft backend {self.draft_backend!r}: use {_either(BACKENDS)}")
+        if self.schedule not in ("auto", *SCHEDULES):
+            raise EdgespecError(f"unknown schedule {self.schedule!r}: use {_either(('auto', *SCHEDULES))}")
         from .backends.onnx_backend import WEIGHTS  # numpy only: no onnxruntime
 
         if self.onnx_weights not in WEIGHTS:
@@ -187,7 +193,8 @@ class Engine:
             if draft_backend is not None:
                 draft_backend.close()
             raise
-        runtime = Runtime(target, drafters, controller, tree_width=options.tree_width)
+        schedule = _schedule(options, the_plan, target, draft_backend, notes)
+        runtime = Runtime(target, drafters, controller, tree_width=options.tree_width, schedule=schedule)
         engine = cls(target, draft_backend, runtime, options, the_plan, tuple(notes))
         engine._calibrated_step = calibration["target"][0][1] if calibration else None
         return engine
@@ -524,6 +531,32 @@ def _check_memory(target_path, draft_path, t_opts, d_opts) -> None:
             f"not enough memory: {' + '.join(parts)} at {t_opts.n_ctx} tokens of context need "
             f"{need / 2**30:.1f} GiB, {usable / 2**30:.1f} GiB is available; use a smaller -c/--ctx-size, "
             "a quantized KV cache, a smaller model or quantization, or let the planner decide (plan=True)")
+
+
+def _schedule(options: EngineOptions, the_plan, target, draft_backend, notes: list) -> str:
+    """The runtime's schedule: the option, else the plan's. A parallel schedule with both models
+    on the CPU splits its threads between them (the plan's split, else a third to the drafter),
+    unless -t/-td were given."""
+    chosen = the_plan.chosen if the_plan is not None else None
+    schedule = options.schedule
+    if schedule == "auto":
+        schedule = chosen.schedule if chosen is not None and chosen.strategy == "draft" else "sequential"
+    if schedule != "parallel" or draft_backend is None:
+        return "sequential"
+    on_cpu = [getattr(b.options, "n_gpu_layers", None) == 0 and hasattr(b, "set_threads") for b in (target, draft_backend)]
+    if all(on_cpu) and options.n_threads is None and options.n_threads_draft is None:
+        total = target.n_threads
+        if chosen is not None and chosen.schedule == "parallel" and chosen.drafter.threads:
+            d_threads = chosen.drafter.threads
+        else:
+            d_threads = max(1, total // 3)
+        if total < 2:
+            notes.append("the parallel schedule needs two cores or a second device: running sequentially")
+            return "sequential"
+        target.set_threads(total - d_threads)
+        draft_backend.set_threads(d_threads)
+        notes.append(f"parallel schedule: the drafter drafts on {d_threads} of {total} threads while the target verifies")
+    return schedule
 
 
 def _onnx_ram(shape, opts) -> int:

@@ -205,3 +205,38 @@ def test_the_worker_stays_within_its_lookahead_and_hold_stops_it():
 def test_unknown_schedule_is_an_error():
     with pytest.raises(EdgespecError, match="schedule"):
         Runtime(FakeModel(random_dist(0, V), V), [], schedule="pipelined")
+
+
+# --- the engine and the CLI ----------------------------------------------------------------
+def test_engine_runs_the_parallel_schedule_with_the_cores_split():
+    from edge_spec import models
+    from edge_spec.engine import Engine, EngineOptions
+
+    smol = str(models.require("smollm2-135m-instruct-q4_1"))
+    sp = SamplingParams(temperature=0, max_tokens=48)
+    messages = [{"role": "user", "content": "Count from one to ten in words."}]
+    with Engine.load(EngineOptions(model=smol, plain=True, n_ctx=512, history=False)) as plain:
+        want = [t for s in plain.runtime.generate(plain.chat_tokens(messages), sp) for t in s.tokens]
+        cores = plain.target.n_threads
+    with Engine.load(EngineOptions(model=smol, draft=smol, n_ctx=512, history=False, schedule="parallel",
+                                   draft_length=3)) as engine:
+        assert engine.runtime.schedule == "parallel"
+        if cores >= 2:  # the CI machine: one thread each
+            assert engine.target.n_threads + engine.draft_backend.n_threads == cores
+            assert any("parallel schedule" in note for note in engine.notes)
+        steps = list(engine.runtime.generate(engine.chat_tokens(messages), sp))
+    assert [t for s in steps for t in s.tokens] == want  # the drafter is the target: no near-ties
+    assert steps[-1].stats.n_drafted > 0 and not drafting_threads()
+
+
+def test_schedule_option_is_checked_and_documented():
+    from typer.testing import CliRunner
+
+    from edge_spec.cli import app
+    from edge_spec.engine import EngineOptions
+
+    with pytest.raises(EdgespecError, match="schedule"):
+        EngineOptions(schedule="pipelined")
+    for command in ("chat", "generate", "serve"):
+        out = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
+        assert "--schedule" in out and "parallel" in out

@@ -54,12 +54,15 @@ BackendOpt = typer.Option(E.backend, "--backend", help="Target backend: llama (l
                           "CPU: the GGUF exported to ONNX on first use; no token trees), or auto: llama.cpp, or torch "
                           "streaming a target too big for the GPU's memory (torch: `pip install edgespec[torch]`, onnx: "
                           "`pip install edgespec[onnx]`).")
+ScheduleOpt = typer.Option(E.schedule, "--schedule", help="sequential (draft, then verify), parallel (the draft model "
+                           "drafts in a thread of its own while the target verifies; on a CPU alone the cores are split) "
+                           "or auto: the plan's choice.")
 DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend",
                                help="Draft model backend: llama (llama.cpp), torch or onnx (onnxruntime).")
 
 
 def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                    draft_length=None, backend=E.backend, draft_backend=E.draft_backend) -> EngineOptions:
+                    draft_length=None, backend=E.backend, draft_backend=E.draft_backend, schedule=E.schedule) -> EngineOptions:
     if model and model_opt and model != model_opt:
         raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
     if ngram and no_ngram:
@@ -74,7 +77,7 @@ def _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, thread
         model=model or model_opt, draft=draft, ngram=not no_ngram, draft_model=not ngram, plain=plain,
         n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
         n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length, backend=backend,
-        draft_backend=draft_backend)
+        draft_backend=draft_backend, schedule=schedule)
 
 
 def _stats_format(value: str) -> str:
@@ -90,7 +93,7 @@ def chat(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
     draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
-    temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    schedule: str = ScheduleOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
     stats: str = StatsOpt,
@@ -100,7 +103,7 @@ def chat(
 
     _run(lambda: run_chat(
         _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                        draft_length, backend, draft_backend),
+                        draft_length, backend, draft_backend, schedule),
         SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
         system, _stats_format(stats)))
@@ -116,7 +119,7 @@ def generate(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
     draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
-    temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    schedule: str = ScheduleOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
     stats: str = StatsOpt,
@@ -128,7 +131,7 @@ def generate(
         text = _read_prompt(prompt, file)
         run_generate(
             _engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                            draft_length, backend, draft_backend),
+                            draft_length, backend, draft_backend, schedule),
             SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
             text, system, raw, _stats_format(stats))

@@ -50,6 +50,9 @@ def serve_command(
                                      "(llama.cpp, or torch streaming a target too big for the GPU's memory)."),
     draft_backend: str = typer.Option(C_ENGINE.draft_backend, "--draft-backend",
                                       help="Draft model backend: llama (llama.cpp), torch or onnx (onnxruntime)."),
+    schedule: str = typer.Option(C_ENGINE.schedule, "--schedule",
+                                 help="sequential, parallel (the draft model drafts in its own thread while the target "
+                                      "verifies) or auto: the plan's choice."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
 
@@ -62,7 +65,8 @@ def serve_command(
                               max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, queue=queue)
         config.check()  # before loading anything: a refused address opens no socket and loads no model
         options = _engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
-                                  None, None, None, None, None, backend=backend, draft_backend=draft_backend)
+                                  None, None, None, None, None, backend=backend, draft_backend=draft_backend,
+                                  schedule=schedule)
         from ..api import Session
         from ..server import serve
         from .chat import load_engine, plan_lines
