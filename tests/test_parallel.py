@@ -198,6 +198,8 @@ def test_the_worker_stays_within_its_lookahead_and_hold_stops_it():
     w.release()
     time.sleep(0.2)
     assert len(w._drafts) == 5
+    draft8 = w.propose([1, 2, 7], 8, GREEDY, None)  # longer than the lookahead: it grows
+    assert len(draft8.tokens) == 8
     w.close()
     assert not drafting_threads()
 

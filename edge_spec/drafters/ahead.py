@@ -85,6 +85,9 @@ class AheadDrafter:
         if self.threaded:
             with self._cond:
                 self.kept += min(len(self._drafts), budget)
+                if budget > self.lookahead:  # a long draft (--max-draft above the lookahead)
+                    self.lookahead = budget
+                    self._cond.notify_all()
                 while len(self._drafts) < budget and self._error is None and not self._stop:
                     self._cond.wait()
                 self._raise()
