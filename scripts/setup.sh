@@ -84,6 +84,6 @@ if [ "$want_tests" = 1 ]; then
   "${pip[@]}" install torch==2.13.0
   # onnxruntime (CPU) and onnx for the onnx backend tests (torch.onnx.export, dynamo=False: no onnxscript)
   say "installing onnxruntime and onnx for the onnx backend tests"
-  "${pip[@]}" install onnxruntime==1.31.1 onnx==1.23.2
+  "${pip[@]}" install onnxruntime==1.31.1 onnx==1.23.2 onnx-ir==1.1.0  # onnx-ir: onnxruntime.quantization imports it
 fi
 say "done: run .venv/bin/edgespec chat"
