@@ -61,13 +61,13 @@ def main() -> None:
     seq_target, seq_draft = sibling(engine.target), sibling(engine.draft_backend)
     par_target = sibling(engine.target, cores - args.draft_threads)
     par_draft = sibling(engine.draft_backend, args.draft_threads)
+    plain_target = sibling(engine.target)
     make = {
-        "plain": lambda: Runtime(sibling_plain, []),
+        "plain": lambda: Runtime(plain_target, []),
         "sequential": lambda: Runtime(seq_target, drafters(seq_draft), copy.deepcopy(calibrated)),
         "parallel": lambda: parallel_runtime(par_target, drafters(par_draft), copy.deepcopy(calibrated)),
         "multiseq": lambda: Runtime(engine.target, drafters(engine.draft_backend), copy.deepcopy(calibrated), tree_width=2),
     }
-    sibling_plain = sibling(engine.target)
     labels = ["plain", *args.schedules.split(",")]
     rows = []
     for name in args.prompts.split(","):

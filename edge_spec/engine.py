@@ -546,13 +546,13 @@ def _schedule(options: EngineOptions, the_plan, target, draft_backend, notes: li
     on_cpu = [getattr(b.options, "n_gpu_layers", None) == 0 and hasattr(b, "set_threads") for b in (target, draft_backend)]
     if all(on_cpu) and options.n_threads is None and options.n_threads_draft is None:
         total = target.n_threads
+        if total < 2:
+            notes.append("the parallel schedule needs two cores or a second device: running sequentially")
+            return "sequential"
         if chosen is not None and chosen.schedule == "parallel" and chosen.drafter.threads:
             d_threads = chosen.drafter.threads
         else:
             d_threads = max(1, total // 3)
-        if total < 2:
-            notes.append("the parallel schedule needs two cores or a second device: running sequentially")
-            return "sequential"
         target.set_threads(total - d_threads)
         draft_backend.set_threads(d_threads)
         notes.append(f"parallel schedule: the drafter drafts on {d_threads} of {total} threads while the target verifies")

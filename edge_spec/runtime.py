@@ -158,8 +158,9 @@ class Runtime:
                 for w in workers:
                     w.hold()
             yield step
-            for w in workers:
-                w.release()
+            if self.hold_between_steps:
+                for w in workers:
+                    w.release()
             if step.finish_reason:
                 return
 

@@ -29,7 +29,8 @@ from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
 from edge_spec.vocab import check_compatible  # noqa: E402
 from tests.test_real_models import NEAR_TIE, chat  # noqa: E402
 from tests.test_torch_backend import (ARGMAX_AGREEMENT, CODE, LOGPROB_MAX, LOGPROB_MEAN,  # noqa: E402
-                                      N_PARITY, log_softmax, parity, speculation_equals_plain)
+                                      N_PARITY, log_softmax, parity, rollback_matches_fresh,
+                                      speculation_equals_plain)
 
 TORCH_LOGPROB_TOL = 1e-3  # nats, |log p| of every token vs the torch backend (measured ~1e-4)
 # argmax agreement with the float32 export over the first N_PARITY tokens of CODE (one pass),
@@ -98,20 +99,7 @@ def test_parity_with_llama_cpp_and_torch(smol_onnx, smol_llama, smol_path):
 @pytest.mark.real
 def test_kv_rollback_is_exact(smol_onnx):
     o = smol_onnx
-    a, b, c = o.tokenize(CODE)[:40], [100, 200, 300, 400], [28, 29, 30]
-    o.truncate(0)
-    o.forward(a, logits="none")
-    o.forward(b)  # a rejected draft
-    o.truncate(len(a))
-    after = o.forward(c)
-    assert o.n_past == len(a) + len(c)
-    o.truncate(0)
-    o.forward(a, logits="none")
-    fresh = o.forward(c)
-    np.testing.assert_array_equal(after, fresh)  # the same inputs, the same cache rows: bit-exact
-    o.truncate(0)
-    one_pass = o.forward(a + c)[-len(c):]
-    np.testing.assert_allclose(after, one_pass, atol=2e-4)
+    rollback_matches_fresh(o, o.tokenize(CODE)[:40])
     assert o.forward([5], logits="none").shape == (0, o.vocab_size)
     assert o.forward([6, 7], logits="last").shape == (1, o.vocab_size)
     with pytest.raises(EdgespecError, match="context full"):

@@ -43,7 +43,7 @@ from edge_spec.tree import TokenTree  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
 from edge_spec.vocab import check_compatible  # noqa: E402
 from tests.test_llama_backend import AlwaysDraft  # noqa: E402
-from tests.test_real_models import NEAR_TIE, chat, first_difference, tokens_of  # noqa: E402
+from tests.test_real_models import NEAR_TIE, assert_plain_greedy, chat, tokens_of  # noqa: E402
 from tests.tiny_gguf import write_llama  # noqa: E402
 
 # the parity text: code, as this project's default models are coder models
@@ -259,17 +259,24 @@ def test_parity_with_llama_cpp(name, request):
 
 @pytest.mark.real
 def test_kv_rollback_is_exact(smol_torch):
-    t = smol_torch
-    a, b, c = t.tokenize(TEXT)[:40], [100, 200, 300, 400], [28, 29, 30]
+    rollback_matches_fresh(smol_torch, smol_torch.tokenize(TEXT)[:40])
+
+
+def rollback_matches_fresh(t, a, c=(28, 29, 30)) -> None:
+    """A rejected draft rolled back leaves the cache as if it had never been evaluated: the next
+    tokens' logits are bit-exact with a fresh evaluation (same shapes, same slots) and close to
+    one pass over everything."""
+    c = list(c)
     t.truncate(0)
     t.forward(a, logits="none")
-    t.forward(b)  # a rejected draft
+    t.forward([100, 200, 300, 400])  # a rejected draft
     t.truncate(len(a))
     after = t.forward(c)
+    assert t.n_past == len(a) + len(c)
     t.truncate(0)
     t.forward(a, logits="none")
     fresh = t.forward(c)
-    np.testing.assert_array_equal(after, fresh)  # same shapes, same slots: bit-exact
+    np.testing.assert_array_equal(after, fresh)
     t.truncate(0)
     one_pass = t.forward(a + c)[-len(c):]
     np.testing.assert_allclose(after, one_pass, atol=2e-4)
@@ -307,16 +314,7 @@ def speculation_equals_plain(target, drafter, prompt, sp, k=4):
     spec = tokens_of(steps)
     assert steps[-1].stats.n_drafted >= 20  # speculation really ran
     assert steps[-1].stats.n_accepted >= 10  # and the two backends agreed on much of it
-    i = first_difference(plain, spec)
-    if i is None:
-        assert spec == plain
-        return
-    # allowed only where plain decoding itself was at a near-tie (batched verification is not
-    # bit-exact with one-token steps, on either backend)
-    target.truncate(0)
-    logits = target.forward(prompt + plain[:i], logits="last")[0]
-    top2 = np.sort(logits)[-2:]
-    assert top2[1] - top2[0] < NEAR_TIE, f"greedy outputs differ at {i} without a near-tie"
+    assert_plain_greedy(target, prompt, plain, spec)  # near-ties aside, on either backend
 
 
 @pytest.mark.real
@@ -346,11 +344,7 @@ def test_ngram_trees_on_a_torch_target_equal_plain_greedy(smol_torch):
     finally:
         del smol_torch.forward_tree
     assert len(calls) >= 3  # trees really ran
-    i = first_difference(plain, spec)
-    if i is not None:
-        smol_torch.truncate(0)
-        top2 = np.sort(smol_torch.forward(prompt + plain[:i], logits="last")[0])[-2:]
-        assert top2[1] - top2[0] < NEAR_TIE, f"greedy outputs differ at {i} without a near-tie"
+    assert_plain_greedy(smol_torch, prompt, plain, spec)
 
 
 @pytest.mark.real

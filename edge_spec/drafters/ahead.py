@@ -61,7 +61,6 @@ class AheadDrafter:
         self._thread: threading.Thread | None = None
         self._steps = 0
         self.kept = 0              # drafted tokens that were ready when asked for (drafted during a verification)
-        self.discarded = 0         # tokens drafted ahead and thrown away
 
     # --- the drafter interface -------------------------------------------------------------
     def prefill(self, context: Sequence[int]) -> None:
@@ -121,7 +120,6 @@ class AheadDrafter:
             if b <= n <= seq_len and list(context[:b]) == self._base and list(context[b:]) == self._tokens()[: n - b]:
                 self._drafts = self._drafts[n - b:]
             else:
-                self.discarded += len(self._drafts)
                 self._drafts = []
                 self._epoch += 1
             self._base = list(context)
