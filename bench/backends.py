@@ -20,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from edge_spec import calibrate, models  # noqa: E402
+from edge_spec import models  # noqa: E402
+from edge_spec.plan import calibrate  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, physical_cores  # noqa: E402
-from edge_spec.engine import resolve_model  # noqa: E402
+from edge_spec.options import resolve_model  # noqa: E402
 
 
 def backends(path, threads: int, device: str, onnx: bool):

@@ -23,12 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import PROMPTS
 from bench.speculative import interleaved
-from edge_spec import calibrate, models, planner
+from edge_spec import models
+from edge_spec.plan import calibrate, planner
 from edge_spec.controller import Controller
-from edge_spec.costmodel import model_shape
+from edge_spec.plan.costmodel import model_shape
 from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.engine import Engine, EngineOptions, machine_profile
-from edge_spec.history import History
+from edge_spec.engine import Engine
+from edge_spec.options import EngineOptions
+from edge_spec.plan.choose import machine_profile
+from edge_spec.plan.history import History
 from edge_spec.runtime import Runtime
 from edge_spec.types import SamplingParams
 

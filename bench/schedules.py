@@ -22,7 +22,8 @@ from bench.prompts import PROMPTS  # noqa: E402
 from bench.speculative import interleaved, seconds_for  # noqa: E402
 from edge_spec import models  # noqa: E402
 from edge_spec.drafters import ModelDrafter, NgramDrafter  # noqa: E402
-from edge_spec.engine import Engine, EngineOptions  # noqa: E402
+from edge_spec.engine import Engine  # noqa: E402
+from edge_spec.options import EngineOptions  # noqa: E402
 from edge_spec.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

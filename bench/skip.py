@@ -35,9 +35,13 @@ from edge_spec import models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
 from edge_spec.controller import Controller  # noqa: E402
 from edge_spec.drafters import ModelDrafter  # noqa: E402
-from edge_spec.drafters.build import MIN_SOURCE_BITS, build, info, source_bits  # noqa: E402
-from edge_spec.drafters.skip import SkipSettings, write_skipped  # noqa: E402
-from edge_spec.engine import chat_tokens, resolve_model  # noqa: E402
+from edge_spec.build.quant import build  # noqa: E402
+from edge_spec.defaults import MIN_SOURCE_BITS  # noqa: E402
+from edge_spec.drafters.provenance import info  # noqa: E402
+from edge_spec.plan.costmodel import source_bits  # noqa: E402
+from edge_spec.build.skip import SkipSettings, write_skipped  # noqa: E402
+from edge_spec.chat_template import chat_tokens  # noqa: E402
+from edge_spec.options import resolve_model  # noqa: E402
 from edge_spec.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

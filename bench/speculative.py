@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import PROMPTS  # noqa: E402
-from edge_spec.engine import Engine, EngineOptions  # noqa: E402
+from edge_spec.engine import Engine  # noqa: E402
+from edge_spec.options import EngineOptions  # noqa: E402
 from edge_spec.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_spec import calibrate, models  # noqa: E402
+from edge_spec import models  # noqa: E402
+from edge_spec.plan import calibrate  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, physical_cores  # noqa: E402
-from edge_spec.engine import resolve_model  # noqa: E402
+from edge_spec.options import resolve_model  # noqa: E402
 
 
 def main() -> None:

@@ -37,10 +37,12 @@ from edge_spec import models  # noqa: E402
 from edge_spec.backends.llama_cpp import HEAD_TYPES, LlamaCppBackend, LlamaOptions, quantize  # noqa: E402
 from edge_spec.controller import Controller  # noqa: E402
 from edge_spec.drafters import ModelDrafter  # noqa: E402
-from edge_spec.drafters.trim import (  # noqa: E402
+from edge_spec.build.trim import (  # noqa: E402
     calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed,
 )
-from edge_spec.engine import as_drafter_of, chat_tokens, resolve_model  # noqa: E402
+from edge_spec.chat_template import chat_tokens  # noqa: E402
+from edge_spec.drafters.trimmed import as_drafter_of  # noqa: E402
+from edge_spec.options import resolve_model  # noqa: E402
 from edge_spec.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Union
 
-from .engine import Engine, EngineOptions, Progress
+from .engine import Engine
+from .options import EngineOptions, Progress
 from .types import EdgespecError, SamplingParams, Stats, Step
 
 Prompt = Union[str, Sequence[dict], Sequence[int]]

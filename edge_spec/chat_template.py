@@ -38,3 +38,13 @@ def render(template: str | None, messages: list[dict], bos: str = "", eos: str =
             add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
         raise EdgespecError(f"the model's chat template failed: {e}; use `edgespec generate` for raw prompts") from e
+
+
+def chat_tokens(backend, messages) -> list[int]:
+    """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+    facts = backend.facts
+    bos = backend.token_text(facts.bos) if facts.bos >= 0 else ""
+    eos = backend.token_text(facts.eos) if facts.eos >= 0 else ""
+    text = render(facts.chat_template, list(messages), bos=bos, eos=eos)
+    add_bos = facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
+    return backend.tokenize(text, add_special=add_bos, parse_special=True)

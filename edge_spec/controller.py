@@ -1,10 +1,9 @@
 """Chooses how many tokens to draft from which source, from what this session has measured.
 
-For a source with per-token acceptance a, drafting k tokens yields on average
-    E(k) = 1 + a + a^2 + ... + a^k            tokens per target pass (Leviathan et al., eq. 1)
-at a cost of k * c_draft + c_verify(k + 1) seconds, against 1 / c_verify(1) tokens/s for plain
-decoding. The controller drafts the k that maximises E(k) / cost(k), or nothing when plain
-decoding is faster. Costs are kept in units of one plain step (c_verify(1)), because the speed
+For a source with per-token acceptance a, drafting k tokens yields E(k) tokens per target pass
+at a cost of k * c_draft + c_verify(k + 1) seconds (edge_spec.speculation), against
+1 / c_verify(1) tokens/s for plain decoding. The controller drafts the k that maximises
+E(k) / cost(k), or nothing when plain decoding is faster. Costs are kept in units of one plain step (c_verify(1)), because the speed
 of a shared or thermally throttled machine drifts while the *shape* of the cost curve stays:
 a calibration taken on a faster afternoon still ranks draft lengths right. A source that does not pay is left alone for a cool-down that doubles while
 it keeps not paying, then probed with one drafted token; a source that could not pay even at
@@ -15,6 +14,9 @@ plain decoding when speculation does not pay on this prompt and machine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .defaults import MAX_DRAFT, PRIOR_ACCEPTANCE
+from .speculation import best_length
 
 PRIOR_VERIFY_SLOPE = 0.15    # extra cost of each verified token, relative to one step, until measured
 PROBE_LENGTH = 1
@@ -43,13 +45,11 @@ class SourceStats:
 
 @dataclass
 class Controller:
-    max_draft: int = 16
+    max_draft: int = MAX_DRAFT
     decay: float = 0.8       # weight of the past in acceptance estimates, per observed draft
     ema: float = 0.1         # weight of a new timing in cost estimates (timings here jitter ±10%)
     max_backoff: int = 256
-    prior_acceptance: dict = field(default_factory=lambda: {
-        "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.65,
-        "ngram:long": 0.85, "ngram:long/hot": 0.95})
+    prior_acceptance: dict = field(default_factory=lambda: dict(PRIOR_ACCEPTANCE))
     step_seconds: float | None = None                 # EMA of one plain step (n = 1)
     verify_ratio: dict = field(default_factory=dict)  # n tokens → cost of one pass, in plain steps
     # short n-gram matches are right 25-33% of the time in chat: probe them rarely from the start
@@ -67,27 +67,27 @@ class Controller:
             return True
         return self._best(source, self.max_draft, OPTIMISTIC_ACCEPTANCE)[0] > 0
 
-    def draft_length(self, source: str, cap: int) -> int:
-        """How many tokens to draft from `source` now (0 = decode plainly); cap bounds k.
+    def draft_length(self, source: str, max_k: int) -> int:
+        """How many tokens to draft from `source` now (0 = decode plainly); k <= max_k (and max_draft).
 
         Acceptance is tracked apart for drafts that follow a wholly accepted draft ("hot"):
         copying a file or a loop accepts in long runs, and this sees a run start within two
         drafts instead of waiting for a decayed average to climb."""
-        cap = min(cap, self.max_draft)
+        max_k = min(max_k, self.max_draft)
         if _drafter(source) in self.fixed:
-            return max(min(self.fixed[_drafter(source)], cap), 0)
+            return max(min(self.fixed[_drafter(source)], max_k), 0)
         s = self._source(self._key(source))
-        if cap <= 0 or self.step_seconds is None:
+        if max_k <= 0 or self.step_seconds is None:
             return 0  # one plain step first: its cost is the baseline every choice is held to
         if s.cooldown > 0:
             s.cooldown -= 1
             return 0
         if s.probe_due:  # the cool-down just ended: one drafted token refreshes the estimate
             s.probe_due = False
-            return min(PROBE_LENGTH, cap)
+            return min(PROBE_LENGTH, max_k)
         if not self._measured(source):
-            return min(PROBE_LENGTH + 1, cap)  # its speed is unknown: measure it on a short draft
-        k, _ = self._best(source, cap, min(s.acceptance, 0.999))
+            return min(PROBE_LENGTH + 1, max_k)  # its speed is unknown: measure it on a short draft
+        k, _ = self._best(source, max_k, min(s.acceptance, 0.999))
         if k == 0:  # does not pay: decode plainly for a while, then probe
             s.cooldown, s.backoff = s.backoff, min(2 * s.backoff, self.max_backoff)
             s.probe_due = True
@@ -97,18 +97,11 @@ class Controller:
         drafter = _drafter(source)
         return self.step_seconds is not None and (drafter in FREE_SOURCES or drafter in self.draft_ratio)
 
-    def _best(self, source: str, cap: int, acceptance: float) -> tuple[int, float]:
+    def _best(self, source: str, max_k: int, acceptance: float) -> tuple[int, float]:
         """The draft length with the highest expected tokens per plain step, and that rate."""
         drafter = _drafter(source)
         c_draft = 0.0 if drafter in FREE_SOURCES else self.draft_ratio[drafter]
-        best_k, best_rate = 0, 1.0
-        expected = 1.0
-        for k in range(1, cap + 1):
-            expected += acceptance**k
-            rate = expected / (k * c_draft + self.ratio(k + 1))
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k, best_rate
+        return best_length(acceptance, c_draft, self.ratio, max_k, floor=1.0)  # plain decoding: 1 token per step
 
     def ratio(self, n: int) -> float:
         """Cost of a target pass over n tokens in plain steps: measured, else interpolated."""

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 from .controller import Controller
 from .drafters.ahead import AheadDrafter
 from .drafters.model import common_prefix
+from .options import SCHEDULES
 from .sampling import NumpyRandom, Random, probs
 from .textstream import TextStream
 from .types import Draft, EdgespecError, SamplingParams, Stats, Step
@@ -29,7 +30,6 @@ from .verify import verify
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("sequential", "parallel")
 
 @dataclass(frozen=True)
 class TreeDraft:

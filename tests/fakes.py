@@ -10,6 +10,7 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
+from edge_spec.backends.base import Capabilities
 from edge_spec.controller import Controller
 from edge_spec.types import Draft, EdgespecError, SamplingParams
 
@@ -20,6 +21,8 @@ DistFn = Callable[[tuple[int, ...]], np.ndarray]  # whole token history → [voc
 class FakeModel:
     """A backend with the interface the runtime uses: forward appends tokens to `tokens` and
     returns log(dist_fn(prefix)) for the requested positions, float64, -inf where dist is 0."""
+
+    capabilities = Capabilities("llama", trees=True, threads_settable=False)  # a CPU model with token trees
 
     def __init__(self, dist_fn: DistFn, vocab: int, n_ctx: int = 64, eos: int | None = None,
                  pieces: Sequence[bytes] | None = None):

@@ -142,7 +142,7 @@ def test_closed_session_refuses_work():
 
 def test_memory_check_refuses_before_loading(monkeypatch, tmp_path):
     """Planned: the profile's RAM decides; unplanned: the machine's available RAM does."""
-    from edge_spec import profile
+    from edge_spec.plan import profile
 
     small = profile.load("raspberry-pi-5").model_dump()
     small.update(name="tiny-ram", ram_available_bytes=64 * 2**20, ram_total_bytes=128 * 2**20)

@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 from edge_spec import models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
 from edge_spec.cli import app
-from edge_spec.drafters.build import build, default_output, info, source_bits
-from edge_spec.engine import EngineOptions, drafter_candidates, plan_for
+from edge_spec.build.quant import build
+from edge_spec.drafters.provenance import default_output, info
+from edge_spec.plan.costmodel import source_bits
+from edge_spec.options import EngineOptions
+from edge_spec.plan.choose import drafter_candidates, plan_for
 from edge_spec.gguf_file import validate
 from edge_spec.types import EdgespecError
 from edge_spec.vocab import check_compatible

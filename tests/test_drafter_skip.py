@@ -18,11 +18,14 @@ from typer.testing import CliRunner
 from edge_spec import models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
 from edge_spec.cli import app
-from edge_spec.drafters import skip as skip_mod
-from edge_spec.drafters.build import build, default_output, info, source_bits
-from edge_spec.drafters.rewrite import DROP, rewrite
-from edge_spec.drafters.skip import SkipSettings, write_skipped
-from edge_spec.engine import EngineOptions, drafter_candidates, plan_for
+from edge_spec.build import skip as skip_mod
+from edge_spec.build.quant import build
+from edge_spec.drafters.provenance import default_output, info
+from edge_spec.plan.costmodel import source_bits
+from edge_spec.build.rewrite import DROP, rewrite
+from edge_spec.build.skip import SkipSettings, write_skipped
+from edge_spec.options import EngineOptions
+from edge_spec.plan.choose import drafter_candidates, plan_for
 from edge_spec.gguf_file import Header, validate
 from edge_spec.types import EdgespecError
 from tests.test_drafter_trim import greedy_runs

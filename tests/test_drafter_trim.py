@@ -16,10 +16,16 @@ from edge_spec import models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.cli import app
 from edge_spec.drafters import ModelDrafter
-from edge_spec.drafters.build import build, info, kept_ids
-from edge_spec.drafters.trim import MIN_K, TrimmedBackend, read_vocab, write_trimmed
-from edge_spec.drafters.trim import kept_ids as choose_ids
-from edge_spec.engine import Engine, EngineOptions, as_drafter_of, chat_tokens, drafter_candidates
+from edge_spec.build.quant import build
+from edge_spec.build.trim import MIN_K, read_vocab, write_trimmed
+from edge_spec.drafters.provenance import info, kept_ids
+from edge_spec.drafters.trimmed import TrimmedBackend
+from edge_spec.build.trim import kept_ids as choose_ids
+from edge_spec.chat_template import chat_tokens
+from edge_spec.drafters.trimmed import as_drafter_of
+from edge_spec.engine import Engine
+from edge_spec.options import EngineOptions
+from edge_spec.plan.choose import drafter_candidates
 from edge_spec.gguf_file import validate
 from edge_spec.runtime import Runtime
 from edge_spec.sampling import probs
@@ -125,9 +131,9 @@ def test_sampling_with_a_small_trimmed_drafter_keeps_the_target_distribution(smo
 
 
 def test_planner_weighs_a_trimmed_drafter_built_for_the_target(smol_path, trimmed, monkeypatch, tmp_path):
-    from edge_spec.drafters import build as build_mod
+    from edge_spec.plan import choose
 
-    monkeypatch.setattr(build_mod, "default_output", lambda source, method="quant", bits="q4_0": trimmed.parent / "x.gguf")
+    monkeypatch.setattr(choose, "default_output", lambda source, method="quant", bits="q4_0": trimmed.parent / "x.gguf")
     assert trimmed in drafter_candidates(smol_path)
     other = tmp_path / "other.gguf"  # same weights, another file name: not the target it was counted with
     other.symlink_to(smol_path)
@@ -184,8 +190,9 @@ def test_trim_with_bits_requantizes_the_blocks_keeps_the_head_at_8_bits_and_stay
 
 
 def test_plan_suggests_building_a_trimmed_drafter_only_when_it_is_predicted_to_pay(monkeypatch, tmp_path):
-    from edge_spec.engine import model_paths, plan_for
-    from edge_spec.history import History
+    from edge_spec.options import model_paths
+    from edge_spec.plan.choose import plan_for
+    from edge_spec.plan.history import History
     from edge_spec.types import Stats
 
     monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))  # the history written here stays here

@@ -7,7 +7,8 @@ import pytest
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.engine import Engine, EngineOptions
+from edge_spec.engine import Engine
+from edge_spec.options import EngineOptions
 from edge_spec.runtime import Runtime
 from edge_spec.tree import TokenTree
 from edge_spec.types import EdgespecError, SamplingParams
@@ -174,7 +175,7 @@ def test_engine_refuses_incompatible_drafter_and_prompt_too_long(tmp_path, tiny)
 
 
 def test_calibration_measures_the_sizes_and_caches_them(tiny, tmp_path, monkeypatch):
-    from edge_spec import calibrate
+    from edge_spec.plan import calibrate
 
     monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))
     with LlamaCppBackend(tiny, LlamaOptions(n_ctx=128, n_threads=1)) as b:
@@ -215,7 +216,7 @@ def test_a_stale_calibration_is_dropped_after_a_session_measures_otherwise(tiny)
     is contradicted by the session's own plain steps, and measured again on the next load."""
     import json
 
-    from edge_spec.calibrate import calibration_file
+    from edge_spec.plan.calibrate import calibration_file
 
     options = EngineOptions(model=str(tiny), n_ctx=256, n_threads=1, history=False)
     with Engine.load(options) as engine:
@@ -265,3 +266,32 @@ def test_tree_pass_equals_each_path_evaluated_alone_and_keeps_one_branch(tiny, b
             assert np.abs(after - reference(wrong + [then])).max() > 0.1  # a wrong cache would show
         with pytest.raises(EdgespecError, match="n_seq_max"):
             tree.forward_tree(pending, TokenTree(tuple(range(20, 28)), (-1,) * 8))
+
+
+def test_a_load_reads_each_model_header_once(tiny, tmp_path, monkeypatch):
+    """The engine opens each model file once (edge_spec.modelfile) and passes it down: planning,
+    the drafter's provenance and llama.cpp's pre-load validation do not parse the header again."""
+    import os
+    import shutil
+
+    from edge_spec import gguf_file
+    from edge_spec.backends import llama_cpp
+    from edge_spec.plan import costmodel
+
+    draft = tmp_path / "draft.gguf"
+    shutil.copy(tiny, draft)
+    costmodel._shape_cached.cache_clear()
+    reads: list[str] = []
+    real = gguf_file.read_header
+
+    def counting(path):
+        reads.append(os.path.realpath(path))
+        return real(path)
+
+    for module, name in ((gguf_file, "read_header"), (gguf_file, "validate"), (costmodel, "read_header"),
+                         (llama_cpp, "validate")):
+        monkeypatch.setattr(module, name, counting)
+    with Engine.load(EngineOptions(model=str(tiny), draft=str(draft), n_ctx=64, n_threads=1, history=False)) as engine:
+        assert engine.draft_backend is not None or any("does not pay" in n for n in engine.notes)
+    assert reads.count(os.path.realpath(tiny)) == 1, reads
+    assert reads.count(os.path.realpath(draft)) == 1, reads

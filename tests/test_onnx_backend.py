@@ -178,7 +178,7 @@ def test_an_onnx_target_through_the_api_gives_llama_cpp_s_greedy_reply(monkeypat
     n-gram speculation over chains; its greedy reply is llama.cpp's (float32 vs llama.cpp's 8-bit
     activations: equal on this prompt, as the parity test's near-ties allow)."""
     import edge_spec
-    from edge_spec import calibrate
+    from edge_spec.plan import calibrate
 
     monkeypatch.setenv("EDGESPEC_STATE", str(onnx_state))
     prompt = "Write a Python function that returns the square of a number."

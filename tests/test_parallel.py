@@ -212,7 +212,8 @@ def test_unknown_schedule_is_an_error():
 # --- the engine and the CLI ----------------------------------------------------------------
 def test_engine_runs_the_parallel_schedule_with_the_cores_split():
     from edge_spec import models
-    from edge_spec.engine import Engine, EngineOptions
+    from edge_spec.engine import Engine
+    from edge_spec.options import EngineOptions
 
     smol = str(models.require("smollm2-135m-instruct-q4_1"))
     sp = SamplingParams(temperature=0, max_tokens=48)
@@ -235,7 +236,7 @@ def test_schedule_option_is_checked_and_documented():
     from typer.testing import CliRunner
 
     from edge_spec.cli import app
-    from edge_spec.engine import EngineOptions
+    from edge_spec.options import EngineOptions
 
     with pytest.raises(EdgespecError, match="schedule"):
         EngineOptions(schedule="pipelined")

@@ -15,12 +15,14 @@ import gguf
 import pytest
 from typer.testing import CliRunner
 
-from edge_spec import costmodel, models, planner, profile
+from edge_spec import models
+from edge_spec.plan import costmodel, planner, profile
+from edge_spec.speculation import best_parallel_length
 from edge_spec.cli import app
-from edge_spec.costmodel import ModelShape, Placement
+from edge_spec.plan.costmodel import ModelShape, Placement
 from edge_spec.gguf_file import read_header
-from edge_spec import history
-from edge_spec.history import History
+from edge_spec.plan import history
+from edge_spec.plan.history import History
 from edge_spec.types import EdgespecError, Stats
 from tests.tiny_gguf import truncate_copy, write_llama
 
@@ -227,10 +229,10 @@ def test_a_gpu_target_with_a_cpu_drafter_runs_them_in_parallel(target, drafter):
 
 def test_parallel_cycle_is_the_longer_of_drafting_and_verifying_when_all_is_accepted():
     costs = {k: 1.0 for k in range(1, 10)}  # verification as flat as on a GPU
-    k, rate = planner._best_parallel(costs, 0.25, 1.0, 8)
+    k, rate = best_parallel_length(1.0, 0.25, costs.__getitem__, 8)
     # a = 1: every cycle overlaps; k = 3 drafts 4 tokens in exactly one verification
     assert k >= 3 and rate == pytest.approx((k + 1) / max(1.0, (k + 1) * 0.25))
-    k0, rate0 = planner._best_parallel(costs, 0.25, 0.0, 8)
+    k0, rate0 = best_parallel_length(0.0, 0.25, costs.__getitem__, 8)
     assert k0 == 1 and rate0 == pytest.approx(1 / 1.25)  # nothing accepted: the sequential cost
 
 
@@ -341,7 +343,8 @@ def test_streaming_wins_where_the_cpus_share_of_a_split_is_slower(target):
 def test_an_offload_plan_loads_the_torch_backend_with_its_budget(target):
     """A 1.25 GB card cannot hold the default target with its KV cache and buffers; the plan's
     offloaded placement becomes TorchOptions on that GPU with room for the planned layers."""
-    from edge_spec.engine import EngineOptions, _backend_options
+    from edge_spec.backends.load import backend_options as _backend_options
+    from edge_spec.options import EngineOptions
 
     prof = profile.load("laptop-8gb-gpu")
     small_card = prof.model_copy(update={"gpus": [prof.gpus[0].model_copy(update={"vram_free_bytes": int(1.25 * GiB)})]})

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from edge_spec import hardware, profile
+from edge_spec.plan import hardware, profile
 from edge_spec.cli import app
 from edge_spec.types import EdgespecError
 from tests.tiny_gguf import write_llama

@@ -15,7 +15,8 @@ from scipy.stats import chisquare
 from edge_spec import models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
 from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.engine import Engine, EngineOptions
+from edge_spec.engine import Engine
+from edge_spec.options import EngineOptions
 from edge_spec.runtime import Runtime
 from edge_spec.sampling import probs
 from edge_spec.types import SamplingParams

@@ -28,7 +28,8 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tests/test_torch_backend.py
 torch = pytest.importorskip("torch")
 
-from edge_spec import costmodel, models  # noqa: E402
+from edge_spec import models  # noqa: E402
+from edge_spec.plan import costmodel  # noqa: E402
 from edge_spec.backends.kv_quant import dequantize, quantize  # noqa: E402
 from edge_spec.backends.offload import layer_bytes  # noqa: E402
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions  # noqa: E402

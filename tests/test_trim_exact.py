@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakes import FakeModel, FixedController, enumerate_outcomes, max_deviation, random_dist, target_joint  # noqa: E402
 
 from edge_spec.drafters import ModelDrafter  # noqa: E402
-from edge_spec.drafters.trim import TrimmedBackend  # noqa: E402
+from edge_spec.drafters.trimmed import TrimmedBackend  # noqa: E402
 from edge_spec.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

@@ -11,13 +11,15 @@ import ctypes
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
 from ..gguf_file import validate
 from ..tree import TokenTree
 from ..types import EdgespecError, ModelFacts
+from ..defaults import N_CTX
+from .base import Capabilities
 from .common import Closing
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -25,7 +27,8 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_
 
 @dataclass(frozen=True)
 class LlamaOptions:
-    n_ctx: int = 4096
+    kind: ClassVar[str] = "llama"
+    n_ctx: int = N_CTX
     n_threads: int | None = None  # None: physical cores
     n_gpu_layers: int = 0
     type_k: str = "f16"
@@ -155,14 +158,16 @@ class VocabMethods:
 
 class LlamaCppBackend(VocabMethods, Closing):
     def __init__(self, path: str | os.PathLike, options: LlamaOptions = LlamaOptions(),
-                 progress: Callable[[float], None] | None = None, *, _parent: "LlamaCppBackend | None" = None):
+                 progress: Callable[[float], None] | None = None, *, _parent: "LlamaCppBackend | None" = None,
+                 header=None):
         path = os.fspath(path)
         self.lib, self._log = lib, log = _init()
         self.options = options
         self.n_threads = options.n_threads or physical_cores()
         self._parent = _parent  # a sibling context borrows its parent's weights
         if _parent is None:
-            validate(path)  # the whole header, bounds-checked, before llama.cpp parses it
+            if header is None:  # the whole header, bounds-checked, before llama.cpp parses it
+                validate(path)   # (`header`: the caller validated this file already, edge_spec.modelfile)
             self.model = self._load_model(path, options, progress)
         else:
             self.model = _parent.model
@@ -182,6 +187,10 @@ class LlamaCppBackend(VocabMethods, Closing):
         self.tokens: list[int] = []  # what the KV cache holds, in order (sequence 0)
         self.facts = self._read_facts(path)
         self._pieces: dict[int, bytes] = {}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities("llama", trees=True, threads_settable=True, gpu_layers=self.options.n_gpu_layers)
 
     # --- loading -----------------------------------------------------------------------
     def _load_model(self, path, options, progress):

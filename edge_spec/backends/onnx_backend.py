@@ -71,17 +71,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 
 from ..types import EdgespecError, ModelFacts
+from ..defaults import N_CTX
+from .base import ONNX_WEIGHTS, Capabilities
 from .common import BorrowedVocab, Closing
 
 EXPORT_VERSION = 1
 QUANT_VERSION = 1  # of quantize_onnx's recipes: part of the quantized files' names
 ARCHITECTURES = ("llama", "qwen2")
-WEIGHTS = ("float32", "int8", "int8-dynamic")
+WEIGHTS = ONNX_WEIGHTS
 CPU = "CPUExecutionProvider"
 
 
@@ -95,7 +98,8 @@ def _ort():
 
 @dataclass(frozen=True)
 class OnnxOptions:
-    n_ctx: int = 4096
+    kind: ClassVar[str] = "onnx"
+    n_ctx: int = N_CTX
     n_threads: int | None = None                # None: physical cores
     providers: tuple[str, ...] = (CPU,)         # in order of preference; CPU is always added last
     cache_dir: str | None = None                # exported models; None: state_dir()/onnx
@@ -407,6 +411,10 @@ class OnnxBackend(BorrowedVocab, Closing):
     @property
     def n_past(self) -> int:
         return len(self.tokens)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities("onnx", trees=False, threads_settable=False)
 
     def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
         """Append tokens to the cache and return logits: "all" → [n, vocab], "last" → [1, vocab],

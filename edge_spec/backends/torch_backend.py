@@ -57,11 +57,14 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from ..gguf_file import read_header
 from .llama_cpp import VocabMethods
+from ..defaults import N_CTX
+from .base import Capabilities
 from .common import BorrowedVocab, Closing
 from ..tree import TokenTree
 from ..types import EdgespecError, ModelFacts
@@ -116,7 +119,8 @@ def supported_tensor_types() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class TorchOptions:
-    n_ctx: int = 4096
+    kind: ClassVar[str] = "torch"
+    n_ctx: int = N_CTX
     n_threads: int | None = None  # None: physical cores (torch's thread count is per process)
     device: str = "cpu"           # "cpu", "cuda", "cuda:N", or "auto" (CUDA when available)
     dtype: str = "float32"        # weights and KV cache: "float32" or "bfloat16"
@@ -533,6 +537,11 @@ class TorchBackend(BorrowedVocab, Closing):
     @property
     def n_past(self) -> int:
         return len(self.tokens)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # offloading streams through a device with room for some layers: the layers all compute there
+        return Capabilities("torch", trees=True, threads_settable=False)
 
     def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
         """Append tokens to the cache and return logits: "all" → [n, vocab], "last" → [1, vocab],

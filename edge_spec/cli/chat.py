@@ -9,7 +9,9 @@ import sys
 import threading
 from dataclasses import dataclass, field, fields
 
-from ..engine import Engine, EngineOptions
+from ..engine import Engine
+from ..options import EngineOptions
+from .common import progress_bar, stderr_console
 from ..types import EdgespecError, SamplingParams, Stats
 
 HELP = """commands:
@@ -24,33 +26,6 @@ Ctrl-C stops a reply; Ctrl-D or /bye leaves."""
 SETTABLE = {"temp": "temperature", "temperature": "temperature", "top_k": "top_k", "top-k": "top_k",
             "top_p": "top_p", "top-p": "top_p", "min_p": "min_p", "min-p": "min_p", "seed": "seed",
             "max_tokens": "max_tokens", "n": "max_tokens"}
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-@contextlib.contextmanager
-def progress_bar():
-    """A `report(what, fraction)` drawing one bar per task on stderr (nothing when not a terminal)."""
-    console = _stderr_console()
-    if not console.is_terminal:
-        yield lambda what, fraction: None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(what: str, fraction: float) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=1.0)
-            bar.update(tasks[what], completed=fraction)
-
-        yield report
 
 
 def load_engine(options: EngineOptions) -> Engine:

@@ -41,11 +41,11 @@ def build_command(
                                            "first or last). Default: chosen by measuring agreement and predicted speed."),
 ) -> None:
     """Build a drafter; `edgespec chat SOURCE.gguf` then finds and weighs it."""
-    from ..drafters.build import build, info
-    from ..engine import resolve_model
+    from ..build.quant import build
+    from ..drafters.provenance import info
+    from ..options import resolve_model
     from ..models import DEFAULT_TARGET
-    from . import _run
-    from .chat import progress_bar
+    from .common import progress_bar, run
 
     def go():
         with progress_bar() as report:
@@ -58,14 +58,14 @@ def build_command(
             if line:
                 typer.echo(f"  {line}")
 
-    _run(go)
+    run(go)
 
 
 @app.command("info")
 def info_command(file: Path = typer.Argument(..., metavar="FILE.gguf", help="A GGUF file.")) -> None:
     """Show how a drafter was built (method, quantization, source and its SHA-256, date)."""
-    from ..drafters.build import info
-    from . import _run
+    from ..drafters.provenance import info
+    from .common import run
 
     def go():
         found = info(file)
@@ -77,7 +77,7 @@ def info_command(file: Path = typer.Argument(..., metavar="FILE.gguf", help="A G
                 value = ",".join(map(str, value))
             typer.echo(f"{key:>18}: {f'{value:.4f}' if isinstance(value, float) else value}")
 
-    _run(go)
+    run(go)
 
 
 def _layer_list(text: str) -> list[int]:

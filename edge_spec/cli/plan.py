@@ -6,7 +6,8 @@ import json
 
 import typer
 
-from .. import planner, profile
+from ..defaults import MAX_DRAFT, N_CTX
+from ..plan import planner, profile
 
 GiB = 2**30
 
@@ -15,8 +16,10 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
               max_draft: int, use_history: bool, notes: list | None = None, backend: str = "auto") -> planner.Plan:
     """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
     engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
-    from ..costmodel import model_shape
-    from ..engine import EngineOptions, model_paths, plan_for, torch_offload_possible
+    from ..plan.costmodel import model_shape
+    from ..backends.load import torch_offload_possible
+    from ..options import EngineOptions, model_paths
+    from ..plan.choose import plan_for
 
     options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history,
                             backend=backend)
@@ -26,7 +29,7 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
     prof = profile.load(profile_name)
     knowledge = planner.Knowledge()
     if use_history:
-        from ..history import History
+        from ..plan.history import History
 
         knowledge = History().knowledge(target_path, draft_path)
     return planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
@@ -90,8 +93,8 @@ def plan_command(
         None, "--profile", show_default=False,
         help="Plan for this hardware profile instead of this machine: a profile JSON file, a saved profile's name, "
              f"or a reference profile ({', '.join(profile.reference_names())})."),
-    ctx: int = typer.Option(4096, "-c", "--ctx-size", help="Context size in tokens to plan memory for."),
-    max_draft: int = typer.Option(planner.MAX_DRAFT, "--max-draft", help="Longest draft to consider."),
+    ctx: int = typer.Option(N_CTX, "-c", "--ctx-size", help="Context size in tokens to plan memory for."),
+    max_draft: int = typer.Option(MAX_DRAFT, "--max-draft", help="Longest draft to consider."),
     no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
     backend: str = typer.Option(
         "auto", "--backend", help="Target backend: llama (llama.cpp), torch, onnx, or auto: llama.cpp, or torch "
@@ -102,7 +105,7 @@ def plan_command(
     """Show the plan for a model on this machine or a hardware profile, and why it won.
 
     Every strategy and placement weighed is listed with its predicted tokens/s."""
-    from . import _run
+    from .common import run
 
     def go():
         notes: list[str] = []
@@ -114,4 +117,4 @@ def plan_command(
             for line in notes:
                 typer.echo(f"  note: {line}")
 
-    _run(go)
+    run(go)

@@ -38,15 +38,15 @@ def profile_command(
     what one decode step and one pass over k tokens of a model cost. About 15 s, plus 5-10 s per
     calibrated model on a 2-core machine.
     """
-    from . import _run
+    from .common import run
 
-    _run(lambda: _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick))
+    run(lambda: _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick))
 
 
 def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick) -> None:
     from rich.console import Console
 
-    from .. import profile as profiles
+    from ..plan import profile as profiles
 
     stdout, stderr = Console(), Console(stderr=True)
     pyplot = _pyplot() if plot is not None else None  # a missing matplotlib fails before measuring
@@ -77,7 +77,8 @@ def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick) -
 def _measure(name: str, calibrate, draft, threads, quick: bool, console):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .. import hardware, models
+    from .. import models
+    from ..plan import hardware
 
     if not name or Path(name).name != name or name.startswith("."):
         raise EdgespecError(f"--name must be a plain file name, not {name!r}")

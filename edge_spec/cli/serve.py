@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..engine import EngineOptions
-from ..server import ServerConfig, is_loopback
+from ..options import EngineOptions
+from ..server_config import ServerConfig, is_loopback
 
 C, C_ENGINE = ServerConfig(), EngineOptions()  # the defaults, read from one place
 
@@ -57,14 +57,14 @@ def serve_command(
     """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    from . import _engine_options, _run
+    from .common import engine_options, run
 
     def go():
         config = ServerConfig(host=host, port=port, api_key=api_key, allowed_hosts=tuple(allowed_host or ()),
                               cors_origins=tuple(cors_origin or ()), max_body_bytes=max_body_bytes,
                               max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, queue=queue)
         config.check()  # before loading anything: a refused address opens no socket and loads no model
-        options = _engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
+        options = engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
                                   None, None, None, None, None, backend=backend, draft_backend=draft_backend,
                                   schedule=schedule)
         from ..api import Session
@@ -87,4 +87,4 @@ def serve_command(
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
             serve(session, config, listening)
 
-    _run(go)
+    run(go)

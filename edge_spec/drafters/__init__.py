@@ -2,8 +2,9 @@
 
 A drafter names its statistics `source` and has three methods: `prefill(context)` readies it
 with the prompt; `ready(context)` names the statistics key of the draft it would make now, or None
-when it has nothing to offer (an n-gram drafter without a match); `propose(context, budget, sampling, rng)` returns a Draft of at most
-`budget` tokens. Whether a
+when it has nothing to offer (an n-gram drafter without a match); `propose(context, k, sampling, rng)` returns a Draft of at most
+k tokens (k: the draft length the Controller chose; `propose_tree` takes a token budget for
+a whole tree). Whether a
 draft carries probabilities is data (`Draft.probs`), never a class check.
 """
 
@@ -24,7 +25,7 @@ class Drafter(Protocol):
 
     def ready(self, context: Sequence[int]) -> str | None: ...
 
-    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
 
 
 __all__ = ["Drafter", "ModelDrafter", "NgramDrafter"]

@@ -76,34 +76,34 @@ class AheadDrafter:
         self._post(context)
         return self.source
 
-    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
-        if budget <= 0:
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None:
+        if k <= 0:
             return None
         self._post(context)
         t0 = time.perf_counter()
         if self.threaded:
             with self._cond:
-                self.kept += min(len(self._drafts), budget)
-                if budget > self.lookahead:  # a long draft (--max-draft above the lookahead)
-                    self.lookahead = budget
+                self.kept += min(len(self._drafts), k)
+                if k > self.lookahead:  # a long draft (--max-draft above the lookahead)
+                    self.lookahead = k
                     self._cond.notify_all()
-                while len(self._drafts) < budget and self._error is None and not self._stop:
+                while len(self._drafts) < k and self._error is None and not self._stop:
                     self._cond.wait()
                 self._raise()
-                taken = self._drafts[:budget]
+                taken = self._drafts[:k]
         else:
-            self.kept += min(len(self._drafts), budget)
-            want = budget + max(self.ahead(self._steps), 0)
+            self.kept += min(len(self._drafts), k)
+            want = k + max(self.ahead(self._steps), 0)
             while len(self._drafts) < want:
                 self._drafts.append(self.inner.extend(self._base + self._tokens(), self.sp, self.rng))
-            taken = self._drafts[:budget]
+            taken = self._drafts[:k]
         self._steps += 1
         waited = time.perf_counter() - t0
         tokens = tuple(x for x, _ in taken)
         qs = None if self.sp.greedy else np.stack([q for _, q in taken])
         # what a drafted token cost the runtime: the wait, not the drafter's pass. The controller
         # sees drafting get cheap when the worker keeps ahead, and sizes drafts by that
-        return Draft(tokens, qs, self.source, waited / budget)
+        return Draft(tokens, qs, self.source, waited / k)
 
     # --- the worker ------------------------------------------------------------------------
     def _tokens(self) -> list[int]:

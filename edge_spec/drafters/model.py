@@ -44,8 +44,8 @@ class ModelDrafter:
         if held < len(context) - 1:
             self.backend.forward(context[held:-1], logits="none")
 
-    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
-        if budget <= 0:
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None:
+        if k <= 0:
             return None
         # keep what the cache already holds (accepted drafts included), evaluate the rest;
         # the last context token is always evaluated because its logits start the draft
@@ -55,17 +55,17 @@ class ModelDrafter:
         logits = self.backend.forward(context[held:], logits="last")[-1]
         t1 = time.perf_counter()
         tokens, qs = [], []
-        for i in range(budget):
+        for i in range(k):
             x, q = self.sample(logits, sp, rng)
             tokens.append(x)
             if q is not None:
                 qs.append(q)
-            if i + 1 < budget:
+            if i + 1 < k:
                 logits = self.backend.forward([x], logits="last")[-1]
         t2 = time.perf_counter()
         # steady-state cost of one drafted token: one drafter step each. A long catch-up after
         # plain decoding is a one-off and would make the drafter look slower than it is.
-        steps, seconds = budget - 1, t2 - t1
+        steps, seconds = k - 1, t2 - t1
         if len(context) - held <= 2:
             steps, seconds = steps + 1, seconds + (t1 - t0)
         cost = seconds / steps if steps else None

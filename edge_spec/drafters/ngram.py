@@ -34,12 +34,12 @@ class NgramDrafter:
         match = self._match(context)
         return None if match is None else self._key(match[0])
 
-    def propose(self, context: Sequence[int], budget: int, sp: SamplingParams, rng: Random) -> Draft | None:
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None:
         match = self._match(context)
-        if match is None or budget <= 0:
+        if match is None or k <= 0:
             return None
         n, start = match
-        return Draft(tuple(context[start : start + budget]), None, self._key(n))
+        return Draft(tuple(context[start : start + k]), None, self._key(n))
 
     def propose_tree(self, context: Sequence[int], budget: int, width: int,
                      sp: SamplingParams | None = None, rng: Random | None = None) -> TokenTree | None:

@@ -9,7 +9,7 @@ full vocabulary (a token the drafter cannot propose is still produced by the res
 The trimmed drafter is a valid GGUF with a K-token vocabulary: the token embeddings and the output
 rows of the kept tokens, the tokenizer arrays cut to them (merges that stay inside the set), special
 token ids renumbered, and the target id of every drafter id in `edgespec.drafter.kept_ids`. At
-run time `TrimmedBackend` shows it to the runtime in the target's ids: a context token outside
+run time `edge_spec.drafters.trimmed.TrimmedBackend` shows it to the runtime in the target's ids: a context token outside
 the set is re-encoded with the drafter's own (trimmed) tokenizer from the token's bytes, and the
 drafter's logits are over the K kept tokens, `kept_ids[i]` being the target token of row i.
 
@@ -36,17 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..drafters.provenance import KEPT_KEY, PREFIX
 from ..types import EdgespecError, SamplingParams
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.json"
 CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536)
 MIN_K = 1024
-# what the planner assumes of a trimmed drafter not built yet (bench/trim.py, 0.5B for the 1.5B:
-# K=49,152 kept 0.948 of the held-out mass and drafted best end to end with --bits q4_0)
-SUGGESTED_K, SUGGESTED_COVERAGE = 49152, 0.95
 CONTROL, BYTE, USER_DEFINED = 3, 6, 4  # llama.cpp token types
-PREFIX = "edgespec.drafter."
-KEPT_KEY = PREFIX + "kept_ids"
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 
 
@@ -185,7 +181,7 @@ def target_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[
                   sp: SamplingParams = SamplingParams(), chunk: int = 64) -> list[np.ndarray]:
     """For each (prompt, reply): the target's sampling distribution summed over the reply's
     positions (teacher-forced: one batched pass per chunk), as [vocab] float32 counts."""
-    from ..engine import chat_tokens
+    from ..chat_template import chat_tokens
     from ..sampling import probs
 
     out = []
@@ -289,92 +285,6 @@ def _merge_inside(merge: str, kept: set) -> bool:
     return a in kept and b in kept and a + b in kept
 
 
-# --- running a trimmed drafter -----------------------------------------------------------------
-
-class TrimmedBackend:
-    """A trimmed drafter's backend seen in the target's token ids (see the module docstring).
-
-    `tokens` are target ids; `forward` returns logits over the kept tokens, whose target ids are
-    `kept` (ModelDrafter maps them back). `piece(target_id)` gives a target token's bytes, for
-    re-encoding tokens outside the kept set (for a control token, its text)."""
-
-    def __init__(self, backend, kept: np.ndarray, target_vocab: int, piece: Callable[[int], bytes]):
-        if len(kept) != backend.vocab_size:
-            raise EdgespecError(f"trimmed drafter {backend.facts.name}: {len(kept)} kept ids for "
-                                f"{backend.vocab_size} rows")
-        self.backend, self.kept, self.target_vocab, self._piece = backend, np.asarray(kept), target_vocab, piece
-        self.to_drafter = np.full(target_vocab, -1, dtype=np.int64)
-        self.to_drafter[self.kept] = np.arange(len(self.kept))
-        self.tokens: list[int] = []   # target ids held
-        self._ends: list[int] = []    # drafter cache length after each of them
-        self._spelled: dict[int, list[int]] = {}
-        self.reencoded = 0            # context tokens that were outside the kept set
-
-    def __getattr__(self, name):  # facts, n_ctx, n_threads, close, ...: the drafter's own
-        return getattr(self.backend, name)
-
-    @property
-    def n_past(self) -> int:
-        return len(self.tokens)
-
-    def spell(self, token: int) -> list[int]:
-        """Drafter ids for one target token: itself if kept, else its bytes tokenized by the
-        drafter (checked to give back the same bytes), else its bytes one token each."""
-        if 0 <= token < self.target_vocab and self.to_drafter[token] >= 0:
-            return [int(self.to_drafter[token])]
-        ids = self._spelled.get(token)
-        if ids is None:
-            raw, ids = self._piece(token), []
-            try:
-                ids = self.backend.tokenize(raw.decode("utf-8"), add_special=False, parse_special=False)
-                if b"".join(self.backend.piece(i) for i in ids) != raw:
-                    ids = []
-            except UnicodeDecodeError:  # part of a multi-byte character: spell it byte by byte
-                pass
-            if not ids:  # bytes the vocabulary has no token for are left out (the model never saw them)
-                ids = [self._byte_ids()[b] for b in raw if b in self._byte_ids()]
-            self._spelled[token] = ids
-        return ids
-
-    def _byte_ids(self) -> dict[int, int]:
-        """Byte value -> the drafter token that is exactly that byte (bytes are always kept)."""
-        if not hasattr(self, "_bytes"):
-            self._bytes: dict[int, int] = {}
-            for d in range(self.backend.vocab_size):
-                raw = self.backend.piece(d)
-                if len(raw) == 1:
-                    self._bytes.setdefault(raw[0], d)
-        return self._bytes
-
-    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
-        spelled = [self.spell(t) for t in tokens]
-        flat = [d for ids in spelled for d in ids]
-        self.reencoded += sum(1 for t in tokens if self.to_drafter[t] < 0)
-        base = self._ends[-1] if self._ends else 0
-        if logits == "all":
-            rows = self.backend.forward(flat, logits="all")
-        else:
-            rows = self.backend.forward(flat, logits="last" if logits == "last" and flat else "none")
-        end = base
-        ends = []
-        for ids in spelled:
-            end += len(ids)
-            ends.append(end)
-        self.tokens.extend(int(t) for t in tokens)
-        self._ends.extend(ends)
-        if logits == "all":
-            # one row per target token: after its last drafter token (an empty spelling repeats the previous)
-            return rows[[max(e - base - 1, 0) for e in ends]] if len(rows) else rows
-        if logits == "last" and not flat:
-            raise EdgespecError("trimmed drafter: asked for logits after tokens it cannot see")
-        return rows
-
-    def truncate(self, n_past: int) -> None:
-        if n_past < len(self.tokens):
-            self.backend.truncate(self._ends[n_past - 1] if n_past else 0)
-            del self.tokens[n_past:], self._ends[n_past:]
-
-
 # --- building ------------------------------------------------------------------------------------
 
 def check_same_vocab(source: Vocab, target: Vocab, source_name: str, target_name: str) -> None:
@@ -391,18 +301,18 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     (half the replies rank, the other half measure), drafter cost from the cost model at that
     head size (and blocks scaled by `layer_scale` when they are requantized). Returns K and one
     line per candidate."""
-    from .. import planner
-    from ..controller import Controller
-    from ..costmodel import model_shape
-    from ..engine import machine_profile
-    from ..history import History
+    from ..defaults import PRIOR_ACCEPTANCE
+    from ..plan import planner
+    from ..plan.choose import machine_profile
+    from ..plan.costmodel import model_shape, trimmed_shape
+    from ..plan.history import History
 
     ranking, held_out = np.sum(counts[0::2], axis=0), counts[1::2]
     ks = [k for k in CANDIDATE_K if len(vocab.forced()) + MIN_K // 4 <= k < vocab.size]
     cov = coverage(ranking, held_out, vocab, ks)
     cov[vocab.size] = 1.0
     shape, tshape, prof = model_shape(source), model_shape(target), machine_profile(None)
-    base = History().knowledge(target, source).acceptance or Controller().prior_acceptance["model"]
+    base = History().knowledge(target, source).acceptance or PRIOR_ACCEPTANCE["model"]
     speed = {}
     for k, c in cov.items():
         hyp = trimmed_shape(shape, k, layer_scale)
@@ -414,25 +324,13 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     return best, lines
 
 
-def trimmed_shape(shape, k: int, layer_scale: float = 1.0):
-    """The cost model's view (costmodel.ModelShape) of `shape` with a K-row head and embedding
-    table, its blocks' bytes scaled by `layer_scale` (requantized)."""
-    import dataclasses
-
-    f = k / shape.vocab_size
-    return dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
-                               layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
-                               output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
-                               embedding_bytes=int(shape.embedding_bytes * f))
-
-
 def build_trimmed(source, out, keep: int | None, target, calibration, metadata: dict,
                   report: Callable[[str, float], None], bits: str | None = None) -> None:
     """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`;
     with `bits`, requantize it (trim + QuantSpec): the blocks to `bits`, the K-row head kept at
     8 bits (it is small once trimmed, and the drafter's ranking of tokens lives there)."""
     from ..backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
-    from .build import BITS, source_bits
+    from ..plan.costmodel import BITS, source_bits
 
     vocab = read_vocab(source)
     target = target or source

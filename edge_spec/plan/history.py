@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from .controller import Controller
+from ..defaults import PRIOR_ACCEPTANCE
 from .planner import Knowledge
-from .types import Stats
+from ..types import Stats
 
 SCHEMA = 1
 DECAY = 0.9
@@ -24,7 +24,7 @@ MIN_TOKENS = 16        # replies shorter than this say little about n-gram gains
 
 
 def history_file() -> Path:
-    from .models import state_dir
+    from ..models import state_dir
 
     return state_dir() / "history.json"
 
@@ -52,7 +52,7 @@ class History:
         if drafter is not None:
             pair = self.data["pairs"].get(f"{t}|{model_key(drafter)}")
             if pair and pair["trials"] >= MIN_TRIALS:
-                prior = Controller().prior_acceptance["model"]
+                prior = PRIOR_ACCEPTANCE["model"]
                 acceptance = (pair["accepted"] + PRIOR_TRIALS * prior) / (pair["trials"] + PRIOR_TRIALS)
                 a_src = f"measured over {pair['replies']} replies"
         gain, g_src = 1.0, "prior: no gain assumed until measured"

@@ -222,7 +222,7 @@ def disk_read_gbs(folder: str | os.PathLike | None = None, max_bytes: int = DISK
     machine's host caches the disk (then it reads high). Where the cache cannot be dropped, a note
     says so.
     """
-    from .models import cache_dir
+    from ..models import cache_dir
 
     folder = Path(folder) if folder is not None else cache_dir()
     try:
@@ -415,8 +415,8 @@ def _apple_gpus(notes: list[str]) -> list[Gpu]:
 # --- llama.cpp -------------------------------------------------------------------------------
 def llama_info() -> dict:
     """What llama.cpp says of itself: {"version", "system_info", "gpu_offload"}; {} without it."""
-    from .backends.llama_cpp import _lib
-    from .types import EdgespecError
+    from ..backends.llama_cpp import _lib
+    from ..types import EdgespecError
 
     try:
         lib = _lib()
@@ -437,7 +437,7 @@ def calibrate_model(path: str | os.PathLike, threads: int | None = None, n_gpu_l
     its default split spreads the layers over all of them).
     """
     from . import calibrate
-    from .backends.llama_cpp import LlamaCppBackend, LlamaOptions
+    from ..backends.llama_cpp import LlamaCppBackend, LlamaOptions
 
     sizes = sorted({1, *sizes})  # k = 1 is the decode step
     with LlamaCppBackend(path, LlamaOptions(n_ctx=512, n_threads=threads, n_gpu_layers=n_gpu_layers)) as backend:
@@ -465,7 +465,7 @@ def measure_profile(name: str = "local", calibrate: Sequence[str | os.PathLike] 
     import psutil
 
     if calibrate:
-        from .backends.llama_cpp import _lib
+        from ..backends.llama_cpp import _lib
 
         _lib()  # without llama.cpp, fail now rather than after the measurements
     report = progress or (lambda what, fraction: None)

@@ -220,7 +220,7 @@ def calibration_slices(model, texts: Sequence[tuple[str, str]], sizes: Sequence[
     """Disjoint slices of the calibration replies, each of at least `sizes[i]` reply positions
     (fewer if the replies run out), as (tokens, start): the logits after tokens[start] onward
     are scored. The texts are dealt in order, round-robin to the slices not yet full."""
-    from ..engine import chat_tokens
+    from ..chat_template import chat_tokens
 
     slices: list[list] = [[] for _ in sizes]
     have = [0] * len(sizes)
@@ -304,8 +304,8 @@ def without_layers(shape, skip: Sequence[int]):
 
 def predicted_rates(target_shape, drafter_shape, alpha: float) -> tuple[float, float]:
     """(draft tokens/s, plain tokens/s) the planner predicts on this machine (CPU) at acceptance alpha."""
-    from .. import planner
-    from ..engine import machine_profile
+    from ..plan import planner
+    from ..plan.choose import machine_profile
 
     plan = planner.plan(target_shape, machine_profile(None), drafter_shape, gpu=False,
                         knowledge=planner.Knowledge(alpha, "measured agreement"))
@@ -349,7 +349,7 @@ def build_skipped(source, out, layers: Sequence[int] | None, calibration, metada
     """Requantize `source` to `bits` (None: keep its weights), choose the layers (or take
     `layers`), write the skipped copy to `out`. The reference tokens are always the source's."""
     from ..backends.llama_cpp import quantize
-    from ..costmodel import model_shape
+    from ..plan.costmodel import model_shape
     from ..gguf_file import validate
     from .trim import CALIBRATION, calibration_texts
 

@@ -5,16 +5,16 @@ with llama.cpp's quantizer. It shares the target's tokenizer and nearly its pred
 accepted far more often than a smaller model; it pays when the target is high precision (F16,
 BF16, Q8_0): measured here, an F16 Qwen2.5-Coder-1.5B step costs 357 ms, its Q4 copy ~55 ms.
 
-VocabTrim drafter (`method="trim"`, see drafters/trim.py): a smaller model (or the target) with
+VocabTrim drafter (`method="trim"`, see build/trim.py): a smaller model (or the target) with
 its LM head cut to the K tokens the target produces most; q is zero outside them, so verification
 stays lossless, and each draft step reads far fewer bytes.
 
-Layer-skipping self-drafter (`method="skip"`, see drafters/skip.py): the target without the blocks
+Layer-skipping self-drafter (`method="skip"`, see build/skip.py): the target without the blocks
 whose absence changes its greedy tokens least (measured on the calibration replies), requantized
 first when the target is high precision. Same tokenizer as the target, fewer bytes per step.
 
-Every built file carries `edgespec.drafter.*` keys (method, quantization, source name and
-SHA-256, KV cache type to run it with, date, edgespec version): `edgespec drafter info` reads them.
+Every built file carries `edgespec.drafter.*` keys (edge_spec.drafters.provenance, which
+`edgespec drafter info`, the planner and the engine read).
 The output appears under its final name only when complete (written as NAME.partial, renamed).
 """
 
@@ -28,35 +28,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..defaults import MIN_SOURCE_BITS
+from ..drafters.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
+from ..plan.costmodel import BITS, source_bits
 from ..types import EdgespecError
 
 if TYPE_CHECKING:
     from .skip import SkipSettings
 
 Progress = Callable[[str, float], None]
-PREFIX = "edgespec.drafter."
-BITS = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}   # bits per weight
-# weights stored at this many bits or fewer are already a drafter's precision: no point requantizing
-MIN_SOURCE_BITS = 6.0
-METHODS = ("quant", "trim", "skip")
-METHOD_NAMES = {"quant": "quantspec", "trim": "vocabtrim", "skip": "layerskip"}  # as recorded
-
-
-def default_output(source: str | os.PathLike, method: str = "quant", bits: str = "q4_0") -> Path:
-    """Where built drafters go unless told otherwise; the engine looks for them there."""
-    from ..models import state_dir
-
-    tag = f"{method}-{bits}" if method == "quant" else method
-    return state_dir() / "drafters" / f"{Path(source).stem}.{tag}.gguf"
-
-
-def source_bits(path: str | os.PathLike) -> float:
-    """Mean bits per weight of a GGUF's block tensors (what a drafter would shrink)."""
-    from ..costmodel import model_shape
-
-    shape = model_shape(path)
-    params = shape.layer_params + shape.output_params
-    return 8 * (sum(shape.layer_bytes) + shape.output_bytes) / max(params, 1)
 
 
 def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLike | None = None,
@@ -139,28 +119,6 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
         if partial.is_file():
             partial.unlink()
     return out
-
-
-def info(path: str | os.PathLike) -> dict:
-    """The provenance of a built drafter ({} for any other GGUF), plus its size."""
-    from ..gguf_file import ArrayInfo, array_values, validate
-
-    header = validate(path)
-    found = {k[len(PREFIX):]: array_values(header, k).tolist() if isinstance(v, ArrayInfo) else v
-             for k, v in header.metadata.items()
-             if k.startswith(PREFIX) and k != PREFIX + "kept_ids"}  # K ids: `kept_ids(path)` reads them
-    if found:
-        found["file_bytes"] = header.file_size
-        found["architecture"] = header.metadata.get("general.architecture")
-    return found
-
-
-def kept_ids(path: str | os.PathLike):
-    """A trimmed drafter's target id per row (numpy), or None for any other GGUF."""
-    from ..gguf_file import array_values, validate
-
-    header = validate(path)
-    return array_values(header, PREFIX + "kept_ids") if PREFIX + "kept_ids" in header.metadata else None
 
 
 def _sha256(path: str | os.PathLike, progress: Callable[[float], None], chunk: int = 8 << 20) -> str:

@@ -3,7 +3,7 @@
 A profile is either *measured* (`edgespec profile` on this machine) or a *reference* profile of a
 typical consumer machine (shipped in `profiles/`, numbers from spec sheets and published
 measurements, each with its sources), used for what-if planning. The planner reads only this
-schema; how the numbers were obtained is `edge_spec.hardware`'s business.
+schema; how the numbers were obtained is `edge_spec.plan.hardware`'s business.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .types import EdgespecError
+from ..types import EdgespecError
 
 SCHEMA_VERSION = 1
-REFERENCE_DIR = Path(__file__).parent / "profiles"  # the repo's `profiles/` links here
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "profiles"  # the repo's `profiles/` links here
 
 
 class _Strict(BaseModel):
@@ -83,7 +83,7 @@ class Profile(_Strict):
 
 def profiles_dir() -> Path:
     """Where `edgespec profile` saves: state_dir()/profiles (~/.cache/edgespec/profiles)."""
-    from .models import state_dir
+    from ..models import state_dir
 
     return state_dir() / "profiles"
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .models import state_dir
+from ..models import state_dir
 from .profile import Calibration
 
 SCHEMA = 1
@@ -34,10 +34,10 @@ def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
     the backend's LlamaOptions, TorchOptions or OnnxOptions (only read, so the file is found before a model
     is loaded)."""
     st = os.stat(path)
-    if hasattr(options, "type_k"):  # LlamaOptions
+    if options.kind == "llama":
         setup = [options.n_batch, options.type_k, options.type_v, options.n_gpu_layers]
     else:  # TorchOptions or OnnxOptions: every field (device, dtype, KV cache, offloading budget; weights)
-        setup = ["onnx" if hasattr(options, "providers") else "torch", *dataclasses.astuple(options)]
+        setup = [options.kind, *dataclasses.astuple(options)]
     key = json.dumps([
         SCHEMA, os.path.realpath(path), st.st_size, int(st.st_mtime),
         n_threads, *setup, _build_id(), platform.processor() or platform.machine(),
@@ -46,7 +46,7 @@ def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
 
 
 def _build_id() -> str:
-    from .backends.llama_cpp import _lib
+    from ..backends.llama_cpp import _lib
 
     lib = _lib()
     return f"{lib.__version__}:{lib.llama_print_system_info().decode(errors='replace')}"
@@ -129,3 +129,17 @@ def measure(backend, max_n: int, reps: int = 2,
         return costs
     finally:
         backend.truncate(0)
+
+
+def measure_pair(target, draft_backend, max_draft: int, report) -> dict:
+    """The measured costs a Controller is seeded with: target passes of 1..max_draft+1 tokens and
+    one drafter step, as {"target": (seconds by n, GPU layers), "drafter": ({1: seconds}, GPU
+    layers)}. Cached on disk, so only the first run on a machine pays for it. (A torch or onnx
+    backend's measurements stand for the CPU placement the planner knows: 0 GPU layers.)"""
+    costs = verify_costs(target, max_draft + 1,
+                         progress=lambda n, total: report("measuring verification cost", n / total))
+    out = {"target": (costs, target.capabilities.gpu_layers)}
+    if draft_backend is not None:
+        step = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
+        out["drafter"] = ({1: step}, draft_backend.capabilities.gpu_layers)
+    return out

@@ -4,11 +4,11 @@ For each strategy and placement that fits in memory, the planner predicts decode
 
     plain          1 / t_target(1)
     ngram          plain * g_ngram          (free prompt-lookup drafts; g from past sessions, else 1)
-    draft          E(k) / (k * t_draft(1) + t_target(k + 1)) * g_ngram,  E(k) = 1 + a + ... + a^k
+    draft          E(k) / (k * t_draft(1) + t_target(k + 1)) * g_ngram     (edge_spec.speculation)
     draft, in parallel   E(k) / (P * max(t_v, (k + 1) * t_d) + (1 - P) * (t_v + k * t_d)) * g_ngram
 
-with pass costs from calibrations when present (`edge_spec.costmodel` otherwise), acceptance a
-measured in past sessions with this pair (`edge_spec.history`) or the controller's prior, and k
+with pass costs from calibrations when present (`edge_spec.plan.costmodel` otherwise), acceptance a
+measured in past sessions with this pair (`edge_spec.plan.history`) or the prior, and k
 the draft length that maximises the rate (DuoDecoding's hardware-aware budget). It keeps the
 fastest; n-gram drafting wins ties (within NGRAM_TOLERANCE) with plain decoding because the
 runtime's controller stops it when it does not pay. Placements: every model on the CPU, or as many layers as fit on each GPU
@@ -39,15 +39,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..defaults import BUDGET_ACCEPTANCE, MAX_DRAFT, N_CTX, PRIOR_ACCEPTANCE
+from ..speculation import best_length, best_parallel_length
+from ..types import EdgespecError
 from . import costmodel
-from .controller import Controller
 from .costmodel import ModelShape, Placement
 from .profile import Calibration, Profile
-from .types import EdgespecError
 
 RAM_HEADROOM = 0.9     # share of available RAM a plan may use (the OS and the app need the rest)
 VRAM_HEADROOM = 0.95   # share of free VRAM (drivers allocate a little per context)
-MAX_DRAFT = 16
 NGRAM_TOLERANCE = 0.03  # a measured n-gram "loss" this small is session-to-session noise
 GiB = 2**30
 
@@ -85,7 +85,7 @@ class Alternative:
 
 @dataclass(frozen=True)
 class Knowledge:
-    """What past sessions measured (edge_spec.history), or priors."""
+    """What past sessions measured (edge_spec.plan.history), or priors."""
 
     acceptance: float | None = None     # per-token acceptance of the draft model for this pair
     acceptance_source: str = "prior"
@@ -126,7 +126,7 @@ class Plan:
         return [r for r in out if r]
 
 
-def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None, *, n_ctx: int = 4096,
+def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None, *, n_ctx: int = N_CTX,
          knowledge: Knowledge = Knowledge(), calibrations: tuple[Calibration, ...] = (),
          max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None, offload: bool = False) -> Plan:
     """The plan with the highest predicted tokens/s that fits; EdgespecError when nothing fits.
@@ -238,21 +238,15 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
                               "(it depends on how much a reply repeats its prompt)")
         return
     d_costs, d_src = costmodel.pass_costs(drafter, profile, dp, [1])
-    a = knowledge.acceptance if knowledge.acceptance is not None else Controller().prior_acceptance["model"]
-    best_k, best_rate = 0, 0.0
-    expected = 1.0
-    for k in range(1, max_draft + 1):
-        expected += a**k
-        rate = expected / (k * d_costs[1] + t_costs[k + 1])
-        if rate > best_rate:
-            best_k, best_rate = k, rate
+    a = knowledge.acceptance if knowledge.acceptance is not None else PRIOR_ACCEPTANCE["model"]
+    best_k, best_rate = best_length(a, d_costs[1], t_costs.__getitem__, max_draft)
     costs = "calibrated" if t_src == d_src == "calibrated" else "predicted"
     why = (f"acceptance {a:.2f} ({knowledge.acceptance_source}); a drafted token costs "
            f"{d_costs[1] / step:.2f} target steps, verifying {best_k + 1} tokens {t_costs[best_k + 1] / step:.2f} steps")
     yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a, drafter_model=os.path.basename(drafter.path),
                       tokens_per_second=best_rate * knowledge.ngram_gain, costs=costs, why=why, **common)
     for ptp, pdp, pt, pd in _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_costs[1], max_draft):
-        k, rate = _best_parallel(pt, pd, a, max_draft)
+        k, rate = best_parallel_length(a, pd, pt.__getitem__, max_draft)
         if k == 0:
             continue
         why = (f"acceptance {a:.2f} ({knowledge.acceptance_source}); drafting overlaps verification after "
@@ -262,18 +256,6 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
                           drafter_model=os.path.basename(drafter.path), step_seconds=step, ram=ram, vram=vram,
                           tokens_per_second=rate * knowledge.ngram_gain, costs="predicted" if pt is not t_costs else costs,
                           why=why)
-
-
-def _best_parallel(t_costs: dict, d_cost: float, a: float, max_draft: int) -> tuple[int, float]:
-    """The draft length with the best rate in the parallel schedule, and that rate."""
-    best_k, best_rate, expected = 0, 0.0, 1.0
-    for k in range(1, max_draft + 1):
-        expected += a**k
-        t_v, overlap = t_costs[k + 1], a ** (k + 1)
-        cycle = overlap * max(t_v, (k + 1) * d_cost) + (1 - overlap) * (t_v + k * d_cost)
-        if expected / cycle > best_rate:
-            best_k, best_rate = k, expected / cycle
-    return best_k, best_rate
 
 
 def _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_cost, max_draft):
@@ -302,17 +284,12 @@ def _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_cost, max_
 
 def _draft_budget(chosen: Alternative, target: ModelShape, profile: Profile, max_draft: int) -> int:
     """The most tokens worth drafting in one step: the best length for a long n-gram match (the
-    controller's most confident source, acceptance 0.95) on this placement's verify curve."""
+    controller's most confident source, BUDGET_ACCEPTANCE) on this placement's verify curve."""
     if chosen.strategy == "plain":
         return 0
     costs, _ = costmodel.pass_costs(target, profile, chosen.target, range(1, max_draft + 2))
-    best_k, best, expected = 1, 0.0, 1.0
-    for k in range(1, max_draft + 1):
-        expected += 0.95**k
-        rate = expected / costs[k + 1]
-        if rate > best:
-            best_k, best = k, rate
-    return max(best_k, chosen.draft_length)
+    best_k, _ = best_length(BUDGET_ACCEPTANCE, 0.0, costs.__getitem__, max_draft)
+    return max(best_k, 1, chosen.draft_length)
 
 
 def dedupe(alternatives: list[Alternative]) -> list[Alternative]:

@@ -28,13 +28,15 @@ GGUF's ~0.6), which this term and its memory counts include.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .gguf_file import ArrayInfo, read_header
+from ..gguf_file import ArrayInfo, read_header
 from .profile import Calibration, Gpu, Profile
-from .types import EdgespecError
+from ..types import EdgespecError
 
 # share of the measured triad bandwidth / f32 GEMM throughput that llama.cpp's quantized kernels
 # reach (fitted here, see the module docstring); GPUs: typical of llama.cpp's CUDA/Metal kernels
@@ -94,7 +96,11 @@ class ModelShape:
 
 @lru_cache(maxsize=32)
 def _shape_cached(path: str, size: int, mtime: float) -> ModelShape:
-    h = read_header(path)
+    return shape_from_header(path, read_header(path))
+
+
+def shape_from_header(path: str, h) -> ModelShape:
+    """The shape of the model whose validated GGUF header (gguf_file.Header) is `h`."""
     md = h.metadata
     arch = md.get("general.architecture")
     if not isinstance(arch, str):
@@ -152,12 +158,41 @@ def model_shape(path: str | os.PathLike) -> ModelShape:
     try:
         st = os.stat(path)
     except OSError:
-        from .gguf_file import check_gguf
+        from ..gguf_file import check_gguf
 
         check_gguf(path)  # raises the usual clear error
         raise
     return _shape_cached(path, st.st_size, st.st_mtime)
 
+
+
+# --- shapes of drafters not built yet (what the planner weighs before `edgespec drafter build`) ---
+
+BITS = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}   # bits per weight
+
+
+def source_bits(model: ModelShape | str | os.PathLike) -> float:
+    """Mean bits per weight of a GGUF's block tensors (what a drafter would shrink)."""
+    shape = model if isinstance(model, ModelShape) else model_shape(model)
+    params = shape.layer_params + shape.output_params
+    return 8 * (sum(shape.layer_bytes) + shape.output_bytes) / max(params, 1)
+
+
+def requantized_shape(shape: ModelShape, scale: float, path: str) -> ModelShape:
+    """`shape` with every tensor's bytes scaled by `scale` (its weights requantized), saved as `path`."""
+    return dataclasses.replace(
+        shape, path=path, file_bytes=int(shape.file_bytes * scale), output_bytes=int(shape.output_bytes * scale),
+        layer_bytes=tuple(int(b * scale) for b in shape.layer_bytes), embedding_bytes=int(shape.embedding_bytes * scale))
+
+
+def trimmed_shape(shape: ModelShape, k: int, layer_scale: float = 1.0) -> ModelShape:
+    """`shape` with a K-row head and embedding table (edge_spec.build.trim), its blocks' bytes
+    scaled by `layer_scale` (requantized)."""
+    f = k / shape.vocab_size
+    return dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
+                               layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
+                               output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
+                               embedding_bytes=int(shape.embedding_bytes * f))
 
 # --- devices and placements --------------------------------------------------------------------
 
@@ -331,3 +366,14 @@ def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str
     vram = gpu_layer_bytes + (head if head_on_gpu else 0) + kv_gpu + (compute if n_gpu else 0)
     ram = (shape.file_bytes - gpu_layer_bytes - (head if head_on_gpu else 0)) + kv_cpu + compute
     return MemoryNeed(ram=int(ram), vram=int(vram))
+
+
+def onnx_memory_need(shape: ModelShape, n_ctx: int, weights: str = "float32") -> int:
+    """RAM of a model on the onnx backend: matrices in float32 (int8: 1 byte and a float scale
+    per 32), a float32 embedding table (tied models: besides the LM head), float32 KV cache, a
+    batch's activations. The first use's export needs about twice the float32 weights on top
+    (torch's copy)."""
+    per_weight = 4 if weights == "float32" else 1 + 4 / 32
+    matrices = (shape.layer_params + shape.output_params) * per_weight + shape.vocab_size * shape.n_embd * 4
+    kv = shape.n_layers * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * n_ctx * 4
+    return int(matrices + shape.other_bytes + kv + shape.compute_buffer_bytes(min(512, n_ctx)))

@@ -1,0 +1,29 @@
+"""Every default and prior edgespec plans and drafts with, in one place.
+
+Options (edge_spec.options.EngineOptions, the backends' option classes), the planner
+(edge_spec.plan) and the runtime's Controller read these names; nothing else spells the numbers.
+"""
+
+from __future__ import annotations
+
+import types
+
+N_CTX = 4096            # context tokens, as llama.cpp's default for chat
+MAX_DRAFT = 16          # longest draft the planner weighs and the Controller may draft
+
+# Per-token acceptance assumed until measured, by source (Controller keys: "model" is a draft
+# model, "ngram" a short prompt-lookup match, "ngram:long" a long one; "/hot" after a draft
+# that was accepted whole). Read-only: the Controller copies it.
+PRIOR_ACCEPTANCE = types.MappingProxyType({
+    "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.65,
+    "ngram:long": 0.85, "ngram:long/hot": 0.95})
+# acceptance assumed for a 4-bit copy of the target until measured (QuantSpec reports > 90%)
+SELF_DRAFTER_PRIOR = 0.9
+# the acceptance the draft budget is sized for: a long n-gram match, the most confident source
+BUDGET_ACCEPTANCE = 0.95
+
+# what the planner assumes of a trimmed drafter not built yet (bench/trim.py, 0.5B for the 1.5B:
+# K=49,152 kept 0.948 of the held-out mass and drafted best end to end with --bits q4_0)
+SUGGESTED_K, SUGGESTED_COVERAGE = 49152, 0.95
+# a model stored with fewer bits per weight than this gains too little from a 4-bit self-drafter
+MIN_SOURCE_BITS = 6.0

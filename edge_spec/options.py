@@ -1,0 +1,95 @@
+"""What a caller can ask of the engine: EngineOptions, and the model files they name.
+
+Light on purpose (no llama.cpp, runtime or server imports): the CLI builds these at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import models
+from .backends.base import KINDS as BACKENDS
+from .backends.base import ONNX_WEIGHTS
+from .defaults import N_CTX
+from .types import EdgespecError
+
+# "sequential": draft, then verify; "parallel": the draft model drafts in a thread of its own
+# while the target verifies (edge_spec.drafters.ahead)
+SCHEDULES = ("sequential", "parallel")
+
+Progress = Callable[[str, float], None]  # (what, fraction done)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Every option of the engine, with its default; the CLI and edge_spec.load read them."""
+
+    model: str | None = None        # path or registry name; None = the default target
+    draft: str | None = None        # path or registry name; None = default drafter with the default target
+    ngram: bool = True              # n-gram (prompt lookup) drafting, tried before the draft model
+    draft_model: bool = True        # False: no draft model even if one would be chosen
+    plain: bool = False             # no speculation at all: the baseline
+    n_ctx: int = N_CTX
+    # None = the planner decides (edge_spec.plan); a value given here overrides the plan
+    n_threads: int | None = None    # target threads (the plan: physical cores)
+    n_threads_draft: int | None = None
+    n_gpu_layers: int | None = None
+    n_gpu_layers_draft: int | None = None
+    type_k: str | None = None
+    type_v: str | None = None
+    max_draft: int | None = None
+    draft_length: int | None = None  # draft exactly this many tokens with the model at every step
+    tree_width: int = 1             # > 1: n-gram drafts as token trees of up to this many branches
+    plan: bool = True               # False: no planner; unset values take llama.cpp-like defaults
+    profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
+    calibrate: bool = True          # measure the verification cost curve (cached per machine)
+    history: bool = True            # learn acceptance across sessions ($EDGESPEC_HOME/history.json)
+    # which backend runs each model: "llama" (llama.cpp), "torch" or "onnx" (onnxruntime); the
+    # target's "auto" is llama.cpp unless the plan streams a target too big for VRAM with torch
+    # (SpecExec offloading)
+    backend: str = "auto"
+    draft_backend: str = "llama"
+    # weights of the models onnxruntime runs: "float32", "int8" or "int8-dynamic" (quantized by
+    # onnxruntime.quantization, cached; see backends/onnx_backend.py)
+    onnx_weights: str = "float32"
+    # "sequential", "parallel" (SCHEDULES; on a CPU alone the cores are split between the two
+    # models) or "auto": the plan's choice (edge_spec.plan.planner weighs both)
+    schedule: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in ("auto", *BACKENDS):
+            raise EdgespecError(f"unknown backend {self.backend!r}: use {_either(('auto', *BACKENDS))}")
+        if self.draft_backend not in BACKENDS:
+            raise EdgespecError(f"unknown draft backend {self.draft_backend!r}: use {_either(BACKENDS)}")
+        if self.schedule not in ("auto", *SCHEDULES):
+            raise EdgespecError(f"unknown schedule {self.schedule!r}: use {_either(('auto', *SCHEDULES))}")
+        if self.onnx_weights not in ONNX_WEIGHTS:
+            raise EdgespecError(f"unknown onnx weights {self.onnx_weights!r}: use {_either(ONNX_WEIGHTS)}")
+        if self.backend == "onnx" and self.tree_width > 1:
+            raise EdgespecError("token trees (tree_width > 1) need a target that verifies trees in one pass; "
+                                "the onnx backend runs chains only: use tree_width=1, or --backend llama or torch")
+
+
+def _either(names) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def resolve_model(name: str | None, default: str) -> Path:
+    if name is None:
+        return models.require(default)
+    if name in models.MODELS:
+        return models.require(name)
+    return Path(name).expanduser()
+
+
+def model_paths(options: EngineOptions) -> tuple[Path, Path | None]:
+    """The target's file and the drafter's: the one given, else the default drafter with the
+    default target, else none (plain or n-gram-only options: none either)."""
+    target = resolve_model(options.model, models.DEFAULT_TARGET)
+    if options.plain or not options.draft_model:
+        return target, None
+    if options.draft is not None:
+        return target, resolve_model(options.draft, models.DEFAULT_DRAFT)
+    return target, resolve_model(None, models.DEFAULT_DRAFT) if options.model is None else None

@@ -1,0 +1,227 @@
+"""The engine's planning half: which profile, which drafters, which plan, before anything loads.
+
+`planner.plan` is a pure function of (model shapes, profile, knowledge, calibrations); this module
+gathers those inputs for one target from the files, the state folder and the machine, weighs the
+candidate drafters, and says what a drafter not built yet is predicted to give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .. import models
+from ..defaults import MAX_DRAFT, PRIOR_ACCEPTANCE, SELF_DRAFTER_PRIOR, SUGGESTED_COVERAGE, SUGGESTED_K
+from ..defaults import MIN_SOURCE_BITS
+from ..drafters.provenance import default_output, info, self_drafter_prior
+from ..modelfile import ModelFile
+from ..options import EngineOptions, Progress
+from ..types import EdgespecError
+from . import calibrate, planner
+from .costmodel import BITS, requantized_shape, source_bits, trimmed_shape
+from .history import History
+
+
+def _silent(what: str, fraction: float) -> None:
+    pass
+
+
+def machine_profile(name: str | None, progress: Progress | None = None):
+    """The profile to plan with: the one named, else this machine's saved `local` profile, else a
+    quick measurement of this machine (about 2 s, saved as `local` for next time)."""
+    from . import profile as profiles
+
+    if name is not None:
+        return profiles.load(name)
+    saved = profiles.profiles_dir() / "local.json"
+    if saved.is_file():
+        return profiles.load(saved)
+    from .hardware import measure_profile
+
+    report = progress or _silent
+    measured = measure_profile(name="local", quick=True,
+                               progress=lambda what, fraction: report("measuring this machine (once)", fraction))
+    try:
+        profiles.save(measured)
+    except OSError:
+        pass  # read-only home: measure again next time
+    return measured
+
+
+def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None, notes: list, report: Progress,
+              calibration: dict | None = None, threads: int | None = None, prof=None):
+    """Plan for this machine with what is known: the profile's and the cache's calibrations, or
+    `calibration` just measured (edge_spec.plan.calibrate.measure_pair). `target` and `draft`:
+    opened model files (a path is opened here: a missing or foreign file is the usual one-line
+    error, before any planning)."""
+    from ..backends.llama_cpp import _lib
+    from ..backends.load import torch_offload_possible
+
+    target = ModelFile.open(target)
+    draft = ModelFile.open(draft) if draft is not None else None
+    report("planning", 0.0)
+    prof = prof or machine_profile(options.profile, report)
+    threads = threads or options.n_threads or prof.cpu.physical_cores
+    gpu = bool(_lib().llama_supports_gpu_offload())
+    cals = []
+    for model, key in ((target, "target"), (draft, "drafter")):
+        if model is None:
+            continue
+        if calibration and key in calibration:  # just measured, with the GPU layers it was loaded with
+            seconds, ngl = calibration[key]
+            cals.append(calibrate.as_calibration(model, seconds, threads, ngl))
+        else:
+            cals.extend(cached_calibrations(options, model, threads, gpu))
+    if prof.gpus and not gpu and options.profile is None:
+        notes.append(f"llama.cpp was built without GPU offload: {', '.join(g.name for g in prof.gpus)} "
+                     "not used (rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on or -DGGML_METAL=on)")
+    knowledge = History().knowledge(target, draft) if options.history else planner.Knowledge()
+    if draft is not None and knowledge.acceptance is None and (prior := self_drafter_prior(draft.provenance)):
+        knowledge = dataclasses.replace(knowledge, acceptance=prior[0], acceptance_source=prior[1])
+    result = planner.plan(target.shape, prof, draft.shape if draft else None,
+                          n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
+                          max_draft=options.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
+                          offload=torch_offload_possible(options.backend, target))
+    report("planning", 1.0)
+    return result
+
+
+def plan_for(options: EngineOptions, target, draft, notes: list, report: Progress | None = None,
+             opened: dict | None = None):
+    """The plan for this target: with the drafter given, or, for a target of the user's own
+    without -md, the best over the drafters that could serve it (and none). `target`, `draft`:
+    model files (ModelFile) or paths; `opened` (if given) receives every drafter file opened here,
+    by its path as the plan names it, so the caller need not open the chosen one again."""
+    report = report or _silent
+    target = ModelFile.open(target)
+    candidates = [ModelFile.open(draft) if draft is not None else None]
+    if options.draft is None and options.draft_model and not options.plain:
+        candidates = [*(ModelFile.open(c) for c in drafter_candidates(target)), None]
+    if opened is not None:
+        opened.update({c.shape.path: c for c in candidates if c is not None})
+    prof = machine_profile(options.profile, report)
+    plans = [plan_with(options, target, c, notes, report, prof=prof) for c in candidates]
+    best = max(plans, key=lambda p: p.chosen.tokens_per_second)
+    if len(plans) > 1:  # show every drafter weighed, not only the winner's alternatives
+        best = dataclasses.replace(best, alternatives=tuple(planner.dedupe([a for p in plans for a in p.alternatives])))
+    candidates = [c.path for c in candidates if c is not None]
+    if options.model is not None and options.draft is None and not options.plain:
+        _suggest_self_drafter(options, prof, target, candidates, best, notes)
+    if options.draft is None and not options.plain:
+        _suggest_trimmed_drafter(options, prof, target, candidates, best, notes)
+    notes[:] = list(dict.fromkeys(notes))  # one note per fact, however many plans were made
+    return best
+
+
+def drafter_candidates(target_path) -> list[Path]:
+    """Drafters for a target: self-drafters built from it (`edgespec drafter build`, the 4-bit copy
+    and the layer-skipping one), the installed default drafter when its tokenizer matches (same
+    model, pre-tokenizer, size ±128), and trimmed drafters built for it (`--method trim --target`,
+    matched by the target's file name)."""
+    from ..gguf_file import ArrayInfo
+
+    built = default_output(target_path)
+    found = [path for path in (built, default_output(target_path, "skip")) if path.is_file()]
+    default = models.installed_path(models.DEFAULT_DRAFT)
+    if default is not None and os.path.realpath(default) != os.path.realpath(target_path):
+        def vocab(path):
+            md = ModelFile.open(path).header.metadata
+            tokens = md.get("tokenizer.ggml.tokens")
+            count = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or ())
+            return md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre"), count
+
+        (tm, tp, tn), (dm, dp, dn) = vocab(target_path), vocab(default)
+        if tm == dm and tp == dp and abs(tn - dn) <= 128:
+            found.append(default)
+    for path in sorted(built.parent.glob("*.trim.gguf")) if built.parent.is_dir() else ():
+        try:
+            if info(path).get("counted_with") == Path(target_path).name:
+                found.append(path)
+        except EdgespecError:
+            continue  # a broken file in the drafters folder is not this target's business
+    return found
+
+
+def _suggest_self_drafter(options: EngineOptions, prof, target: ModelFile, candidates, the_plan, notes: list) -> None:
+    """A high-precision target with no self-drafter built yet: say what one is predicted to give."""
+    built = default_output(target)
+    shape = target.shape
+    bits = source_bits(shape)
+    if built in candidates or bits <= MIN_SOURCE_BITS:
+        return
+    hypothetical = requantized_shape(shape, BITS["q4_0"] / bits, str(built))
+    guess = planner.plan(shape, prof, hypothetical, n_ctx=options.n_ctx, gpu=False, threads=the_plan.threads,
+                         knowledge=planner.Knowledge(SELF_DRAFTER_PRIOR, "prior for a self-drafter"),
+                         calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
+    gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
+    if guess.chosen.strategy == "draft" and gain > 1.1:
+        notes.append(f"this {bits:.0f}-bit model would run about {gain:.1f}x faster with a 4-bit self-drafter "
+                     f"(predicted): build one with `edgespec drafter build {target.path}`")
+
+
+def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, candidates, the_plan, notes: list) -> None:
+    """The installed default drafter weighed untrimmed and no trimmed build for this target yet:
+    say what a trimmed, 4-bit copy of it (`--method trim --bits q4_0`) is predicted to give."""
+    default = models.installed_path(models.DEFAULT_DRAFT)
+    if default is None or default not in candidates or any(str(c).endswith(".trim.gguf") for c in candidates if c):
+        return
+    shape = ModelFile.open(default).shape
+    if shape.vocab_size <= SUGGESTED_K:
+        return
+    hypothetical = trimmed_shape(shape, SUGGESTED_K, min(1.0, BITS["q4_0"] / source_bits(shape)))
+    known = History().knowledge(target, default).acceptance if options.history else None
+    acceptance = (known or PRIOR_ACCEPTANCE["model"]) * SUGGESTED_COVERAGE
+    guess = planner.plan(target.shape, prof, hypothetical, n_ctx=options.n_ctx, gpu=False,
+                         threads=the_plan.threads, knowledge=planner.Knowledge(acceptance, "coverage of a trim"),
+                         calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
+    gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
+    if guess.chosen.strategy == "draft" and gain > 1.1:
+        notes.append(f"a trimmed 4-bit copy of the drafter {default.name} would run this model about {gain:.1f}x "
+                     f"faster (predicted): `edgespec drafter build {default} --method trim --target {target.path} "
+                     "--bits q4_0`")
+
+
+def check_memory(target_path, draft_path, t_opts, d_opts) -> None:
+    """Without a plan: refuse to load what would not fit in available RAM (weights, KV cache,
+    compute buffers) rather than let llama.cpp thrash or the OS kill the process."""
+    import psutil
+
+    from . import costmodel
+
+    need = costmodel.RUNTIME_BYTES
+    parts = []
+    for path, opts in ((target_path, t_opts), (draft_path, d_opts)):
+        if path is None:
+            continue
+        shape = ModelFile.open(path).shape
+        if opts.kind == "onnx":
+            ram = costmodel.onnx_memory_need(shape, opts.n_ctx, opts.weights)
+        elif opts.kind == "torch":
+            ram = costmodel.torch_memory_need(shape, opts.n_ctx, 4 if opts.dtype == "float32" else 2,
+                                              opts.kv_cache, opts.device_budget_bytes, opts.device).ram
+        else:
+            placement = costmodel.Placement(0 if opts.n_gpu_layers else -1, min(opts.n_gpu_layers, shape.n_layers))
+            ram = costmodel.memory_need(shape, placement, opts.n_ctx, opts.type_k, opts.type_v).ram
+        need += ram
+        parts.append(f"{shape.name}{'' if opts.kind == 'llama' else f' ({opts.kind})'} {ram / 2**30:.1f} GiB")
+    usable = psutil.virtual_memory().available * planner.RAM_HEADROOM
+    if need > usable:
+        raise EdgespecError(
+            f"not enough memory: {' + '.join(parts)} at {t_opts.n_ctx} tokens of context need "
+            f"{need / 2**30:.1f} GiB, {usable / 2**30:.1f} GiB is available; use a smaller -c/--ctx-size, "
+            "a quantized KV cache, a smaller model or quantization, or let the planner decide (plan=True)")
+
+
+def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, gpu: bool) -> list:
+    """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU."""
+    from ..backends.llama_cpp import LlamaOptions
+
+    out = []
+    for ngl in (0, ModelFile.open(model).shape.n_layers + 1) if gpu else (0,):
+        cal = calibrate.cached(model, threads, LlamaOptions(
+            n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=ngl,
+            type_k=options.type_k or "f16", type_v=options.type_v or "f16"))
+        if cal is not None:
+            out.append(cal)
+    return out
