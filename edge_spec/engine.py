@@ -85,7 +85,7 @@ class Engine:
                 draft_path = None  # the plan leaves the default drafter out; an explicit -md stays
         t_opts, d_opts = backends.backend_options(options, the_plan, target_path, draft_path)
         if the_plan is None:  # the planner checks memory for its plans; without one, check here
-            choose.check_memory(target_path, draft_path, t_opts, d_opts)
+            choose.check_memory(target_path, draft_path, t_opts, d_opts, options.memory_budget)
         if getattr(t_opts, "weights", None) == "int8-dynamic" and not options.plain:
             notes.append("the target runs onnx int8-dynamic weights, whose activation scales span a whole pass: "
                          "its logits depend on the other tokens verified with them, so speculation can change "
@@ -130,7 +130,7 @@ class Engine:
                     *([ModelDrafter(draft_backend)] if draft_backend is not None else [])]
         schedule = _schedule(options, the_plan, target, draft_backend, notes)
         runtime = Runtime(target, drafters, controller, tree_width=options.tree_width, schedule=schedule)
-        return cls(target, draft_backend, runtime, options, the_plan, tuple(notes),
+        return cls(target, draft_backend, runtime, options, the_plan, tuple(dict.fromkeys(notes)),
                    calibrated_step=measured["target"][0][1] if measured else None)
 
     # --- prompts -------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class EngineOptions:
     profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
     history: bool = True            # learn acceptance across sessions ($EDGESPEC_HOME/history.json)
+    # bytes the models may use; None: this machine's available RAM or its cgroup's limit, the
+    # smaller (edge_spec.plan.memory). A target bigger than this is paged: part pinned in RAM,
+    # the rest read from disk at every pass (backends/paging.py)
+    memory_budget: int | None = None
     # which backend runs each model: "llama" (llama.cpp), "torch" or "onnx" (onnxruntime); the
     # target's "auto" is llama.cpp unless the plan streams a target too big for VRAM with torch
     # (SpecExec offloading)
@@ -67,6 +71,8 @@ class EngineOptions:
             raise EdgespecError(f"unknown schedule {self.schedule!r}: use {_either(('auto', *SCHEDULES))}")
         if self.onnx_weights not in ONNX_WEIGHTS:
             raise EdgespecError(f"unknown onnx weights {self.onnx_weights!r}: use {_either(ONNX_WEIGHTS)}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise EdgespecError("the memory budget must be more than 0 bytes (e.g. --mem-budget 4G)")
         if self.backend == "onnx" and self.tree_width > 1:
             raise EdgespecError("token trees (tree_width > 1) need a target that verifies trees in one pass; "
                                 "the onnx backend runs chains only: use tree_width=1, or --backend llama or torch")

@@ -163,9 +163,13 @@ def test_a_target_bigger_than_vram_is_split(target):
     assert "+CPU" in p.chosen.target.describe(huge)
 
 
-def test_a_target_bigger_than_ram_is_refused_with_what_would_fit(target):
+def test_a_target_bigger_than_ram_is_paged_and_refused_only_below_the_minimum(target):
+    pi = profile.load("raspberry-pi-5")
+    p = planner.plan(big(target, 12), pi)  # weights several times the Pi's RAM: read from disk (issue 15)
+    assert p.paged and p.chosen.target.disk_bytes > 0 and "paged" in p.chosen.target.describe(p.target)
+    # not even the KV cache of a huge context fits: refused, with what would
     with pytest.raises(EdgespecError, match=r"does not fit on 'raspberry-pi-5'.*what would fit: .*smaller quantization"):
-        planner.plan(big(target, 12), profile.load("raspberry-pi-5"))
+        planner.plan(big(target, 12), pi, n_ctx=1 << 20)
 
 
 def test_kv_cache_is_quantized_only_when_f16_does_not_fit(target):

@@ -33,6 +33,7 @@ class Capabilities:
     trees: bool                     # forward_tree/keep_path: a token tree verified in one pass
     threads_settable: bool          # set_threads(n) between passes (parallel schedules split cores)
     gpu_layers: int = 0             # blocks on a GPU (llama.cpp's -ngl); 0: computed on the CPU
+    disk_bytes: int = 0             # weights read from disk at every pass (a paged target; has evict())
 
 
 @runtime_checkable

@@ -36,6 +36,10 @@ class LlamaOptions:
     n_batch: int = 512
     n_seq_max: int = 1      # > 1: token trees of up to n_seq_max - 1 leaves in one pass (forward_tree)
     use_extra_bufts: bool | None = None  # None: on, unless the AMX crash applies (see amx_unsafe)
+    use_mmap: bool = True   # False: weights read into memory of its own (a drafter next to a paged target)
+    # a paged target (backends/paging.py): this many bytes of the weights every pass reads are read
+    # from disk at every pass, the rest pinned in RAM; None: resident (the OS pages it as it likes)
+    disk_bytes: int | None = None
 
     def __post_init__(self):
         if self.n_ctx < 8:
@@ -187,18 +191,40 @@ class LlamaCppBackend(VocabMethods, Closing):
         self.tokens: list[int] = []  # what the KV cache holds, in order (sequence 0)
         self.facts = self._read_facts(path)
         self._pieces: dict[int, bytes] = {}
+        self.pager = None
+        if options.disk_bytes is not None and _parent is None:
+            self.pager = _pager(path, header, options.disk_bytes)
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities("llama", trees=True, threads_settable=True, gpu_layers=self.options.n_gpu_layers)
+        return Capabilities("llama", trees=True, threads_settable=True, gpu_layers=self.options.n_gpu_layers,
+                            disk_bytes=self.pager.stats.streamed_bytes if self.pager is not None else 0)
+
+    def evict(self) -> None:
+        """A paged target: drop the streamed weights from the page cache (calibration)."""
+        if self.pager is not None:
+            self.pager.evict()
+
+    def _llama_decode(self, b) -> int:
+        """One pass; a paged target's streamed weights are read ahead of it."""
+        if self.pager is None:
+            return self.lib.llama_decode(self.ctx, b)
+        self.pager.start_pass()
+        try:
+            return self.lib.llama_decode(self.ctx, b)
+        finally:
+            self.pager.finish_pass()
 
     # --- loading -----------------------------------------------------------------------
     def _load_model(self, path, options, progress):
         lib = self.lib
         params = lib.llama_model_default_params()
         params.n_gpu_layers = options.n_gpu_layers
+        params.use_mmap = options.use_mmap
         extra = options.use_extra_bufts
-        params.use_extra_bufts = (not amx_unsafe(lib)) if extra is None else extra
+        # a paged target keeps its weights in the file's mapping: repacking would copy them all to RAM
+        params.use_extra_bufts = False if options.disk_bytes is not None else (
+            (not amx_unsafe(lib)) if extra is None else extra)
         if progress is not None:
             def on_progress(fraction, _user):
                 progress(float(fraction))
@@ -292,7 +318,7 @@ class LlamaCppBackend(VocabMethods, Closing):
             b.seq_id[i][0] = 0
             b.logits[i] = all_rows or i == n - 1
         b.n_tokens = n
-        rc = lib.llama_decode(self.ctx, b)
+        rc = self._llama_decode(b)
         if rc != 0:
             # the cache may hold part of the chunk: drop it so `tokens` stays the truth
             lib.llama_memory_seq_rm(self.mem, 0, n0, -1)
@@ -329,7 +355,7 @@ class LlamaCppBackend(VocabMethods, Closing):
             for k, s in enumerate(ids):
                 b.seq_id[r][k] = s
         b.n_tokens = len(rows)
-        rc = lib.llama_decode(self.ctx, b)
+        rc = self._llama_decode(b)
         self._tree = (n0, tree, leaves)
         if rc != 0:
             self.keep_path([])
@@ -378,12 +404,25 @@ class LlamaCppBackend(VocabMethods, Closing):
         return LlamaCppBackend(self.facts.path, self.options, _parent=self)
 
     def close(self) -> None:
+        if getattr(self, "pager", None) is not None:
+            self.pager.close()
+            self.pager = None
         if getattr(self, "ctx", None):
             self.lib.llama_batch_free(self.batch)
             self.lib.llama_free(self.ctx)
             if self._parent is None:
                 self.lib.llama_model_free(self.model)
             self.ctx = self.model = self.vocab = None
+
+
+def _pager(path, header, disk_bytes: int):
+    """Pin all but `disk_bytes` of what every pass reads (paging.py); header: validated, or read here."""
+    from ..gguf_file import validate
+    from .paging import Pager, per_pass_ranges
+
+    header = header if header is not None else validate(path)
+    every_pass = sum(size for _, size in per_pass_ranges(header))
+    return Pager(path, header, max(every_pass - disk_bytes, 0))
 
 
 FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12,

@@ -100,6 +100,7 @@ def backend_options(options: EngineOptions, the_plan, target_path, draft_path=No
 def llama_options(options: EngineOptions, the_plan, draft_path=None):
     """Backend options: what the user set, else the plan's choice, else llama.cpp's defaults. A
     built self-drafter runs with the KV cache type its metadata names (QuantSpec: q8_0)."""
+    from ..plan.costmodel import PAGED_DRAFTER_BATCH
     from .llama_cpp import LlamaOptions
 
     c = the_plan.chosen if the_plan is not None else None
@@ -117,6 +118,10 @@ def llama_options(options: EngineOptions, the_plan, draft_path=None):
     draft = LlamaOptions(n_ctx=options.n_ctx, n_threads=options.n_threads_draft or threads,
                          n_gpu_layers=d_ngl if options.n_gpu_layers_draft is None else options.n_gpu_layers_draft,
                          type_k=d_kv or type_k, type_v=d_kv or type_v)
+    if c is not None and c.target.disk_bytes:  # a paged target (plan.planner._paged, backends/paging.py)
+        target = replace(target, disk_bytes=c.target.disk_bytes)
+        # the drafter in memory of its own, never paged out, with the compute buffer the plan counted
+        draft = replace(draft, use_mmap=False, n_batch=PAGED_DRAFTER_BATCH)
     return target, draft
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from ..options import EngineOptions
+from ..plan.memory import parse_size
 from ..types import EdgespecError, SamplingParams
 
 E, S = EngineOptions(), SamplingParams()  # the defaults, read from one place
@@ -26,6 +27,9 @@ ThreadsOpt = typer.Option(None, "-t", "--threads", help="Target threads (default
 ThreadsDraftOpt = typer.Option(None, "-td", "--threads-draft", help="Drafter threads (default: as -t).", show_default=False)
 NglOpt = typer.Option(None, "-ngl", "--gpu-layers", help="Target layers on the GPU (default: the plan's).", show_default=False)
 NgldOpt = typer.Option(None, "-ngld", "--gpu-layers-draft", help="Drafter layers on the GPU (default: the plan's).", show_default=False)
+MemBudgetOpt = typer.Option(None, "--mem-budget", show_default=False,
+                            help="Memory the models may use, e.g. 4G or 800M (default: available RAM or the cgroup's "
+                                 "limit). A target bigger than this is paged: part pinned in RAM, the rest read from disk.")
 MaxDraftOpt = typer.Option(None, "--max-draft", help="Most tokens drafted per step (default: the plan's budget).", show_default=False)
 DraftLengthOpt = typer.Option(None, "--draft-length", show_default=False,
                               help="Draft exactly K tokens with the draft model at every step, paying or not (for experiments).")
@@ -39,8 +43,8 @@ StopOpt = typer.Option(None, "--stop", help="Stop when this text appears (repeat
 StatsOpt = typer.Option("text", "--stats", help="Stats line format on stderr: text, json or none.")
 BackendOpt = typer.Option(E.backend, "--backend", help="Target backend: llama (llama.cpp), torch, onnx (onnxruntime, "
                           "CPU: the GGUF exported to ONNX on first use; no token trees), or auto: llama.cpp, or torch "
-                          "streaming a target too big for the GPU's memory (torch: `pip install edgespec[torch]`, onnx: "
-                          "`pip install edgespec[onnx]`).")
+                          "streaming a target too big for the GPU's memory (torch: `pip install edgespec\\[torch]`, onnx: "
+                          "`pip install edgespec\\[onnx]`).")
 ScheduleOpt = typer.Option(E.schedule, "--schedule", help="sequential (draft, then verify), parallel (the draft model "
                            "drafts in a thread of its own while the target verifies; on a CPU alone the cores are split) "
                            "or auto: the plan's choice.")
@@ -49,7 +53,8 @@ DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend",
 
 
 def engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                    draft_length=None, backend=E.backend, draft_backend=E.draft_backend, schedule=E.schedule) -> EngineOptions:
+                    draft_length=None, backend=E.backend, draft_backend=E.draft_backend, schedule=E.schedule,
+                    mem_budget: str | None = None) -> EngineOptions:
     if model and model_opt and model != model_opt:
         raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
     if ngram and no_ngram:
@@ -64,7 +69,8 @@ def engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads
         model=model or model_opt, draft=draft, ngram=not no_ngram, draft_model=not ngram, plain=plain,
         n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
         n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length, backend=backend,
-        draft_backend=draft_backend, schedule=schedule)
+        draft_backend=draft_backend, schedule=schedule,
+        memory_budget=parse_size(mem_budget) if mem_budget is not None else None)
 
 
 def stats_format(value: str) -> str:

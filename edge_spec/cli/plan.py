@@ -13,7 +13,8 @@ GiB = 2**30
 
 
 def make_plan(model: str | None, draft: str | None, profile_name: str | None, ctx: int,
-              max_draft: int, use_history: bool, notes: list | None = None, backend: str = "auto") -> planner.Plan:
+              max_draft: int, use_history: bool, notes: list | None = None, backend: str = "auto",
+              memory_budget: int | None = None) -> planner.Plan:
     """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
     engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
     from ..plan.costmodel import model_shape
@@ -22,11 +23,13 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
     from ..plan.choose import plan_for
 
     options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history,
-                            backend=backend)
+                            backend=backend, memory_budget=memory_budget)
     target_path, draft_path = model_paths(options)
     if profile_name is None:  # this machine: what `chat` would do, with its calibrations
         return plan_for(options, target_path, draft_path, notes if notes is not None else [])
     prof = profile.load(profile_name)
+    if memory_budget is not None:
+        prof = prof.model_copy(update={"ram_available_bytes": memory_budget})
     knowledge = planner.Knowledge()
     if use_history:
         from ..plan.history import History
@@ -43,6 +46,7 @@ def plan_dict(p: planner.Plan) -> dict:
             "strategy": a.strategy, "description": a.describe(p.target, p.drafter),
             "target_gpu_layers": a.target.ngl(p.target),
             "target_backend": "torch" if a.target.offload else "llama",
+            "target_disk_bytes_per_pass": a.target.disk_bytes,
             "drafter_gpu_layers": a.drafter.ngl(p.drafter) if a.drafter else None,
             "drafter_model": a.drafter_model or None,
             "draft_length": a.draft_length, "acceptance": a.acceptance,
@@ -100,6 +104,9 @@ def plan_command(
         "auto", "--backend", help="Target backend: llama (llama.cpp), torch, onnx, or auto: llama.cpp, or torch "
                                   "streaming a target too big for the GPU's memory (offloading; needs torch installed). "
                                   "Only offloading has its own costs: the others are planned with llama.cpp's."),
+    mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
+                                          help="Memory the models may use, e.g. 4G (default: this machine's available "
+                                               "RAM or its cgroup's limit; with --profile, the profile's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the plan for a model on this machine or a hardware profile, and why it won.
@@ -109,7 +116,10 @@ def plan_command(
 
     def go():
         notes: list[str] = []
-        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes, backend)
+        from ..plan.memory import parse_size
+
+        budget = parse_size(mem_budget) if mem_budget is not None else None
+        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes, backend, budget)
         if as_json:
             typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
         else:

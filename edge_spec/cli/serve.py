@@ -50,6 +50,9 @@ def serve_command(
                                      "(llama.cpp, or torch streaming a target too big for the GPU's memory)."),
     draft_backend: str = typer.Option(C_ENGINE.draft_backend, "--draft-backend",
                                       help="Draft model backend: llama (llama.cpp), torch or onnx (onnxruntime)."),
+    mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
+                                          help="Memory the models may use, e.g. 4G (default: available RAM or the "
+                                               "cgroup's limit); a bigger target is paged from disk."),
     schedule: str = typer.Option(C_ENGINE.schedule, "--schedule",
                                  help="sequential, parallel (the draft model drafts in its own thread while the target "
                                       "verifies) or auto: the plan's choice."),
@@ -66,7 +69,7 @@ def serve_command(
         config.check()  # before loading anything: a refused address opens no socket and loads no model
         options = engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
                                   None, None, None, None, None, backend=backend, draft_backend=draft_backend,
-                                  schedule=schedule)
+                                  schedule=schedule, mem_budget=mem_budget)
         from ..api import Session
         from ..server import serve
         from .chat import load_engine, plan_lines

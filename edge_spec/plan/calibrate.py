@@ -36,6 +36,8 @@ def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
     st = os.stat(path)
     if options.kind == "llama":
         setup = [options.n_batch, options.type_k, options.type_v, options.n_gpu_layers]
+        if options.disk_bytes is not None:  # a paged target: its passes read from disk (paging.py)
+            setup += ["paged", options.disk_bytes]
     else:  # TorchOptions or OnnxOptions: every field (device, dtype, KV cache, offloading budget; weights)
         setup = [options.kind, *dataclasses.astuple(options)]
     key = json.dumps([
@@ -60,14 +62,15 @@ def cached(path: str | os.PathLike, n_threads: int, options) -> Calibration | No
         return None
     if not seconds or 1 not in seconds:
         return None
-    return as_calibration(path, seconds, n_threads, options.n_gpu_layers)
+    return as_calibration(path, seconds, n_threads, options.n_gpu_layers, options.disk_bytes or 0)
 
 
-def as_calibration(path: str | os.PathLike, seconds: dict[int, float], n_threads: int, n_gpu_layers: int) -> Calibration:
+def as_calibration(path: str | os.PathLike, seconds: dict[int, float], n_threads: int, n_gpu_layers: int,
+                   disk_bytes: int = 0) -> Calibration:
     return Calibration(
         model=Path(path).name, model_bytes=os.path.getsize(path), n_params=0,
         device="cpu" if n_gpu_layers == 0 else "gpu0", threads=n_threads, n_gpu_layers=n_gpu_layers,
-        step_seconds=seconds[1], verify_seconds={n: s for n, s in seconds.items() if n > 1})
+        step_seconds=seconds[1], verify_seconds={n: s for n, s in seconds.items() if n > 1}, disk_bytes=disk_bytes)
 
 
 def _read(path: Path) -> dict[int, float] | None:
@@ -119,6 +122,8 @@ def measure(backend, max_n: int, reps: int = 2,
         # one round of every size instead of bending the curve, and the minimum skips it
         for rep in range(reps):
             for i, n in enumerate(todo):
+                if backend.capabilities.disk_bytes:
+                    backend.evict()  # a paged target: measure what a pass really reads from disk
                 t0 = time.perf_counter()
                 backend.forward(filler[:n])
                 dt = time.perf_counter() - t0
@@ -138,8 +143,8 @@ def measure_pair(target, draft_backend, max_draft: int, report) -> dict:
     backend's measurements stand for the CPU placement the planner knows: 0 GPU layers.)"""
     costs = verify_costs(target, max_draft + 1,
                          progress=lambda n, total: report("measuring verification cost", n / total))
-    out = {"target": (costs, target.capabilities.gpu_layers)}
+    out = {"target": (costs, target.capabilities.gpu_layers, target.capabilities.disk_bytes)}
     if draft_backend is not None:
         step = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
-        out["drafter"] = ({1: step}, draft_backend.capabilities.gpu_layers)
+        out["drafter"] = ({1: step}, draft_backend.capabilities.gpu_layers, 0)
     return out

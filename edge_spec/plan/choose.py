@@ -49,6 +49,20 @@ def machine_profile(name: str | None, progress: Progress | None = None):
     return measured
 
 
+def with_memory_budget(options: EngineOptions, prof, notes: list):
+    """The profile with the memory this process may use: --mem-budget, else (this machine) the
+    smaller of available RAM and the cgroup's limit; a named profile keeps its own."""
+    from .memory import memory_budget
+
+    if options.memory_budget is None and options.profile is not None:
+        return prof
+    budget = memory_budget(options.memory_budget)
+    notes.extend(budget.notes)
+    if budget.source != "available RAM":
+        notes.append(f"memory: planning with {budget.bytes / 2**30:.2f} GiB ({budget.source})")
+    return prof.model_copy(update={"ram_available_bytes": max(budget.bytes, 1)})
+
+
 def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None, notes: list, report: Progress,
               calibration: dict | None = None, threads: int | None = None, prof=None):
     """Plan for this machine with what is known: the profile's and the cache's calibrations, or
@@ -61,7 +75,7 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     target = ModelFile.open(target)
     draft = ModelFile.open(draft) if draft is not None else None
     report("planning", 0.0)
-    prof = prof or machine_profile(options.profile, report)
+    prof = prof or with_memory_budget(options, machine_profile(options.profile, report), notes)
     threads = threads or options.n_threads or prof.cpu.physical_cores
     gpu = bool(_lib().llama_supports_gpu_offload())
     cals = []
@@ -69,8 +83,8 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
         if model is None:
             continue
         if calibration and key in calibration:  # just measured, with the GPU layers it was loaded with
-            seconds, ngl = calibration[key]
-            cals.append(calibrate.as_calibration(model, seconds, threads, ngl))
+            seconds, ngl, disk_bytes = calibration[key]
+            cals.append(calibrate.as_calibration(model, seconds, threads, ngl, disk_bytes))
         else:
             cals.extend(cached_calibrations(options, model, threads, gpu))
     if prof.gpus and not gpu and options.profile is None:
@@ -100,7 +114,7 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
         candidates = [*(ModelFile.open(c) for c in drafter_candidates(target)), None]
     if opened is not None:
         opened.update({c.shape.path: c for c in candidates if c is not None})
-    prof = machine_profile(options.profile, report)
+    prof = with_memory_budget(options, machine_profile(options.profile, report), notes)
     plans = [plan_with(options, target, c, notes, report, prof=prof) for c in candidates]
     best = max(plans, key=lambda p: p.chosen.tokens_per_second)
     if len(plans) > 1:  # show every drafter weighed, not only the winner's alternatives
@@ -182,12 +196,11 @@ def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, ca
                      "--bits q4_0`")
 
 
-def check_memory(target_path, draft_path, t_opts, d_opts) -> None:
+def check_memory(target_path, draft_path, t_opts, d_opts, memory_budget: int | None = None) -> None:
     """Without a plan: refuse to load what would not fit in available RAM (weights, KV cache,
     compute buffers) rather than let llama.cpp thrash or the OS kill the process."""
-    import psutil
-
     from . import costmodel
+    from .memory import memory_budget as budget_of
 
     need = costmodel.RUNTIME_BYTES
     parts = []
@@ -205,11 +218,12 @@ def check_memory(target_path, draft_path, t_opts, d_opts) -> None:
             ram = costmodel.memory_need(shape, placement, opts.n_ctx, opts.type_k, opts.type_v).ram
         need += ram
         parts.append(f"{shape.name}{'' if opts.kind == 'llama' else f' ({opts.kind})'} {ram / 2**30:.1f} GiB")
-    usable = psutil.virtual_memory().available * planner.RAM_HEADROOM
+    budget = budget_of(memory_budget)
+    usable = budget.bytes * planner.RAM_HEADROOM
     if need > usable:
         raise EdgespecError(
             f"not enough memory: {' + '.join(parts)} at {t_opts.n_ctx} tokens of context need "
-            f"{need / 2**30:.1f} GiB, {usable / 2**30:.1f} GiB is available; use a smaller -c/--ctx-size, "
+            f"{need / 2**30:.1f} GiB, {usable / 2**30:.1f} GiB is available ({budget.source}); use a smaller -c/--ctx-size, "
             "a quantized KV cache, a smaller model or quantization, or let the planner decide (plan=True)")
 
 

@@ -49,6 +49,10 @@ GPU_OVERHEAD_PER_LAYER_S = 5e-5  # kernel launches per layer and pass
 SPLIT_SYNC_S = 5e-4              # a pass that crosses devices waits for the copy of activations
 RUNTIME_BYTES = 300 * 2**20      # the process itself, libraries, token buffers
 TORCH_OFFLOAD_SLOTS = 2          # device buffers that streamed layers pass through (offload.py)
+STREAM_WINDOW_BYTES = 256 * 2**20  # page cache a paged target's streamed weights pass through
+PAGED_DRAFTER_BATCH = 64         # next to a paged target a drafter's compute buffer is sized for this many tokens
+DEFAULT_DISK_GBS = 0.5           # sequential read when the profile has none measured
+DISK_EFFICIENCY = 0.9            # of the measured sequential read, reading tensor by tensor
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
             "q4_1": 20 / 32, "q4_0": 18 / 32}
 
@@ -207,10 +211,13 @@ class Placement:
     gpu_layers: int = 0
     threads: int | None = None
     offload: bool = False
+    disk_bytes: int = 0     # paged (CPU only): weights read from disk at every pass, the rest pinned in RAM
 
     def describe(self, shape: ModelShape) -> str:
         if self.offload:
             return f"GPU{self.gpu} torch, {self.streamed(shape)}/{shape.n_layers} layers streamed"
+        if self.disk_bytes:
+            return f"CPU paged ({self.disk_bytes / 2**30:.2f}G from disk per pass)"
         if self.gpu < 0 or self.gpu_layers == 0:
             return "CPU"
         if self.gpu_layers >= shape.n_layers:
@@ -288,7 +295,20 @@ def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: i
                        k, placement.threads)
         if n_gpu:
             t += SPLIT_SYNC_S
+    if placement.disk_bytes:  # read ahead of the compute, but at the disk's speed (backends/paging.py)
+        t += placement.disk_bytes / (disk_read_bps(profile))
     return t
+
+
+def disk_read_bps(profile: Profile) -> float:
+    """Bytes/s a paged target reads its weights at (the profile's sequential read, else a SATA SSD)."""
+    return (profile.disk_read_gbs or DEFAULT_DISK_GBS) * 1e9 * DISK_EFFICIENCY
+
+
+def pass_bytes(shape: ModelShape) -> int:
+    """Weight bytes every pass reads: all but the token embedding table, whose rows are only
+    looked up (when it is not also the LM head)."""
+    return sum(shape.layer_bytes) + shape.output_bytes + shape.other_bytes
 
 
 def pass_costs(shape: ModelShape, profile: Profile, placement: Placement, sizes) -> tuple[dict[int, float], str]:
@@ -305,8 +325,9 @@ def pass_costs(shape: ModelShape, profile: Profile, placement: Placement, sizes)
 
 def _matches(cal: Calibration, shape: ModelShape, placement: Placement) -> bool:
     all_layers = shape.n_layers + 1  # -ngl above the block count puts every layer and the head on the GPU
+    paged_alike = abs(cal.disk_bytes - placement.disk_bytes) <= 0.05 * max(placement.disk_bytes, 1)
     return cal.model_bytes == shape.file_bytes and min(cal.n_gpu_layers, all_layers) == placement.ngl(shape) and (
-        placement.threads is None or cal.threads is None or cal.threads == placement.threads)
+        placement.threads is None or cal.threads is None or cal.threads == placement.threads) and paged_alike
 
 
 def interpolate(cal: Calibration, k: int) -> float:
@@ -365,6 +386,9 @@ def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str
     compute = shape.compute_buffer_bytes(min(n_ubatch, n_ctx))
     vram = gpu_layer_bytes + (head if head_on_gpu else 0) + kv_gpu + (compute if n_gpu else 0)
     ram = (shape.file_bytes - gpu_layer_bytes - (head if head_on_gpu else 0)) + kv_cpu + compute
+    if placement.disk_bytes:  # paged: what is pinned, and room for the pages streaming through
+        window = min(STREAM_WINDOW_BYTES, placement.disk_bytes // 4)
+        ram = pass_bytes(shape) - placement.disk_bytes + window + kv_cpu + compute
     return MemoryNeed(ram=int(ram), vram=int(vram))
 
 

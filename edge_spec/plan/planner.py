@@ -107,6 +107,11 @@ class Plan:
     threads: int
     max_draft: int
     knowledge: Knowledge = field(default_factory=Knowledge)
+    disk_read_gbs: float | None = None  # the profile's, for paged plans
+
+    @property
+    def paged(self) -> bool:
+        return bool(self.chosen.target.disk_bytes)
 
     @property
     def plain(self) -> Alternative:
@@ -121,6 +126,14 @@ class Plan:
             best = max(drafts, key=lambda a: a.tokens_per_second)
             out.append(f"a draft model does not pay here: at best {best.tokens_per_second / base:.2f}x plain "
                        f"({best.why})")
+        if self.paged:
+            disk = (f"{self.disk_read_gbs:.2f} GB/s (measured)" if self.disk_read_gbs else
+                    f"{costmodel.DEFAULT_DISK_GBS:.2f} GB/s (assumed: run `edgespec profile` to measure it)")
+            reading = self.chosen.target.disk_bytes / ((self.disk_read_gbs or costmodel.DEFAULT_DISK_GBS) * 1e9
+                                                       * costmodel.DISK_EFFICIENCY)
+            out.append(f"the target does not fit in memory: {self.chosen.target.disk_bytes / 2**30:.2f} GiB of its weights "
+                       f"are read from disk at every pass, at {disk}: {reading:.2f} s of each "
+                       f"{self.chosen.step_seconds:.2f} s pass, whether it verifies 1 token or many")
         out.append(f"threads {self.threads}; KV cache {self.type_k}/{self.type_v} "
                    f"for {self.n_ctx} tokens; draft budget up to {self.max_draft} tokens")
         return [r for r in out if r]
@@ -140,8 +153,11 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
     threads = threads or profile.cpu.physical_cores
     gpus = range(len(profile.gpus)) if gpu else range(0)
     rejected: list[str] = []
-    for type_k, type_v in (("f16", "f16"), ("q8_0", "q8_0")):
-        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload)
+    # resident with an f16 KV cache, else q8_0; only then paged (reading weights from disk at every
+    # pass costs far more than a quantized cache)
+    for paged, (type_k, type_v) in ((False, ("f16", "f16")), (False, ("q8_0", "q8_0")),
+                                    (True, ("f16", "f16")), (True, ("q8_0", "q8_0"))):
+        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload, paged)
         if options:
             break
     else:
@@ -156,10 +172,11 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
             chosen = ngram  # the controller turns it off where it does not pay, and it may pay later
     budget = _draft_budget(chosen, target, profile, max_draft)
     return Plan(profile.name, target, drafter, chosen, tuple(dedupe(alternatives)), tuple(rejected),
-                n_ctx, type_k, type_v, threads, budget, knowledge)
+                n_ctx, type_k, type_v, threads, budget, knowledge, profile.disk_read_gbs)
 
 
-def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload=False):
+def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload=False,
+                allow_paged=False):
     """(target placement, drafter placement or None, RAM, VRAM) for each combination that fits."""
     ram_budget = profile.ram_available_bytes * RAM_HEADROOM
     out = []
@@ -191,6 +208,16 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
             unified = any(profile.gpus[p.gpu].unified_memory for p in (tp, dp) if p is not None and p.gpu >= 0)
             if unified:  # VRAM is carved out of the same RAM
                 ram += need.vram
+            if dp is not None:  # next to a paged target the drafter runs with a small batch (backends/load.py)
+                small = costmodel.memory_need(drafter, dp, n_ctx, type_k, type_v, costmodel.PAGED_DRAFTER_BATCH).ram
+                others = ram - t_need.ram - (d.ram - small)
+            else:
+                others = ram - t_need.ram
+            if ram > ram_budget and allow_paged and (paged := _paged(target, tp, dp, others, ram_budget, n_ctx, type_k,
+                                                    type_v)) is not None:
+                paged_ram = others + costmodel.memory_need(target, paged, n_ctx, type_k, type_v).ram
+                out.append((paged, dp, int(paged_ram), int(need.vram)))
+                continue
             if ram > ram_budget:
                 what = "target" + (" + drafter" if dp else "")
                 rejected.append(f"{what} with {tp.describe(target)}: needs {ram / GiB:.1f} GiB RAM, "
@@ -198,6 +225,20 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
                 continue
             out.append((tp, dp, int(ram), int(need.vram)))
     return out
+
+
+def _paged(target, tp, dp, others: float, ram_budget: float, n_ctx, type_k, type_v) -> Placement | None:
+    """A CPU target that does not fit: as much of what every pass reads pinned in RAM as the
+    budget holds next to `others` (the drafter, the process), the rest read from disk at every
+    pass (backends/paging.py); None when even the caches and the drafter leave no room."""
+    if tp.gpu >= 0 or tp.offload or (dp is not None and dp.gpu >= 0):
+        return None
+    every_pass = costmodel.pass_bytes(target)
+    fixed = costmodel.memory_need(target, Placement(-1, 0, disk_bytes=every_pass), n_ctx, type_k, type_v).ram
+    room = ram_budget - others - fixed  # bytes of weights that can stay pinned
+    if room < 0:
+        return None
+    return Placement(-1, 0, tp.threads, disk_bytes=int(every_pass - min(room, every_pass)) or 1)
 
 
 def _offload_placements(target, profile, threads, n_ctx, type_k, type_v, rejected):
@@ -275,10 +316,11 @@ def _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_cost, max_
         return  # the same GPU, or a target split across GPU and CPU: the two would contend
     threads = tp.threads or profile.cpu.physical_cores
     sizes = range(1, max_draft + 2)
+    disk = tp.disk_bytes / costmodel.disk_read_bps(profile)  # a paged target's reading does not scale with threads
     for d_threads in range(1, threads):
-        ptp, pdp = Placement(-1, 0, threads - d_threads), Placement(-1, 0, d_threads)
+        ptp, pdp = Placement(-1, 0, threads - d_threads, disk_bytes=tp.disk_bytes), Placement(-1, 0, d_threads)
         d_full = dp.threads or profile.cpu.physical_cores
-        yield (ptp, pdp, {k: t_costs[k] * threads / (threads - d_threads) for k in sizes},
+        yield (ptp, pdp, {k: disk + max(t_costs[k] - disk, 0.0) * threads / (threads - d_threads) for k in sizes},
                d_cost * d_full / d_threads)
 
 
@@ -305,7 +347,9 @@ def dedupe(alternatives: list[Alternative]) -> list[Alternative]:
 
 def _does_not_fit(target: ModelShape, drafter: ModelShape | None, profile: Profile, n_ctx: int) -> str:
     usable = profile.ram_available_bytes * RAM_HEADROOM
-    need = costmodel.memory_need(target, Placement(), n_ctx, "q8_0", "q8_0").ram + costmodel.RUNTIME_BYTES
+    # the least it can run with: every weight read from disk at every pass (a paged target)
+    streamed = Placement(disk_bytes=costmodel.pass_bytes(target))
+    need = costmodel.memory_need(target, streamed, n_ctx, "q8_0", "q8_0").ram + costmodel.RUNTIME_BYTES
     kv = target.kv_bytes_per_token("q8_0", "q8_0")
     spare = usable - (need - kv * n_ctx)
     hints = []
@@ -315,5 +359,6 @@ def _does_not_fit(target: ModelShape, drafter: ModelShape | None, profile: Profi
     hints.append(f"a smaller quantization of the model (weights are {target.file_bytes / GiB:.1f} GiB)")
     gpu_note = f" and {vram / GiB:.1f} GiB free VRAM" if vram else ""
     return (f"{target.name} does not fit on {profile.name!r}: it needs {need / GiB:.1f} GiB of RAM at "
-            f"{n_ctx} tokens of context even with a q8_0 KV cache, and {usable / GiB:.1f} GiB is usable"
+            f"{n_ctx} tokens of context even with a q8_0 KV cache and its weights read from disk at every pass "
+            f"(KV cache, compute buffers, a streaming window), and {usable / GiB:.1f} GiB is usable"
             f"{gpu_note}; what would fit: " + " or ".join(hints))

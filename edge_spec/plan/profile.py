@@ -58,6 +58,7 @@ class Calibration(_Strict):
     n_gpu_layers: int = 0
     step_seconds: float = Field(gt=0)           # one decode step
     verify_seconds: dict[int, float] = {}       # k -> seconds of one pass over k tokens
+    disk_bytes: int = 0                         # weights read from disk at every pass (a paged target)
 
 
 class Profile(_Strict):
