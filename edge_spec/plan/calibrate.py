@@ -90,7 +90,7 @@ def verify_costs(backend, max_n: int, reps: int = 2,
             known = _read(path)
         except OSError:
             known = None
-        if known and all(n in known for n in sizes(max_n)):
+        if known and all(n in known for n in sizes_for(backend, max_n)):
             return known
     costs = measure(backend, max_n, reps, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +101,14 @@ def verify_costs(backend, max_n: int, reps: int = 2,
 
 def sizes(max_n: int) -> list[int]:
     return sorted({n for n in SIZES if n <= max_n} | {max_n})
+
+
+def sizes_for(backend, max_n: int) -> list[int]:
+    """The pass sizes measured: SIZES, or for a paged target (each pass seconds long, and nearly
+    flat in n) the two ends and the middle."""
+    if backend.capabilities.disk_bytes:
+        return sorted({1, 2, max(max_n // 2, 1), max_n})
+    return sizes(max_n)
 
 
 def measure(backend, max_n: int, reps: int = 2,
@@ -117,7 +125,9 @@ def measure(backend, max_n: int, reps: int = 2,
         backend.forward(filler[:1])  # warm-up
         backend.truncate(base)
         costs: dict[int, float] = {}
-        todo = sorted(set(only)) if only is not None else sizes(max_n)
+        todo = sorted(set(only)) if only is not None else sizes_for(backend, max_n)
+        if backend.capabilities.disk_bytes:
+            reps = 1  # a paged pass is dominated by reading the disk: one round is the measurement
         # rounds over all sizes, not size after size: a shared machine's slow spell then slows
         # one round of every size instead of bending the curve, and the minimum skips it
         for rep in range(reps):

@@ -1,0 +1,116 @@
+"""Targets bigger than memory: plain paging vs today's chains vs the paged plan, each run in its own
+memory-limited cgroup with the model files evicted from the page cache first (bench/memlimit.py).
+
+Configurations, all with the same target, drafter, prompt and sampling:
+  plain    plain decoding as llama.cpp does it: the weights mapped, the kernel pages them (no plan)
+  chains   the draft model's chains on that same mapping (no plan, no pinning)
+  paged    what edgespec plans by itself in that cgroup: the memory limit read, part of the
+           target pinned, the rest read ahead from disk at every pass, the drafter resident
+
+The budget is a fraction of the target's file size (the drafter counted inside it). Each run is a
+separate process (a cgroup per run), so the ratio printed is of separate runs: keep the machine
+otherwise idle while it runs.
+
+    .venv/bin/python bench/paged.py -m F16.gguf -md DRAFT.gguf [--budgets 0.5,0.75] [--temps 0,0.8] [-n 32]
+    .venv/bin/python bench/paged.py -m F16.gguf -md DRAFT.gguf --quick        # one prompt, T=0, 50%, 16 tokens
+
+Needs root (cgroups). Prints tok/s per configuration and the ratio to plain; --out FILE writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CONFIGS = ("plain", "chains", "paged")
+
+
+def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int) -> dict:
+    """One generation in this process (run inside the cgroup); returns what it measured."""
+    from edge_spec.engine import Engine
+    from edge_spec.options import EngineOptions
+    from edge_spec.types import SamplingParams
+
+    unplanned = dict(plan=False, memory_budget=1 << 50, history=False)  # no plan, no pinning: the kernel pages
+    options = {
+        "plain": EngineOptions(model=target, plain=True, calibrate=False, **unplanned),
+        "chains": EngineOptions(model=target, draft=draft, **unplanned),
+        "paged": EngineOptions(model=target, draft=draft, history=False),
+    }[config]
+    t0 = time.perf_counter()
+    with Engine.load(options) as engine:
+        load = time.perf_counter() - t0
+        tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
+        last = None
+        for step in engine.stream(tokens, SamplingParams(temperature=temp, max_tokens=n, seed=1)):
+            last = step
+        stats = last.stats
+        paged = engine.target.capabilities.disk_bytes
+        return {"config": config, "tokens": stats.n_tokens, "decode_seconds": stats.decode_seconds,
+                "tokens_per_second": stats.tokens_per_second, "tokens_per_pass": stats.mean_accepted_length,
+                "load_seconds": load, "disk_bytes_per_pass": paged,
+                "plan": engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter) if engine.plan else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", required=True, help="the target (bigger than the budgets)")
+    ap.add_argument("-md", "--draft", required=True, help="the drafter")
+    ap.add_argument("--budgets", default="0.5,0.75", help="memory limits as fractions of the target's file size")
+    ap.add_argument("--temps", default="0,0.8")
+    ap.add_argument("--prompts", default=None, help="names from bench/prompts.py (default: all)")
+    ap.add_argument("-n", "--max-tokens", type=int, default=32)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--quick", action="store_true", help="one prompt, T=0, budget 0.5, 16 tokens")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from bench.prompts import PROMPTS
+
+    if args.child:  # inside the cgroup
+        config, name, temp = args.child.split(":")
+        print(json.dumps(child(config, args.model, args.draft, PROMPTS[name], float(temp), args.max_tokens)))
+        return
+    from bench import memlimit
+
+    if args.quick:
+        args.budgets, args.temps, args.max_tokens = "0.5", "0", 16
+        args.prompts = args.prompts or next(iter(PROMPTS))
+    names = args.prompts.split(",") if args.prompts else list(PROMPTS)
+    size = os.path.getsize(args.model)
+    rows = []
+    for fraction in (float(b) for b in args.budgets.split(",")):
+        limit = int(size * fraction)
+        for name in names:
+            for temp in args.temps.split(","):
+                found = {}
+                for config in args.configs.split(","):
+                    cmd = [sys.executable, __file__, "-m", args.model, "-md", args.draft, "-n", str(args.max_tokens),
+                           "--child", f"{config}:{name}:{temp}"]
+                    done, peak = memlimit.run(cmd, limit, [args.model, args.draft], timeout=3600)
+                    if done.returncode != 0:
+                        print(f"{config} {name} T={temp} budget {fraction}: failed ({done.returncode}): "
+                              f"{done.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
+                        continue
+                    found[config] = json.loads(done.stdout.strip().splitlines()[-1]) | {"peak_bytes": peak}
+                base = found.get("plain", {}).get("tokens_per_second")
+                for config, r in found.items():
+                    r |= {"budget": fraction, "limit_bytes": limit, "prompt": name, "temperature": float(temp),
+                          "ratio_to_plain": r["tokens_per_second"] / base if base else None}
+                    rows.append(r)
+                    ratio = f"{r['ratio_to_plain']:.2f}x" if r["ratio_to_plain"] else "-"
+                    print(f"budget {fraction:.2f} ({limit / 2**30:.2f} GiB)  {name:5s} T={temp:3s}  {config:6s}  "
+                          f"{r['tokens_per_second']:6.2f} tok/s  {r['tokens_per_pass']:.2f} tok/pass  {ratio}"
+                          + (f"  [{r['plan']}]" if config == "paged" and r.get("plan") else ""), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
