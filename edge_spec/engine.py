@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -392,19 +391,14 @@ def _plan(options: EngineOptions, target_path, draft_path, notes: list, report: 
 
 
 def plan_for(options: EngineOptions, target_path, draft_path, notes: list, report: Progress | None = None):
-    """The plan for this target: with the drafter given, or, for a target of the user's own
-    without -md, the best over the drafters that could serve it (and none)."""
+    """The plan for this target: with the drafter given, or, without -md, the best over every
+    local model that could draft for it (and none): see _plan_with_search."""
     report = report or (lambda what, fraction: None)
-    candidates = [draft_path]
-    if options.draft is None and options.draft_model and not options.plain:
-        candidates = [*drafter_candidates(target_path), None]
     prof = machine_profile(options.profile, report)
-    plans = [_plan(options, target_path, c, notes, report, prof=prof) for c in candidates]
-    best = max(plans, key=lambda p: p.chosen.tokens_per_second)
-    if len(plans) > 1:  # show every drafter weighed, not only the winner's alternatives
-        from .planner import dedupe
-
-        best = dataclasses.replace(best, alternatives=tuple(dedupe([a for p in plans for a in p.alternatives])))
+    if options.draft is None and options.draft_model and not options.plain:
+        best, candidates = _plan_with_search(options, target_path, notes, report, prof)
+    else:
+        best, candidates = _plan(options, target_path, draft_path, notes, report, prof=prof), [draft_path]
     if options.model is not None and options.draft is None and not options.plain:
         _suggest_self_drafter(options, prof, target_path, candidates, best, notes)
     if options.draft is None and not options.plain:
@@ -413,27 +407,38 @@ def plan_for(options: EngineOptions, target_path, draft_path, notes: list, repor
     return best
 
 
+def _plan_with_search(options: EngineOptions, target_path, notes: list, report: Progress, prof):
+    """Drafter discovery (edge_spec.drafter_search): every local GGUF that can draft for the
+    target planned, the one that pays kept. Returns the plan, showing every drafter weighed and
+    the verdicts on all, and the drafters weighed."""
+    from . import drafter_search
+    from .planner import dedupe
+
+    plans: dict = {}
+
+    def predict(path):
+        if path not in plans:
+            plans[path] = _plan(options, target_path, path, notes, report, prof=prof)
+        return drafter_search.draft_rate(plans[path])
+
+    report("searching for drafters", 0.0)
+    target, candidates = drafter_search.local_candidates(target_path, drafter_candidates(target_path))
+    verdicts = drafter_search.rank(target, candidates, predict)
+    best = plans[next(v.path for v in verdicts if v.kept)]
+    best = dataclasses.replace(best, alternatives=tuple(dedupe([a for p in plans.values() for a in p.alternatives])),
+                               drafters=tuple(verdicts))
+    return best, [path for path in plans if path is not None]
+
+
 def drafter_candidates(target_path) -> list[Path]:
-    """Drafters for a target: self-drafters built from it (`edgespec drafter build`, the 4-bit copy
-    and the layer-skipping one), the installed default drafter when its tokenizer matches (same
-    model, pre-tokenizer, size ±128), and trimmed drafters built for it (`--method trim --target`,
-    matched by the target's file name)."""
+    """Drafters edgespec built for a target: self-drafters built from it (`edgespec drafter build`,
+    the 4-bit copy and the layer-skipping one) and trimmed drafters built for it (`--method trim
+    --target`, matched by the target's file name). Other local models, the installed default
+    drafter among them, are found by edge_spec.drafter_search."""
     from .drafters.build import default_output, info
-    from .gguf_file import ArrayInfo, validate
 
     built = default_output(target_path)
     found = [path for path in (built, default_output(target_path, "skip")) if path.is_file()]
-    default = models.installed_path(models.DEFAULT_DRAFT)
-    if default is not None and os.path.realpath(default) != os.path.realpath(target_path):
-        def vocab(path):
-            md = validate(path).metadata
-            tokens = md.get("tokenizer.ggml.tokens")
-            count = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or ())
-            return md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre"), count
-
-        (tm, tp, tn), (dm, dp, dn) = vocab(target_path), vocab(default)
-        if tm == dm and tp == dp and abs(tn - dn) <= 128:
-            found.append(default)
     for path in sorted(built.parent.glob("*.trim.gguf")) if built.parent.is_dir() else ():
         try:
             if info(path).get("counted_with") == Path(target_path).name:

@@ -107,6 +107,7 @@ class Plan:
     threads: int
     max_draft: int
     knowledge: Knowledge = field(default_factory=Knowledge)
+    drafters: tuple = ()               # drafter_search.Verdict for each local model weighed or left out
 
     @property
     def plain(self) -> Alternative:
