@@ -10,6 +10,7 @@ import typer
 
 from ..engine import EngineOptions
 from ..types import EdgespecError, SamplingParams
+from .bench import bench_command
 from .drafter import app as drafter_app
 from .models import app as models_app
 from .plan import plan_command
@@ -24,6 +25,7 @@ app.add_typer(drafter_app, name="drafter")
 app.command("plan")(plan_command)
 app.command("profile")(profile_command)
 app.command("serve")(serve_command)
+app.command("bench")(bench_command)
 
 E, S = EngineOptions(), SamplingParams()  # the defaults, read from one place
 
