@@ -43,14 +43,18 @@ def rank(target: Facts, candidates: Iterable[Candidate],
          predict: Callable[[Path | None], float]) -> list[Verdict]:
     """Verdicts on every candidate and on no draft model, the kept one first, then the weighed by
     predicted speed, then those left out. predict(path) is the tokens/s predicted when that file
-    drafts (predict(None): without a draft model)."""
+    drafts (predict(None): without a draft model); an EdgespecError it raises for a candidate
+    leaves that candidate out."""
     weighed: list[tuple[Candidate, float]] = []
     left_out: list[Verdict] = []
     for c in _unique(candidates, target):
-        if reason := _left_out(target, c):
-            left_out.append(Verdict(c.path, c.label, False, None, reason))
-        else:
-            weighed.append((c, predict(c.path)))
+        if not (reason := _left_out(target, c)):
+            try:
+                weighed.append((c, predict(c.path)))
+                continue
+            except EdgespecError as e:  # a model the cost model cannot read must not stop the search
+                reason = f"left out: cannot be planned ({e})"
+        left_out.append(Verdict(c.path, c.label, False, None, reason))
     baseline = predict(None)
     weighed.sort(key=lambda cw: -cw[1])
     best = weighed[0] if weighed and weighed[0][1] > baseline else None

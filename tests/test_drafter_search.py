@@ -79,6 +79,19 @@ def test_ranking_keeps_the_fastest_compatible_drafter(tiny):
     assert set(asked) == {None, tiny["small"]}  # incompatible files are never planned
 
 
+def test_a_candidate_the_planner_cannot_read_is_left_out(tiny):
+    from edge_spec.types import EdgespecError
+
+    def predict(path):
+        if path == tiny["small"]:
+            raise EdgespecError("unknown architecture")
+        return 10.0
+
+    verdicts = rank(gguf_facts.facts(tiny["target"]), candidates(tiny, ["small"]), predict)
+    assert [v.path for v in verdicts if v.kept] == [None]
+    assert "left out: cannot be planned (unknown architecture)" in {v.why for v in verdicts}
+
+
 def test_no_drafter_is_kept_when_none_pays(tiny):
     target = gguf_facts.facts(tiny["target"])
     verdicts = rank(target, candidates(tiny, ["small"]), lambda p: 20.0 if p is None else 12.0)
