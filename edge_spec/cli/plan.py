@@ -101,9 +101,9 @@ def print_drafters(console, verdicts) -> None:
 
 def plan_command(
     model: str | None = typer.Argument(None, metavar="[TARGET.gguf]", show_default=False,
-                                          help="Target model: a .gguf path or a known name (default: Qwen2.5-Coder-1.5B)."),
+                                          help="Target model: a .gguf path or a name from `edgespec models list` (default: Qwen2.5-Coder-1.5B)."),
     draft: str | None = typer.Option(None, "-md", "--draft", show_default=False,
-                                        help="Draft model candidate (default: the 0.5B drafter with the default target)."),
+                                        help="Draft model (default: every local model that can draft for the target is weighed)."),
     profile_name: str | None = typer.Option(
         None, "--profile", show_default=False,
         help="Plan for this hardware profile instead of this machine: a profile JSON file, a saved profile's name, "
