@@ -8,7 +8,7 @@ step on separate llama.cpp contexts of the same weights, so that all see the sam
 first as in `edgespec chat`. Prints predicted vs measured decode tokens/s, the error, and each
 strategy's measured ratio to plain decoding; writes JSON with --out.
 
-    .venv/bin/python bench/plan.py [--reps 1] [-n 192] [--prompts chat,code,edit] [--temps 0] [--no-history]
+    .venv/bin/python bench/plan.py [--reps 1] [-n 192] [--prompts fixed|chat,code,edit|coding,rag] [--temps 0] [--no-history]
     .venv/bin/python bench/plan.py -m TARGET.gguf -md DRAFT.gguf ...     # another pair
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.prompts import PROMPTS
-from bench.speculative import interleaved
+from bench.prompts import DEFAULT, named
+from edge_spec.benchmark import interleaved
 from edge_spec import models
 from edge_spec.plan import calibrate, planner
 from edge_spec.controller import Controller
@@ -40,7 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("-n", "--max-tokens", type=int, default=192)
-    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--prompts", default=DEFAULT, help="prompt ids and categories (bench/prompts.py)")
     ap.add_argument("--temps", default="0")
     ap.add_argument("--profile", default=None, help="profile to plan with (default: this machine's)")
     ap.add_argument("--no-history", action="store_true", help="plan from priors, not past sessions")
@@ -73,8 +73,8 @@ def main() -> None:
     alternatives = {a.strategy: a for a in plan.alternatives if a.target.gpu < 0 and (a.drafter is None or a.drafter.gpu < 0)}
     contexts = {"plain": target.sibling(), "ngram": target.sibling(), "draft": target}
     measured = {s: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0} for s in alternatives}
-    for name in args.prompts.split(","):
-        prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS[name]}])
+    for name, text in named(args.prompts):
+        prompt = engine.chat_tokens([{"role": "user", "content": text}])
         for temp in (float(t) for t in args.temps.split(",")):
             for rep in range(args.reps):
                 runtimes = {

@@ -1,53 +1,25 @@
-"""The fixed prompt set of the benchmarks: chat, code writing, and editing a given file."""
+"""The benchmarks' prompts: the package's prompt set (edge_spec/data/prompts.jsonl, see
+edge_spec/data/PROMPTS.md): Spec-Bench's questions by category and the three prompts the
+benchmarks used first (category "fixed": chat, code writing, editing a given file).
 
-EDIT_SOURCE = '''\
-import json
-import os
+--prompts takes ids and categories, comma-separated: `chat,code,edit` or `fixed` (the old set),
+`coding,rag`, `specbench-81`. The default, DEFAULT, is the first prompt of every category.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edge_spec.benchmark import Settings, load_prompts, pick, select  # noqa: E402
+
+ALL = load_prompts()
+PROMPTS = {p.id: p.text for p in ALL if p.category == "fixed"}  # chat, code, edit
+DEFAULT = ",".join(p.id for p in select(ALL, Settings(per_category=1)))
 
 
-class Inventory:
-    def __init__(self, path):
-        self.path = path
-        self.items = {}
-
-    def load(self):
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            self.items = json.load(f)
-
-    def save(self):
-        with open(self.path, "w") as f:
-            json.dump(self.items, f, indent=2)
-
-    def add(self, name, count):
-        if count <= 0:
-            raise ValueError("count must be positive")
-        self.items[name] = self.items.get(name, 0) + count
-
-    def remove(self, name, count):
-        have = self.items.get(name, 0)
-        if count > have:
-            raise ValueError("not enough " + name)
-        self.items[name] = have - count
-        if self.items[name] == 0:
-            del self.items[name]
-
-    def total(self):
-        return sum(self.items.values())
-
-    def report(self):
-        lines = []
-        for name in sorted(self.items):
-            lines.append(name + ": " + str(self.items[name]))
-        return "\\n".join(lines)
-'''
-
-PROMPTS = {
-    "chat": "Explain in a few paragraphs why the sky is blue, for a curious twelve-year-old.",
-    "code": "Write a Python function that parses an INI-style configuration file into a nested "
-            "dictionary, handling comments, blank lines and quoted values. Include a docstring.",
-    "edit": "Here is a Python file:\n\n```python\n" + EDIT_SOURCE + "```\n\n"
-            "Rename the method `total` to `count_all` everywhere and return the complete updated "
-            "file in one code block, with no explanation.",
-}
+def named(names: str) -> list[tuple[str, str]]:
+    """(id, text) of the prompts named by ids and categories."""
+    return [(p.id, p.text) for p in pick(ALL, names)]

@@ -5,7 +5,7 @@ bench/speculative.py does (the parallel run's drafting thread is held while anot
 it cannot take their cores). Prints tokens/s and each schedule's ratio to plain and to sequential.
 
     .venv/bin/python bench/schedules.py [-m TARGET.gguf] [-md DRAFT.gguf] [--draft-threads 1]
-        [--schedules sequential,parallel,multiseq] [--reps 1] [-n 128] [--prompts chat,code,edit] [--temps 0,0.8]
+        [--schedules sequential,parallel,multiseq] [--reps 1] [-n 128] [--prompts fixed|chat,code,edit|coding,rag] [--temps 0,0.8]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.prompts import PROMPTS  # noqa: E402
-from bench.speculative import interleaved, seconds_for  # noqa: E402
+from bench.prompts import DEFAULT, named  # noqa: E402
+from edge_spec.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec import models  # noqa: E402
 from edge_spec.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edge_spec.engine import Engine  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--no-ngram", action="store_true", help="the draft model alone (no n-gram drafts first)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("-n", "--max-tokens", type=int, default=128)
-    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--prompts", default=DEFAULT, help="prompt ids and categories (bench/prompts.py)")
     ap.add_argument("--temps", default="0,0.8")
     args = ap.parse_args()
 
@@ -71,8 +71,8 @@ def main() -> None:
     }
     labels = ["plain", *args.schedules.split(",")]
     rows = []
-    for name in args.prompts.split(","):
-        prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS[name]}])
+    for name, text in named(args.prompts):
+        prompt = engine.chat_tokens([{"role": "user", "content": text}])
         for temp in (float(t) for t in args.temps.split(",")):
             runs = {label: [] for label in labels}
             for rep in range(args.reps):

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.prompts import PROMPTS  # noqa: E402
-from bench.speculative import interleaved, seconds_for  # noqa: E402
+from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
+from edge_spec.benchmark import interleaved, seconds_for  # noqa: E402
 from bench.trim import step_costs  # noqa: E402
 from edge_spec import models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--counts", default="2,4,6", help="also the 4-bit copy without this many layers (ranked by the build)")
     ap.add_argument("--steps", type=int, default=48, help="draft steps timed per drafter")
     ap.add_argument("-n", "--max-tokens", type=int, default=128)
-    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--prompts", default=DEFAULT, help="prompt ids and categories (bench/prompts.py)")
     ap.add_argument("-k", "--draft-length", type=int, default=4,
                     help="tokens drafted per step end to end (fixed, so the drafters' costs show; 0 = adaptive)")
     ap.add_argument("--probe-tokens", type=int, default=SkipSettings.probe_tokens,
@@ -125,8 +125,8 @@ def main() -> None:
     contexts = {label: target.sibling() for label in ["plain", *backends]}
     totals = {label: [0, 0] for label in backends}  # accepted, drafts cut short
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    for name in args.prompts.split(","):
-        prompt = chat_tokens(target, [{"role": "user", "content": PROMPTS[name]}])
+    for name, text in named(args.prompts):
+        prompt = chat_tokens(target, [{"role": "user", "content": text}])
         runs = {"plain": Runtime(contexts["plain"], [])} | {
             label: speculative(contexts[label], d, args.draft_length) for label, d in backends.items()}
         result = interleaved(runs, prompt, sp)

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.prompts import PROMPTS  # noqa: E402
-from bench.speculative import interleaved, seconds_for  # noqa: E402
+from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
+from edge_spec.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec import models  # noqa: E402
 from edge_spec.backends.llama_cpp import HEAD_TYPES, LlamaCppBackend, LlamaOptions, quantize  # noqa: E402
 from edge_spec.controller import Controller  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--ks", default="8192,16384,32768")
     ap.add_argument("--steps", type=int, default=48, help="draft steps timed per drafter")
     ap.add_argument("-n", "--max-tokens", type=int, default=128)
-    ap.add_argument("--prompts", default=",".join(PROMPTS))
+    ap.add_argument("--prompts", default=DEFAULT, help="prompt ids and categories (bench/prompts.py)")
     ap.add_argument("--temps", default="0")
     ap.add_argument("-k", "--draft-length", type=int, default=3,
                     help="tokens drafted per step end to end (fixed, so the drafters' costs show; 0 = adaptive)")
@@ -134,8 +134,8 @@ def main() -> None:
     print("\n| prompt | T | drafter | tok/s | vs plain | vs untrimmed | acceptance | tokens/pass |")
     print("|---|---|---|---|---|---|---|---|")
     contexts = {label: target.sibling() for label in ["plain", *backends]}
-    for name in args.prompts.split(","):
-        prompt = chat_tokens(target, [{"role": "user", "content": PROMPTS[name]}])
+    for name, text in named(args.prompts):
+        prompt = chat_tokens(target, [{"role": "user", "content": text}])
         for temp in (float(t) for t in args.temps.split(",")):
             sp = SamplingParams(temperature=temp, max_tokens=args.max_tokens, seed=7)
             runtimes = {"plain": Runtime(contexts["plain"], [])}

@@ -83,11 +83,13 @@ def _either(names) -> str:
 
 
 def resolve_model(name: str | None, default: str) -> Path:
+    """The default model, else a path or a name edgespec, Ollama, LM Studio or the Hugging Face
+    cache knows (edge_spec.discover)."""
     if name is None:
         return models.require(default)
-    if name in models.MODELS:
-        return models.require(name)
-    return Path(name).expanduser()
+    from .discover import resolve
+
+    return resolve(name)
 
 
 def model_paths(options: EngineOptions) -> tuple[Path, Path | None]:

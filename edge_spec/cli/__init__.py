@@ -13,6 +13,7 @@ from .common import (BackendOpt, CtxOpt, DraftBackendOpt, DraftLengthOpt, DraftO
                      MinPOpt, ModelArg, ModelOpt, NgldOpt, NglOpt, NgramOpt, NOpt, NoNgramOpt, PlainOpt, ScheduleOpt, SeedOpt,
                      StatsOpt, StopOpt, TempOpt, ThreadsDraftOpt, ThreadsOpt, TopKOpt, TopPOpt, engine_options,
                      read_prompt, run, stats_format)
+from .bench import bench_command
 from .drafter import app as drafter_app
 from .models import app as models_app
 from .plan import plan_command
@@ -27,6 +28,7 @@ app.add_typer(drafter_app, name="drafter")
 app.command("plan")(plan_command)
 app.command("profile")(profile_command)
 app.command("serve")(serve_command)
+app.command("bench")(bench_command)
 
 @app.command()
 def chat(

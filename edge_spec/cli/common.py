@@ -16,9 +16,9 @@ from ..types import EdgespecError, SamplingParams
 E, S = EngineOptions(), SamplingParams()  # the defaults, read from one place
 
 # --- options shared by chat and generate -------------------------------------------------------
-ModelArg = typer.Argument(None, metavar="[MODEL.gguf]", help="Target model: a .gguf path or a known model name (default: Qwen2.5-Coder-1.5B).", show_default=False)
+ModelArg = typer.Argument(None, metavar="[MODEL.gguf]", help="Target model: a .gguf path or a name from `edgespec models list` (edgespec, Ollama, LM Studio, Hugging Face cache; default: Qwen2.5-Coder-1.5B).", show_default=False)
 ModelOpt = typer.Option(None, "-m", "--model", help="Target model (same as the argument).", show_default=False)
-DraftOpt = typer.Option(None, "-md", "--draft", help="Draft model (.gguf or known name) with the same tokenizer.", show_default=False)
+DraftOpt = typer.Option(None, "-md", "--draft", help="Draft model (.gguf or a name from `edgespec models list`) with the same tokenizer (default: the plan picks among your models).", show_default=False)
 NgramOpt = typer.Option(False, "--ngram", help="Draft by n-gram lookup only (no draft model).")
 NoNgramOpt = typer.Option(False, "--no-ngram", help="Do not use n-gram drafts.")
 PlainOpt = typer.Option(False, "--plain", help="No speculation: plain decoding, the baseline.")

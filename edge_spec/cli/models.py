@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(help="List and install the models edgespec knows by name.", no_args_is_help=True)
+app = typer.Typer(help="List models (edgespec's and those of Ollama, LM Studio and the Hugging Face cache) and install edgespec's.", no_args_is_help=True)
 
 
 def _human(n: int) -> str:
@@ -15,17 +15,43 @@ def _human(n: int) -> str:
 
 @app.command("list")
 def list_models() -> None:
-    """Show the known models and where each is installed."""
+    """Show the known models and every GGUF model found in Ollama, LM Studio and the Hugging Face cache.
+
+    Any of them can be given to chat, generate, plan and bench by the name shown."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from edge_spec import models
+    from edge_spec import discover, gguf_facts, models
 
-    table = Table("name", "role", "size", "installed")
-    for spec in models.MODELS.values():
-        path = models.installed_path(spec)
-        table.add_row(spec.name, spec.role, _human(spec.size), str(path) if path else "[dim]not installed[/]")
-    Console().print(table)
+    found = discover.scan()
+    cache = gguf_facts.load_cache()
+    table = Table("name", "from", "size", "quant", "arch", "path")
+    installed = {m.name: m for m in found.models if m.source == "edgespec"}
+    rows = [installed.get(spec.name, spec) for spec in models.MODELS.values()]
+    for m in rows + [m for m in found.models if m.source != "edgespec"]:
+        if not isinstance(m, discover.Found):  # a known model, not installed
+            table.add_row(m.name, "edgespec", _human(m.size), "", "", "[dim]not installed[/]")
+            continue
+        facts = _facts(gguf_facts, m, cache, found.notes)
+        quant, arch = (facts.quantization, facts.architecture) if facts else ("?", "?")
+        size = _human(facts.size) if facts else "?"
+        table.add_row(escape(m.name), discover.SOURCE_LABELS[m.source], size, quant, arch, escape(str(m.path)))
+    gguf_facts.save_cache(cache)
+    console = Console()
+    console.print(table)
+    for note in found.notes:
+        console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
+
+
+def _facts(gguf_facts, found, cache, notes: list):
+    from edge_spec.types import EdgespecError
+
+    try:
+        return gguf_facts.facts(found.path, cache)
+    except EdgespecError as e:
+        notes.append(f"{found.name}: {e}")
+        return None
 
 
 @app.command("install")

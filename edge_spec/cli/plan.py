@@ -60,6 +60,9 @@ def plan_dict(p: planner.Plan) -> dict:
         "chosen": alt(p.chosen), "alternatives": [alt(a) for a in p.alternatives],
         "rejected": list(p.rejected), "n_ctx": p.n_ctx, "type_k": p.type_k, "type_v": p.type_v,
         "threads": p.threads, "max_draft": p.max_draft, "reasons": p.reasons(),
+        "drafter_candidates": [{"path": str(v.path) if v.path else None, "label": v.label, "kept": v.kept,
+                                "tokens_per_second": round(v.tokens_per_second, 2) if v.tokens_per_second else None,
+                                "why": v.why} for v in p.drafters],
     }
 
 
@@ -86,13 +89,28 @@ def print_plan(p: planner.Plan) -> None:
         console.print(f"  {line}")
     for line in p.rejected:
         console.print(f"  [dim]does not fit: {line}[/dim]")
+    print_drafters(console, p.drafters)
+
+
+def print_drafters(console, verdicts) -> None:
+    """The drafter search's verdicts: every local model weighed or left out, and why."""
+    from rich.markup import escape
+
+    if not verdicts:
+        return
+    console.print(f"drafter candidates ({len(verdicts) - 1} local models):")
+    for v in verdicts:
+        rate = f"{v.tokens_per_second:6.1f} tok/s" if v.tokens_per_second else " " * 12
+        style = "bold" if v.kept else "dim" if v.tokens_per_second is None else ""
+        line = f"  {'→' if v.kept else ' '} {rate}  {escape(v.label)}: {escape(v.why)}"
+        console.print(f"[{style}]{line}[/{style}]" if style else line, soft_wrap=True)
 
 
 def plan_command(
     model: str | None = typer.Argument(None, metavar="[TARGET.gguf]", show_default=False,
-                                          help="Target model: a .gguf path or a known name (default: Qwen2.5-Coder-1.5B)."),
+                                          help="Target model: a .gguf path or a name from `edgespec models list` (default: Qwen2.5-Coder-1.5B)."),
     draft: str | None = typer.Option(None, "-md", "--draft", show_default=False,
-                                        help="Draft model candidate (default: the 0.5B drafter with the default target)."),
+                                        help="Draft model (default: every local model that can draft for the target is weighed)."),
     profile_name: str | None = typer.Option(
         None, "--profile", show_default=False,
         help="Plan for this hardware profile instead of this machine: a profile JSON file, a saved profile's name, "

@@ -20,7 +20,7 @@ class ModelDrafter:
         # multi-sequence drafts (DuoDecoding): branch at the first position only when the drafter
         # gives its top token less than this probability
         self.branch_below = branch_below
-        # a trimmed drafter (drafters/trim.py) has logits over its kept tokens only: row i is
+        # a trimmed drafter (build/trim.py, run by drafters/trimmed.py) has logits over its kept tokens only: row i is
         # target token kept[i], and q is zero for every other target token
         self.kept = getattr(backend, "kept", None)
 

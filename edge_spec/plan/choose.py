@@ -8,7 +8,6 @@ candidate drafters, and says what a drafter not built yet is predicted to give.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from .. import models
@@ -109,17 +108,15 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     by its path as the plan names it, so the caller need not open the chosen one again."""
     report = report or _silent
     target = ModelFile.open(target)
-    candidates = [ModelFile.open(draft) if draft is not None else None]
-    if options.draft is None and options.draft_model and not options.plain:
-        candidates = [*(ModelFile.open(c) for c in drafter_candidates(target)), None]
-    if opened is not None:
-        opened.update({c.shape.path: c for c in candidates if c is not None})
     prof = with_memory_budget(options, machine_profile(options.profile, report), notes)
-    plans = [plan_with(options, target, c, notes, report, prof=prof) for c in candidates]
-    best = max(plans, key=lambda p: p.chosen.tokens_per_second)
-    if len(plans) > 1:  # show every drafter weighed, not only the winner's alternatives
-        best = dataclasses.replace(best, alternatives=tuple(planner.dedupe([a for p in plans for a in p.alternatives])))
-    candidates = [c.path for c in candidates if c is not None]
+    if options.draft is None and options.draft_model and not options.plain:
+        best, weighed = _plan_with_search(options, target, notes, report, prof)
+    else:
+        weighed = [ModelFile.open(draft)] if draft is not None else []
+        best = plan_with(options, target, weighed[0] if weighed else None, notes, report, prof=prof)
+    if opened is not None:
+        opened.update({c.shape.path: c for c in weighed})
+    candidates = [c.path for c in weighed]
     if options.model is not None and options.draft is None and not options.plain:
         _suggest_self_drafter(options, prof, target, candidates, best, notes)
     if options.draft is None and not options.plain:
@@ -128,26 +125,37 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     return best
 
 
-def drafter_candidates(target_path) -> list[Path]:
-    """Drafters for a target: self-drafters built from it (`edgespec drafter build`, the 4-bit copy
-    and the layer-skipping one), the installed default drafter when its tokenizer matches (same
-    model, pre-tokenizer, size ±128), and trimmed drafters built for it (`--method trim --target`,
-    matched by the target's file name)."""
-    from ..gguf_file import ArrayInfo
+def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, report: Progress, prof):
+    """Drafter discovery (edge_spec.drafter_search): every local GGUF that can draft for the
+    target planned, the one that pays kept. Returns the plan, showing every drafter weighed and
+    the verdicts on all, and the drafter files weighed."""
+    from .. import drafter_search
 
+    plans: dict = {}
+    files: dict = {}
+
+    def predict(path):
+        if path not in plans:
+            files[path] = ModelFile.open(path) if path is not None else None
+            plans[path] = plan_with(options, target, files[path], notes, report, prof=prof)
+        return drafter_search.draft_rate(plans[path])
+
+    report("searching for drafters", 0.0)
+    facts, candidates = drafter_search.local_candidates(target.path, drafter_candidates(target))
+    verdicts = drafter_search.rank(facts, candidates, predict)
+    best = plans[next(v.path for v in verdicts if v.kept)]
+    best = dataclasses.replace(best, alternatives=tuple(planner.dedupe([a for p in plans.values() for a in p.alternatives])),
+                               drafters=tuple(verdicts))
+    return best, [f for f in files.values() if f is not None]
+
+
+def drafter_candidates(target_path) -> list[Path]:
+    """Drafters edgespec built for a target: self-drafters built from it (`edgespec drafter build`,
+    the 4-bit copy and the layer-skipping one) and trimmed drafters built for it (`--method trim
+    --target`, matched by the target's file name). Other local models, the installed default
+    drafter among them, are found by edge_spec.drafter_search."""
     built = default_output(target_path)
     found = [path for path in (built, default_output(target_path, "skip")) if path.is_file()]
-    default = models.installed_path(models.DEFAULT_DRAFT)
-    if default is not None and os.path.realpath(default) != os.path.realpath(target_path):
-        def vocab(path):
-            md = ModelFile.open(path).header.metadata
-            tokens = md.get("tokenizer.ggml.tokens")
-            count = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens or ())
-            return md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre"), count
-
-        (tm, tp, tn), (dm, dp, dn) = vocab(target_path), vocab(default)
-        if tm == dm and tp == dp and abs(tn - dn) <= 128:
-            found.append(default)
     for path in sorted(built.parent.glob("*.trim.gguf")) if built.parent.is_dir() else ():
         try:
             if info(path).get("counted_with") == Path(target_path).name:

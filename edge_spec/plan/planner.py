@@ -108,6 +108,7 @@ class Plan:
     max_draft: int
     knowledge: Knowledge = field(default_factory=Knowledge)
     disk_read_gbs: float | None = None  # the profile's, for paged plans
+    drafters: tuple = ()               # drafter_search.Verdict for each local model weighed or left out
 
     @property
     def paged(self) -> bool:

@@ -1,0 +1,128 @@
+"""`edgespec bench`: the shipped prompt set, the pooling per category, the CLI's errors, and
+`--quick` end to end on the small test model (valid JSON and a PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_spec import benchmark
+from edge_spec.benchmark import QUICK, Settings, by_category, load_prompts, pick, select
+
+OLD_FIXED = {  # the three prompts the developers' benchmarks used before the shared set
+    "chat": "Explain in a few paragraphs why the sky is blue, for a curious twelve-year-old.",
+    "code": "Write a Python function that parses an INI-style configuration file into a nested "
+            "dictionary, handling comments, blank lines and quoted values. Include a docstring.",
+}
+
+
+def test_the_prompt_set_covers_the_issue_categories_and_keeps_the_fixed_prompts():
+    prompts = load_prompts()
+    cats = set(benchmark.categories(prompts))
+    for wanted in ("fixed", "writing", "roleplay", "coding", "extraction", "translation", "summarization", "qa",
+                   "math", "math_reasoning", "rag"):
+        assert wanted in cats
+    fixed = {p.id: p.text for p in prompts if p.category == "fixed"}
+    assert set(fixed) == {"chat", "code", "edit"}
+    for key, text in OLD_FIXED.items():
+        assert fixed[key] == text
+    assert "def count_all" not in fixed["edit"] and "def total(self):" in fixed["edit"]
+    assert len({p.id for p in prompts}) == len(prompts)  # ids are unique
+
+
+def test_quick_picks_one_short_prompt_per_category():
+    chosen = select(load_prompts(), QUICK)
+    assert [p.category for p in chosen] == list(QUICK.categories)
+    assert all(len(p.text) <= QUICK.max_prompt_chars for p in chosen)
+    everything = select(load_prompts(), Settings(per_category=2))
+    assert len(everything) == 2 * len(benchmark.categories(load_prompts()))
+
+
+def test_pick_by_id_and_category_and_unknown_names():
+    from edge_spec.types import EdgespecError
+
+    prompts = load_prompts()
+    assert [p.id for p in pick(prompts, "chat,code")] == ["chat", "code"]
+    assert len(pick(prompts, "fixed")) == 3
+    with pytest.raises(EdgespecError, match="no prompt or category 'nope'"):
+        pick(prompts, "nope")
+    with pytest.raises(EdgespecError, match="unknown prompt categories nope"):
+        select(prompts, Settings(categories=("nope",)))
+
+
+def row(category, prompt, tokens, plain_s, spec_s, drafted, accepted):
+    return {"category": category, "prompt": prompt, "compared_tokens": [tokens], "plain_seconds": plain_s,
+            "edgespec_seconds": spec_s, "drafted": drafted, "accepted": accepted, "ratio": round(plain_s / spec_s, 3)}
+
+
+def test_categories_pool_seconds_and_tokens():
+    rows = [row("a", "a1", 100, 10.0, 5.0, 80, 60), row("a", "a2", 50, 5.0, 5.0, 20, 10),
+            row("b", "b1", 100, 10.0, 8.0, 0, 0)]
+    table = {c["category"]: c for c in by_category(rows)}
+    assert table["a"]["plain_tps"] == 10.0 and table["a"]["edgespec_tps"] == 15.0
+    assert table["a"]["ratio"] == 1.5 and table["a"]["acceptance"] == 0.7 and table["a"]["prompts"] == 2
+    assert table["b"]["acceptance"] == 0.0
+    assert table["all"]["tokens"] == 250 and table["all"]["ratio"] == round(25 / 18, 3)
+
+
+def test_seconds_for_prorates_within_a_step():
+    trace = [(1, 0.1), (5, 0.5), (6, 0.7)]
+    assert benchmark.seconds_for(trace, 3) == pytest.approx(0.3)
+    assert benchmark.seconds_for(trace, 6) == pytest.approx(0.7)
+
+
+def edgespec(*args, timeout=600):
+    env = os.environ | {"NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "edge_spec.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_plot_without_matplotlib_is_one_line(monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from edge_spec.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    r = CliRunner().invoke(app, ["bench", "--quick", "--plot", "out.png"])
+    assert r.exit_code == 1
+    assert r.output.strip() == ("edgespec: error: --plot needs matplotlib, which is not installed: "
+                                "pip install 'edgespec[plot]'")
+
+
+def test_bad_options_are_one_line():
+    r = edgespec("bench", "--categories", "nope", timeout=60)
+    assert r.returncode == 1 and "unknown prompt categories nope" in r.stderr and "Traceback" not in r.stderr
+    r = edgespec("bench", "--temps", "hot", timeout=60)
+    assert r.returncode == 1 and "--temps must be comma-separated numbers" in r.stderr
+
+
+@pytest.mark.real
+def test_quick_bench_on_the_small_model_writes_json_and_a_png(tmp_path):
+    png = tmp_path / "bench.png"
+    smol = "smollm2-135m-instruct-q4_1"
+    started = time.perf_counter()
+    r = edgespec("bench", smol, "-md", smol, "--quick", "--json", "--plot", str(png))
+    seconds = time.perf_counter() - started
+    assert r.returncode == 0, r.stderr
+    records = json.loads(r.stdout)
+    cats = [rec["category"] for rec in records]
+    assert cats == [*QUICK.categories, "all"]
+    for rec in records:
+        assert rec["model_type"] == "llama Q4_1" and rec["n_gen"] == QUICK.max_tokens
+        assert rec["plain_tps"] > 0
+        assert rec["edgespec_tps"] > 0 and rec["ratio"] > 0
+    everything = records[-1]
+    assert everything["tokens"] >= len(QUICK.categories) * 8
+    assert 0 <= everything["acceptance"] <= 1  # the controller drafts with the model only while it pays
+    assert everything["drafter_filename"].endswith(f"{smol}.gguf")  # -md was loaded
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written to" in r.stderr and "bench took" in r.stderr
+    print(f"edgespec bench --quick on {smol}: {seconds:.0f} s")
