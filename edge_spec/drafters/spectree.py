@@ -163,8 +163,9 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
 
 
 class _TreePasses:
-    """Drafter passes through forward_tree: one pass evaluates the whole tree grown so far (the
-    Backend protocol has no incremental tree call yet, so earlier nodes are evaluated again)."""
+    """Drafter passes through forward_tree: one pass evaluates the new nodes and their ancestors
+    (the Backend protocol has no incremental tree call yet, so ancestors are evaluated again;
+    the rest of the tree is left out)."""
 
     def __init__(self, drafter, context: Sequence[int]):
         self.drafter, self.backend, self.context = drafter, drafter.backend, list(context)
@@ -173,10 +174,15 @@ class _TreePasses:
         return self.drafter.evaluate(self.context)
 
     def nodes(self, g: _Growth, which: list[int]) -> np.ndarray:  # [len(which), vocab]
+        whole = g.tree()
+        keep = sorted({n for i in which for n in whole.path(i)})  # parents still come first
+        index = {n: j for j, n in enumerate(keep)}
+        sub = TokenTree(tuple(whole.tokens[n] for n in keep),
+                        tuple(ROOT if whole.parents[n] == ROOT else index[whole.parents[n]] for n in keep))
         self.backend.truncate(len(self.context) - 1)
-        rows = self.backend.forward_tree(self.context[-1], g.tree())  # [1 + n, vocab]
-        self.backend.keep_path([])
-        return rows[[i + 1 for i in which]]
+        rows = self.backend.forward_tree(self.context[-1], sub)  # [1 + len(keep), vocab]
+        self.backend.keep_path([])  # (a failed forward_tree frees its branches itself)
+        return rows[[index[i] + 1 for i in which]]
 
     def restore(self) -> None:
         self.backend.truncate(len(self.context))
