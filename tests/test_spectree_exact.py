@@ -277,3 +277,15 @@ def test_seeded_paths_are_shared_and_the_limits_hold():
     assert any(len(path) == 3 and path[:2] == tuple(best) for path in paths)  # opened below the seed
     small = drafter.propose_best_first(context, 2, PLAIN, seed=seed, max_leaves=1)
     assert small.tokens == tuple(best)  # the budget and the leaf limit cut the seed too
+
+
+def test_options_size_the_contexts_for_the_trees():
+    from edge_spec.options import EngineOptions, tree_sequences
+
+    assert tree_sequences(EngineOptions()) == 2                      # as before: tree_width 1
+    assert tree_sequences(EngineOptions(tree_budget=64)) == 65       # one sequence per leaf, one for the context
+    assert tree_sequences(EngineOptions(tree_budget=400)) == 256     # llama.cpp's limit: 255 leaves
+    with pytest.raises(EdgespecError, match="--tree-budget"):
+        EngineOptions(tree_budget=512)
+    with pytest.raises(EdgespecError, match="onnx"):
+        EngineOptions(backend="onnx", tree_budget=8)
