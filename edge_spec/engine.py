@@ -22,7 +22,7 @@ from .chat_template import chat_tokens
 from .controller import Controller
 from .defaults import MAX_DRAFT
 from .modelfile import ModelFile
-from .options import EngineOptions, Progress, model_paths, resolve_model  # noqa: F401 (re-exported)
+from .options import EngineOptions, Progress, model_paths, resolve_model, tree_sequences  # noqa: F401 (re-exported)
 from .runtime import Runtime
 from .types import EdgespecError, SamplingParams, Step
 
@@ -116,6 +116,9 @@ class Engine:
             if options.tree_width > 1 and not target.capabilities.trees:
                 raise EdgespecError(f"token trees (tree_width {options.tree_width}) need a target that verifies "
                                     f"trees; the {target.capabilities.kind} backend runs chains only")
+            if options.tree_budget > 0 and not target.capabilities.trees:
+                raise EdgespecError(f"token trees (--tree-budget {options.tree_budget}) need a target that verifies "
+                                    f"trees; the {target.capabilities.kind} backend runs chains only")
         except BaseException:
             target.close()
             if draft_backend is not None:
@@ -129,7 +132,8 @@ class Engine:
         drafters = [*([NgramDrafter()] if drafts_ngram else []),
                     *([ModelDrafter(draft_backend)] if draft_backend is not None else [])]
         schedule = _schedule(options, the_plan, target, draft_backend, notes)
-        runtime = Runtime(target, drafters, controller, tree_width=options.tree_width, schedule=schedule)
+        runtime = Runtime(target, drafters, controller, tree_width=options.tree_width, schedule=schedule,
+                          tree_budget=options.tree_budget, max_leaves=tree_sequences(options) - 1)
         return cls(target, draft_backend, runtime, options, the_plan, tuple(dict.fromkeys(notes)),
                    calibrated_step=measured["target"][0][1] if measured else None)
 
@@ -194,6 +198,9 @@ def _schedule(options: EngineOptions, the_plan, target, draft_backend, notes: li
     if schedule == "auto":
         schedule = chosen.schedule if chosen is not None and chosen.strategy == "draft" else "sequential"
     if schedule != "parallel" or draft_backend is None:
+        return "sequential"
+    if options.tree_budget > 0:  # a drafting thread drafts chains ahead; trees are grown per step
+        notes.append("best-first token trees (--tree-budget) are drafted at each step: running sequentially")
         return "sequential"
     on_cpu = [b.capabilities.gpu_layers == 0 and b.capabilities.threads_settable for b in (target, draft_backend)]
     if all(on_cpu) and options.n_threads is None and options.n_threads_draft is None:

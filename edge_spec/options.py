@@ -19,6 +19,11 @@ from .types import EdgespecError
 # while the target verifies (edge_spec.drafters.ahead)
 SCHEDULES = ("sequential", "parallel")
 
+# llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ): a token tree verified in one
+# pass puts each leaf's branch in a sequence of its own, so trees have at most 255 leaves
+MAX_SEQUENCES = 256
+MAX_TREE_BUDGET = 511  # nodes of a best-first tree: one pass over them and the pending token fits a batch of 512
+
 Progress = Callable[[str, float], None]  # (what, fraction done)
 
 
@@ -42,6 +47,9 @@ class EngineOptions:
     max_draft: int | None = None
     draft_length: int | None = None  # draft exactly this many tokens with the model at every step
     tree_width: int = 1             # > 1: n-gram drafts as token trees of up to this many branches
+    # > 0: the draft model drafts best-first token trees of up to this many nodes (SpecExec,
+    # drafters/spectree.py), n-gram branches merged in, each verified in one target pass
+    tree_budget: int = 0
     plan: bool = True               # False: no planner; unset values take llama.cpp-like defaults
     profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
@@ -73,9 +81,20 @@ class EngineOptions:
             raise EdgespecError(f"unknown onnx weights {self.onnx_weights!r}: use {_either(ONNX_WEIGHTS)}")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise EdgespecError("the memory budget must be more than 0 bytes (e.g. --mem-budget 4G)")
+        if not 0 <= self.tree_budget <= MAX_TREE_BUDGET:
+            raise EdgespecError(f"--tree-budget must be between 0 (off) and {MAX_TREE_BUDGET} nodes")
+        if self.backend == "onnx" and self.tree_budget > 0:
+            raise EdgespecError("token trees (--tree-budget) need a target that verifies trees in one pass; "
+                                "the onnx backend runs chains only: use --backend llama or torch")
         if self.backend == "onnx" and self.tree_width > 1:
             raise EdgespecError("token trees (tree_width > 1) need a target that verifies trees in one pass; "
                                 "the onnx backend runs chains only: use tree_width=1, or --backend llama or torch")
+
+
+def tree_sequences(options: EngineOptions) -> int:
+    """n_seq_max for the target's and the drafter's contexts: one sequence per tree leaf and
+    one for the context."""
+    return min(max(options.tree_width, options.tree_budget, 0) + 1, MAX_SEQUENCES)
 
 
 def _either(names) -> str:

@@ -20,8 +20,10 @@ from typing import Callable, Iterator, Sequence
 
 from .controller import Controller
 from .drafters.ahead import AheadDrafter
-from .drafters.model import common_prefix
-from .options import SCHEDULES
+from .drafters.model import ModelDrafter, common_prefix
+from .drafters.ngram import NgramDrafter
+from .drafters.spectree import MAX_DEPTH
+from .options import MAX_SEQUENCES, SCHEDULES
 from .sampling import NumpyRandom, Random, probs
 from .textstream import TextStream
 from .types import Draft, EdgespecError, SamplingParams, Stats, Step
@@ -29,6 +31,7 @@ from .tree import ROOT, TokenTree, verify_tree
 from .verify import verify
 
 log = logging.getLogger(__name__)
+NGRAM_BRANCHES = 3  # earlier occurrences whose continuations join a best-first tree
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class Runtime:
     """
 
     def __init__(self, target, drafters: Sequence = (), controller: Controller | None = None,
-                 tree_width: int = 1, schedule: str = "sequential"):
+                 tree_width: int = 1, schedule: str = "sequential", tree_budget: int = 0,
+                 max_leaves: int = MAX_SEQUENCES - 1):
         if schedule not in SCHEDULES:
             raise EdgespecError(f"unknown schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
         self.target = target
@@ -86,6 +90,11 @@ class Runtime:
         # > 1: drafters that can (n-gram lookup) propose trees of up to tree_width branches,
         # verified in one pass (the target needs forward_tree/keep_path, n_seq_max > tree_width)
         self.tree_width = tree_width
+        # > 0: a draft model proposes best-first trees of up to tree_budget nodes (SpecExec,
+        # drafters/spectree.py), n-gram branches merged in; trees have at most max_leaves leaves
+        # (the target's n_seq_max less one, as the engine loads it: options.tree_sequences)
+        self.tree_budget = tree_budget
+        self.max_leaves = max_leaves
         self.schedule = schedule
         # parallel schedule: a fixed "tokens drafted ahead at step i" run inline, no thread
         # (the exact tests enumerate it); None = a drafting thread per draft model
@@ -151,7 +160,11 @@ class Runtime:
             if room < 1:
                 yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "context")
                 return
-            draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
+            draft = None
+            if self.tree_budget > 0:
+                draft = self._draft_best_first(drafters, context, room, left, sp, c)
+            if draft is None:
+                draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
             new = self._verify_step(context, draft, sp, rng, c)
             step = self._emit(new, text, sp, c)
             if self.hold_between_steps:
@@ -184,6 +197,38 @@ class Runtime:
                         return draft
             except Exception as exc:  # noqa: BLE001 (a drafter or its device failing must not end the reply)
                 self._drop(drafters, drafter, exc, c)
+        return None
+
+    def _draft_best_first(self, drafters: list, context: list[int], room: int, left: int, sp: SamplingParams,
+                          c: _Counters) -> TreeDraft | None:
+        """A draft model's best-first tree (when the controller wants a draft from it), with the
+        n-gram drafter's trie merged in. The tree takes at most room - 1 nodes (the pass also
+        evaluates the pending token) and is no deeper than the tokens still wanted, less the one
+        the target adds. None: no draft model drafts now; the usual drafts follow."""
+        budget, depth = min(self.tree_budget, room - 1), left - 1
+        if budget < 1 or depth < 1:
+            return None
+        trie = self._ngram_trie(drafters, context, budget // 2, sp)
+        for drafter in list(drafters):
+            if not isinstance(drafter, ModelDrafter):  # drafting ahead and n-grams: chains and tries
+                continue
+            try:
+                key = drafter.ready(context)
+                if key is None or self.controller.draft_length(key, min(room - 1, left - 1)) <= 0:
+                    continue
+                tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
+                                                  max_leaves=self.max_leaves, seed=trie)
+                if tree:
+                    return TreeDraft(tree, key)
+            except Exception as exc:  # noqa: BLE001 (as in _draft)
+                self._drop(drafters, drafter, exc, c)
+        return None
+
+    def _ngram_trie(self, drafters: list, context: list[int], budget: int, sp: SamplingParams) -> TokenTree | None:
+        """The first n-gram drafter's trie of recent continuations, when it has a match."""
+        for drafter in drafters:
+            if isinstance(drafter, NgramDrafter) and budget > 0 and drafter.ready(context) is not None:
+                return drafter.propose_tree(context, budget, max(self.tree_width, NGRAM_BRANCHES), sp)
         return None
 
     @staticmethod

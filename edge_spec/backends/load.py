@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..modelfile import ModelFile
-from ..options import EngineOptions, Progress
+from ..options import EngineOptions, Progress, tree_sequences
 from ..types import EdgespecError
 
 
@@ -111,13 +111,14 @@ def llama_options(options: EngineOptions, the_plan, draft_path=None):
     threads = options.n_threads or (the_plan.threads if the_plan else None)
     target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads,
                           n_gpu_layers=t_ngl if options.n_gpu_layers is None else options.n_gpu_layers,
-                          type_k=type_k, type_v=type_v, n_seq_max=max(options.tree_width, 0) + 1)
+                          type_k=type_k, type_v=type_v, n_seq_max=tree_sequences(options))
     d_kv = None
     if draft_path is not None and options.type_k is None and options.type_v is None:
         d_kv = ModelFile.open(draft_path).provenance.get("kv_cache")
     draft = LlamaOptions(n_ctx=options.n_ctx, n_threads=options.n_threads_draft or threads,
                          n_gpu_layers=d_ngl if options.n_gpu_layers_draft is None else options.n_gpu_layers_draft,
-                         type_k=d_kv or type_k, type_v=d_kv or type_v)
+                         type_k=d_kv or type_k, type_v=d_kv or type_v,
+                         n_seq_max=tree_sequences(options) if options.tree_budget else 1)
     if c is not None and c.target.disk_bytes:  # a paged target (plan.planner._paged, backends/paging.py)
         target = replace(target, disk_bytes=c.target.disk_bytes)
         # the drafter in memory of its own, never paged out, with the compute buffer the plan counted

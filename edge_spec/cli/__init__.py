@@ -11,7 +11,8 @@ import typer
 from ..types import SamplingParams
 from .common import (BackendOpt, CtxOpt, DraftBackendOpt, DraftLengthOpt, DraftOpt, MaxDraftOpt, MemBudgetOpt,
                      MinPOpt, ModelArg, ModelOpt, NgldOpt, NglOpt, NgramOpt, NOpt, NoNgramOpt, PlainOpt, ScheduleOpt, SeedOpt,
-                     StatsOpt, StopOpt, TempOpt, ThreadsDraftOpt, ThreadsOpt, TopKOpt, TopPOpt, engine_options,
+                     StatsOpt, StopOpt, TempOpt, ThreadsDraftOpt, ThreadsOpt, TopKOpt, TopPOpt, TreeBudgetOpt,
+                     engine_options,
                      read_prompt, run, stats_format)
 from .bench import bench_command
 from .drafter import app as drafter_app
@@ -37,7 +38,8 @@ def chat(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
     draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
-    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt,
+    tree_budget: int = TreeBudgetOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
     stats: str = StatsOpt,
@@ -47,7 +49,7 @@ def chat(
 
     run(lambda: run_chat(
         engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                        draft_length, backend, draft_backend, schedule, mem_budget),
+                        draft_length, backend, draft_backend, schedule, mem_budget, tree_budget),
         SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
         system, stats_format(stats)))
@@ -63,7 +65,8 @@ def generate(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
     draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
-    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt,
+    tree_budget: int = TreeBudgetOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
     stats: str = StatsOpt,
@@ -75,7 +78,7 @@ def generate(
         text = read_prompt(prompt, file)
         run_generate(
             engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                            draft_length, backend, draft_backend, schedule, mem_budget),
+                            draft_length, backend, draft_backend, schedule, mem_budget, tree_budget),
             SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
             text, system, raw, stats_format(stats))

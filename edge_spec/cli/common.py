@@ -33,6 +33,10 @@ MemBudgetOpt = typer.Option(None, "--mem-budget", show_default=False,
 MaxDraftOpt = typer.Option(None, "--max-draft", help="Most tokens drafted per step (default: the plan's budget).", show_default=False)
 DraftLengthOpt = typer.Option(None, "--draft-length", show_default=False,
                               help="Draft exactly K tokens with the draft model at every step, paying or not (for experiments).")
+TreeBudgetOpt = typer.Option(E.tree_budget, "--tree-budget", metavar="N",
+                             help="Draft best-first token trees of up to N nodes with the draft model (SpecExec), "
+                                  "n-gram branches merged in, each verified in one target pass; pays when a target "
+                                  "pass over many tokens costs about one over a single token (0 = off).")
 TempOpt = typer.Option(S.temperature, "--temp", help="Temperature (0 = greedy).")
 TopKOpt = typer.Option(S.top_k, "--top-k", help="Top-k (0 = off).")
 TopPOpt = typer.Option(S.top_p, "--top-p", help="Top-p (1 = off).")
@@ -54,7 +58,7 @@ DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend",
 
 def engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
                     draft_length=None, backend=E.backend, draft_backend=E.draft_backend, schedule=E.schedule,
-                    mem_budget: str | None = None) -> EngineOptions:
+                    mem_budget: str | None = None, tree_budget=E.tree_budget) -> EngineOptions:
     if model and model_opt and model != model_opt:
         raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
     if ngram and no_ngram:
@@ -65,11 +69,13 @@ def engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads
         raise EdgespecError("--max-draft must be >= 1")
     if draft_length is not None and (draft_length < 1 or ngram or plain):
         raise EdgespecError("--draft-length needs K >= 1 and a draft model (not --ngram or --plain)")
+    if tree_budget and (ngram or plain):
+        raise EdgespecError("--tree-budget grows trees with a draft model: drop --ngram or --plain")
     return EngineOptions(
         model=model or model_opt, draft=draft, ngram=not no_ngram, draft_model=not ngram, plain=plain,
         n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
         n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length, backend=backend,
-        draft_backend=draft_backend, schedule=schedule,
+        draft_backend=draft_backend, schedule=schedule, tree_budget=tree_budget,
         memory_budget=parse_size(mem_budget) if mem_budget is not None else None)
 
 

@@ -56,6 +56,9 @@ def serve_command(
     schedule: str = typer.Option(C_ENGINE.schedule, "--schedule",
                                  help="sequential, parallel (the draft model drafts in its own thread while the target "
                                       "verifies) or auto: the plan's choice."),
+    tree_budget: int = typer.Option(C_ENGINE.tree_budget, "--tree-budget", metavar="N",
+                                    help="Draft best-first token trees of up to N nodes with the draft model "
+                                         "(SpecExec), each verified in one target pass (0 = off)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
 
@@ -69,7 +72,7 @@ def serve_command(
         config.check()  # before loading anything: a refused address opens no socket and loads no model
         options = engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
                                   None, None, None, None, None, backend=backend, draft_backend=draft_backend,
-                                  schedule=schedule, mem_budget=mem_budget)
+                                  schedule=schedule, mem_budget=mem_budget, tree_budget=tree_budget)
         from ..api import Session
         from ..server import serve
         from .chat import load_engine, plan_lines

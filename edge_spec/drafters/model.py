@@ -10,6 +10,8 @@ import numpy as np
 from ..sampling import Random, probs
 from ..tree import TokenTree
 from ..types import Draft, SamplingParams
+from . import spectree
+from .spectree import MAX_DEPTH
 
 
 class ModelDrafter:
@@ -83,9 +85,24 @@ class ModelDrafter:
     def extend(self, seq: Sequence[int], sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
         """The token the drafter proposes after `seq` (and its q): the cache keeps what it holds
         of seq and evaluates the rest, one token in the steady state of drafting ahead."""
+        return self.sample(self.evaluate(seq), sp, rng)
+
+    def evaluate(self, seq: Sequence[int]) -> np.ndarray:  # [drafter vocab]
+        """The drafter's logits after `seq`; the cache keeps what it holds of seq."""
         held = min(common_prefix(self.backend.tokens, seq), len(seq) - 1)
         self.backend.truncate(held)
-        return self.sample(self.backend.forward(seq[held:], logits="last")[-1], sp, rng)
+        return self.backend.forward(seq[held:], logits="last")[-1]
+
+    def q_of(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:  # [drafter vocab] -> [target vocab]
+        return self._q(probs(logits, sp))
+
+    def propose_best_first(self, context: Sequence[int], budget: int, sp: SamplingParams, *,
+                           max_depth: int = MAX_DEPTH, max_leaves: int = 255,
+                           seed: TokenTree | None = None) -> TokenTree | None:
+        """The drafter's `budget` most probable continuations as one tree (SpecExec; see
+        drafters/spectree.py), starting from `seed`'s nodes (n-gram continuations). Uses no
+        randomness: verify_tree samples and compares."""
+        return spectree.grow(self, context, budget, sp, max_depth=max_depth, max_leaves=max_leaves, seed=seed)
 
     def propose_tree(self, context: Sequence[int], budget: int, width: int, sp: SamplingParams,
                      rng: Random) -> TokenTree | None:
