@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CONFIGS = ("plain", "chains", "paged")
 
 
-def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int) -> dict:
+def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None) -> dict:
     """One generation in this process (run inside the cgroup); returns what it measured."""
     from edge_spec.engine import Engine
     from edge_spec.options import EngineOptions
@@ -41,7 +41,8 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
     options = {
         "plain": EngineOptions(model=target, plain=True, calibrate=False, **unplanned),
         "chains": EngineOptions(model=target, draft=draft, **unplanned),
-        "paged": EngineOptions(model=target, draft=draft, history=False),
+        "paged": EngineOptions(model=target, draft=draft, history=False,
+                               **({"tree_budget": tree_budget} if tree_budget is not None else {})),
     }[config]
     t0 = time.perf_counter()
     with Engine.load(options) as engine:
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("-n", "--max-tokens", type=int, default=32)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quick", action="store_true", help="one prompt, T=0, budget 0.5, 16 tokens")
+    ap.add_argument("--tree-budget", type=int, default=None, help="the paged run's tree budget (default: the plan's)")
+    ap.add_argument("--limit", default=None, help="a memory limit (e.g. 2G) instead of --budgets' fractions")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -75,7 +78,8 @@ def main() -> None:
 
     if args.child:  # inside the cgroup
         config, name, temp = args.child.split(":")
-        print(json.dumps(child(config, args.model, args.draft, PROMPTS[name], float(temp), args.max_tokens)))
+        print(json.dumps(child(config, args.model, args.draft, PROMPTS[name], float(temp), args.max_tokens,
+                               args.tree_budget)))
         return
     from bench import memlimit
 
@@ -85,14 +89,19 @@ def main() -> None:
     names = args.prompts.split(",") if args.prompts else list(PROMPTS)
     size = os.path.getsize(args.model)
     rows = []
-    for fraction in (float(b) for b in args.budgets.split(",")):
-        limit = int(size * fraction)
+    from edge_spec.plan.memory import parse_size
+
+    limits = [parse_size(args.limit)] if args.limit else [int(size * float(b)) for b in args.budgets.split(",")]
+    for limit in limits:
+        fraction = limit / size
         for name in names:
             for temp in args.temps.split(","):
                 found = {}
                 for config in args.configs.split(","):
                     cmd = [sys.executable, __file__, "-m", args.model, "-md", args.draft, "-n", str(args.max_tokens),
                            "--child", f"{config}:{name}:{temp}"]
+                    if args.tree_budget is not None:
+                        cmd += ["--tree-budget", str(args.tree_budget)]
                     done, peak = memlimit.run(cmd, limit, [args.model, args.draft], timeout=3600)
                     if done.returncode != 0:
                         print(f"{config} {name} T={temp} budget {fraction}: failed ({done.returncode}): "

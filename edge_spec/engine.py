@@ -15,6 +15,7 @@ plan starts from what this one learned.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -83,6 +84,10 @@ class Engine:
             draft_path = opened[the_plan.drafter.path] if the_plan.drafter is not None else None
             if the_plan.chosen.strategy != "draft" and options.draft is None and draft_path is not None:
                 draft_path = None  # the plan leaves the default drafter out; an explicit -md stays
+        auto_trees = options.tree_budget is None
+        if auto_trees:  # the plan's: trees where a pass costs about the same for 1 or 100 tokens
+            drafting = the_plan is not None and the_plan.chosen.strategy == "draft"
+            options = dataclasses.replace(options, tree_budget=the_plan.chosen.tree_budget if drafting else 0)
         t_opts, d_opts = backends.backend_options(options, the_plan, target_path, draft_path)
         if the_plan is None:  # the planner checks memory for its plans; without one, check here
             choose.check_memory(target_path, draft_path, t_opts, d_opts, options.memory_budget)
@@ -109,6 +114,9 @@ class Engine:
                                             calibration=measured, threads=target.n_threads)
                 if options.max_draft is None and the_plan.max_draft:
                     max_draft = the_plan.max_draft
+                if auto_trees:  # measured costs may prefer chains, or smaller trees (the contexts hold the first)
+                    options = dataclasses.replace(options, tree_budget=min(the_plan.chosen.tree_budget,
+                                                                           options.tree_budget))
                 if the_plan.chosen.strategy != "draft" and options.draft is None and draft_backend is not None:
                     notes.append("measured costs show the draft model does not pay here: it was unloaded")
                     draft_backend.close()

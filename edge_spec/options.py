@@ -48,8 +48,10 @@ class EngineOptions:
     draft_length: int | None = None  # draft exactly this many tokens with the model at every step
     tree_width: int = 1             # > 1: n-gram drafts as token trees of up to this many branches
     # > 0: the draft model drafts best-first token trees of up to this many nodes (SpecExec,
-    # drafters/spectree.py), n-gram branches merged in, each verified in one target pass
-    tree_budget: int = 0
+    # drafters/spectree.py), n-gram branches merged in, each verified in one target pass; 0: off;
+    # None: the plan's choice (trees where a target pass costs about the same for 1 or 100
+    # tokens: a paged target)
+    tree_budget: int | None = None
     plan: bool = True               # False: no planner; unset values take llama.cpp-like defaults
     profile: str | None = None      # hardware profile (name or file) to plan with; None = this machine
     calibrate: bool = True          # measure the verification cost curve (cached per machine)
@@ -81,9 +83,9 @@ class EngineOptions:
             raise EdgespecError(f"unknown onnx weights {self.onnx_weights!r}: use {_either(ONNX_WEIGHTS)}")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise EdgespecError("the memory budget must be more than 0 bytes (e.g. --mem-budget 4G)")
-        if not 0 <= self.tree_budget <= MAX_TREE_BUDGET:
+        if self.tree_budget is not None and not 0 <= self.tree_budget <= MAX_TREE_BUDGET:
             raise EdgespecError(f"--tree-budget must be between 0 (off) and {MAX_TREE_BUDGET} nodes")
-        if self.backend == "onnx" and self.tree_budget > 0:
+        if self.backend == "onnx" and self.tree_budget:
             raise EdgespecError("token trees (--tree-budget) need a target that verifies trees in one pass; "
                                 "the onnx backend runs chains only: use --backend llama or torch")
         if self.backend == "onnx" and self.tree_width > 1:
@@ -94,7 +96,7 @@ class EngineOptions:
 def tree_sequences(options: EngineOptions) -> int:
     """n_seq_max for the target's and the drafter's contexts: one sequence per tree leaf and
     one for the context."""
-    return min(max(options.tree_width, options.tree_budget, 0) + 1, MAX_SEQUENCES)
+    return min(max(options.tree_width, options.tree_budget or 0, 0) + 1, MAX_SEQUENCES)
 
 
 def _either(names) -> str:

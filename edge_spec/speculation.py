@@ -37,6 +37,27 @@ def best_length(acceptance: float, draft_cost: float, verify_cost: Callable[[int
     return best_k, best_rate
 
 
+def tree_expected_tokens(acceptance: float, budget: int, max_depth: int, sibling_catch: float) -> float:
+    """Tokens per target pass from a best-first tree of `budget` nodes (SpecExec), modelled as a
+    main path with w candidates per level: the target's token is among them with probability
+    a_w = 1 - (1 - a) * (1 - sibling_catch)^(w - 1), and the path is budget / w levels deep (at
+    most max_depth); the best w is taken. w = 1 is the chain, so a tree is never worth less."""
+    best = 0.0
+    for w in range(1, 5):
+        a_w = 1 - (1 - acceptance) * (1 - sibling_catch) ** (w - 1)
+        best = max(best, expected_tokens(a_w, min(budget // w, max_depth)))
+    return best
+
+
+def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = 0.05) -> float:
+    """Seconds the drafter spends growing a tree of `budget` nodes: up to max_depth passes, each
+    adding budget / max_depth nodes and evaluating them with their ancestors (about half the depth
+    each), a pass over n tokens costing step_cost * (1 + slope * n)."""
+    passes = min(budget, max_depth)
+    per_pass = -(-budget // max_depth)
+    return passes * step_cost * (1 + slope * per_pass * (1 + max_depth / 2))
+
+
 def best_parallel_length(acceptance: float, draft_cost: float, verify_cost: Callable[[int], float],
                          max_k: int) -> tuple[int, float]:
     """The same choice for the parallel schedule (see the module docstring)."""

@@ -234,3 +234,25 @@ def test_a_paged_run_in_a_memory_cgroup_gives_plain_greedy_output(tmp_path):
     assert paged.returncode == 0, paged.stderr
     assert paged.stdout == plain.stdout  # greedy: the very tokens of plain decoding
     assert peak is None or peak <= 520 << 20
+
+
+def test_a_paged_target_drafts_trees_and_a_resident_one_chains(small_machine):
+    """Where a pass reads the disk whatever it verifies, the plan drafts best-first trees
+    (drafters/spectree.py) and the engine follows (EngineOptions.tree_budget None = the plan's);
+    a resident target is never offered trees."""
+    from edge_spec.speculation import tree_expected_tokens, expected_tokens
+
+    target = shape()
+    drafter = shape("small", layers=24, layer_bytes=12 << 20, head=130 << 20, embd=0)
+    paged = planner.plan(target, small_machine, drafter, n_ctx=4096, gpu=False)
+    assert paged.paged and paged.chosen.tree_budget > 0 and "trees of" in paged.chosen.describe(target, drafter)
+    chains = [a for a in paged.alternatives if a.strategy == "draft" and not a.tree_budget]
+    assert chains and max(a.tokens_per_second for a in chains) < paged.chosen.tokens_per_second
+    roomy = planner.plan(target, small_machine.model_copy(update={"ram_available_bytes": 16 * GiB}), drafter,
+                         n_ctx=4096, gpu=False)
+    assert not any(a.tree_budget for a in roomy.alternatives)
+    # the tree model: never below the chain of the same depth, and growing with the budget
+    for a in (0.3, 0.7, 0.9):
+        assert tree_expected_tokens(a, 16, 16, 0.4) >= expected_tokens(a, 16) - 1e-12
+        assert tree_expected_tokens(a, 64, 16, 0.4) >= tree_expected_tokens(a, 16, 16, 0.4)
+    assert tree_expected_tokens(0.0, 64, 16, 0.0) == 1.0  # nothing accepted: the bonus token alone

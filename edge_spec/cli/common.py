@@ -36,7 +36,8 @@ DraftLengthOpt = typer.Option(None, "--draft-length", show_default=False,
 TreeBudgetOpt = typer.Option(E.tree_budget, "--tree-budget", metavar="N",
                              help="Draft best-first token trees of up to N nodes with the draft model (SpecExec), "
                                   "n-gram branches merged in, each verified in one target pass; pays when a target "
-                                  "pass over many tokens costs about one over a single token (0 = off).")
+                                  "pass over many tokens costs about one over a single token (default: the plan's, "
+                                  "which drafts trees for a target paged from disk; 0 = off).", show_default=False)
 TempOpt = typer.Option(S.temperature, "--temp", help="Temperature (0 = greedy).")
 TopKOpt = typer.Option(S.top_k, "--top-k", help="Top-k (0 = off).")
 TopPOpt = typer.Option(S.top_p, "--top-p", help="Top-p (1 = off).")

@@ -56,9 +56,10 @@ def serve_command(
     schedule: str = typer.Option(C_ENGINE.schedule, "--schedule",
                                  help="sequential, parallel (the draft model drafts in its own thread while the target "
                                       "verifies) or auto: the plan's choice."),
-    tree_budget: int = typer.Option(C_ENGINE.tree_budget, "--tree-budget", metavar="N",
+    tree_budget: int | None = typer.Option(C_ENGINE.tree_budget, "--tree-budget", metavar="N",
                                     help="Draft best-first token trees of up to N nodes with the draft model "
-                                         "(SpecExec), each verified in one target pass (0 = off)."),
+                                         "(SpecExec), each verified in one target pass (default: the plan's; 0 = off).",
+                                    show_default=False),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on 127.0.0.1:8080.
 

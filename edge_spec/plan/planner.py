@@ -39,8 +39,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..defaults import BUDGET_ACCEPTANCE, MAX_DRAFT, N_CTX, PRIOR_ACCEPTANCE
-from ..speculation import best_length, best_parallel_length
+from ..defaults import (BUDGET_ACCEPTANCE, MAX_DRAFT, N_CTX, PRIOR_ACCEPTANCE, TREE_BUDGETS, TREE_MAX_DEPTH,
+                        TREE_SIBLING_CATCH)
+from ..speculation import best_length, best_parallel_length, tree_draft_cost, tree_expected_tokens
 from ..types import EdgespecError
 from . import costmodel
 from .costmodel import ModelShape, Placement
@@ -67,6 +68,7 @@ class Alternative:
     why: str = ""
     drafter_model: str = ""         # the draft model's file name
     schedule: str = "sequential"    # "parallel": the drafter drafts while the target verifies
+    tree_budget: int = 0            # > 0: best-first token trees of up to this many nodes (a paged target)
 
     def describe(self, target: ModelShape, drafter: ModelShape | None) -> str:
         where = f"target {self.target.describe(target)}"
@@ -75,7 +77,8 @@ class Alternative:
         if self.strategy == "ngram":
             return f"n-gram drafts, {where}"
         name = f" {self.drafter_model}" if self.drafter_model else ""
-        out = f"draft model{name} k={self.draft_length} on {self.drafter.describe(drafter)} + n-gram, {where}"
+        shape = f"trees of {self.tree_budget} nodes" if self.tree_budget else f"k={self.draft_length}"
+        out = f"draft model{name} {shape} on {self.drafter.describe(drafter)} + n-gram, {where}"
         if self.schedule == "parallel":
             split = self.target.gpu < 0 and self.drafter.gpu < 0
             out += (f", in parallel ({self.drafter.threads} drafter / {self.target.threads} target threads)"
@@ -287,6 +290,8 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
            f"{d_costs[1] / step:.2f} target steps, verifying {best_k + 1} tokens {t_costs[best_k + 1] / step:.2f} steps")
     yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a, drafter_model=os.path.basename(drafter.path),
                       tokens_per_second=best_rate * knowledge.ngram_gain, costs=costs, why=why, **common)
+    if tp.disk_bytes:  # a pass reads the disk whatever it verifies: trees of the drafter's best guesses
+        yield from _tree_alternatives(target, drafter, profile, tp, dp, a, d_costs[1], knowledge, common, costs)
     for ptp, pdp, pt, pd in _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_costs[1], max_draft):
         k, rate = best_parallel_length(a, pd, pt.__getitem__, max_draft)
         if k == 0:
@@ -298,6 +303,23 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
                           drafter_model=os.path.basename(drafter.path), step_seconds=step, ram=ram, vram=vram,
                           tokens_per_second=rate * knowledge.ngram_gain, costs="predicted" if pt is not t_costs else costs,
                           why=why)
+
+
+def _tree_alternatives(target, drafter, profile, tp, dp, a, d_cost, knowledge, common, costs):
+    """Best-first trees (drafters/spectree.py) of each budget in TREE_BUDGETS, the best one kept:
+    E from speculation.tree_expected_tokens, cost one target pass over the tree plus growing it."""
+    sizes = [b + 1 for b in TREE_BUDGETS]
+    t_costs, _ = costmodel.pass_costs(target, profile, tp, sizes)
+    rates = {b: tree_expected_tokens(a, b, TREE_MAX_DEPTH, TREE_SIBLING_CATCH)
+             / (t_costs[b + 1] + tree_draft_cost(b, d_cost, TREE_MAX_DEPTH)) for b in TREE_BUDGETS}
+    b = max(rates, key=rates.get)
+    step = common["step_seconds"]
+    why = (f"acceptance {a:.2f} ({knowledge.acceptance_source}); a tree of {b} nodes is predicted to yield "
+           f"{tree_expected_tokens(a, b, TREE_MAX_DEPTH, TREE_SIBLING_CATCH):.1f} tokens per pass, verified in "
+           f"{t_costs[b + 1] / step:.2f} target steps and grown in {tree_draft_cost(b, d_cost, TREE_MAX_DEPTH) / step:.2f}")
+    yield Alternative("draft", drafter=dp, draft_length=TREE_MAX_DEPTH, acceptance=a, tree_budget=b,
+                      drafter_model=os.path.basename(drafter.path), tokens_per_second=rates[b] * knowledge.ngram_gain,
+                      costs=costs, why=why, **common)
 
 
 def _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_cost, max_draft):
@@ -339,7 +361,7 @@ def dedupe(alternatives: list[Alternative]) -> list[Alternative]:
     """Plain and n-gram alternatives repeat once per drafter placement: keep one of each."""
     seen, out = set(), []
     for a in sorted(alternatives, key=lambda a: -a.tokens_per_second):
-        key = (a.strategy, a.target, a.drafter, a.drafter_model, a.schedule)
+        key = (a.strategy, a.target, a.drafter, a.drafter_model, a.schedule, a.tree_budget)
         if key not in seen:
             seen.add(key)
             out.append(a)
