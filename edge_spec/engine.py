@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import models
-from .chat_template import render
+from .chat_template import TemplateRenderer
 from .controller import Controller
 from .planner import MAX_DRAFT
 from .runtime import SCHEDULES, Runtime
@@ -114,6 +114,7 @@ class Engine:
         self.notes = notes    # what the engine decided on its own, for the user to see
         self._history = None
         self._calibrated_step: float | None = None  # seconds of one step, as calibrated at load
+        self._templates: TemplateRenderer | None = None  # the chat template's renderer (a child process)
         if options.history and plan is not None:
             from .history import History
 
@@ -197,11 +198,20 @@ class Engine:
         runtime = Runtime(target, drafters, controller, tree_width=options.tree_width, schedule=schedule)
         engine = cls(target, draft_backend, runtime, options, the_plan, tuple(notes))
         engine._calibrated_step = calibration["target"][0][1] if calibration else None
+        problem = engine.templates.check()  # a template that fails or spends its budget: said at load
+        if problem is not None:
+            engine.notes = (*engine.notes, problem)
         return engine
 
     # --- prompts -------------------------------------------------------------------------
+    @property
+    def templates(self) -> TemplateRenderer:
+        if self._templates is None:
+            self._templates = renderer_for(self.target)
+        return self._templates
+
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
-        return chat_tokens(self.target, messages)
+        return chat_tokens(self.target, messages, self.templates)
 
     def text_tokens(self, text: str) -> list[int]:
         return self.target.tokenize(text, add_special=True, parse_special=False)
@@ -219,6 +229,8 @@ class Engine:
                                  last.stats, ngram_only=self.draft_backend is None and bool(self.runtime.drafters))
 
     def close(self) -> None:
+        if self._templates is not None:
+            self._templates.close()
         self._check_calibration()
         if self._history is not None:
             try:
@@ -252,13 +264,23 @@ class Engine:
         self.close()
 
 
-def chat_tokens(backend, messages: Sequence[dict]) -> list[int]:
-    """Render messages with the model's chat template and tokenize (special tokens parsed)."""
+def renderer_for(backend) -> TemplateRenderer:
+    """The renderer of a backend's chat template, with its bos and eos tokens."""
     facts = backend.facts
     bos = backend.token_text(facts.bos) if facts.bos >= 0 else ""
     eos = backend.token_text(facts.eos) if facts.eos >= 0 else ""
-    text = render(facts.chat_template, list(messages), bos=bos, eos=eos)
-    add_bos = facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
+    return TemplateRenderer(facts.chat_template, bos, eos, model=facts.name or Path(facts.path).name)
+
+
+def chat_tokens(backend, messages: Sequence[dict], renderer: TemplateRenderer | None = None) -> list[int]:
+    """Render messages with the model's chat template and tokenize (special tokens parsed);
+    without a renderer, one is started for this call."""
+    if renderer is None:
+        with renderer_for(backend) as one_off:
+            return chat_tokens(backend, messages, one_off)
+    text = renderer.render(list(messages))
+    bos = renderer.bos
+    add_bos = backend.facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
     return backend.tokenize(text, add_special=add_bos, parse_special=True)
 
 
