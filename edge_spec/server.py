@@ -25,7 +25,10 @@ The security model is that of a local server any program or web page on the mach
 - limits: body bytes (413, counted as read, chunked bodies too), prompt tokens and max_tokens
   (400), one running generation plus a bounded queue (503 with Retry-After);
 - a client that disconnects cancels its generation within about one decode step, and the model
-  is clean for the next request; errors are OpenAI-shaped JSON, never a traceback.
+  is clean for the next request; errors are OpenAI-shaped JSON, never a traceback;
+- the model's chat template renders in a child process with a time and memory budget
+  (edge_spec.chat_template), cancelled with its client: a hostile template costs one request its
+  budget and never holds a queue place beyond it.
 """
 
 from __future__ import annotations
