@@ -103,7 +103,7 @@ class TemplateRenderer:
         return None
 
     def _failed(self, detail: str) -> str:
-        return f"the chat template of {self.model} failed: {detail}; {HOW_TO_FIX}"
+        return f"{self.model}'s chat template failed: {detail}; {HOW_TO_FIX}"
 
     def _ask(self, line: str) -> dict:
         """Send one request to the child and read its answer, within the budget and the grace."""
