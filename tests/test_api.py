@@ -221,12 +221,15 @@ def test_close_waits_for_a_running_generation_and_queued_ones_leave():
     threads = [threading.Thread(target=consume) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while s.busy < 3:  # one running, two queued
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     t0 = time.monotonic()
     s.close()
-    assert s.engine.closed.is_set() and time.monotonic() - t0 < 1  # the running one stopped within a step
+    assert s.engine.closed.is_set() and time.monotonic() - t0 < 2  # the running one stopped within a step
     for t in threads:
-        t.join(2)
+        t.join(10)
     assert reasons == ["cancelled"] * 3
 
 
