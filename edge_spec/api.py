@@ -180,8 +180,12 @@ class Session:
                 yield Step((), (), "", Stats(prompt_tokens=len(tokens)), reason)
                 return
             try:
-                self._check_open()
-                for step in self.engine.stream(tokens, sp, cancel):
+                steps = self.engine.stream(tokens, sp, cancel)
+                if cancel.is_set():  # cancelled (or closed) just as its turn came: the model is not touched
+                    steps = iter([Step((), (), "", Stats(prompt_tokens=len(tokens)), "cancelled")])
+                else:
+                    self._check_open()
+                for step in steps:
                     reason = step.finish_reason
                     self._out = True
                     try:
