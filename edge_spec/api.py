@@ -67,17 +67,26 @@ class _Turns:
         self._cond = threading.Condition()
         self._queue: deque[object] = deque()
 
-    def acquire(self, cancel: threading.Event | None = None) -> bool:
+    def acquire(self, give_up: Callable[[], bool] | None = None) -> bool:
+        """Wait for the turn; False (and out of the queue) once give_up() says so."""
         me = object()
         with self._cond:
             self._queue.append(me)
             while self._queue[0] is not me:
-                if cancel is not None and cancel.is_set():
+                if give_up is not None and give_up():
                     self._queue.remove(me)
                     self._cond.notify_all()
                     return False
                 self._cond.wait(0.05)
         return True
+
+    def try_acquire(self) -> bool:
+        """The turn if no one holds it or waits for it, without waiting."""
+        with self._cond:
+            if self._queue:
+                return False
+            self._queue.append(object())
+            return True
 
     def release(self) -> None:
         with self._cond:
@@ -100,6 +109,8 @@ class Session:
         self._running: set[threading.Event] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._freed = False  # the engine closed
+        self._out = False    # the generation holding the turn is between steps, in its caller's hands
 
     # --- what is loaded ------------------------------------------------------------------
     @property
@@ -125,6 +136,9 @@ class Session:
         the text as is with raw=True); a list of {"role", "content"} dicts is a conversation;
         a list of ints is used as is."""
         self._check_open()
+        if not isinstance(prompt, (str, Sequence)):
+            raise EdgespecError(f"a prompt is a string, a non-empty list of {{'role': ..., 'content': ...}} messages, "
+                                f"or a non-empty list of token ids, not {type(prompt).__name__}")
         if isinstance(prompt, str):
             return self.engine.text_tokens(prompt) if raw else self.engine.chat_tokens(
                 [{"role": "user", "content": prompt}])
@@ -162,20 +176,29 @@ class Session:
             self._running.add(cancel)
         reason = None
         try:
-            if not self._turns.acquire(cancel):
+            if not self._turns.acquire(cancel.is_set):
                 reason = "cancelled"
                 yield Step((), (), "", Stats(prompt_tokens=len(tokens)), reason)
                 return
             try:
-                self._check_open()
-                for step in self.engine.stream(tokens, sp, cancel):
+                steps = self.engine.stream(tokens, sp, cancel)
+                if cancel.is_set():  # cancelled (or closed) just as its turn came: the model is not touched
+                    steps = iter([Step((), (), "", Stats(prompt_tokens=len(tokens)), "cancelled")])
+                else:
+                    self._check_open()
+                for step in steps:
                     reason = step.finish_reason
-                    yield step
+                    self._out = True
+                    try:
+                        yield step
+                    finally:
+                        self._out = False
             finally:
                 self._turns.release()
         finally:
             with self._lock:
                 self._running.discard(cancel)
+            self._free_if_closed()  # close() may have left freeing the models to this generation
             if on_finish is not None:
                 on_finish(reason)
 
@@ -237,16 +260,34 @@ class Session:
             raise EdgespecError("this session is closed")
 
     def close(self) -> None:
-        """Cancel what runs, wait for it, free the models."""
+        """Cancel what runs and free the models. A generation that is stepping stops within a step
+        and is waited for. One whose caller holds it between steps (a stream it stopped reading)
+        cannot be: close() returns at once, and the models are freed when that stream is
+        resumed (it ends "cancelled") or dropped."""
         if self._closed:
             return
         self._closed = True
         self.cancel()
-        if self._turns.acquire():
+        if self._turns.acquire(give_up=lambda: self._out):
             try:
-                self.engine.close()
+                self._free()
             finally:
                 self._turns.release()
+
+    def _free_if_closed(self) -> None:
+        if self._closed and not self._freed and self._turns.try_acquire():
+            try:
+                self._free()
+            finally:
+                self._turns.release()
+
+    def _free(self) -> None:
+        """Close the engine once (the caller holds the turn: nothing runs on it)."""
+        with self._lock:
+            if self._freed:
+                return
+            self._freed = True
+        self.engine.close()
 
     def __enter__(self) -> Session:
         return self
@@ -264,8 +305,6 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     unknown = sorted(set(sampling) - known)
     if unknown:
         raise EdgespecError(f"unknown sampling setting(s) {', '.join(unknown)}: use any of {', '.join(sorted(known))}")
-    if "stop" in sampling and isinstance(sampling["stop"], str):
-        sampling["stop"] = (sampling["stop"],)
-    elif "stop" in sampling:
-        sampling["stop"] = tuple(sampling["stop"] or ())
-    return SamplingParams(**sampling)
+    if sampling.get("stop", ()) is None:
+        sampling["stop"] = ()
+    return SamplingParams(**sampling)  # which checks the values and their types

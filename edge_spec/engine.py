@@ -19,7 +19,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 
-from .chat_template import chat_tokens
+from .chat_template import TemplateRenderer, chat_tokens, renderer_for
 from .controller import Controller
 from .defaults import MAX_DRAFT
 from .modelfile import ModelFile
@@ -42,6 +42,7 @@ class Engine:
         self.notes = notes    # what the engine decided on its own, for the user to see
         self._history = None
         self._calibrated_step = calibrated_step  # seconds of one step, as calibrated at load
+        self._templates: TemplateRenderer | None = None  # the chat template's renderer (a child process)
         if options.history and plan is not None:
             from .plan.history import History
 
@@ -142,12 +143,22 @@ class Engine:
         schedule = _schedule(options, the_plan, target, draft_backend, notes)
         runtime = Runtime(target, drafters, controller, tree_width=options.tree_width, schedule=schedule,
                           tree_budget=options.tree_budget, max_leaves=tree_sequences(options) - 1)
-        return cls(target, draft_backend, runtime, options, the_plan, tuple(dict.fromkeys(notes)),
-                   calibrated_step=measured["target"][0][1] if measured else None)
+        engine = cls(target, draft_backend, runtime, options, the_plan, tuple(dict.fromkeys(notes)),
+                     calibrated_step=measured["target"][0][1] if measured else None)
+        problem = engine.templates.check()  # a template that fails or spends its budget: said at load
+        if problem is not None:
+            engine.notes = (*engine.notes, problem)
+        return engine
 
     # --- prompts -------------------------------------------------------------------------
+    @property
+    def templates(self) -> TemplateRenderer:
+        if self._templates is None:
+            self._templates = renderer_for(self.target)
+        return self._templates
+
     def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
-        return chat_tokens(self.target, messages)
+        return chat_tokens(self.target, messages, self.templates)
 
     def text_tokens(self, text: str) -> list[int]:
         return self.target.tokenize(text, add_special=True, parse_special=False)
@@ -165,6 +176,8 @@ class Engine:
                                  last.stats, ngram_only=self.draft_backend is None and bool(self.runtime.drafters))
 
     def close(self) -> None:
+        if self._templates is not None:
+            self._templates.close()
         self._check_calibration()
         if self._history is not None:
             try:

@@ -24,7 +24,7 @@ from .drafters.model import ModelDrafter, common_prefix
 from .drafters.ngram import NgramDrafter
 from .drafters.spectree import MAX_DEPTH
 from .options import MAX_SEQUENCES, SCHEDULES
-from .sampling import NumpyRandom, Random, probs
+from .sampling import NumpyRandom, Random, check_logits, probs
 from .textstream import TextStream
 from .types import Draft, EdgespecError, SamplingParams, Stats, Step
 from .tree import ROOT, TokenTree, verify_tree
@@ -249,6 +249,7 @@ class Runtime:
         n_past = len(self.target.tokens)
         t0 = time.perf_counter()
         logits = self.target.forward([context[-1], *(draft.tokens if draft else ())])  # [k + 1, vocab]
+        check_logits(logits, self.target)
         self.controller.observe_verify(k + 1, time.perf_counter() - t0)
         if draft:
             verdict = verify(draft, logits, sp, rng)
@@ -272,6 +273,7 @@ class Runtime:
         tree = draft.tree
         t0 = time.perf_counter()
         logits = self.target.forward_tree(context[-1], tree)  # [1 + n, vocab]
+        check_logits(logits, self.target)
         self.controller.observe_verify(len(tree) + 1, time.perf_counter() - t0)
         verdict = verify_tree(tree, lambda node: probs(logits[node + 1], sp), rng, greedy=sp.greedy)
         self.target.keep_path(verdict.path)

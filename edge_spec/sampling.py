@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .types import SamplingParams
+from .types import EdgespecError, SamplingParams
 
 _TOP_K_MARGIN = 8.0  # logits within this of the maximum are searched first for the top k
 _TOP_P_CANDIDATES = 1024  # sort only this many tokens for top-p unless they hold too little mass
@@ -26,8 +26,24 @@ def probs(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
     return np.stack([_row(row, sp) for row in logits])
 
 
+def check_logits(logits: np.ndarray, model) -> None:
+    """EdgespecError naming `model` (a backend, or its name) when a row of its logits holds NaN
+    or +inf, or nothing finite: what a corrupt weight file gives, and no token can be drawn from.
+    (-inf alone is a token ruled out, which is fine.)"""
+    top = np.max(logits, axis=-1)  # NaN if any is NaN, +inf if any is, -inf if all are
+    if np.isfinite(top).all():
+        return
+    facts = getattr(model, "facts", None)
+    name = model if isinstance(model, str) else getattr(facts, "name", None) or getattr(facts, "path", None) \
+        or type(model).__name__
+    raise EdgespecError(f"{name} computed non-finite logits (NaN or infinity): its weights are probably corrupt "
+                        "or use a format this build handles wrongly; download the model again (`edgespec models "
+                        "install`), or try another quantization of it")
+
+
 def _row(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:  # [vocab] → [vocab]
     vocab = logits.shape[0]
+    check_logits(logits, "the model")
     out = np.zeros(vocab)
     if sp.greedy:
         out[int(np.argmax(logits))] = 1.0
@@ -50,18 +66,24 @@ def _row(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:  # [vocab] → [
 
 
 def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """Sorted ids of the k largest logits. Selecting among the logits near the maximum first
-    is ~10x faster on a 150k vocabulary than partitioning all of it, and gives the same set."""
+    """Sorted ids of the k largest logits, ties at the k-th broken by id. Selecting among the
+    logits near the maximum first is ~10x faster on a 150k vocabulary than partitioning all of
+    it, and gives the same set."""
     near = np.flatnonzero(logits >= logits.max() - _TOP_K_MARGIN)
     pool = near if near.shape[0] >= k else np.arange(logits.shape[0])
-    idx = pool[np.argpartition(logits[pool], pool.shape[0] - k)[pool.shape[0] - k:]]
-    idx.sort()
-    return idx
+    values = logits[pool]
+    kth = np.partition(values, pool.shape[0] - k)[pool.shape[0] - k]  # the k-th largest logit
+    above, tied = pool[values > kth], pool[values == kth]  # pool is sorted: tied ids ascend
+    return np.sort(np.concatenate([above, tied[: k - above.shape[0]]]))
 
 
 def _softmax(logits: np.ndarray, keep: np.ndarray, temperature: float) -> np.ndarray:
-    z = np.where(keep, logits / temperature, -np.inf)
-    z = np.exp(z - z.max())
+    """softmax(logits / temperature) over `keep`. The maximum is taken off before dividing: a
+    tiny temperature then sends every other logit to -inf (the limit: uniform over the tied
+    maxima) instead of overflowing to inf - inf = NaN."""
+    z = np.where(keep, logits, -np.inf)
+    with np.errstate(over="ignore"):
+        z = np.exp((z - z.max()) / temperature)
     return z / z.sum()
 
 
@@ -97,6 +119,8 @@ class NumpyRandom:
     def categorical(self, p: np.ndarray) -> int:
         # inverse CDF over the support, on one uniform draw; p need not be exactly normalised
         support = np.flatnonzero(p > 0)
+        if support.shape[0] == 0 or not np.isfinite(p[support]).all():
+            raise EdgespecError("cannot sample a token: the probabilities are all zero or not finite")
         cdf = np.cumsum(p[support])
         i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
         return int(support[min(i, support.shape[0] - 1)])

@@ -25,7 +25,10 @@ The security model is that of a local server any program or web page on the mach
 - limits: body bytes (413, counted as read, chunked bodies too), prompt tokens and max_tokens
   (400), one running generation plus a bounded queue (503 with Retry-After);
 - a client that disconnects cancels its generation within about one decode step, and the model
-  is clean for the next request; errors are OpenAI-shaped JSON, never a traceback.
+  is clean for the next request; errors are OpenAI-shaped JSON, never a traceback;
+- the model's chat template renders in a child process with a time and memory budget
+  (edge_spec.chat_template), cancelled with its client: a hostile template costs one request its
+  budget and never holds a queue place beyond it.
 """
 
 from __future__ import annotations
@@ -43,15 +46,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .chat_template import ChatTemplateError
 from .server_config import LOCAL_NAMES, ServerConfig, is_loopback  # noqa: F401 (re-exported)
 from .types import EdgespecError, SamplingParams, Step
 
@@ -67,8 +72,10 @@ log = logging.getLogger("edgespec.server")
 def _host_name(value: str) -> str:
     """A Host header or a configured name without its port, lowercased; IPv6 addresses bracketed."""
     value = value.strip().lower()
-    if value.startswith("["):
-        return value[: value.find("]") + 1] or value
+    if value.startswith("["):  # [v6]:port; anything else after the bracket makes it no one's name
+        end = value.find("]") + 1
+        rest = value[end:]
+        return value[:end] if end and (not rest or (rest[0] == ":" and rest[1:].isdigit())) else value
     name, colon, port = value.rpartition(":")
     if colon and port.isdigit() and ":" not in name:
         return name
@@ -171,6 +178,20 @@ class _Gate:
         await self.app(scope, replay, send)
 
 
+class _JsonCors(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered in the API's error shape
+    (Starlette answers it in plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        reason = bytes(response.body).decode(errors="replace")  # "Disallowed CORS origin, method"
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return ApiError(response.status_code, f"{reason}: this server allows only the origins given with "
+                                              "--cors-origin", code="cors_refused", headers=headers).response()
+
+
 # --- request bodies ------------------------------------------------------------------------------
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {  # field: (asks for what we do not do?, why)
     "n": (lambda v: v not in (None, 1), "edgespec generates one choice per request"),
@@ -190,10 +211,16 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {  # field: (asks f
 }
 
 
-class _Body(BaseModel):
-    """Fields both endpoints take. Unknown fields are ignored: clients send many."""
+MAX_STOP = 16            # stop strings a request may give
+MAX_STOP_CHARS = 256     # characters of one stop string
 
-    model_config = ConfigDict(extra="ignore")
+
+class _Body(BaseModel):
+    """Fields both endpoints take. Unknown fields are ignored: clients send many. Types are
+    strict: "8" or true for max_tokens, "yes" for stream are refused, not guessed at (JSON
+    numbers may still be integers where a float is asked for)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None        # accepted and ignored: the server answers with the model it loaded
     max_tokens: int | None = Field(None, ge=1)
@@ -202,7 +229,8 @@ class _Body(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)          # extension (llama.cpp), 0 = off
     min_p: float | None = Field(None, ge=0, lt=1)  # extension (llama.cpp), 0 = off
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | \
+        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
 
@@ -217,7 +245,7 @@ class _Body(BaseModel):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -368,7 +396,8 @@ class _Service:
                                             "owned_by": "edgespec"}]}
 
     async def health(self) -> dict:
-        engine, plan, busy = self.engine, self.session.plan, self.session.busy
+        # places taken: generations of the session, and this server's requests still rendering their prompt
+        engine, plan, busy = self.engine, self.session.plan, max(self.admitted, self.session.busy)
         models = [{"role": "target", "id": self.model_id, "name": self.session.model_name}]
         if engine.draft_backend is not None:
             facts = engine.draft_backend.facts
@@ -399,7 +428,11 @@ class _Service:
         self._admit()
         streaming = False
         try:
-            tokens = await asyncio.to_thread(tokenize)  # a long prompt or template: off the event loop
+            # off the event loop (a long prompt, a template that renders within its budget); a
+            # client that leaves meanwhile frees its place at once
+            finished, tokens = await _unless_disconnected(request.receive, asyncio.to_thread(tokenize))
+            if not finished:
+                return Response(status_code=499)
             if len(tokens) > self.prompt_limit:
                 raise ApiError(400, f"the prompt is {len(tokens)} tokens, over this server's limit of "
                                     f"{self.prompt_limit} (--max-prompt-tokens, -c/--ctx-size)",
@@ -480,6 +513,11 @@ def _error_for(e: Exception) -> ApiError:
     generic line (the traceback goes to the server's log only)."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, ChatTemplateError):
+        if e.rejected:  # the template refused this conversation (e.g. roles that do not alternate)
+            return ApiError(400, str(e), code="chat_template_rejected")
+        log.warning("%s", e)  # the model's template is broken or over its budget: one line, no traceback
+        return ApiError(500, str(e), "server_error", "chat_template_error")
     if isinstance(e, EdgespecError):
         return ApiError(400, str(e))
     return ApiError(500, "internal error: see the server's log", "server_error", "internal_error")
@@ -492,8 +530,6 @@ def create_app(session: Session, config: ServerConfig = ServerConfig()) -> FastA
     # FastAPI takes about 0.2 s to import: only when a server is made, not at CLI startup
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException
-    from starlette.middleware.cors import CORSMiddleware
-
     config.check()
     service = _Service(session, config)
     app = FastAPI(title="edgespec", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -520,7 +556,7 @@ def create_app(session: Session, config: ServerConfig = ServerConfig()) -> FastA
     app.add_middleware(_Gate, api_key=config.api_key, open_health=is_loopback(config.host),
                        max_body_bytes=config.max_body_bytes)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(_JsonCors, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"])
     app.add_middleware(_HostCheck, allowed=_allowed_hosts(config))
     return app

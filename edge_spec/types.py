@@ -12,6 +12,7 @@ all k drafts were accepted).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -38,6 +39,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0, "--temp must be >= 0 (0 = greedy)"),
             (self.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
@@ -48,8 +50,25 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise EdgespecError(f"invalid sampling value: {message}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
+
+    def _check_types(self) -> None:
+        """Values of the wrong type are the caller's error, said as such (not a TypeError from
+        deep inside); stop becomes a tuple of strings."""
+        def number(v, integral=False):
+            return isinstance(v, numbers.Integral if integral else numbers.Real) and not isinstance(v, bool)
+
+        wrong = [name for name, integral in (("temperature", False), ("top_p", False), ("min_p", False),
+                                             ("top_k", True), ("max_tokens", True))
+                 if not number(getattr(self, name), integral)]
+        if self.seed is not None and not (number(self.seed, True) and self.seed >= 0):
+            wrong.append("seed (an integer >= 0, or None)")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            wrong.append("stop (a string or a list of strings)")
+        if wrong:
+            raise EdgespecError(f"invalid sampling value: wrong type for {', '.join(wrong)}; temperature, top_p "
+                                "and min_p are numbers, top_k and max_tokens integers")
+        object.__setattr__(self, "stop", tuple(stop))
 
     @property
     def greedy(self) -> bool:

@@ -159,3 +159,96 @@ def test_memory_check_refuses_before_loading(monkeypatch, tmp_path):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
     with pytest.raises(EdgespecError, match="not enough memory.*GiB is available"):
         edge_spec.load(str(models.require(SMOL)), plan=False, history=False)
+
+
+# --- close() with fakes: no model needed -----------------------------------------------------------
+class _SteppingEngine:
+    """An engine whose generations step every 10 ms until cancelled; records close()."""
+
+    class target:  # noqa: N801 (stands in for a backend)
+        vocab_size = 10
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def stream(self, tokens, sp, cancel):
+        from edge_spec.types import Stats, Step
+
+        while True:
+            assert not self.closed.is_set(), "a generation stepped on a closed engine"
+            if cancel.is_set():
+                yield Step((), (), "", Stats(), "cancelled")
+                return
+            time.sleep(0.01)
+            yield Step((1,), (False,), "x", Stats(n_tokens=1))
+
+    def close(self):
+        self.closed.set()
+
+
+def test_close_returns_while_another_thread_holds_a_stopped_stream():
+    s = edge_spec.Session(_SteppingEngine())
+    g = s.stream([1, 2, 3])
+    next(g)  # started, then left unread
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    closer.join(2)
+    assert not closer.is_alive(), "close() waited for a stream its caller stopped reading"
+    assert not s.engine.closed.is_set()  # the stream still holds the model: freed when it ends
+    assert next(g).finish_reason == "cancelled"
+    assert next(g, None) is None
+    assert s.engine.closed.is_set()
+    with pytest.raises(EdgespecError, match="closed"):
+        s.generate([1, 2])
+
+
+def test_close_frees_the_model_when_a_stopped_stream_is_dropped():
+    s = edge_spec.Session(_SteppingEngine())
+    g = s.stream([1, 2, 3])
+    next(g)
+    s.close()
+    g.close()  # what the garbage collector does with an abandoned generator
+    assert s.engine.closed.is_set()
+
+
+def test_close_waits_for_a_running_generation_and_queued_ones_leave():
+    s = edge_spec.Session(_SteppingEngine())
+    reasons = []
+
+    def consume():
+        reasons.append(s.generate([1, 2], max_tokens=100000).finish_reason)
+
+    threads = [threading.Thread(target=consume) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while s.busy < 3:  # one running, two queued
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    s.close()
+    assert s.engine.closed.is_set() and time.monotonic() - t0 < 2  # the running one stopped within a step
+    for t in threads:
+        t.join(10)
+    assert reasons == ["cancelled"] * 3
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: s.generate(None), "a prompt is a string"),
+    (lambda s: s.generate(5), "a prompt is a string"),
+    (lambda s: s.generate([1, 2], stop=5), "wrong type for stop"),
+    (lambda s: s.generate([1, 2], stop=[1]), "wrong type for stop"),
+    (lambda s: s.generate([1, 2], max_tokens="8"), "wrong type for max_tokens"),
+    (lambda s: s.generate([1, 2], temperature="hot"), "wrong type for temperature"),
+    (lambda s: s.generate([1, 2], top_k=True), "wrong type for top_k"),
+    (lambda s: s.generate([1, 2], seed=-1), "seed"),
+])
+def test_wrong_types_are_the_projects_error(call, message):
+    with pytest.raises(EdgespecError, match=message):
+        call(edge_spec.Session(_SteppingEngine()))
+
+
+def test_stop_strings_are_normalised():
+    assert SamplingParams(stop="ab").stop == ("ab",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop=()).stop == ()

@@ -107,3 +107,43 @@ def test_help_lists_the_conventional_flags():
     for flag in ("-md", "--draft", "-ngl", "-ngld", "--temp", "--top-k", "--top-p", "--min-p",
                  "--seed", "--plain", "--stats", "-f", "--system", "--ngram"):
         assert flag in r.stdout, flag
+
+
+# --- hostile and broken models (issue 16) -----------------------------------------------------------
+@pytest.mark.parametrize("template, said", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{{ messages + 1 }}", "TypeError"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{% set x = 'x' * 2**31 %}{{ x|length }}", "memory budget"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+], ids=["division", "types", "recursion", "huge-string", "nested-ranges"])
+def test_a_failing_chat_template_is_one_line_and_raw_prompts_still_work(tmp_path, template, said):
+    model = write_llama(tmp_path / "bad-template.gguf", seed=2, chat_template=template)
+    r = edgespec("generate", str(model), "-p", "hi", "-n", "4", "-c", "128")
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("edgespec: error:")]
+    assert len(errors) == 1 and said in errors[0] and "chat template" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    raw = edgespec("generate", str(model), "-p", "hi", "--raw", "-n", "4", "--temp", "0", "-c", "128")
+    assert raw.returncode == 0 and "Traceback" not in raw.stderr, raw.stderr
+
+
+def test_tiny_temperatures_decode_without_an_error(tiny):
+    common = ("generate", str(tiny), "-p", "the a and of", "-n", "12", "--stats", "none", "-c", "128")
+    greedy = edgespec(*common, "--temp", "0")
+    for temp in ("1e-310", "5e-324"):
+        r = edgespec(*common, "--temp", temp, "--seed", "1")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout == greedy.stdout  # the limit of tempering: greedy (random weights: no ties)
+
+
+@pytest.mark.parametrize("temp", ["0", "0.8"])
+def test_corrupt_weights_are_a_clear_error_naming_the_model(tmp_path, temp):
+    model = write_llama(tmp_path / "corrupt.gguf", seed=2, chat_template=TEMPLATE, name="corrupt-tiny")
+    data = bytearray(model.read_bytes())
+    n = len(data) // 3
+    data[-n:] = b"\xff" * n  # tensor data (at the end): every float a NaN
+    model.write_bytes(bytes(data))
+    r = edgespec("generate", str(model), "-p", "hi", "-n", "4", "--temp", temp, "-c", "128", "--plain")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "corrupt-tiny computed non-finite logits" in r.stderr and "Traceback" not in r.stderr, r.stderr

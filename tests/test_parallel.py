@@ -13,12 +13,13 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 from scipy.stats import chisquare
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakes import (  # noqa: E402
-    FakeModel, FixedController, FunctionDrafter, enumerate_outcomes, max_deviation, peaked_dist,
+    FakeModel, FixedController, FunctionDrafter, enumerate_outcomes, max_deviation, mixture, peaked_dist,
     random_dist, target_joint,
 )
 from test_verify_exact import CASES, PLAIN, V, assert_exact, prompt_for  # noqa: E402
@@ -127,16 +128,63 @@ def test_threaded_greedy_output_equals_plain_greedy():
 
 
 def test_threaded_sampling_passes_chi_square():
+    """10,000 replies: a 2% shift of the joint would fail this most of the time (1,600 did not)."""
     vocab = 4
     p, q = random_dist(11, vocab, "dense"), random_dist(12, vocab, "dense")
     sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=2)
     rt, _ = threaded_runtime(p, q, 2, vocab=vocab, delay=0.0)
     rt.target.delay = 0.0
-    n = 1600
+    n = 10_000
     counts = Counter(generated(rt, [0], sp.with_(seed=s)) for s in range(n))
     want = target_joint(p, [0], 2, vocab)
     keys = sorted(want)
     assert chisquare([counts[key] for key in keys], [want[key] * n for key in keys]).pvalue > 1e-3
+    assert not drafting_threads()
+
+
+class RecordingDrafter(ModelDrafter):
+    """Records every token the drafting thread draws: {(context, token): [q, ...]}."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.draws: dict[tuple, list] = {}
+
+    def extend(self, seq, sp, rng):
+        x, q = super().extend(seq, sp, rng)
+        self.draws.setdefault((tuple(seq), x), []).append(q)
+        return x, q
+
+
+def test_every_verified_draft_token_carries_the_q_it_was_drawn_from(monkeypatch):
+    """The lossless condition itself, with a real thread: draft token i of a verified draft was
+    drawn for exactly context + draft[:i] (its context came true), and carries that draw's q."""
+    import edge_spec.runtime as runtime_module
+
+    vocab = 4
+    p = random_dist(13, vocab, "dense")
+    q = mixture(p, random_dist(14, vocab, "dense"), 0.3)  # often right: drafts made ahead get kept
+    sp = SamplingParams(temperature=0.9, top_k=3, top_p=0.95, min_p=0.05, max_tokens=12)
+    target = SlowModel(p, vocab, n_ctx=256, delay=0.002)
+    drafter = RecordingDrafter(SlowModel(q, vocab, n_ctx=256, delay=0.0005))
+    rt = Runtime(target, [drafter], FixedController(3), schedule="parallel")
+    real_verify, checked = runtime_module.verify, []
+
+    def verify(draft, logits, sp, rng):
+        context = tuple(target.tokens[: len(target.tokens) - len(draft)])
+        for i, x in enumerate(draft.tokens):
+            drawn = drafter.draws.get((context + draft.tokens[:i], x))
+            assert drawn, f"draft token {i} was never drawn for its context"
+            assert any(np.array_equal(q_i, draft.probs[i]) for q_i in drawn), f"draft token {i} carries another q"
+            checked.append(x)
+        return real_verify(draft, logits, sp, rng)
+
+    monkeypatch.setattr(runtime_module, "verify", verify)
+    ahead = 0
+    for seed in range(150):
+        steps = list(rt.generate([seed % vocab, 1], sp.with_(seed=seed)))
+        ahead += steps[-1].stats.drafted_ahead
+    # drafts made ahead were verified (how many depends on the machine's load: ~300 when idle)
+    assert len(checked) > 500 and ahead > 10, (len(checked), ahead)
     assert not drafting_threads()
 
 

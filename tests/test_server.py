@@ -152,7 +152,8 @@ def test_api_key_is_required(server):
 
 
 def test_foreign_host_header_is_refused(server):
-    for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "[::2]"):
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "[::2]", "[::1]evil.com",
+                 "[::1]:80evil", "[::1]:"):
         r = httpx.get(server + "/v1/models", headers=AUTH | {"Host": host})
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
     for host in ("localhost", "localhost:1234", "127.0.0.1:9", "[::1]:80", "LOCALHOST"):
@@ -183,6 +184,13 @@ def test_oversized_bodies_get_413(server):
     ({"messages": []}, "messages: List should have at least 1 item"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"stop": 5}, "stop"),
+    ({"stop": ["x"] * 17}, "stop"),
+    ({"stop": "y" * 257}, "stop"),
+    ({"stream": "yes"}, "stream: Input should be a valid boolean"),
+    ({"max_tokens": "8"}, "max_tokens: Input should be a valid integer"),
+    ({"max_tokens": True}, "max_tokens: Input should be a valid integer"),
+    ({"temperature": "0.5"}, "temperature: Input should be a valid number"),
+    ({"seed": 1.5}, "seed: Input should be a valid integer"),
 ])
 def test_invalid_requests_get_400(server, body, message):
     r = post(server + "/v1/chat/completions", {"messages": CHAT} | body)
@@ -213,6 +221,8 @@ def test_cors_is_off_unless_origins_are_configured(session, server):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
         r = httpx.options(url + "/v1/chat/completions", headers=preflight | {"Origin": "http://evil.example"})
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        error = r.json()["error"]  # the API's error shape, not plain text
+        assert error["code"] == "cors_refused" and "origin" in error["message"] and "--cors-origin" in error["message"]
 
 
 def test_public_address_without_a_key_is_refused(session, tmp_path):
@@ -344,3 +354,94 @@ def test_disconnecting_clients_stop_their_generations(session, smol_path):
                            capture_output=True, text=True, timeout=120, env=os.environ | {"NO_COLOR": "1"}, check=False)
     assert fresh.returncode == 0, fresh.stderr
     assert fresh.stdout == after + "\n"
+
+
+def test_valid_values_still_pass_and_a_long_single_stop_string_works(server):
+    body = {"messages": CHAT, "max_tokens": 4, "temperature": 1, "seed": 3, "stream": False,
+            "stop": "a stop string longer than sixteen characters"}
+    r = post(server + "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    r = post(server + "/v1/chat/completions", body | {"stop": ["s"] * 16, "temperature": 1e-310})
+    assert r.status_code == 200, r.text  # a tiny temperature: the greedy limit, no overflow
+
+
+# --- hostile chat templates (issue 16) ---------------------------------------------------------------
+NESTED = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+SLOW_FOR_TWO = ("{% if messages|length > 1 %}" + NESTED + "{% endif %}"
+                "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+
+
+def _serve_cli(model, port: int, *args) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "edge_spec.cli", "serve", str(model), "--port", str(port),
+                             "-c", "256", *args], stderr=subprocess.PIPE, text=True, env=os.environ | {"NO_COLOR": "1"})
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("template, code, status", [
+    ("{{ 1/0 }}", "chat_template_error", 500),
+    ("{{ messages + 1 }}", "chat_template_error", 500),
+    ("{{ raise_exception('roles must alternate') }}", "chat_template_rejected", 400),
+], ids=["division", "types", "rejected"])
+def test_template_errors_are_openai_shaped(tmp_path, template, code, status):
+    tiny = write_llama(tmp_path / "t.gguf", seed=2, chat_template=template)
+    with edge_spec.load(str(tiny), n_ctx=256, history=False, plan=False) as s, running(s) as (url, _):
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "stream": stream},
+                           timeout=60)
+            assert r.status_code == status, r.text
+            error = r.json()["error"]
+            assert error["code"] == code and "chat template" in error["message"] and "Traceback" not in r.text
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_hostile_templates_do_not_jam_the_server_and_sigterm_stops_it(tmp_path):
+    """Issue 16: two chat requests whose template spins, from clients that gave up, used to hold
+    both places of --queue 1 for good (every later request 503) and keep SIGTERM from stopping."""
+    tiny = write_llama(tmp_path / "slow.gguf", seed=2, chat_template=SLOW_FOR_TWO)
+    port = free_port()
+    proc = _serve_cli(tiny, port, "--queue", "1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        two = {"messages": CHAT, "max_tokens": 2}
+        for _ in range(2):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/chat/completions", json=two, timeout=httpx.Timeout(10, read=0.3))
+        time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text  # the places were given back when the clients left
+        r = httpx.post(url + "/v1/chat/completions", json=two, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "chat_template_error", r.text
+        assert "longer than" in r.json()["error"]["message"]
+        one = {"messages": CHAT[1:], "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=one, timeout=60).status_code == 200
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["queue"]["running"] == 0 and health["queue"]["waiting"] == 0
+        with contextlib.suppress(httpx.ReadTimeout):  # one more left spinning, then SIGTERM
+            httpx.post(url + "/v1/chat/completions", json=two, timeout=httpx.Timeout(10, read=0.3))
+    finally:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("SIGTERM did not stop the server") from None
+    assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - t0 < 15, stderr
+    assert "Traceback" not in stderr and stderr.count("chat template") <= 4, stderr
+
+
+def test_a_template_over_its_budget_at_load_is_a_note(tmp_path):
+    tiny = write_llama(tmp_path / "spin.gguf", seed=2, chat_template=NESTED)
+    with edge_spec.load(str(tiny), n_ctx=256, history=False, plan=False) as s, running(s) as (url, _):
+        notes = httpx.get(url + "/health", timeout=10).json()["notes"]
+        assert any("longer than" in n and "raw prompts work" in n for n in notes), notes
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500 and time.monotonic() - t0 < 1  # refused without spinning again

@@ -395,3 +395,61 @@ def test_multi_sequence_model_drafts_keep_the_target_distribution(k, width):
         spec = generated(rt, prompt_for(i), greedy, None)
         assert spec == generated(Runtime(FakeModel(p, V)), prompt_for(i), greedy, None), name
         assert getattr(rt.target, "n_trees", 0) > 0, name
+
+
+# --- trees and multi-sequence drafts under the sampling transforms -----------------------------------
+def _transform_of(sp):
+    def transform(p):
+        with np.errstate(divide="ignore"):
+            return probs(np.log(p), sp)
+    return transform
+
+
+TRANSFORM_IDS = [f"T{sp.temperature}-k{sp.top_k}-p{sp.top_p}-m{sp.min_p}" for sp in TRANSFORMS]
+
+
+@pytest.mark.parametrize("sp", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_multi_sequence_drafts_keep_the_transformed_target_distribution(sp):
+    """As the chain test above, for sampled first tokens verified by recursive rejection sampling:
+    the target's side of the tree walk must see the same top-k/top-p/min-p/temperature."""
+    vocab = 4
+    cases = [c for c in pair_cases(vocab) if c[0] in ("mixed0", "mixed1", "p-zeros0", "q-onehot0", "disjoint0")]
+    raw = deviations(cases[:2], lambda p, q: model_tree_runtime(p, q, 2, 2, vocab), sp, vocab)
+    assert max(raw.values()) > 1e-3  # the transform matters here
+    assert_exact(deviations(cases, lambda p, q: model_tree_runtime(p, q, 2, 2, vocab), sp, vocab,
+                            _transform_of(sp)))
+    rt = model_tree_runtime(*cases[0][1:], 2, 2, vocab)()
+    list(rt.generate([0], sp))
+    assert getattr(rt.target, "n_trees", 0) > 0  # trees were really verified
+
+
+@pytest.mark.parametrize("sp", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_ngram_trees_keep_the_transformed_target_distribution(sp):
+    """Deterministic n-gram children (sample and compare) under the same transforms."""
+    targets = [random_dist(s, V, kind, order=1) for s, kind in enumerate(["mixed", "zeros", "dense"] * 2)]
+    prompt = [0, 1, 0, 2, 0, 1, 1, 0]  # "0" was followed by 1, 2 and 1: a branching first position
+    transform, trees = _transform_of(sp), 0
+    for p in targets:
+        runtime_of = ngram_tree_runtime(p, 3, 3)
+        got = enumerate_outcomes(lambda rng, runtime_of=runtime_of: generated(runtime_of(), prompt, sp, rng))
+        assert max_deviation(got, target_joint(p, prompt, sp.max_tokens, V, transform)) < TOL
+        rt = runtime_of()
+        list(rt.generate(prompt, sp))
+        trees += getattr(rt.target, "n_trees", 0)
+    assert trees > 0
+
+
+@pytest.mark.parametrize("sp", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_parallel_schedule_keeps_the_transformed_target_distribution(sp):
+    vocab = 4
+    cases = [c for c in pair_cases(vocab) if c[0] in ("mixed0", "p-zeros0", "disjoint0")]
+
+    def make(p, q):
+        def runtime():
+            rt = Runtime(FakeModel(p, vocab), [ModelDrafter(FakeModel(q, vocab))], FixedController(2),
+                         schedule="parallel")
+            rt.ahead = lambda i: (i + 1) % 3
+            return rt
+        return runtime
+
+    assert_exact(deviations(cases, make, sp, vocab, _transform_of(sp)))
