@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..benchmark import QUICK, Settings
+from ..defaults import N_CTX
 
 S = Settings()
 
@@ -30,7 +31,7 @@ def bench_command(
     reps: int = typer.Option(S.reps, "--reps", help="Repetitions of each prompt (seeds differ at T > 0)."),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", show_default=False,
                                           help="Threads (default: the plan's, physical cores)."),
-    ctx: int = typer.Option(4096, "-c", "--ctx-size", help="Context size in tokens."),
+    ctx: int = typer.Option(N_CTX, "-c", "--ctx-size", help="Context size in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (one record per category, "
                                                        "like `llama-bench -o json`) instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", show_default=False, metavar="FILE.png",
