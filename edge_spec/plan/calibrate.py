@@ -37,7 +37,7 @@ def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
     if options.kind == "llama":
         setup = [options.n_batch, options.type_k, options.type_v, options.n_gpu_layers]
         if options.disk_bytes is not None:  # a paged target: its passes read from disk (paging.py)
-            setup += ["paged", options.disk_bytes]
+            setup += ["paged", paged_key(options.disk_bytes)]
     else:  # TorchOptions or OnnxOptions: every field (device, dtype, KV cache, offloading budget; weights)
         setup = [options.kind, *dataclasses.astuple(options)]
     key = json.dumps([
@@ -45,6 +45,12 @@ def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
         n_threads, *setup, _build_id(), platform.processor() or platform.machine(),
     ])
     return state_dir() / "calibration" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def paged_key(disk_bytes: int) -> int:
+    """A paged target's bytes read per pass, to the 64 MiB: the budget a cgroup leaves varies a
+    little from run to run, and so would the cache's key."""
+    return round(disk_bytes / (64 << 20))
 
 
 def _build_id() -> str:

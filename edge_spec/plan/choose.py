@@ -92,10 +92,18 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     knowledge = History().knowledge(target, draft) if options.history else planner.Knowledge()
     if draft is not None and knowledge.acceptance is None and (prior := self_drafter_prior(draft.provenance)):
         knowledge = dataclasses.replace(knowledge, acceptance=prior[0], acceptance_source=prior[1])
-    result = planner.plan(target.shape, prof, draft.shape if draft else None,
-                          n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
-                          max_draft=options.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
-                          offload=torch_offload_possible(options.backend, target))
+    def planned(cals):
+        return planner.plan(target.shape, prof, draft.shape if draft else None,
+                            n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
+                            max_draft=options.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
+                            offload=torch_offload_possible(options.backend, target))
+
+    result = planned(cals)
+    paged = result.chosen.target.disk_bytes
+    if paged and not calibration and result.chosen.costs != "calibrated":  # measured before, paged alike?
+        found = cached_calibrations(options, target, threads, False, disk_bytes=paged)
+        if found:
+            result = planned([*found, *cals])
     report("planning", 1.0)
     return result
 
@@ -235,15 +243,17 @@ def check_memory(target_path, draft_path, t_opts, d_opts, memory_budget: int | N
             "a quantized KV cache, a smaller model or quantization, or let the planner decide (plan=True)")
 
 
-def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, gpu: bool) -> list:
-    """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU."""
+def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, gpu: bool,
+                        disk_bytes: int | None = None) -> list:
+    """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU;
+    with `disk_bytes`, of it paged so (calibrate.paged_key)."""
     from ..backends.llama_cpp import LlamaOptions
 
     out = []
     for ngl in (0, ModelFile.open(model).shape.n_layers + 1) if gpu else (0,):
         cal = calibrate.cached(model, threads, LlamaOptions(
             n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=ngl,
-            type_k=options.type_k or "f16", type_v=options.type_v or "f16"))
+            type_k=options.type_k or "f16", type_v=options.type_v or "f16", disk_bytes=disk_bytes))
         if cal is not None:
             out.append(cal)
     return out
