@@ -49,6 +49,18 @@ def tokens_of(steps):
     return [t for s in steps for t in s.tokens]
 
 
+def assert_first_tokens_follow(counts: Counter, p: np.ndarray, n: int) -> None:
+    """A chi-square test that `n` first tokens (`counts`) were drawn from p: the tokens expected
+    at least 5 times apart, the rest pooled."""
+    frequent = [t for t in np.argsort(-p) if p[t] * n >= 5]
+    observed = [counts[t] for t in frequent] + [n - sum(counts[t] for t in frequent)]
+    expected = [p[t] * n for t in frequent] + [n - sum(p[t] * n for t in frequent)]
+    if expected[-1] < 1e-9:
+        observed, expected = observed[:-1], expected[:-1]
+    assert len(frequent) >= 3
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
 def test_smollm_drafting_for_itself_accepts_everything(smol_path, smol):
     with LlamaCppBackend(smol_path, LlamaOptions(n_ctx=512)) as draft:
         rt = Runtime(smol, [ModelDrafter(draft)], AlwaysDraft(4))
@@ -146,13 +158,7 @@ def test_speculative_sampling_keeps_the_target_distribution(smol_path, smol, smo
             drafted += steps[-1].stats.n_drafted
             accepted += steps[-1].stats.n_accepted
     assert 0 < accepted < drafted  # both accepts and rejections happened
-    frequent = [t for t in np.argsort(-p) if p[t] * n >= 5]
-    observed = [counts[t] for t in frequent] + [n - sum(counts[t] for t in frequent)]
-    expected = [p[t] * n for t in frequent] + [n - sum(p[t] * n for t in frequent)]
-    if expected[-1] < 1e-9:
-        observed, expected = observed[:-1], expected[:-1]
-    assert len(frequent) >= 3
-    assert chisquare(observed, expected).pvalue > 1e-3
+    assert_first_tokens_follow(counts, p, n)
 
 
 def test_ngram_trees_on_a_real_model_equal_plain_greedy(smol_path, smol):
