@@ -23,7 +23,7 @@ from .chat_template import TemplateRenderer, chat_tokens, renderer_for
 from .controller import Controller
 from .defaults import MAX_DRAFT
 from .modelfile import ModelFile
-from .options import EngineOptions, Progress, model_paths, resolve_model, tree_sequences  # noqa: F401 (re-exported)
+from .options import EngineOptions, Progress, model_paths, tree_sequences
 from .runtime import Runtime
 from .types import EdgespecError, SamplingParams, Step
 

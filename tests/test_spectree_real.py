@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions

@@ -66,7 +66,6 @@ class PagerStats:
     pinned_bytes: int = 0
     streamed_bytes: int = 0
     passes: int = 0
-    read_seconds: float = 0.0
 
 
 class Pager:
@@ -122,11 +121,8 @@ class Pager:
             self._thread = None
 
     def _read_ahead(self) -> None:
-        import time
-
         buf = bytearray(CHUNK)
         view = memoryview(buf)
-        t0 = time.perf_counter()
         for start, size in self.streamed:
             done = 0
             while done < size and not self._stop.is_set():
@@ -134,7 +130,6 @@ class Pager:
                 if n <= 0:
                     return
                 done += n
-        self.stats.read_seconds += time.perf_counter() - t0
 
     # --- eviction ------------------------------------------------------------------------------
     def evict(self) -> None:

@@ -220,8 +220,13 @@ def calibration_slices(model, texts: Sequence[tuple[str, str]], sizes: Sequence[
     """Disjoint slices of the calibration replies, each of at least `sizes[i]` reply positions
     (fewer if the replies run out), as (tokens, start): the logits after tokens[start] onward
     are scored. The texts are dealt in order, round-robin to the slices not yet full."""
-    from ..chat_template import chat_tokens
+    from ..chat_template import chat_tokens, renderer_for
 
+    with renderer_for(model) as templates:  # one template renderer for every prompt
+        return _deal(model, texts, sizes, max_item_tokens, lambda m: chat_tokens(model, m, templates))
+
+
+def _deal(model, texts, sizes, max_item_tokens: int, chat) -> list[list[tuple[list[int], int]]]:
     slices: list[list] = [[] for _ in sizes]
     have = [0] * len(sizes)
     turn = 0
@@ -232,7 +237,7 @@ def calibration_slices(model, texts: Sequence[tuple[str, str]], sizes: Sequence[
         s = open_[turn % len(open_)]
         turn += 1
         if prompt:
-            head = chat_tokens(model, [{"role": "user", "content": prompt}])
+            head = chat([{"role": "user", "content": prompt}])
             body = model.tokenize(reply, add_special=False, parse_special=False)
         else:
             head, body = [], model.tokenize(reply, add_special=True, parse_special=False)

@@ -181,33 +181,38 @@ def target_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[
                   sp: SamplingParams = SamplingParams(), chunk: int = 64) -> list[np.ndarray]:
     """For each (prompt, reply): the target's sampling distribution summed over the reply's
     positions (teacher-forced: one batched pass per chunk), as [vocab] float32 counts."""
-    from ..chat_template import chat_tokens
+    from ..chat_template import chat_tokens, renderer_for
     from ..sampling import probs
 
     out = []
-    for n, (prompt, reply) in enumerate(items):
-        if prompt:
-            head = chat_tokens(target, [{"role": "user", "content": prompt}])
-            body = target.tokenize(reply, add_special=False, parse_special=False)
-        else:
-            head, body = [], target.tokenize(reply, add_special=True, parse_special=False)
-        room = target.n_ctx - 1
-        tokens = (head + body)[:room]
-        start = max(len(head) - 1, 0)  # logits after the last prompt token predict the first reply token
-        target.truncate(0)
-        target.forward(tokens[:start], logits="none")
-        counts = np.zeros(target.vocab_size, dtype=np.float64)
-        for i in range(start, len(tokens), chunk):
-            rows = target.forward(tokens[i:i + chunk], logits="all")
-            for row in rows:
-                p = probs(row, sp)
-                nz = np.flatnonzero(p)
-                counts[nz] += p[nz]
-        out.append(counts.astype(np.float32))
-        if progress:
-            progress((n + 1) / len(items))
+    with renderer_for(target) as templates:  # one template renderer for every prompt
+        for n, (prompt, reply) in enumerate(items):
+            out.append(_reply_counts(target, prompt, reply, lambda m: chat_tokens(target, m, templates), sp, chunk,
+                                     probs))
+            if progress:
+                progress((n + 1) / len(items))
     target.truncate(0)
     return out
+
+
+def _reply_counts(target, prompt: str, reply: str, chat, sp: SamplingParams, chunk: int, probs) -> np.ndarray:
+    """One (prompt, reply)'s summed distributions (target_counts)."""
+    if prompt:
+        head = chat([{"role": "user", "content": prompt}])
+        body = target.tokenize(reply, add_special=False, parse_special=False)
+    else:
+        head, body = [], target.tokenize(reply, add_special=True, parse_special=False)
+    tokens = (head + body)[:target.n_ctx - 1]
+    start = max(len(head) - 1, 0)  # logits after the last prompt token predict the first reply token
+    target.truncate(0)
+    target.forward(tokens[:start], logits="none")
+    counts = np.zeros(target.vocab_size, dtype=np.float64)
+    for i in range(start, len(tokens), chunk):
+        for row in target.forward(tokens[i:i + chunk], logits="all"):
+            p = probs(row, sp)
+            nz = np.flatnonzero(p)
+            counts[nz] += p[nz]
+    return counts.astype(np.float32)
 
 
 def rank(counts: np.ndarray, vocab: Vocab) -> np.ndarray:

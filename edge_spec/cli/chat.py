@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from ..engine import Engine
 from ..options import EngineOptions
-from .common import progress_bar, stderr_console
+from .common import progress_bar
 from ..types import EdgespecError, SamplingParams, Stats
 
 HELP = """commands:

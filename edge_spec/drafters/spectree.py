@@ -25,7 +25,6 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sampling import probs
 from ..tree import ROOT, TokenTree
 from ..types import SamplingParams
 

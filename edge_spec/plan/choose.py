@@ -11,8 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from .. import models
-from ..defaults import MAX_DRAFT, PRIOR_ACCEPTANCE, SELF_DRAFTER_PRIOR, SUGGESTED_COVERAGE, SUGGESTED_K
-from ..defaults import MIN_SOURCE_BITS
+from ..defaults import MAX_DRAFT, MIN_SOURCE_BITS, PRIOR_ACCEPTANCE, SELF_DRAFTER_PRIOR, SUGGESTED_COVERAGE, SUGGESTED_K
 from ..drafters.provenance import default_output, info, self_drafter_prior
 from ..modelfile import ModelFile
 from ..options import EngineOptions, Progress

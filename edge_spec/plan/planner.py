@@ -212,16 +212,16 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
             unified = any(profile.gpus[p.gpu].unified_memory for p in (tp, dp) if p is not None and p.gpu >= 0)
             if unified:  # VRAM is carved out of the same RAM
                 ram += need.vram
-            if dp is not None:  # next to a paged target the drafter runs with a small batch (backends/load.py)
-                small = costmodel.memory_need(drafter, dp, n_ctx, type_k, type_v, costmodel.PAGED_DRAFTER_BATCH).ram
-                others = ram - t_need.ram - (d.ram - small)
-            else:
-                others = ram - t_need.ram
-            if ram > ram_budget and allow_paged and (paged := _paged(target, tp, dp, others, ram_budget, n_ctx, type_k,
-                                                    type_v)) is not None:
-                paged_ram = others + costmodel.memory_need(target, paged, n_ctx, type_k, type_v).ram
-                out.append((paged, dp, int(paged_ram), int(need.vram)))
-                continue
+            if ram > ram_budget and allow_paged:
+                others = ram - t_need.ram  # the drafter and the process
+                if dp is not None:  # next to a paged target the drafter runs with a small batch (backends/load.py)
+                    others -= d.ram - costmodel.memory_need(drafter, dp, n_ctx, type_k, type_v,
+                                                            costmodel.PAGED_DRAFTER_BATCH).ram
+                paged = _paged(target, tp, dp, others, ram_budget, n_ctx, type_k, type_v)
+                if paged is not None:
+                    paged_ram = others + costmodel.memory_need(target, paged, n_ctx, type_k, type_v).ram
+                    out.append((paged, dp, int(paged_ram), int(need.vram)))
+                    continue
             if ram > ram_budget:
                 what = "target" + (" + drafter" if dp else "")
                 rejected.append(f"{what} with {tp.describe(target)}: needs {ram / GiB:.1f} GiB RAM, "
