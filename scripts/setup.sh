@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up edgespec from a fresh clone: a virtual environment in .venv, llama-cpp-python 0.3.36 built
-# with flags that are safe on this CPU, edgespec itself, and the embedded default models.
+# with flags that are safe on this CPU and with ggml's RPC backend, the rpc-server of the same
+# llama.cpp sources (for `edgespec worker`), edgespec itself, and the embedded default models.
 #
 #   bash scripts/setup.sh          # for `edgespec chat`: the default target and drafter
 #   bash scripts/setup.sh --test   # also the test dependencies and the small test model
@@ -44,16 +45,17 @@ elif grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
 else
   variant=native
 fi
+# Both variants build ggml's RPC backend (libggml-rpc: --rpc workers) and llama.cpp's rpc-server.
 case "$variant" in
-  noamx) cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX_VNNI=ON" ;;
-  native) cmake_args="${CMAKE_ARGS:-}" ;;
+  noamx) cmake_args="-DGGML_RPC=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX_VNNI=ON" ;;
+  native) cmake_args="-DGGML_RPC=ON ${CMAKE_ARGS:-}" ;;
   *) echo "setup.sh: EDGESPEC_LLAMA_VARIANT must be native or noamx" >&2; exit 2 ;;
 esac
-marker=.venv/.edgespec-llama-$LLAMA_VERSION-$variant
+marker=.venv/.edgespec-llama-$LLAMA_VERSION-$variant-rpc
+wheels="$home/wheels/llama_cpp_python-$LLAMA_VERSION-$variant-rpc"
 if [ ! -f "$marker" ] || ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-  wheels="$home/wheels/llama_cpp_python-$LLAMA_VERSION-$variant"
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    say "building llama-cpp-python $LLAMA_VERSION ($variant build; takes about 5 minutes on 2 cores)"
+    say "building llama-cpp-python $LLAMA_VERSION ($variant build with RPC; takes about 5 minutes on 2 cores)"
     mkdir -p "$wheels"
     # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could hand back another variant
     CMAKE_ARGS="$cmake_args" "${pip[@]}" wheel --no-cache-dir --no-deps --no-binary llama-cpp-python \
@@ -63,8 +65,27 @@ if [ ! -f "$marker" ] || ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; t
   wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
   "${pip[@]}" install --force-reinstall --no-deps "$wheel"  # replace any other build in the venv
   "${pip[@]}" install "$wheel"                               # and bring its dependencies
-  rm -f .venv/.edgespec-llama-*
+  rm -f .venv/.edgespec-llama-* .venv/bin/ggml-rpc-server
   touch "$marker"
+fi
+
+# --- rpc-server -----------------------------------------------------------------------------------
+# llama.cpp's rpc-server (tools/rpc/rpc-server.cpp, one file) from the same sdist, linked against
+# the ggml libraries the wheel installed: the worker and the client speak the same protocol, and
+# compiling one file takes seconds instead of a second ggml build.
+if [ ! -x .venv/bin/ggml-rpc-server ]; then
+  sdist="$home/wheels/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+  if [ ! -f "$sdist" ]; then
+    "${pip[@]}" download --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$home/wheels"
+  fi
+  src=$(mktemp -d)
+  tar -xzf "$sdist" -C "$src" --wildcards '*/vendor/llama.cpp/tools/rpc/rpc-server.cpp' '*/vendor/llama.cpp/ggml/include/*'
+  root="$src/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
+  lib=$(.venv/bin/python -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / 'lib')")
+  say "compiling rpc-server against $lib"
+  ${CXX:-c++} -O2 -std=c++17 -o .venv/bin/ggml-rpc-server "$root/tools/rpc/rpc-server.cpp" \
+    -I "$root/ggml/include" -L "$lib" -lggml -lggml-base -Wl,-rpath,"$lib" -pthread
+  rm -rf "$src"
 fi
 
 # --- edgespec and its dependencies --------------------------------------------------------------
