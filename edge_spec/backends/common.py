@@ -23,7 +23,7 @@ class Closing:
 
 class BorrowedVocab:
     """Tokenizer calls of a backend whose vocabulary is a separate llama.cpp vocab-only load
-    (torch_backend.LlamaVocab) held in self._vocab; needs self._check_open()."""
+    (llama_cpp.LlamaVocab) held in self._vocab; needs self._check_open()."""
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         self._check_open()

@@ -160,6 +160,36 @@ class VocabMethods:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
 
+class LlamaVocab(VocabMethods):
+    """llama.cpp's tokenizer for a GGUF file, from a vocab_only load (no weights, no context)."""
+
+    def __init__(self, path: str):
+        self.lib, self._log = lib, log = _init()
+        params = lib.llama_model_default_params()
+        params.vocab_only = True
+        self.model = lib.llama_model_load_from_file(path.encode(), params)
+        if not self.model:
+            raise EdgespecError(f"llama.cpp could not load the vocabulary of {path}: {log.last()}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_tokens = lib.llama_vocab_n_tokens(self.vocab)
+        self.vocab_type = lib.llama_vocab_type(self.vocab)
+        self.bos, self.eos = lib.llama_vocab_bos(self.vocab), lib.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        desc = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(self.model, desc, len(desc))
+        self.description = desc.value.decode("utf-8", "replace")
+        self._pieces: dict[int, bytes] = {}
+
+    def _check_open(self):
+        if self.vocab is None:
+            raise EdgespecError("the vocabulary was closed")
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = self.vocab = None
+
+
 class LlamaCppBackend(VocabMethods, Closing):
     def __init__(self, path: str | os.PathLike, options: LlamaOptions = LlamaOptions(),
                  progress: Callable[[float], None] | None = None, *, _parent: "LlamaCppBackend | None" = None,

@@ -335,7 +335,8 @@ class OnnxBackend(BorrowedVocab, Closing):
     def __init__(self, path, options: OnnxOptions = OnnxOptions(), gguf=None, vocab=None,
                  progress: Callable[[str], None] | None = None):
         """`progress(stage)` is called before the slow first-use steps ("exporting", "quantizing")."""
-        from .torch_backend import LlamaVocab, _hparams, _physical_cores
+        from .llama_cpp import LlamaVocab
+        from .torch_backend import _hparams, _physical_cores
 
         path = os.fspath(path)
         self.options = options

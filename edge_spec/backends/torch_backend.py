@@ -52,7 +52,6 @@ weights stays on the device; the rest is streamed from host memory at every pass
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 from collections.abc import Sequence
@@ -62,7 +61,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..gguf_file import read_header
-from .llama_cpp import VocabMethods
+from .llama_cpp import LlamaVocab
 from ..defaults import N_CTX
 from .base import Capabilities
 from .common import BorrowedVocab, Closing
@@ -152,40 +151,6 @@ class TorchOptions:
             raise EdgespecError(f"kv_view={self.kv_view!r} reads a quantized cache: add kv_cache='int8x2'")
         if self.kv_recent < 0 or self.kv_rollback < 0:
             raise EdgespecError("kv_recent and kv_rollback must be >= 0")
-
-
-# --- the vocabulary: llama.cpp's, loaded without weights ---------------------------------------
-
-class LlamaVocab(VocabMethods):
-    """llama.cpp's tokenizer for a GGUF file, from a vocab_only load (no weights, no context)."""
-
-    def __init__(self, path: str):
-        from .llama_cpp import _init
-
-        self.lib, self._log = lib, log = _init()
-        params = lib.llama_model_default_params()
-        params.vocab_only = True
-        self.model = lib.llama_model_load_from_file(path.encode(), params)
-        if not self.model:
-            raise EdgespecError(f"llama.cpp could not load the vocabulary of {path}: {log.last()}")
-        self.vocab = lib.llama_model_get_vocab(self.model)
-        self.n_tokens = lib.llama_vocab_n_tokens(self.vocab)
-        self.vocab_type = lib.llama_vocab_type(self.vocab)
-        self.bos, self.eos = lib.llama_vocab_bos(self.vocab), lib.llama_vocab_eos(self.vocab)
-        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
-        desc = ctypes.create_string_buffer(256)
-        lib.llama_model_desc(self.model, desc, len(desc))
-        self.description = desc.value.decode("utf-8", "replace")
-        self._pieces: dict[int, bytes] = {}
-
-    def _check_open(self):
-        if self.vocab is None:
-            raise EdgespecError("the vocabulary was closed")
-
-    def close(self) -> None:
-        if getattr(self, "model", None):
-            self.lib.llama_model_free(self.model)
-            self.model = self.vocab = None
 
 
 # --- hyperparameters --------------------------------------------------------------------------
