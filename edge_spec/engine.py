@@ -90,6 +90,9 @@ class Engine:
             drafting = the_plan is not None and the_plan.chosen.strategy == "draft"
             options = dataclasses.replace(options, tree_budget=the_plan.chosen.tree_budget if drafting else 0)
         t_opts, d_opts = backends.backend_options(options, the_plan, target_path, draft_path)
+        if options.rpc and not getattr(t_opts, "rpc", ()):
+            notes.append("the RPC workers are not used: the target fits in memory here, and a worker would add "
+                         "network time to every pass (-ngl N puts N of its layers on them anyway)")
         if the_plan is None:  # the planner checks memory for its plans; without one, check here
             choose.check_memory(target_path, draft_path, t_opts, d_opts, options.memory_budget)
         if getattr(t_opts, "weights", None) == "int8-dynamic" and not options.plain:
@@ -111,8 +114,10 @@ class Engine:
             # (a torch or onnx target's measurements would pass for llama.cpp's CPU placement: not re-planned)
             if the_plan is not None and the_plan.chosen.costs != "calibrated" and measured \
                     and t_opts.kind == "llama":
+                # (workers already probed: the target holds their connection, and a worker serves one client)
                 the_plan = choose.plan_with(options, target_path, draft_backend and draft_path, notes, report,
-                                            calibration=measured, threads=target.n_threads)
+                                            calibration=measured, threads=target.n_threads,
+                                            workers=the_plan.chosen.target.workers if getattr(t_opts, "rpc", ()) else None)
                 if options.max_draft is None and the_plan.max_draft:
                     max_draft = the_plan.max_draft
                 if auto_trees:  # measured costs may prefer chains, or smaller trees (the contexts hold the first)

@@ -71,6 +71,11 @@ class EngineOptions:
     # "sequential", "parallel" (SCHEDULES; on a CPU alone the cores are split between the two
     # models) or "auto": the plan's choice (edge_spec.plan.planner weighs both)
     schedule: str = "auto"
+    # ggml RPC workers ("host:port", `edgespec worker`): a target that does not fit here puts its
+    # last layers on them (the plan's split; n_gpu_layers, when given, is the layers on the
+    # workers, as llama.cpp's -ngl with --rpc). The target then runs in a process of its own
+    # (backends/isolated.py): a worker lost mid-reply ends the reply with an error, not the app
+    rpc: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.backend not in ("auto", *BACKENDS):
@@ -88,6 +93,12 @@ class EngineOptions:
         if self.backend == "onnx" and self.tree_budget:
             raise EdgespecError("token trees (--tree-budget) need a target that verifies trees in one pass; "
                                 "the onnx backend runs chains only: use --backend llama or torch")
+        if self.rpc:
+            from .backends.rpc import parse_endpoints
+
+            object.__setattr__(self, "rpc", parse_endpoints(self.rpc))
+            if self.backend not in ("auto", "llama"):
+                raise EdgespecError(f"RPC workers (--rpc) run llama.cpp targets: --backend {self.backend} cannot use them")
         if self.backend == "onnx" and self.tree_width > 1:
             raise EdgespecError("token trees (tree_width > 1) need a target that verifies trees in one pass; "
                                 "the onnx backend runs chains only: use tree_width=1, or --backend llama or torch")

@@ -58,7 +58,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .chat_template import ChatTemplateError
 from .server_config import LOCAL_NAMES, ServerConfig, is_loopback  # noqa: F401 (re-exported)
-from .types import EdgespecError, SamplingParams, Step
+from .types import EdgespecError, SamplingParams, Step, WorkerLost
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -518,6 +518,9 @@ def _error_for(e: Exception) -> ApiError:
             return ApiError(400, str(e), code="chat_template_rejected")
         log.warning("%s", e)  # the model's template is broken or over its budget: one line, no traceback
         return ApiError(500, str(e), "server_error", "chat_template_error")
+    if isinstance(e, WorkerLost):  # the target's RPC worker is gone: not the client's doing
+        log.error("%s", e)
+        return ApiError(503, str(e), "server_error", "worker_lost")
     if isinstance(e, EdgespecError):
         return ApiError(400, str(e))
     return ApiError(500, "internal error: see the server's log", "server_error", "internal_error")

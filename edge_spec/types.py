@@ -22,6 +22,11 @@ class EdgespecError(Exception):
     """An error the user can fix; its message says how. The CLI prints it on one line."""
 
 
+class WorkerLost(EdgespecError):
+    """The target's process ended because an RPC worker was lost (backends/isolated.py): this
+    engine cannot generate again; the process, the session and the server go on."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 are off.

@@ -34,6 +34,7 @@ class Capabilities:
     threads_settable: bool          # set_threads(n) between passes (parallel schedules split cores)
     gpu_layers: int = 0             # blocks on a GPU (llama.cpp's -ngl); 0: computed on the CPU
     disk_bytes: int = 0             # weights read from disk at every pass (a paged target; has evict())
+    workers: tuple[str, ...] = ()   # RPC workers holding its gpu_layers (backends/isolated.py)
 
 
 @runtime_checkable

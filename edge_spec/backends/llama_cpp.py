@@ -40,6 +40,11 @@ class LlamaOptions:
     # a paged target (backends/paging.py): this many bytes of the weights every pass reads are read
     # from disk at every pass, the rest pinned in RAM; None: resident (the OS pages it as it likes)
     disk_bytes: int | None = None
+    # ggml RPC workers ("host:port", backends/rpc.py): n_gpu_layers of the blocks go to them (split
+    # by their free memory, as llama.cpp does with --rpc), the rest stay on this CPU. ggml's RPC
+    # client aborts the process on a lost connection: such a model is loaded in a process of its
+    # own (backends/isolated.py), never in the caller's
+    rpc: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.n_ctx < 8:
@@ -95,6 +100,35 @@ def _init():
         lib.llama_backend_init()
         _state["lib"], _state["log"] = lib, _Log(lib)
     return _state["lib"], _state["log"]
+
+
+def rpc_devices(endpoints) -> ctypes.Array:
+    """Every device of each RPC worker, as a NULL-terminated array for llama_model_params.devices.
+    Connects to the workers: ggml aborts the process if one does not answer (backends/isolated.py)."""
+    import glob
+
+    import llama_cpp
+
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    try:
+        rpc, ggml = (ctypes.CDLL((glob.glob(os.path.join(libdir, f"lib{name}.*")) or [name])[0])
+                     for name in ("ggml-rpc", "ggml"))
+    except OSError as e:
+        raise EdgespecError(f"this llama-cpp-python was built without ggml's RPC backend ({e}): "
+                            "run `bash scripts/setup.sh`, which builds it with -DGGML_RPC=ON") from e
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    devices = []
+    for endpoint in endpoints:
+        reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+        if not reg:
+            raise EdgespecError(f"ggml could not add the RPC worker {endpoint}")
+        devices += [ggml.ggml_backend_reg_dev_get(reg, i) for i in range(ggml.ggml_backend_reg_dev_count(reg))]
+    return (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
 
 
 def amx_unsafe(lib) -> bool:
@@ -251,6 +285,9 @@ class LlamaCppBackend(VocabMethods, Closing):
         params = lib.llama_model_default_params()
         params.n_gpu_layers = options.n_gpu_layers
         params.use_mmap = options.use_mmap
+        if options.rpc:  # the workers are the devices layers are offloaded to (none of this host's GPUs)
+            self._devices = rpc_devices(options.rpc)  # NULL-terminated; llama.cpp reads it while loading
+            params.devices = ctypes.addressof(self._devices)
         extra = options.use_extra_bufts
         # a paged target keeps its weights in the file's mapping: repacking would copy them all to RAM
         params.use_extra_bufts = False if options.disk_bytes is not None else (

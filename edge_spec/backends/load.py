@@ -105,13 +105,16 @@ def llama_options(options: EngineOptions, the_plan, draft_path=None):
 
     c = the_plan.chosen if the_plan is not None else None
     t_ngl = c.target.ngl(the_plan.target) if c is not None else 0
+    if options.rpc and c is not None and not c.target.rpc_layers and options.n_gpu_layers is None:
+        t_ngl = 0  # the plan keeps the whole target here (it fits): the workers are not used
     d_ngl = c.drafter.ngl(the_plan.drafter) if c is not None and c.drafter is not None else 0
     type_k = options.type_k or (the_plan.type_k if the_plan else "f16")
     type_v = options.type_v or (the_plan.type_v if the_plan else "f16")
     threads = options.n_threads or (the_plan.threads if the_plan else None)
-    target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads,
-                          n_gpu_layers=t_ngl if options.n_gpu_layers is None else options.n_gpu_layers,
-                          type_k=type_k, type_v=type_v, n_seq_max=tree_sequences(options))
+    t_ngl = t_ngl if options.n_gpu_layers is None else options.n_gpu_layers
+    target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=t_ngl,
+                          type_k=type_k, type_v=type_v, n_seq_max=tree_sequences(options),
+                          rpc=options.rpc if t_ngl else ())  # no layer on the workers: not connected
     d_kv = None
     if draft_path is not None and options.type_k is None and options.type_v is None:
         d_kv = ModelFile.open(draft_path).provenance.get("kv_cache")
@@ -146,6 +149,10 @@ def load(path, opts, what: str, notes: list, report: Progress):
     from .llama_cpp import LlamaCppBackend
 
     model = ModelFile.open(path)  # validated once: llama.cpp is handed a file already checked
+    if opts.rpc:  # layers on RPC workers: in a process of its own (isolated.py)
+        from .isolated import IsolatedBackend
+
+        return IsolatedBackend(model.path, opts, lambda f: report(f"loading {what} (layers sent to the workers)", f))
     try:
         return LlamaCppBackend(model.path, opts, lambda f: report(f"loading {what}", f), header=model.header)
     except EdgespecError as e:

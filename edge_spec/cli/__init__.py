@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..types import SamplingParams
-from .common import (BackendOpt, CtxOpt, DraftBackendOpt, DraftLengthOpt, DraftOpt, MaxDraftOpt, MemBudgetOpt,
+from .common import (BackendOpt, CtxOpt, DraftBackendOpt, DraftLengthOpt, DraftOpt, MaxDraftOpt, MemBudgetOpt, RpcOpt,
                      MinPOpt, ModelArg, ModelOpt, NgldOpt, NglOpt, NgramOpt, NOpt, NoNgramOpt, PlainOpt, ScheduleOpt, SeedOpt,
                      StatsOpt, StopOpt, TempOpt, ThreadsDraftOpt, ThreadsOpt, TopKOpt, TopPOpt, TreeBudgetOpt,
                      engine_options,
@@ -38,7 +38,7 @@ def chat(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
     draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
-    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt,
+    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt, rpc: Optional[str] = RpcOpt,
     tree_budget: Optional[int] = TreeBudgetOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt.", show_default=False),
@@ -49,7 +49,7 @@ def chat(
 
     run(lambda: run_chat(
         engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                        draft_length, backend, draft_backend, schedule, mem_budget, tree_budget),
+                        draft_length, backend, draft_backend, schedule, mem_budget, tree_budget, rpc),
         SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
         system, stats_format(stats)))
@@ -65,7 +65,7 @@ def generate(
     ctx: int = CtxOpt, threads: Optional[int] = ThreadsOpt, threads_draft: Optional[int] = ThreadsDraftOpt,
     ngl: Optional[int] = NglOpt, ngld: Optional[int] = NgldOpt, max_draft: Optional[int] = MaxDraftOpt,
     draft_length: Optional[int] = DraftLengthOpt, backend: str = BackendOpt, draft_backend: str = DraftBackendOpt,
-    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt,
+    schedule: str = ScheduleOpt, mem_budget: Optional[str] = MemBudgetOpt, rpc: Optional[str] = RpcOpt,
     tree_budget: Optional[int] = TreeBudgetOpt, temp: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     seed: Optional[int] = SeedOpt, n: int = NOpt, stop: Optional[List[str]] = StopOpt,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (chat template only).", show_default=False),
@@ -78,7 +78,7 @@ def generate(
         text = read_prompt(prompt, file)
         run_generate(
             engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
-                            draft_length, backend, draft_backend, schedule, mem_budget, tree_budget),
+                            draft_length, backend, draft_backend, schedule, mem_budget, tree_budget, rpc),
             SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
                        stop=tuple(stop or ())),
             text, system, raw, stats_format(stats))

@@ -25,11 +25,15 @@ PlainOpt = typer.Option(False, "--plain", help="No speculation: plain decoding, 
 CtxOpt = typer.Option(E.n_ctx, "-c", "--ctx-size", help="Context size in tokens.")
 ThreadsOpt = typer.Option(None, "-t", "--threads", help="Target threads (default: the plan's, physical cores).", show_default=False)
 ThreadsDraftOpt = typer.Option(None, "-td", "--threads-draft", help="Drafter threads (default: as -t).", show_default=False)
-NglOpt = typer.Option(None, "-ngl", "--gpu-layers", help="Target layers on the GPU (default: the plan's).", show_default=False)
+NglOpt = typer.Option(None, "-ngl", "--gpu-layers", help="Target layers on the GPU, or with --rpc on the workers (default: the plan's).", show_default=False)
 NgldOpt = typer.Option(None, "-ngld", "--gpu-layers-draft", help="Drafter layers on the GPU (default: the plan's).", show_default=False)
 MemBudgetOpt = typer.Option(None, "--mem-budget", show_default=False,
                             help="Memory the models may use, e.g. 4G or 800M (default: available RAM or the cgroup's "
                                  "limit). A target bigger than this is paged: part pinned in RAM, the rest read from disk.")
+RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]", show_default=False,
+                      help="ggml RPC workers (`edgespec worker` on each machine): a target that does not fit here "
+                           "puts its last layers on them (the plan's split; -ngl N: N layers there). Workers have "
+                           "no authentication: only on loopback or a network you trust.")
 MaxDraftOpt = typer.Option(None, "--max-draft", help="Most tokens drafted per step (default: the plan's budget).", show_default=False)
 DraftLengthOpt = typer.Option(None, "--draft-length", show_default=False,
                               help="Draft exactly K tokens with the draft model at every step, paying or not (for experiments).")
@@ -59,7 +63,7 @@ DraftBackendOpt = typer.Option(E.draft_backend, "--draft-backend",
 
 def engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads, threads_draft, ngl, ngld, max_draft,
                     draft_length=None, backend=E.backend, draft_backend=E.draft_backend, schedule=E.schedule,
-                    mem_budget: str | None = None, tree_budget=E.tree_budget) -> EngineOptions:
+                    mem_budget: str | None = None, tree_budget=E.tree_budget, rpc: str | None = None) -> EngineOptions:
     if model and model_opt and model != model_opt:
         raise EdgespecError("give the target once: either MODEL.gguf or -m/--model")
     if ngram and no_ngram:
@@ -77,7 +81,7 @@ def engine_options(model, model_opt, draft, ngram, no_ngram, plain, ctx, threads
         n_ctx=ctx, n_threads=threads, n_threads_draft=threads_draft, n_gpu_layers=ngl,
         n_gpu_layers_draft=ngld, max_draft=max_draft, draft_length=draft_length, backend=backend,
         draft_backend=draft_backend, schedule=schedule, tree_budget=tree_budget,
-        memory_budget=parse_size(mem_budget) if mem_budget is not None else None)
+        memory_budget=parse_size(mem_budget) if mem_budget is not None else None, rpc=rpc or ())
 
 
 def stats_format(value: str) -> str:

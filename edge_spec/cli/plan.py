@@ -14,7 +14,7 @@ GiB = 2**30
 
 def make_plan(model: str | None, draft: str | None, profile_name: str | None, ctx: int,
               max_draft: int, use_history: bool, notes: list | None = None, backend: str = "auto",
-              memory_budget: int | None = None) -> planner.Plan:
+              memory_budget: int | None = None, rpc: tuple[str, ...] = ()) -> planner.Plan:
     """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
     engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
     from ..plan.costmodel import model_shape
@@ -23,7 +23,7 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
     from ..plan.choose import plan_for
 
     options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history,
-                            backend=backend, memory_budget=memory_budget)
+                            backend=backend, memory_budget=memory_budget, rpc=rpc)
     target_path, draft_path = model_paths(options)
     if profile_name is None:  # this machine: what `chat` would do, with its calibrations
         return plan_for(options, target_path, draft_path, notes if notes is not None else [])
@@ -35,9 +35,11 @@ def make_plan(model: str | None, draft: str | None, profile_name: str | None, ct
         from ..plan.history import History
 
         knowledge = History().knowledge(target_path, draft_path)
+    from ..plan.choose import rpc_workers
+
     return planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
                         n_ctx=ctx, knowledge=knowledge, max_draft=max_draft,
-                        offload=torch_offload_possible(backend, target_path))
+                        offload=torch_offload_possible(backend, target_path), workers=rpc_workers(options))
 
 
 def plan_dict(p: planner.Plan) -> dict:
@@ -47,6 +49,8 @@ def plan_dict(p: planner.Plan) -> dict:
             "target_gpu_layers": a.target.ngl(p.target),
             "target_backend": "torch" if a.target.offload else "llama",
             "target_disk_bytes_per_pass": a.target.disk_bytes,
+            "target_rpc_layers": a.target.rpc_layers,
+            "rpc_workers": [w.endpoint for w in a.target.workers],
             "drafter_gpu_layers": a.drafter.ngl(p.drafter) if a.drafter else None,
             "drafter_model": a.drafter_model or None,
             "draft_length": a.draft_length, "acceptance": a.acceptance,
@@ -125,6 +129,9 @@ def plan_command(
     mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
                                           help="Memory the models may use, e.g. 4G (default: this machine's available "
                                                "RAM or its cgroup's limit; with --profile, the profile's)."),
+    rpc: str | None = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]", show_default=False,
+                                   help="ggml RPC workers to plan with (probed): a target that does not fit here is "
+                                        "split across them."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the plan for a model on this machine or a hardware profile, and why it won.
@@ -137,7 +144,8 @@ def plan_command(
         from ..plan.memory import parse_size
 
         budget = parse_size(mem_budget) if mem_budget is not None else None
-        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes, backend, budget)
+        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes, backend, budget,
+                      rpc or ())
         if as_json:
             typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
         else:

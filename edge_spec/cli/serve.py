@@ -10,6 +10,7 @@ import typer
 
 from ..options import EngineOptions
 from ..server_config import ServerConfig, is_loopback
+from .common import RpcOpt
 
 C, C_ENGINE = ServerConfig(), EngineOptions()  # the defaults, read from one place
 
@@ -53,6 +54,7 @@ def serve_command(
     mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
                                           help="Memory the models may use, e.g. 4G (default: available RAM or the "
                                                "cgroup's limit); a bigger target is paged from disk."),
+    rpc: str | None = RpcOpt,
     schedule: str = typer.Option(C_ENGINE.schedule, "--schedule",
                                  help="sequential, parallel (the draft model drafts in its own thread while the target "
                                       "verifies) or auto: the plan's choice."),
@@ -73,7 +75,7 @@ def serve_command(
         config.check()  # before loading anything: a refused address opens no socket and loads no model
         options = engine_options(model, model_opt, draft, False, no_ngram, plain, ctx,
                                   None, None, None, None, None, backend=backend, draft_backend=draft_backend,
-                                  schedule=schedule, mem_budget=mem_budget, tree_budget=tree_budget)
+                                  schedule=schedule, mem_budget=mem_budget, tree_budget=tree_budget, rpc=rpc)
         from ..api import Session
         from ..server import serve
         from .chat import load_engine, plan_lines

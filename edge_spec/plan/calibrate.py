@@ -38,6 +38,8 @@ def cache_file(path: str | os.PathLike, n_threads: int, options) -> Path:
         setup = [options.n_batch, options.type_k, options.type_v, options.n_gpu_layers]
         if options.disk_bytes is not None:  # a paged target: its passes read from disk (paging.py)
             setup += ["paged", paged_key(options.disk_bytes)]
+        if options.rpc:  # split across RPC workers: n_gpu_layers of it on these
+            setup += ["rpc", *options.rpc]
     else:  # TorchOptions or OnnxOptions: every field (device, dtype, KV cache, offloading budget; weights)
         setup = [options.kind, *dataclasses.astuple(options)]
     key = json.dumps([
@@ -68,14 +70,17 @@ def cached(path: str | os.PathLike, n_threads: int, options) -> Calibration | No
         return None
     if not seconds or 1 not in seconds:
         return None
-    return as_calibration(path, seconds, n_threads, options.n_gpu_layers, options.disk_bytes or 0)
+    return as_calibration(path, seconds, n_threads, options.n_gpu_layers, options.disk_bytes or 0,
+                          bool(getattr(options, "rpc", ())))
 
 
 def as_calibration(path: str | os.PathLike, seconds: dict[int, float], n_threads: int, n_gpu_layers: int,
-                   disk_bytes: int = 0) -> Calibration:
+                   disk_bytes: int = 0, rpc: bool = False) -> Calibration:
+    """`rpc`: the n_gpu_layers were on RPC workers (device "rpc"), not on a GPU."""
+    device = "rpc" if rpc and n_gpu_layers else "cpu" if n_gpu_layers == 0 else "gpu0"
     return Calibration(
         model=Path(path).name, model_bytes=os.path.getsize(path), n_params=0,
-        device="cpu" if n_gpu_layers == 0 else "gpu0", threads=n_threads, n_gpu_layers=n_gpu_layers,
+        device=device, threads=n_threads, n_gpu_layers=n_gpu_layers,
         step_seconds=seconds[1], verify_seconds={n: s for n, s in seconds.items() if n > 1}, disk_bytes=disk_bytes)
 
 
@@ -154,13 +159,14 @@ def measure(backend, max_n: int, reps: int = 2,
 
 def measure_pair(target, draft_backend, max_draft: int, report) -> dict:
     """The measured costs a Controller is seeded with: target passes of 1..max_draft+1 tokens and
-    one drafter step, as {"target": (seconds by n, GPU layers), "drafter": ({1: seconds}, GPU
-    layers)}. Cached on disk, so only the first run on a machine pays for it. (A torch or onnx
+    one drafter step, as {"target": (seconds by n, GPU layers, bytes read from disk per pass, on
+    RPC workers), "drafter": ({1: seconds}, GPU layers, 0, False)}. Cached on disk, so only the first run on a machine pays for it. (A torch or onnx
     backend's measurements stand for the CPU placement the planner knows: 0 GPU layers.)"""
     costs = verify_costs(target, max_draft + 1,
                          progress=lambda n, total: report("measuring verification cost", n / total))
-    out = {"target": (costs, target.capabilities.gpu_layers, target.capabilities.disk_bytes)}
+    caps = target.capabilities
+    out = {"target": (costs, caps.gpu_layers, caps.disk_bytes, bool(caps.workers))}
     if draft_backend is not None:
         step = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
-        out["drafter"] = ({1: step}, draft_backend.capabilities.gpu_layers, 0)
+        out["drafter"] = ({1: step}, draft_backend.capabilities.gpu_layers, 0, False)
     return out

@@ -61,12 +61,23 @@ def with_memory_budget(options: EngineOptions, prof, notes: list):
     return prof.model_copy(update={"ram_available_bytes": max(budget.bytes, 1)})
 
 
+def rpc_workers(options: EngineOptions) -> tuple:
+    """The RPC workers of --rpc, probed (round trip, free memory) for the planner; a worker that
+    does not answer is a one-line error naming it (backends/rpc.py)."""
+    if not options.rpc:
+        return ()
+    from ..backends.rpc import check_workers
+    from .costmodel import Remote
+
+    return tuple(Remote(w.endpoint, w.free_bytes, w.rtt_seconds, w.throughput_bps) for w in check_workers(options.rpc))
+
+
 def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None, notes: list, report: Progress,
-              calibration: dict | None = None, threads: int | None = None, prof=None):
+              calibration: dict | None = None, threads: int | None = None, prof=None, workers: tuple | None = None):
     """Plan for this machine with what is known: the profile's and the cache's calibrations, or
     `calibration` just measured (edge_spec.plan.calibrate.measure_pair). `target` and `draft`:
     opened model files (a path is opened here: a missing or foreign file is the usual one-line
-    error, before any planning)."""
+    error, before any planning). `workers`: options.rpc probed (rpc_workers), else probed here."""
     from ..backends.llama_cpp import _lib
     from ..backends.load import torch_offload_possible
 
@@ -81,8 +92,8 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
         if model is None:
             continue
         if calibration and key in calibration:  # just measured, with the GPU layers it was loaded with
-            seconds, ngl, disk_bytes = calibration[key]
-            cals.append(calibrate.as_calibration(model, seconds, threads, ngl, disk_bytes))
+            seconds, ngl, disk_bytes, rpc = calibration[key]
+            cals.append(calibrate.as_calibration(model, seconds, threads, ngl, disk_bytes, rpc))
         else:
             cals.extend(cached_calibrations(options, model, threads, gpu))
     if prof.gpus and not gpu and options.profile is None:
@@ -91,11 +102,14 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     knowledge = History().knowledge(target, draft) if options.history else planner.Knowledge()
     if draft is not None and knowledge.acceptance is None and (prior := self_drafter_prior(draft.provenance)):
         knowledge = dataclasses.replace(knowledge, acceptance=prior[0], acceptance_source=prior[1])
+    workers = rpc_workers(options) if workers is None else workers
+
     def planned(cals):
         return planner.plan(target.shape, prof, draft.shape if draft else None,
                             n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
                             max_draft=options.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
-                            offload=torch_offload_possible(options.backend, target))
+                            offload=torch_offload_possible(options.backend, target), workers=workers,
+                            rpc_layers=options.n_gpu_layers if options.rpc else None)
 
     result = planned(cals)
     paged = result.chosen.target.disk_bytes
@@ -116,11 +130,12 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     report = report or _silent
     target = ModelFile.open(target)
     prof = with_memory_budget(options, machine_profile(options.profile, report), notes)
+    workers = rpc_workers(options)
     if options.draft is None and options.draft_model and not options.plain:
-        best, weighed = _plan_with_search(options, target, notes, report, prof)
+        best, weighed = _plan_with_search(options, target, notes, report, prof, workers)
     else:
         weighed = [ModelFile.open(draft)] if draft is not None else []
-        best = plan_with(options, target, weighed[0] if weighed else None, notes, report, prof=prof)
+        best = plan_with(options, target, weighed[0] if weighed else None, notes, report, prof=prof, workers=workers)
     if opened is not None:
         opened.update({c.shape.path: c for c in weighed})
     candidates = [c.path for c in weighed]
@@ -132,7 +147,7 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     return best
 
 
-def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, report: Progress, prof):
+def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, report: Progress, prof, workers=()):
     """Drafter discovery (edge_spec.drafter_search): every local GGUF that can draft for the
     target planned, the one that pays kept. Returns the plan, showing every drafter weighed and
     the verdicts on all, and the drafter files weighed."""
@@ -144,7 +159,7 @@ def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, re
     def predict(path):
         if path not in plans:
             files[path] = ModelFile.open(path) if path is not None else None
-            plans[path] = plan_with(options, target, files[path], notes, report, prof=prof)
+            plans[path] = plan_with(options, target, files[path], notes, report, prof=prof, workers=workers)
         return drafter_search.draft_rate(plans[path])
 
     report("searching for drafters", 0.0)

@@ -53,6 +53,11 @@ STREAM_WINDOW_BYTES = 256 * 2**20  # page cache a paged target's streamed weight
 PAGED_DRAFTER_BATCH = 64         # next to a paged target a drafter's compute buffer is sized for this many tokens
 DEFAULT_DISK_GBS = 0.5           # sequential read when the profile has none measured
 DISK_EFFICIENCY = 0.9            # of the measured sequential read, reading tensor by tensor
+# an RPC worker's share of a pass: the activations go there and back (ggml's scheduler copies them
+# at each split), plus the commands around its graph; measured with bench/rpc.py's latency proxy
+RPC_ROUND_TRIPS = 2
+RPC_DEFAULT_BPS = 1e9 / 8        # transfer speed to a worker never measured: gigabit Ethernet
+RPC_HEADROOM = 0.9               # share of a worker's free memory a plan may use
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
             "q4_1": 20 / 32, "q4_0": 18 / 32}
 
@@ -201,6 +206,16 @@ def trimmed_shape(shape: ModelShape, k: int, layer_scale: float = 1.0) -> ModelS
 # --- devices and placements --------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Remote:
+    """An RPC worker the target's layers can go to (backends/rpc.py probes it)."""
+
+    endpoint: str
+    free_bytes: int
+    rtt_seconds: float
+    bytes_per_second: float | None = None
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where a model runs: `gpu_layers` of its blocks on GPU `gpu` (-1 = CPU only); when every
     block is on the GPU the LM head goes there too, as llama.cpp does with -ngl > n_layers.
@@ -212,8 +227,16 @@ class Placement:
     threads: int | None = None
     offload: bool = False
     disk_bytes: int = 0     # paged (CPU only): weights read from disk at every pass, the rest pinned in RAM
+    # a CPU target split across RPC workers: its last rpc_layers blocks on `workers` (by their free
+    # memory, llama.cpp's split), the head too when every block is there; the rest on this CPU
+    rpc_layers: int = 0
+    workers: tuple[Remote, ...] = ()
 
     def describe(self, shape: ModelShape) -> str:
+        if self.rpc_layers:
+            n = min(self.rpc_layers, shape.n_layers)
+            s = "s" if len(self.workers) > 1 else ""
+            return f"CPU {shape.n_layers - n}/{shape.n_layers} layers + {n} on {len(self.workers)} RPC worker{s}"
         if self.offload:
             return f"GPU{self.gpu} torch, {self.streamed(shape)}/{shape.n_layers} layers streamed"
         if self.disk_bytes:
@@ -231,7 +254,10 @@ class Placement:
         return shape.n_layers - max(self.gpu_layers - TORCH_OFFLOAD_SLOTS, 0)
 
     def ngl(self, shape: ModelShape) -> int:
-        """The value for llama.cpp's n_gpu_layers (0 for the torch backend's offloading)."""
+        """The value for llama.cpp's n_gpu_layers (0 for the torch backend's offloading; the blocks
+        on the workers for a split across RPC workers)."""
+        if self.rpc_layers:
+            return shape.n_layers + 1 if self.rpc_layers >= shape.n_layers else self.rpc_layers
         if self.gpu < 0 or self.offload:
             return 0
         return shape.n_layers + 1 if self.gpu_layers >= shape.n_layers else self.gpu_layers
@@ -275,6 +301,9 @@ def predict_offload_pass(shape: ModelShape, profile: Profile, placement: Placeme
 
 def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: int) -> float:
     """Predicted seconds of one pass over k tokens (k = 1: a decode step)."""
+    if placement.rpc_layers:  # the workers assumed as fast as this CPU; the network on top
+        local = dataclasses.replace(placement, rpc_layers=0, workers=())
+        return predict_pass(shape, profile, local, k) + network_seconds(shape, placement, k)
     if placement.offload:
         return predict_offload_pass(shape, profile, placement, k)
     n_gpu = min(placement.gpu_layers, shape.n_layers) if placement.gpu >= 0 else 0
@@ -300,6 +329,21 @@ def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: i
     return t
 
 
+def network_seconds(shape: ModelShape, placement: Placement, k: int) -> float:
+    """What the RPC workers' network adds to a pass over k tokens: RPC_ROUND_TRIPS round trips
+    per worker, and the activations ([k, n_embd] float32) sent to each worker and back (the
+    logits too when the head is there)."""
+    if not placement.rpc_layers:
+        return 0.0
+    t = 0.0
+    hops = len(placement.workers) + 1  # into the first worker, between workers, back to this CPU
+    for w in placement.workers:
+        t += RPC_ROUND_TRIPS * w.rtt_seconds
+    bps = min((w.bytes_per_second or RPC_DEFAULT_BPS) for w in placement.workers) if placement.workers else RPC_DEFAULT_BPS
+    sent = hops * k * shape.n_embd * 4 + (k * shape.vocab_size * 4 if placement.rpc_layers >= shape.n_layers else 0)
+    return t + sent / bps
+
+
 def disk_read_bps(profile: Profile) -> float:
     """Bytes/s a paged target reads its weights at (the profile's sequential read, else a SATA SSD)."""
     return (profile.disk_read_gbs or DEFAULT_DISK_GBS) * 1e9 * DISK_EFFICIENCY
@@ -314,7 +358,8 @@ def pass_bytes(shape: ModelShape) -> int:
 def pass_costs(shape: ModelShape, profile: Profile, placement: Placement, sizes) -> tuple[dict[int, float], str]:
     """Seconds per pass for each k in `sizes` and where they come from ("calibrated" when the
     profile has a matching measurement for this model on this device, else "predicted")."""
-    device = "cpu" if placement.gpu < 0 or placement.gpu_layers == 0 else f"gpu{placement.gpu}"
+    device = ("rpc" if placement.rpc_layers else
+              "cpu" if placement.gpu < 0 or placement.gpu_layers == 0 else f"gpu{placement.gpu}")
     name = os.path.basename(shape.path)
     cal = next((c for c in profile.calibrations if not placement.offload  # calibrations are llama.cpp's
                 and c.model == name and c.device == device and _matches(c, shape, placement)), None)
@@ -373,7 +418,10 @@ def torch_memory_need(shape: ModelShape, n_ctx: int, dtype_bytes: int = 4, kv_ca
 
 def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str = "f16",
                 type_v: str = "f16", n_ubatch: int = 512) -> MemoryNeed:
-    """Bytes a model needs on each side: weights, KV cache of n_ctx tokens, compute buffers."""
+    """Bytes a model needs on each side: weights, KV cache of n_ctx tokens, compute buffers. (A
+    target split across RPC workers: this machine's side; rpc_need gives the workers'.)"""
+    if placement.rpc_layers:
+        return MemoryNeed(ram=rpc_need(shape, placement, n_ctx, type_k, type_v, n_ubatch).ram, vram=0)
     if placement.offload:  # the torch backend in bfloat16
         budget = min(placement.gpu_layers, shape.n_layers) * torch_layer_bytes(shape, 2)
         return torch_memory_need(shape, n_ctx, 2, "plain", budget, device="cuda")
@@ -390,6 +438,13 @@ def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str
         window = min(STREAM_WINDOW_BYTES, placement.disk_bytes // 4)
         ram = pass_bytes(shape) - placement.disk_bytes + window + kv_cpu + compute
     return MemoryNeed(ram=int(ram), vram=int(vram))
+
+
+def rpc_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str = "f16", type_v: str = "f16",
+             n_ubatch: int = 512) -> MemoryNeed:
+    """A target split across RPC workers: `ram` here, `vram` on the workers together (counted as
+    a GPU holding the same layers would be)."""
+    return memory_need(shape, Placement(0, placement.rpc_layers), n_ctx, type_k, type_v, n_ubatch)
 
 
 def onnx_memory_need(shape: ModelShape, n_ctx: int, weights: str = "float32") -> int:

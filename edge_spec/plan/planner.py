@@ -138,6 +138,13 @@ class Plan:
             out.append(f"the target does not fit in memory: {self.chosen.target.disk_bytes / 2**30:.2f} GiB of its weights "
                        f"are read from disk at every pass, at {disk}: {reading:.2f} s of each "
                        f"{self.chosen.step_seconds:.2f} s pass, whether it verifies 1 token or many")
+        t = self.chosen.target
+        if t.rpc_layers:
+            net = costmodel.network_seconds(self.target, t, 1)
+            out.append(f"the target does not fit in memory here: its last {min(t.rpc_layers, self.target.n_layers)} "
+                       f"layers{' and head' if t.rpc_layers > self.target.n_layers else ''} on RPC workers "
+                       f"{', '.join(f'{w.endpoint} ({w.free_bytes / GiB:.1f} GiB free, {w.rtt_seconds * 1e3:.2f} ms round trip)' for w in t.workers)}; "
+                       f"the network adds about {net * 1e3:.1f} ms to each pass, whether it verifies 1 token or many")
         out.append(f"threads {self.threads}; KV cache {self.type_k}/{self.type_v} "
                    f"for {self.n_ctx} tokens; draft budget up to {self.max_draft} tokens")
         return [r for r in out if r]
@@ -145,13 +152,16 @@ class Plan:
 
 def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None, *, n_ctx: int = N_CTX,
          knowledge: Knowledge = Knowledge(), calibrations: tuple[Calibration, ...] = (),
-         max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None, offload: bool = False) -> Plan:
+         max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None, offload: bool = False,
+         workers: tuple[costmodel.Remote, ...] = (), rpc_layers: int | None = None) -> Plan:
     """The plan with the highest predicted tokens/s that fits; EdgespecError when nothing fits.
 
     `calibrations` add to the profile's (e.g. the engine's cached measurements); `gpu=False`
     keeps llama.cpp on the CPU (built without GPU support); `threads` defaults to the physical
     cores; `offload=True` (torch is installed) adds the torch backend's offloaded target where
-    it applies (see the module docstring)."""
+    it applies (see the module docstring); `workers`: RPC workers a CPU target that does not fit
+    here may put its last layers on (as few as make the rest fit; see _rpc_split), or exactly
+    `rpc_layers` of them (-ngl with --rpc)."""
     if calibrations:
         profile = profile.model_copy(update={"calibrations": [*calibrations, *profile.calibrations]})
     threads = threads or profile.cpu.physical_cores
@@ -161,7 +171,8 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
     # pass costs far more than a quantized cache)
     for paged, (type_k, type_v) in ((False, ("f16", "f16")), (False, ("q8_0", "q8_0")),
                                     (True, ("f16", "f16")), (True, ("q8_0", "q8_0"))):
-        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload, paged)
+        options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload, paged,
+                              workers, rpc_layers)
         if options:
             break
     else:
@@ -180,11 +191,14 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
 
 
 def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload=False,
-                allow_paged=False):
+                allow_paged=False, workers=(), rpc_layers=None):
     """(target placement, drafter placement or None, RAM, VRAM) for each combination that fits."""
     ram_budget = profile.ram_available_bytes * RAM_HEADROOM
     out = []
     target_options = [Placement(-1, 0, threads)]
+    if workers and rpc_layers:  # the user's split (-ngl with --rpc) in place of the CPU alone
+        target_options = [Placement(-1, 0, threads, rpc_layers=rpc_layers, workers=tuple(workers))]
+        gpus = ()
     for g in gpus:
         layers = _layers_that_fit(target, profile, g, n_ctx, type_k, type_v, reserve=0)
         if layers > 0:
@@ -212,6 +226,13 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
             unified = any(profile.gpus[p.gpu].unified_memory for p in (tp, dp) if p is not None and p.gpu >= 0)
             if unified:  # VRAM is carved out of the same RAM
                 ram += need.vram
+            if ram > ram_budget and workers and tp.gpu < 0 and not tp.offload and (dp is None or dp.gpu < 0):
+                others = ram - t_need.ram  # the drafter and the process
+                split = _rpc_split(target, tp, workers, ram_budget - others, n_ctx, type_k, type_v, rejected)
+                if split is not None:
+                    out.append((split, dp, int(others + costmodel.memory_need(target, split, n_ctx, type_k, type_v).ram),
+                                int(need.vram)))
+                    continue
             if ram > ram_budget and allow_paged:
                 others = ram - t_need.ram  # the drafter and the process
                 if dp is not None:  # next to a paged target the drafter runs with a small batch (backends/load.py)
@@ -229,6 +250,23 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
                 continue
             out.append((tp, dp, int(ram), int(need.vram)))
     return out
+
+
+def _rpc_split(target, tp, workers, room: float, n_ctx, type_k, type_v, rejected) -> Placement | None:
+    """A CPU target that does not fit here with RPC workers: the fewest last layers on the workers
+    that leave the rest fitting in `room` (each worker adds network to every pass, so as much
+    stays here as fits); None when the workers cannot hold what does not fit."""
+    remote_free = sum(w.free_bytes for w in workers) * costmodel.RPC_HEADROOM
+    for layers in range(1, target.n_layers + 2):
+        split = Placement(-1, 0, tp.threads, rpc_layers=layers, workers=tuple(workers))
+        need = costmodel.rpc_need(target, split, n_ctx, type_k, type_v)
+        if need.ram <= room:
+            if need.vram <= remote_free:
+                return split
+            rejected.append(f"target split across RPC workers: {need.vram / GiB:.1f} GiB would go to the workers, "
+                            f"{remote_free / GiB:.1f} GiB free there")
+            return None
+    return None
 
 
 def _paged(target, tp, dp, others: float, ram_budget: float, n_ctx, type_k, type_v) -> Placement | None:
@@ -335,8 +373,8 @@ def _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_cost, max_
             whole_gpu(tp, target) and whole_gpu(dp, drafter) and tp.gpu != dp.gpu):
         yield tp, dp, t_costs, d_cost
         return
-    if not (cpu_only(tp) and cpu_only(dp)):
-        return  # the same GPU, or a target split across GPU and CPU: the two would contend
+    if not (cpu_only(tp) and cpu_only(dp)) or tp.rpc_layers:
+        return  # the same GPU, or a target split across GPU and CPU or workers: the two would contend
     threads = tp.threads or profile.cpu.physical_cores
     sizes = range(1, max_draft + 2)
     disk = tp.disk_bytes / costmodel.disk_read_bps(profile)  # a paged target's reading does not scale with threads
