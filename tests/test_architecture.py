@@ -122,7 +122,7 @@ HEAVY = ("llama_cpp", "torch", "onnxruntime", "fastapi", "uvicorn", "edge_spec.r
 
 
 def test_help_and_models_list_stay_light():
-    for args in (["--help"], ["models", "list"], ["chat", "--help"]):
+    for args in (["--help"], ["models", "list"], ["chat", "--help"], ["worker", "--help"]):
         loaded = _modules_after(args)
         assert "typer" in loaded  # the probe ran the CLI
         heavy = sorted(m for m in HEAVY if m in loaded)

@@ -20,6 +20,7 @@ from .models import app as models_app
 from .plan import plan_command
 from .profile import profile_command
 from .serve import serve_command
+from .worker import worker_command
 
 app = typer.Typer(
     help="Lossless speculative decoding for local LLMs. Run `edgespec chat` to talk to the default models.",
@@ -30,6 +31,7 @@ app.command("plan")(plan_command)
 app.command("profile")(profile_command)
 app.command("serve")(serve_command)
 app.command("bench")(bench_command)
+app.command("worker")(worker_command)
 
 @app.command()
 def chat(

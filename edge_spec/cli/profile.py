@@ -31,33 +31,40 @@ def profile_command(
         "--show", metavar="NAME|FILE", show_default=False,
         help="Print a saved or reference profile (e.g. laptop-cpu) instead of measuring.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shorter measurements, less precise.")] = False,
+    rpc: Annotated[str | None, typer.Option(
+        "--rpc", metavar="HOST:PORT[,HOST:PORT…]", show_default=False,
+        help="Also measure these workers (`edgespec worker`): round trip, transfer throughput, memory, "
+             "devices. Printed, not saved in the profile.")] = None,
 ) -> None:
     """Measure this machine into a hardware profile for the planner (or --show a saved one).
 
     CPU, memory bandwidth, matmul speed, disk, GPUs, what llama.cpp supports and, with --calibrate,
     what one decode step and one pass over k tokens of a model cost. About 15 s, plus 5-10 s per
-    calibrated model on a 2-core machine.
+    calibrated model on a 2-core machine. With --rpc, the workers too (a second each).
     """
     from .common import run
 
-    run(lambda: _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick))
+    run(lambda: _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick, rpc))
 
 
-def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick) -> None:
+def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick, rpc=None) -> None:
     from rich.console import Console
 
+    from ..backends import rpc as workers
     from ..plan import profile as profiles
 
     stdout, stderr = Console(), Console(stderr=True)
     pyplot = _pyplot() if plot is not None else None  # a missing matplotlib fails before measuring
+    endpoints = workers.parse_endpoints(rpc) if rpc is not None else ()
     saved = None
     if show is not None:
         given = [flag for flag, value in (("--calibrate", calibrate), ("--draft", draft), ("--threads", threads),
-                                           ("--out", out), ("--quick", quick)) if value]
+                                           ("--out", out), ("--quick", quick), ("--rpc", rpc)) if value]
         if given:
             raise EdgespecError(f"--show prints a saved profile without measuring: drop {', '.join(given)}")
         prof = profiles.load(show)
     else:
+        workers.check_workers(endpoints)  # a worker that is down fails before the long measurements
         prof = _measure(name, calibrate, draft, threads, quick, stderr)
         try:
             saved = profiles.save(prof, out)
@@ -67,6 +74,8 @@ def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick) -
         typer.echo(prof.model_dump_json(indent=2))
     else:
         render(prof, stdout)
+    if endpoints:
+        render_workers([workers.measure(endpoint) for endpoint in endpoints], stderr if as_json else stdout)
     if saved is not None:
         (stderr if as_json else stdout).print(f"saved to {saved}", highlight=False, soft_wrap=True)
     if pyplot is not None:
@@ -162,6 +171,26 @@ def render(prof, console) -> None:
         console.print("[bold]sources and notes[/]")
         for source in prof.sources:
             console.print(f"  - {escape(source)}", highlight=False)
+
+
+def render_workers(infos, console) -> None:
+    """A table of measured workers (backends.rpc.WorkerInfo): what a target pass split onto each
+    would pay in network time, and the memory it could hold."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="RPC workers", title_justify="left")
+    table.add_column("worker", no_wrap=True)
+    for column in ("rpc", "round trip", "transfer", "memory free/total"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("devices", overflow="fold")
+    for w in infos:
+        speed = f"{w.throughput_bps / 1e9:.2f} GB/s" if w.throughput_bps else "not measured"
+        rtt = f"{w.rtt_seconds * 1e3:.1f} ms" if w.rtt_seconds >= 1e-3 else f"{w.rtt_seconds * 1e6:.0f} µs"
+        devices = ", ".join(d.name for d in w.devices if d.name) or str(len(w.devices))
+        table.add_row(escape(w.endpoint), f"v{w.version}", rtt, speed,
+                      f"{w.free_bytes / 1e9:.1f}/{_gb(w.total_bytes)}", escape(devices))
+    console.print(table)
 
 
 # --- the picture -------------------------------------------------------------------------------
