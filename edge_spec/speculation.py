@@ -49,15 +49,17 @@ def tree_expected_tokens(acceptance: float, budget: int, max_depth: int, sibling
     return best
 
 
-def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = 0.3) -> float:
+def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = 0.3, grown: bool = True) -> float:
     """Seconds the drafter spends growing a tree of `budget` nodes: up to max_depth passes, each
-    adding budget / max_depth nodes and evaluating them with their ancestors (about half the depth
-    each), a pass over n tokens costing step_cost * (1 + slope * n). The slope is what a CPU
-    drafter showed: a 32-node tree took about 5 s to grow with Qwen2.5-Coder-0.5B on 2 cores,
-    against 16 one-token steps of about 35 ms (bench/paged.py --tree-budget 32)."""
+    adding budget / max_depth nodes, a pass over n tokens costing step_cost * (1 + slope * (n - 1)).
+    `grown`: the tree stays in the drafter's cache (extend_tree: each pass evaluates its new nodes
+    only; Qwen2.5-Coder-0.5B on 2 busy cores grew 16 / 32 / 64 nodes in 1.15 / 1.22 / 1.60 s,
+    about 16 / 21 / 30 steps of ~60 ms: bench/tree_growth.py); otherwise each pass evaluates its
+    new nodes with their ancestors again (about half the depth each)."""
     passes = min(budget, max_depth)
     per_pass = -(-budget // max_depth)
-    return passes * step_cost * (1 + slope * per_pass * (1 + max_depth / 2))
+    rows = per_pass if grown else per_pass * (1 + max_depth / 2)
+    return passes * step_cost * (1 + slope * (rows - 1))
 
 
 def best_parallel_length(acceptance: float, draft_cost: float, verify_cost: Callable[[int], float],

@@ -114,3 +114,29 @@ def test_the_server_outlives_a_worker_killed_mid_stream():
             assert httpx.get(f"{url}/health", timeout=10).status_code in (200, 503)  # the server answers
     finally:
         a.stop()
+
+
+def test_a_worker_that_stops_answering_is_named_after_the_call_timeout(monkeypatch):
+    """A frozen worker (SIGSTOP: its connection stays open, nothing answers) would keep ggml
+    waiting for ever: the call gives up after CALL_TIMEOUT and names it."""
+    import os
+    import signal
+    import time
+
+    from edge_spec.backends import isolated
+
+    a = Worker(threads=1)
+    try:
+        with edge_spec.load(str(models.require(SMOL)), n_ctx=512, history=False, plain=True,
+                            rpc=(a.endpoint,), n_gpu_layers=20, calibrate=False) as s:
+            s.generate("Hello", temperature=0, max_tokens=4)
+            monkeypatch.setattr(isolated, "CALL_TIMEOUT", 2.0)
+            s.engine.target._slowest = 0.0
+            os.kill(a.process.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(WorkerLost, match=rf"RPC worker {a.endpoint.replace('.', '[.]')} does not answer.*no answer in 2 s"):
+                s.generate("Tell me a story.", temperature=0, max_tokens=8)
+            assert time.monotonic() - t0 < 30
+    finally:
+        os.kill(a.process.pid, signal.SIGCONT)
+        a.stop()

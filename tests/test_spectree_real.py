@@ -81,3 +81,50 @@ def test_trees_accept_more_than_one_node_per_pass_on_a_repetitive_prompt(models)
     steps = list(tree_runtime(target, draft, ngram=False).generate(prompt, SamplingParams(temperature=0, max_tokens=80)))
     stats = steps[-1].stats
     assert stats.n_accepted / stats.n_steps > 1.0, stats
+
+
+class _NoGrowth:
+    """The same drafter backend, seen without capabilities.tree_growth: trees evaluated again from
+    the root at each pass (spectree._TreePasses)."""
+
+    def __init__(self, backend):
+        self._b = backend
+
+    def __getattr__(self, name):
+        return getattr(self._b, name)
+
+    @property
+    def capabilities(self):
+        import dataclasses
+
+        return dataclasses.replace(self._b.capabilities, tree_growth=False)
+
+
+def test_a_tree_grown_in_the_cache_equals_one_evaluated_from_the_root(models):
+    """extend_tree keeps the nodes of earlier passes in the drafter's cache (node i in sequence
+    i + 1): every node's logits, and so the tree, match evaluating each pass's nodes with their
+    whole paths again; afterwards the cache is the context again."""
+    from edge_spec.drafters.spectree import grow
+
+    _, draft = models
+    context = chat(draft, REPETITIVE)
+    sp = SamplingParams(temperature=0.8, top_k=40)
+    seed = NgramDrafter().propose_tree(context, 8, 4, sp)
+    grown = grow(ModelDrafter(draft), context, BUDGET, sp, seed=seed)
+    again = grow(ModelDrafter(_NoGrowth(draft)), context, BUDGET, sp, seed=seed)
+    assert grown is not None and len(grown) == BUDGET and max(grown.depth(i) for i in range(BUDGET)) > 3
+    assert grown == again
+    assert draft.tokens == list(context) and not draft._grown
+    # node logits of one pass over the whole tree at once vs grown a few nodes at a time
+    draft.truncate(len(context))
+    rows = []
+    for start in range(0, len(grown), 5):
+        rows.append(draft.extend_tree(grown, list(range(start, min(start + 5, len(grown))))))
+    draft.end_tree()
+    draft.truncate(len(context) - 1)
+    at_once = draft.forward_tree(context[-1], grown)[1:]
+    draft.keep_path([])
+    import numpy as np
+
+    assert np.abs(np.concatenate(rows) - at_once).max() < TREE_NEAR_TIE
+    assert draft.tokens == list(context)

@@ -35,6 +35,7 @@ class Capabilities:
     gpu_layers: int = 0             # blocks on a GPU (llama.cpp's -ngl); 0: computed on the CPU
     disk_bytes: int = 0             # weights read from disk at every pass (a paged target; has evict())
     workers: tuple[str, ...] = ()   # RPC workers holding its gpu_layers (backends/isolated.py)
+    tree_growth: bool = False       # extend_tree/end_tree: a tree grown over passes, each node evaluated once
 
 
 @runtime_checkable
@@ -69,6 +70,16 @@ class TreeBackend(Backend, Protocol):
         # the last `pending` tokens of n_past not yet evaluated, then the tree in one pass
     def keep_path(self, path: Sequence[int]) -> None: ...
         # after verification: keep the tree nodes on `path` (in order), drop the rest
+
+
+class GrowingTreeBackend(TreeBackend, Protocol):
+    """A backend whose capabilities.tree_growth is True also has these (drafters/spectree.py)."""
+
+    def extend_tree(self, tree: TokenTree, nodes: Sequence[int]) -> np.ndarray: ...
+        # evaluate `nodes` (and their ancestors not evaluated yet) below the cache's last token,
+        # keeping them for later calls; returns [len(nodes), vocab]
+    def end_tree(self) -> None: ...
+        # free every node extend_tree holds
 
 
 class ThreadedBackend(Backend, Protocol):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -29,6 +30,10 @@ from .base import Capabilities
 from .common import BorrowedVocab, Closing
 
 LOAD_TIMEOUT = 600.0    # seconds a load may take (the weights travel to the workers)
+# a call unanswered this long (or 20 times the slowest call so far, if longer) means a worker that
+# stopped answering without closing its connection (a frozen machine, a cable pulled): ggml would
+# wait for ever, so the child is ended and the worker named
+CALL_TIMEOUT = 60.0
 
 
 class IsolatedBackend(BorrowedVocab, Closing):
@@ -45,6 +50,7 @@ class IsolatedBackend(BorrowedVocab, Closing):
         self.tokens: list[int] = []
         self._tree: tuple[TokenTree, int] | None = None
         self._lost: str | None = None
+        self._slowest = 0.0  # seconds of the slowest call answered
         self._vocab = None
         log = tempfile.NamedTemporaryFile(prefix="edgespec-target-", suffix=".log", delete=False)
         log.close()
@@ -85,11 +91,17 @@ class IsolatedBackend(BorrowedVocab, Closing):
             raise WorkerLost(self._lost)
         if self._proc is None:
             raise EdgespecError(f"the model {self._name} was closed")
+        wait = max(CALL_TIMEOUT, 20 * self._slowest)
+        t0 = time.monotonic()
         try:
             self._conn.send((name, args))
+            if not self._conn.poll(wait):
+                self._proc.kill()
+                raise self._lost_error(f"mid-pass (no answer in {wait:.0f} s)") from None
             kind, value = self._conn.recv()
         except (EOFError, OSError):
             raise self._lost_error("mid-pass") from None
+        self._slowest = max(self._slowest, time.monotonic() - t0)
         if kind == "error":
             raise EdgespecError(value)
         return value

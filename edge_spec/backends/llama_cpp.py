@@ -253,6 +253,7 @@ class LlamaCppBackend(VocabMethods, Closing):
         self.mem = lib.llama_get_memory(self.ctx)
         self.batch = lib.llama_batch_init(self.n_batch, 0, max(options.n_seq_max, 1))
         self.tokens: list[int] = []  # what the KV cache holds, in order (sequence 0)
+        self._grown: set[int] = set()  # tree nodes held by extend_tree (node i in sequence i + 1)
         self.facts = self._read_facts(path)
         self._pieces: dict[int, bytes] = {}
         self.pager = None
@@ -262,6 +263,7 @@ class LlamaCppBackend(VocabMethods, Closing):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities("llama", trees=True, threads_settable=True, gpu_layers=self.options.n_gpu_layers,
+                            tree_growth=True,
                             disk_bytes=self.pager.stats.streamed_bytes if self.pager is not None else 0)
 
     def evict(self) -> None:
@@ -444,6 +446,61 @@ class LlamaCppBackend(VocabMethods, Closing):
         for s in range(1, len(leaves) + 1):
             lib.llama_memory_seq_rm(self.mem, s, -1, -1)
         self._tree = None
+
+    def extend_tree(self, tree: TokenTree, nodes: Sequence[int]) -> np.ndarray:
+        """Grow a token tree over several passes (a drafter's best-first search): evaluate `nodes`
+        of `tree`, and any ancestor of theirs not evaluated yet, below the cache's last token
+        (their root), each attending to the cache and its own ancestors only. Nodes evaluated by
+        earlier calls stay in the cache (node i in sequence i + 1, its ancestors' cells tagged with
+        it too) and are not evaluated again; `tree` may have grown since (nodes are only ever
+        appended). end_tree() frees them. Returns logits [len(nodes), vocab]."""
+        self._check_open()
+        lib, b, n0 = self.lib, self.batch, len(self.tokens)
+        paths = {i: tree.path(i) for i in nodes}
+        need = sorted({a for path in paths.values() for a in path} - self._grown)  # parents first
+        if need and need[-1] + 2 > self.options.n_seq_max:
+            raise EdgespecError(f"a tree of {need[-1] + 1} nodes needs n_seq_max >= {need[-1] + 2}")
+        if len(need) > self.n_batch or n0 + max(len(p) for p in paths.values()) > self.n_ctx:
+            raise EdgespecError("the tree does not fit in the batch or the context")
+        depth = {}
+        for x in need:  # each new node's sequence: the context and its ancestors already evaluated
+            path = tree.path(x)
+            depth[x] = len(path)
+            lib.llama_memory_seq_cp(self.mem, 0, x + 1, -1, -1)
+            for a in path[:-1]:
+                if a in self._grown:
+                    pos = n0 + tree.depth(a) - 1
+                    lib.llama_memory_seq_cp(self.mem, a + 1, x + 1, pos, pos + 1)
+        below = {x: [x + 1] for x in need}  # an uncached ancestor in this pass is seen by its descendants
+        for x in need:
+            for a in tree.path(x)[:-1]:
+                if a in below:
+                    below[a].append(x + 1)
+        want = set(nodes)
+        for r, x in enumerate(need):
+            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = tree.tokens[x], n0 + depth[x] - 1, len(below[x]), x in want
+            for k, s in enumerate(below[x]):
+                b.seq_id[r][k] = s
+        b.n_tokens = len(need)
+        rc = self._llama_decode(b) if need else 0
+        if rc != 0:
+            for x in need:
+                lib.llama_memory_seq_rm(self.mem, x + 1, -1, -1)
+            raise EdgespecError(f"llama_decode failed on a tree (code {rc}): {self._log.last()}")
+        self._grown.update(need)
+        rows = [x for x in need if x in want]  # llama.cpp's output rows, in batch order
+        out = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(len(rows), self.vocab_size))
+        where = {x: j for j, x in enumerate(rows)}
+        missing = [i for i in nodes if i not in where]
+        if missing:
+            raise EdgespecError(f"extend_tree: nodes {missing} were evaluated by an earlier call")
+        return out[[where[i] for i in nodes]].copy()
+
+    def end_tree(self) -> None:
+        """After extend_tree: free every node it holds (the cache is the context again)."""
+        for x in self._grown:
+            self.lib.llama_memory_seq_rm(self.mem, x + 1, -1, -1)
+        self._grown = set()
 
     def truncate(self, n_past: int) -> None:
         """Roll the cache back to its first n_past tokens."""

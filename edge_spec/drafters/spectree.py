@@ -30,6 +30,7 @@ from ..types import SamplingParams
 
 PLAIN_SOFTMAX = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 MAX_DEPTH = 16     # deepest node drafted (also bounds the passes a confident chain takes)
+MAX_GROWN = 256    # a tree grown in the drafter's cache keeps node i in sequence i + 1 (llama.cpp: < 256)
 
 
 def ranking(sp: SamplingParams) -> SamplingParams:
@@ -140,7 +141,11 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
         return None
     per_pass = per_pass or max(1, math.ceil(budget / max_depth))
     rank = ranking(sp)
-    evaluate = _TreePasses(drafter, context) if backend.capabilities.trees else _ChainPasses(drafter, context)
+    caps = backend.capabilities
+    if caps.tree_growth and budget < MAX_GROWN:
+        evaluate = _GrowPasses(drafter, context)
+    else:
+        evaluate = _TreePasses(drafter, context) if caps.trees else _ChainPasses(drafter, context)
     g = _Growth(budget, max_depth, max_leaves)
     if seed is not None:
         g.seed(seed)
@@ -162,9 +167,8 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
 
 
 class _TreePasses:
-    """Drafter passes through forward_tree: one pass evaluates the new nodes and their ancestors
-    (the Backend protocol has no incremental tree call yet, so ancestors are evaluated again;
-    the rest of the tree is left out)."""
+    """Drafter passes through forward_tree, for backends that cannot keep a growing tree: one
+    pass evaluates the new nodes and their ancestors again (the rest of the tree is left out)."""
 
     def __init__(self, drafter, context: Sequence[int]):
         self.drafter, self.backend, self.context = drafter, drafter.backend, list(context)
@@ -185,6 +189,19 @@ class _TreePasses:
 
     def restore(self) -> None:
         self.backend.truncate(len(self.context))
+
+
+class _GrowPasses(_TreePasses):
+    """Drafter passes through extend_tree (capabilities.tree_growth): the tree stays in the
+    drafter's cache as it grows, so each pass evaluates only the new nodes (and seeded n-gram
+    ancestors the search reaches for the first time)."""
+
+    def nodes(self, g: _Growth, which: list[int]) -> np.ndarray:
+        return self.backend.extend_tree(g.tree(), which)
+
+    def restore(self) -> None:
+        self.backend.end_tree()
+        super().restore()
 
 
 class _ChainPasses(_TreePasses):
