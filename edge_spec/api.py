@@ -22,7 +22,7 @@ from typing import Union
 
 from .engine import Engine
 from .options import EngineOptions, Progress
-from .types import EdgespecError, SamplingParams, Stats, Step
+from .types import EdgespecError, SamplingParams, Stats, Step, WorkerLost
 
 Prompt = Union[str, Sequence[dict], Sequence[int]]
 
@@ -109,6 +109,7 @@ class Session:
         self._running: set[threading.Event] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self.broken: str | None = None  # why the engine can no longer generate (an RPC worker lost)
         self._freed = False  # the engine closed
         self._out = False    # the generation holding the turn is between steps, in its caller's hands
 
@@ -186,13 +187,17 @@ class Session:
                     steps = iter([Step((), (), "", Stats(prompt_tokens=len(tokens)), "cancelled")])
                 else:
                     self._check_open()
-                for step in steps:
-                    reason = step.finish_reason
-                    self._out = True
-                    try:
-                        yield step
-                    finally:
-                        self._out = False
+                try:
+                    for step in steps:
+                        reason = step.finish_reason
+                        self._out = True
+                        try:
+                            yield step
+                        finally:
+                            self._out = False
+                except WorkerLost as e:  # the target is gone for good: said by /health from now on
+                    self.broken = str(e)
+                    raise
             finally:
                 self._turns.release()
         finally:

@@ -395,7 +395,7 @@ class _Service:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
                                             "owned_by": "edgespec"}]}
 
-    async def health(self) -> dict:
+    async def health(self):
         # places taken: generations of the session, and this server's requests still rendering their prompt
         engine, plan, busy = self.engine, self.session.plan, max(self.admitted, self.session.busy)
         models = [{"role": "target", "id": self.model_id, "name": self.session.model_name}]
@@ -404,8 +404,10 @@ class _Service:
             models.append({"role": "drafter", "id": Path(facts.path).stem, "name": facts.name})
         drafters = [d.source for d in engine.runtime.drafters]
         predicted = engine.predicted_tokens_per_second
-        return {
-            "status": "ok",
+        status = {"status": "ok"} if self.session.broken is None else {"status": "unavailable",
+                                                                       "error": self.session.broken}
+        body = {
+            **status,
             "models": models,
             "strategy": "draft" if engine.draft_backend is not None else "ngram" if drafters else "plain",
             "plan": None if plan is None else {
@@ -421,6 +423,8 @@ class _Service:
             "limits": {"context": self.engine.target.n_ctx, "max_prompt_tokens": self.prompt_limit,
                        "max_tokens": self.config.max_tokens_limit, "max_body_bytes": self.config.max_body_bytes},
         }
+        # a lost RPC worker: the process answers, the model cannot (supervisors restart on 503)
+        return body if self.session.broken is None else JSONResponse(body, status_code=503)
 
     # --- a completion ----------------------------------------------------------------------
     async def _complete(self, request: Request, body: _Body, tokenize: Callable[[], list[int]], chat: bool) -> Response:

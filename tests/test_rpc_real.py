@@ -111,7 +111,9 @@ def test_the_server_outlives_a_worker_killed_mid_stream():
             assert seen[-1] != "[DONE]" and '"worker_lost"' in seen[-1] and a.endpoint in seen[-1]
             again = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
             assert again.status_code == 503 and again.json()["error"]["code"] == "worker_lost"
-            assert httpx.get(f"{url}/health", timeout=10).status_code in (200, 503)  # the server answers
+            health = httpx.get(f"{url}/health", timeout=10)  # the server answers, and says why it cannot serve
+            assert health.status_code == 503 and health.json()["status"] == "unavailable"
+            assert a.endpoint in health.json()["error"]
     finally:
         a.stop()
 

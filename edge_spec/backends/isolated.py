@@ -126,6 +126,11 @@ class IsolatedBackend(BorrowedVocab, Closing):
         self._conn.close()
         return WorkerLost(self._lost)
 
+    @property
+    def lost(self) -> str | None:
+        """Why this backend can no longer run (a worker lost), or None."""
+        return self._lost
+
     # --- the Backend protocol ------------------------------------------------------------------
     @property
     def capabilities(self) -> Capabilities:
