@@ -8,7 +8,6 @@ as it grows (extend_tree: each node evaluated once) vs evaluated again from the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -17,22 +16,8 @@ from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.benchmark import Settings, load_prompts, select
 from edge_spec.chat_template import chat_tokens, renderer_for
 from edge_spec.drafters import ModelDrafter
-from edge_spec.drafters.spectree import grow
+from edge_spec.drafters.spectree import FromTheRoot, grow
 from edge_spec.types import SamplingParams
-
-
-class _FromTheRoot:
-    """The backend without capabilities.tree_growth (spectree falls back to forward_tree)."""
-
-    def __init__(self, backend):
-        self._b = backend
-
-    def __getattr__(self, name):
-        return getattr(self._b, name)
-
-    @property
-    def capabilities(self):
-        return dataclasses.replace(self._b.capabilities, tree_growth=False)
 
 
 def main() -> None:
@@ -57,7 +42,7 @@ def main() -> None:
             kept, again, nodes = [], [], []
             for prompt in prompts:
                 context = chat_tokens(backend, [{"role": "user", "content": prompt.text}], renderer)[:1024]
-                for drafter, out in ((ModelDrafter(backend), kept), (ModelDrafter(_FromTheRoot(backend)), again)):
+                for drafter, out in ((ModelDrafter(backend), kept), (ModelDrafter(FromTheRoot(backend)), again)):
                     backend.truncate(0)
                     backend.forward(context[:-1], logits="none")  # what the runtime holds before a step
                     t0 = time.perf_counter()

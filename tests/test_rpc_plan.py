@@ -7,22 +7,9 @@ from __future__ import annotations
 import pytest
 
 from edge_spec.plan import costmodel, planner, profile
+from tests.test_paging import shape, small_machine  # noqa: F401 (fixture)
 
 GiB = 2**30
-
-
-def shape(name="big", layers=28, layer_bytes=100 << 20, head=200 << 20, embd=200 << 20, vocab=150_000):
-    return costmodel.ModelShape(
-        path=f"/m/{name}.gguf", name=name, architecture="qwen2", file_bytes=layers * layer_bytes + head + embd,
-        n_layers=layers, n_embd=1536, n_head=12, n_head_kv=2, head_dim_k=128, head_dim_v=128, vocab_size=vocab,
-        n_ctx_train=32768, layer_bytes=(layer_bytes,) * layers, output_bytes=head, embedding_bytes=embd,
-        other_bytes=0, layer_params=layers * layer_bytes // 2, output_params=head // 2)
-
-
-@pytest.fixture
-def small_machine():
-    prof = profile.load("ci-2core")
-    return prof.model_copy(update={"ram_available_bytes": 2 * GiB, "gpus": [], "disk_read_gbs": 0.8})
 
 
 def worker(port=50052, free=8 * GiB, rtt=0.5e-3):

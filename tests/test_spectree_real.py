@@ -83,35 +83,18 @@ def test_trees_accept_more_than_one_node_per_pass_on_a_repetitive_prompt(models)
     assert stats.n_accepted / stats.n_steps > 1.0, stats
 
 
-class _NoGrowth:
-    """The same drafter backend, seen without capabilities.tree_growth: trees evaluated again from
-    the root at each pass (spectree._TreePasses)."""
-
-    def __init__(self, backend):
-        self._b = backend
-
-    def __getattr__(self, name):
-        return getattr(self._b, name)
-
-    @property
-    def capabilities(self):
-        import dataclasses
-
-        return dataclasses.replace(self._b.capabilities, tree_growth=False)
-
-
 def test_a_tree_grown_in_the_cache_equals_one_evaluated_from_the_root(models):
     """extend_tree keeps the nodes of earlier passes in the drafter's cache (node i in sequence
     i + 1): every node's logits, and so the tree, match evaluating each pass's nodes with their
     whole paths again; afterwards the cache is the context again."""
-    from edge_spec.drafters.spectree import grow
+    from edge_spec.drafters.spectree import FromTheRoot, grow
 
     _, draft = models
     context = chat(draft, REPETITIVE)
     sp = SamplingParams(temperature=0.8, top_k=40)
     seed = NgramDrafter().propose_tree(context, 8, 4, sp)
     grown = grow(ModelDrafter(draft), context, BUDGET, sp, seed=seed)
-    again = grow(ModelDrafter(_NoGrowth(draft)), context, BUDGET, sp, seed=seed)
+    again = grow(ModelDrafter(FromTheRoot(draft)), context, BUDGET, sp, seed=seed)
     assert grown is not None and len(grown) == BUDGET and max(grown.depth(i) for i in range(BUDGET)) > 3
     assert grown == again
     assert draft.tokens == list(context) and not draft._grown
