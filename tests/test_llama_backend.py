@@ -295,3 +295,11 @@ def test_a_load_reads_each_model_header_once(tiny, tmp_path, monkeypatch):
         assert engine.draft_backend is not None or any("does not pay" in n for n in engine.notes)
     assert reads.count(os.path.realpath(tiny)) == 1, reads
     assert reads.count(os.path.realpath(draft)) == 1, reads
+
+
+def test_a_batch_smaller_than_the_sequences_does_not_abort(tiny):
+    """llama.cpp reserves an output row per sequence and aborts the process unless they fit in a
+    batch (GGML_ASSERT n_outputs_max): a drafter next to a paged target has a batch of 64, and
+    trees of 64 nodes need 65 sequences. The context takes the larger of the two."""
+    with LlamaCppBackend(tiny, LlamaOptions(n_ctx=256, n_batch=8, n_seq_max=17)) as small:
+        assert small.forward([1, 2, 3], logits="last").shape == (1, small.vocab_size)

@@ -311,6 +311,8 @@ class LlamaCppBackend(VocabMethods, Closing):
         params = lib.llama_context_default_params()
         params.n_ctx = options.n_ctx
         params.n_batch = params.n_ubatch = min(options.n_batch, options.n_ctx)
+        # llama.cpp reserves an output row per sequence and asserts (aborts) unless they fit a batch
+        params.n_batch = max(params.n_batch, options.n_seq_max)
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k, params.type_v = KV_TYPES[options.type_k], KV_TYPES[options.type_v]
         params.no_perf = True
