@@ -208,7 +208,7 @@ class Runtime:
         budget, depth = min(self.tree_budget, room - 1), left - 1
         if budget < 1 or depth < 1:
             return None
-        trie = self._ngram_trie(drafters, context, budget // 2, sp)
+        trie, trie_key = self._ngram_trie(drafters, context, budget // 2, sp)
         for drafter in list(drafters):
             if not isinstance(drafter, ModelDrafter):  # drafting ahead and n-grams: chains and tries
                 continue
@@ -216,20 +216,26 @@ class Runtime:
                 key = drafter.ready(context)
                 if key is None or self.controller.draft_length(key, min(room - 1, left - 1)) <= 0:
                     continue
+                seed_accept = self.controller.acceptance(trie_key) if trie_key else 0.0
                 tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
-                                                  max_leaves=self.max_leaves, seed=trie)
+                                                  max_leaves=self.max_leaves, seed=trie, seed_accept=seed_accept,
+                                                  costs=self.controller.tree_costs(drafter.source, budget, MAX_DEPTH))
                 if tree:
                     return TreeDraft(tree, key)
             except Exception as exc:  # noqa: BLE001 (as in _draft)
                 self._drop(drafters, drafter, exc, c)
         return None
 
-    def _ngram_trie(self, drafters: list, context: list[int], budget: int, sp: SamplingParams) -> TokenTree | None:
-        """The first n-gram drafter's trie of recent continuations, when it has a match."""
+    def _ngram_trie(self, drafters: list, context: list[int], budget: int,
+                    sp: SamplingParams) -> tuple[TokenTree | None, str | None]:
+        """The first n-gram drafter's trie of recent continuations when it has a match, and its
+        statistics key."""
         for drafter in drafters:
-            if isinstance(drafter, NgramDrafter) and budget > 0 and drafter.ready(context) is not None:
-                return drafter.propose_tree(context, budget, max(self.tree_width, NGRAM_BRANCHES), sp)
-        return None
+            if isinstance(drafter, NgramDrafter) and budget > 0:
+                key = drafter.ready(context)
+                if key is not None:
+                    return drafter.propose_tree(context, budget, max(self.tree_width, NGRAM_BRANCHES), sp), key
+        return None, None
 
     @staticmethod
     def _drop(drafters: list, drafter, exc: Exception, c: _Counters) -> None:

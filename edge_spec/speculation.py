@@ -49,7 +49,11 @@ def tree_expected_tokens(acceptance: float, budget: int, max_depth: int, sibling
     return best
 
 
-def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = 0.3, grown: bool = True) -> float:
+TREE_ROW_SLOPE = 0.3  # a drafter pass over n nodes costs 1 + TREE_ROW_SLOPE * (n - 1) of a one-token pass
+
+
+def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = TREE_ROW_SLOPE,
+                    grown: bool = True) -> float:
     """Seconds the drafter spends growing a tree of `budget` nodes: up to max_depth passes, each
     adding budget / max_depth nodes, a pass over n tokens costing step_cost * (1 + slope * (n - 1)).
     `grown`: the tree stays in the drafter's cache (extend_tree: each pass evaluates its new nodes

@@ -128,6 +128,12 @@ class AlwaysDraft:
     def observe_draft(self, *args):
         pass
 
+    def acceptance(self, source):
+        return 0.0
+
+    def tree_costs(self, drafter, budget, max_depth):
+        return None  # trees grown to their budget, paying or not
+
 
 # --- bad input -------------------------------------------------------------------------------
 def test_missing_file(tmp_path):

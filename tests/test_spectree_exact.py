@@ -289,3 +289,51 @@ def test_options_size_the_contexts_for_the_trees():
         EngineOptions(tree_budget=512)
     with pytest.raises(EdgespecError, match="onnx"):
         EngineOptions(backend="onnx", tree_budget=8)
+
+
+# --- growth that stops when drafter passes stop paying ---------------------------------------------
+class CountingDraft(FakeModel):
+    """A fake drafter that counts its tree passes."""
+
+    passes = 0
+
+    def forward_tree(self, pending, tree):
+        CountingDraft.passes += 1
+        return super().forward_tree(pending, tree)
+
+
+class CostlyDrafts(FixedController):
+    """FixedController with measured costs: a drafter pass costs `draft` target passes."""
+
+    def __init__(self, k: int, draft: float):
+        super().__init__(k)
+        self.draft = draft
+
+    def tree_costs(self, drafter, budget, max_depth):
+        return 1.0, self.draft
+
+
+def costly_runtime(p, q, budget: int, draft: float | None):
+    target = Recording(p, V, n_ctx=64)
+    controller = FixedController(4) if draft is None else CostlyDrafts(4, draft)
+    return Runtime(target, [NgramDrafter(1, 2), ModelDrafter(CountingDraft(q, V, n_ctx=64))], controller,
+                   tree_budget=budget)
+
+
+@pytest.mark.parametrize("draft", [0.05, 0.5, 5.0])
+def test_growth_that_stops_early_keeps_the_distribution(draft):
+    """The tree then depends on the costs (never on a random draw): still the target's output."""
+    devs = {name: deviation(lambda: costly_runtime(p, q, 6, draft), p, PLAIN) for name, p, q in CASES}
+    assert max(devs.values()) < TOL, devs
+
+
+def test_dear_drafter_passes_stop_and_scored_candidates_still_join():
+    p, q = CASES[0][1], CASES[0][2]
+    passes, sizes = {}, {}
+    for draft in (None, 0.05, 50.0):
+        CountingDraft.passes = 0
+        sizes[draft] = trees_seen(lambda: costly_runtime(p, q, 12, draft), PROMPT, PLAIN)
+        passes[draft] = CountingDraft.passes
+    assert passes[50.0] < passes[0.05] <= passes[None]  # a dear drafter pass is made less often
+    # candidates already scored (the root pass's V children) still join the tree, for free
+    assert max(n for n, _ in sizes[50.0]) >= V

@@ -98,11 +98,13 @@ class ModelDrafter:
 
     def propose_best_first(self, context: Sequence[int], budget: int, sp: SamplingParams, *,
                            max_depth: int = MAX_DEPTH, max_leaves: int = 255,
-                           seed: TokenTree | None = None) -> TokenTree | None:
+                           seed: TokenTree | None = None, seed_accept: float = 0.0,
+                           costs: tuple[float, float] | None = None) -> TokenTree | None:
         """The drafter's `budget` most probable continuations as one tree (SpecExec; see
         drafters/spectree.py), starting from `seed`'s nodes (n-gram continuations). Uses no
-        randomness: verify_tree samples and compares."""
-        return spectree.grow(self, context, budget, sp, max_depth=max_depth, max_leaves=max_leaves, seed=seed)
+        randomness: verify_tree samples and compares. `seed_accept`, `costs`: see spectree.grow."""
+        return spectree.grow(self, context, budget, sp, max_depth=max_depth, max_leaves=max_leaves, seed=seed,
+                             seed_accept=seed_accept, costs=costs)
 
     def propose_tree(self, context: Sequence[int], budget: int, width: int, sp: SamplingParams,
                      rng: Random) -> TokenTree | None:

@@ -49,14 +49,16 @@ class _Growth:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    reached: list[bool] = field(default_factory=list)  # scored by the drafter's search (seeds: not yet)
     depths: list[int] = field(default_factory=list)
     n_children: dict[int, int] = field(default_factory=dict)
     frontier: list[tuple[float, int, int, int]] = field(default_factory=list)  # (-score, seq, parent, token)
     child: dict[tuple[int, int], int] = field(default_factory=dict)   # (parent, token) → node
     leaves: int = 0
     _seq: int = 0
+    top_q: list[float] = field(default_factory=list)  # the best child's q after each node evaluated
 
-    def add(self, parent: int, token: int, score: float) -> int | None:
+    def add(self, parent: int, token: int, score: float, reached: bool = True) -> int | None:
         """A new node below `parent`, unless the budget or the leaf limit says no."""
         widens = parent == ROOT or self.n_children.get(parent, 0) > 0  # a new leaf, not a longer one
         if len(self.tokens) >= self.budget or (widens and self.leaves + 1 > self.max_leaves):
@@ -67,16 +69,19 @@ class _Growth:
         self.tokens.append(token)
         self.parents.append(parent)
         self.scores.append(score)
+        self.reached.append(reached)
         self.depths.append(1 if parent == ROOT else self.depths[parent] + 1)
         return node
 
-    def seed(self, tree: TokenTree) -> None:
+    def seed(self, tree: TokenTree, accept: float = 0.0) -> None:
         """Start from another deterministic tree's nodes (the n-gram trie), as far as the limits
-        allow. They have no score until the drafter's own search reaches them (see take)."""
+        allow. Until the drafter's own search reaches them (see take) they are scored as a chain
+        accepted at `accept` per token (the n-gram drafter's measured acceptance)."""
         where = {ROOT: ROOT}
         for j, (parent, token) in enumerate(zip(tree.parents, tree.tokens)):
             if parent in where and self.depths_ok(where[parent]):
-                node = self.add(where[parent], token, 0.0)
+                above = 1.0 if where[parent] == ROOT else self.scores[where[parent]]
+                node = self.add(where[parent], token, above * accept, reached=False)
                 if node is not None:
                     where[j] = node
 
@@ -86,7 +91,7 @@ class _Growth:
     def room_below(self, nodes: list[int]) -> bool:
         """Whether evaluating `nodes` can still matter: room for a new node, or seeded nodes below
         them that the search could reach and open."""
-        return len(self.tokens) < self.budget or any(self.scores[c] == 0 for c in range(len(self.tokens))
+        return len(self.tokens) < self.budget or any(not self.reached[c] for c in range(len(self.tokens))
                                                      if self.parents[c] in nodes)
 
     def offer(self, parent: int, q: np.ndarray) -> None:
@@ -100,6 +105,7 @@ class _Growth:
         n = min(room, int(np.count_nonzero(q)))
         if n <= 0:
             return
+        self.top_q.append(float(q.max()))
         top = np.argpartition(-q, n - 1)[:n] if n < q.shape[0] else np.arange(q.shape[0])
         for t in sorted(top.tolist(), key=lambda t: (-q[t], t)):  # ties by id: deterministic
             if q[t] > 0:
@@ -114,9 +120,9 @@ class _Growth:
             neg, _, parent, token = heapq.heappop(self.frontier)
             node = self.child.get((parent, token))
             if node is not None:
-                if self.scores[node] > 0:
+                if self.reached[node]:
                     continue
-                self.scores[node] = -neg
+                self.scores[node], self.reached[node] = -neg, True
             else:
                 node = self.add(parent, token, -neg)
                 if node is None:
@@ -127,15 +133,36 @@ class _Growth:
     def tree(self) -> TokenTree:
         return TokenTree(tuple(self.tokens), tuple(self.parents))
 
+    def expected(self) -> float:
+        """Tokens a target pass over the tree is expected to yield: its own, and each node's
+        score (the probability of reaching and accepting it, as the drafter sees it)."""
+        return 1.0 + sum(self.scores)
+
+    def worth_a_pass(self, nodes: list[int], costs: tuple[float, float], spent: float) -> bool:
+        """Whether a drafter pass over `nodes` raises the expected tokens per second: their
+        children (each node's score times the drafter's usual top q) against what the step
+        yields per unit of time so far. costs: (target pass, drafter pass), one unit; `spent`:
+        drafting so far, in that unit."""
+        pass_cost, draft_cost = costs
+        top = sum(self.top_q) / len(self.top_q) if self.top_q else 1.0
+        gain = top * sum(self.scores[i] for i in nodes)
+        return gain * (pass_cost + spent) >= self.expected() * draft_cost
+
 
 def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, max_depth: int = MAX_DEPTH,
-         max_leaves: int = 255, per_pass: int | None = None, seed: TokenTree | None = None) -> TokenTree | None:
+         max_leaves: int = 255, per_pass: int | None = None, seed: TokenTree | None = None,
+         seed_accept: float = 0.0, costs: tuple[float, float] | None = None) -> TokenTree | None:
     """A best-first tree of at most `budget` nodes below context[-1] (the pending token), at most
     `max_depth` deep and with at most `max_leaves` leaves (the target's sequences less one).
     `drafter`: a ModelDrafter; its backend's cache is back at `context` afterwards, whatever
     happens. `per_pass`: nodes added per drafter pass (default: enough to fill the budget in
     max_depth passes, so a confident chain can reach max_depth). `seed`: a deterministic tree
-    (n-gram continuations) whose nodes the tree starts with, paths shared with the drafter's."""
+    (n-gram continuations) whose nodes the tree starts with, paths shared with the drafter's,
+    accepted at `seed_accept` per token as far as anyone knows. `costs`: (one target pass over
+    the tree, one drafter pass) in any one unit: then a drafter pass is made only while it raises
+    the step's expected tokens per unit of time (_Growth.worth_a_pass); the frontier's candidates,
+    already scored, still fill the budget for free. The tree depends on these costs, never on a
+    random draw: verification stays exact whatever they are."""
     backend = drafter.backend
     budget = min(budget, backend.n_ctx - len(context))  # the drafter's cache must hold the tree too
     if budget < 1 or max_depth < 1 or max_leaves < 1:
@@ -149,7 +176,8 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
         evaluate = _TreePasses(drafter, context) if caps.trees else _ChainPasses(drafter, context)
     g = _Growth(budget, max_depth, max_leaves)
     if seed is not None:
-        g.seed(seed)
+        g.seed(seed, seed_accept)
+    spent = 0.0
     try:
         g.offer(ROOT, drafter.q_of(evaluate.root(), rank))
         while g.frontier:
@@ -160,6 +188,10 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
             open_ = [i for i in new if g.depths[i] < max_depth and not backend.is_eog(g.tokens[i])]
             if not open_ or not g.room_below(open_):
                 continue  # nothing to evaluate; the frontier may still hold candidates
+            if costs is not None:
+                if not g.worth_a_pass(open_, costs, spent):
+                    continue  # no more drafter passes pay: the frontier's candidates fill the budget
+                spent += costs[1]
             for i, logits in zip(open_, evaluate.nodes(g, open_)):
                 g.offer(i, drafter.q_of(logits, rank))
     finally:
