@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .defaults import MAX_DRAFT, PRIOR_ACCEPTANCE
-from .drafters.spectree import TreeCosts
 from .speculation import TREE_ROW_SLOPE, best_length
 
 PRIOR_VERIFY_SLOPE = 0.15    # extra cost of each verified token, relative to one step, until measured
@@ -98,16 +97,15 @@ class Controller:
         """The acceptance per drafted token of `source` (a statistics key) as measured, or its prior."""
         return self._source(self._key(source)).acceptance
 
-    def tree_costs(self, drafter: str, budget: int, max_depth: int) -> TreeCosts | None:
-        """What a tree of up to `budget` nodes costs, in plain steps, once the target and
-        `drafter` are measured: a target pass over n nodes, one drafter pass growing it (its
-        nodes spread over max_depth passes). spectree.grow adds nodes and drafter passes only
-        while they pay."""
+    def tree_costs(self, drafter: str, budget: int, max_depth: int) -> tuple[float, float] | None:
+        """(a target pass over a tree of `budget` nodes, one pass of `drafter` growing it: its
+        nodes spread over max_depth passes), in plain steps, once both are measured; for
+        spectree.grow, which makes drafter passes only while they pay."""
         draft = self.draft_ratio.get(drafter)
         if self.step_seconds is None or draft is None:
             return None
         rows = -(-budget // max_depth)
-        return TreeCosts(lambda n: self.ratio(n + 1), draft * (1 + TREE_ROW_SLOPE * (rows - 1)))
+        return self.ratio(budget + 1), draft * (1 + TREE_ROW_SLOPE * (rows - 1))
 
     def _measured(self, source: str) -> bool:
         drafter = _drafter(source)

@@ -305,25 +305,25 @@ class CountingDraft(FakeModel):
 class CostlyDrafts(FixedController):
     """FixedController with measured costs: a drafter pass costs `draft` target passes."""
 
-    def __init__(self, k: int, draft: float, slope: float = 0.02):
+    def __init__(self, k: int, draft: float):
         super().__init__(k)
-        self.draft, self.slope = draft, slope
+        self.draft = draft
 
     def tree_costs(self, drafter, budget, max_depth):
-        return spectree.TreeCosts(lambda n: 1.0 + self.slope * n, self.draft)  # 0.02: nearly flat in n
+        return 1.0, self.draft
 
 
-def costly_runtime(p, q, budget: int, draft: float | None, slope: float = 0.02):
+def costly_runtime(p, q, budget: int, draft: float | None):
     target = Recording(p, V, n_ctx=64)
-    controller = FixedController(4) if draft is None else CostlyDrafts(4, draft, slope)
+    controller = FixedController(4) if draft is None else CostlyDrafts(4, draft)
     return Runtime(target, [NgramDrafter(1, 2), ModelDrafter(CountingDraft(q, V, n_ctx=64))], controller,
                    tree_budget=budget)
 
 
-@pytest.mark.parametrize("draft, slope", [(0.05, 0.02), (0.5, 0.02), (5.0, 0.02), (0.05, 0.5)])
-def test_growth_that_stops_early_keeps_the_distribution(draft, slope):
+@pytest.mark.parametrize("draft", [0.05, 0.5, 5.0])
+def test_growth_that_stops_early_keeps_the_distribution(draft):
     """The tree then depends on the costs (never on a random draw): still the target's output."""
-    devs = {name: deviation(lambda: costly_runtime(p, q, 6, draft, slope), p, PLAIN) for name, p, q in CASES}
+    devs = {name: deviation(lambda: costly_runtime(p, q, 6, draft), p, PLAIN) for name, p, q in CASES}
     assert max(devs.values()) < TOL, devs
 
 
@@ -337,10 +337,3 @@ def test_dear_drafter_passes_stop_and_scored_candidates_still_join():
     assert passes[50.0] < passes[0.05] <= passes[None]  # a dear drafter pass is made less often
     # candidates already scored (the root pass's V children) still join the tree, for free
     assert max(n for n, _ in sizes[50.0]) >= V
-
-
-def test_a_target_pass_that_grows_with_the_tree_keeps_it_small():
-    p, q = CASES[0][1], CASES[0][2]
-    flat = trees_seen(lambda: costly_runtime(p, q, 12, 0.05, slope=0.0), PROMPT, PLAIN)
-    steep = trees_seen(lambda: costly_runtime(p, q, 12, 0.05, slope=1.0), PROMPT, PLAIN)
-    assert max(n for n, _ in steep) < max(n for n, _ in flat)

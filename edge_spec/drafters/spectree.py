@@ -22,7 +22,7 @@ import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -37,14 +37,6 @@ MAX_GROWN = 256    # a tree grown in the drafter's cache keeps node i in sequenc
 def ranking(sp: SamplingParams) -> SamplingParams:
     """The transform whose q ranks nodes: the request's own, or the plain softmax at T = 0."""
     return PLAIN_SOFTMAX if sp.greedy else sp
-
-
-@dataclass(frozen=True)
-class TreeCosts:
-    """What growing and verifying a tree costs, in one unit (the Controller's: plain steps)."""
-
-    target: Callable[[int], float]   # a target pass over the pending token and n tree nodes
-    draft: float                     # one drafter pass while growing it
 
 
 @dataclass
@@ -65,7 +57,6 @@ class _Growth:
     leaves: int = 0
     _seq: int = 0
     top_q: list[float] = field(default_factory=list)  # the best child's q after each node evaluated
-    closed: bool = False  # a candidate was not worth its share of the target pass: the tree is done
 
     def add(self, parent: int, token: int, score: float, reached: bool = True) -> int | None:
         """A new node below `parent`, unless the budget or the leaf limit says no."""
@@ -121,18 +112,13 @@ class _Growth:
                 heapq.heappush(self.frontier, (-base * float(q[t]), self._seq, parent, int(t)))
                 self._seq += 1
 
-    def take(self, n: int, admit: Callable[[float], bool] | None = None) -> list[int]:
+    def take(self, n: int) -> list[int]:
         """The n best candidates, as nodes to evaluate next: new nodes, or seeded ones the search
-        reached (the same path: shared, not drafted twice, and now scored). `admit(score)`: False
-        closes the tree (candidates come best first: no later one would be admitted either)."""
+        reached (the same path: shared, not drafted twice, and now scored)."""
         new = []
         while self.frontier and len(new) < n:
-            neg, _, parent, token = self.frontier[0]
+            neg, _, parent, token = heapq.heappop(self.frontier)
             node = self.child.get((parent, token))
-            if node is None and admit is not None and not admit(-neg):
-                self.closed = True
-                break
-            heapq.heappop(self.frontier)
             if node is not None:
                 if self.reached[node]:
                     continue
@@ -152,35 +138,31 @@ class _Growth:
         score (the probability of reaching and accepting it, as the drafter sees it)."""
         return 1.0 + sum(self.scores)
 
-    def worth_a_pass(self, nodes: list[int], costs: TreeCosts, spent: float) -> bool:
-        """Whether a drafter pass over `nodes` raises the expected tokens per unit of time: their
+    def worth_a_pass(self, nodes: list[int], costs: tuple[float, float], spent: float) -> bool:
+        """Whether a drafter pass over `nodes` raises the expected tokens per second: their
         children (each node's score times the drafter's usual top q) against what the step
-        yields per unit of time so far (`spent`: drafting so far)."""
+        yields per unit of time so far. costs: (target pass, drafter pass), one unit; `spent`:
+        drafting so far, in that unit."""
+        pass_cost, draft_cost = costs
         top = sum(self.top_q) / len(self.top_q) if self.top_q else 1.0
         gain = top * sum(self.scores[i] for i in nodes)
-        return gain * (costs.target(len(self.tokens)) + spent) >= self.expected() * costs.draft
-
-    def worth_a_node(self, score: float, costs: TreeCosts, spent: float) -> bool:
-        """Whether a node of this score raises the expected tokens per unit of time: what it adds
-        to the target's pass against what the step yields per unit of time so far."""
-        n = len(self.tokens)
-        here, more = costs.target(n), costs.target(n + 1)
-        return score * (here + spent) >= self.expected() * (more - here)
+        return gain * (pass_cost + spent) >= self.expected() * draft_cost
 
 
 def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, max_depth: int = MAX_DEPTH,
          max_leaves: int = 255, per_pass: int | None = None, seed: TokenTree | None = None,
-         seed_accept: float = 0.0, costs: TreeCosts | None = None) -> TokenTree | None:
+         seed_accept: float = 0.0, costs: tuple[float, float] | None = None) -> TokenTree | None:
     """A best-first tree of at most `budget` nodes below context[-1] (the pending token), at most
     `max_depth` deep and with at most `max_leaves` leaves (the target's sequences less one).
     `drafter`: a ModelDrafter; its backend's cache is back at `context` afterwards, whatever
     happens. `per_pass`: nodes added per drafter pass (default: enough to fill the budget in
     max_depth passes, so a confident chain can reach max_depth). `seed`: a deterministic tree
     (n-gram continuations) whose nodes the tree starts with, paths shared with the drafter's,
-    accepted at `seed_accept` per token as far as anyone knows. `costs`: then a node joins, and a
-    drafter pass is made, only while it raises the step's expected tokens per unit of time
-    (_Growth.worth_a_node, worth_a_pass): the budget is the most a tree may take. The tree
-    depends on these costs, never on a random draw: verification stays exact whatever they are."""
+    accepted at `seed_accept` per token as far as anyone knows. `costs`: (one target pass over
+    the tree, one drafter pass) in any one unit: then a drafter pass is made only while it raises
+    the step's expected tokens per unit of time (_Growth.worth_a_pass); the frontier's candidates,
+    already scored, still fill the budget for free. The tree depends on these costs, never on a
+    random draw: verification stays exact whatever they are."""
     backend = drafter.backend
     budget = min(budget, backend.n_ctx - len(context))  # the drafter's cache must hold the tree too
     if budget < 1 or max_depth < 1 or max_leaves < 1:
@@ -196,11 +178,10 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
     if seed is not None:
         g.seed(seed, seed_accept)
     spent = 0.0
-    admit = None if costs is None else (lambda score: g.worth_a_node(score, costs, spent))
     try:
         g.offer(ROOT, drafter.q_of(evaluate.root(), rank))
-        while g.frontier and not g.closed:
-            new = g.take(per_pass, admit)
+        while g.frontier:
+            new = g.take(per_pass)
             if not new:
                 break
             # nodes whose children could still join; an end-of-generation token has none
@@ -209,8 +190,8 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
                 continue  # nothing to evaluate; the frontier may still hold candidates
             if costs is not None:
                 if not g.worth_a_pass(open_, costs, spent):
-                    continue  # no more drafter passes pay: the frontier's candidates may still join
-                spent += costs.draft
+                    continue  # no more drafter passes pay: the frontier's candidates fill the budget
+                spent += costs[1]
             for i, logits in zip(open_, evaluate.nodes(g, open_)):
                 g.offer(i, drafter.q_of(logits, rank))
     finally:
