@@ -135,9 +135,12 @@ class Plan:
                     f"{costmodel.DEFAULT_DISK_GBS:.2f} GB/s (assumed: run `edgespec profile` to measure it)")
             reading = self.chosen.target.disk_bytes / ((self.disk_read_gbs or costmodel.DEFAULT_DISK_GBS) * 1e9
                                                        * costmodel.DISK_EFFICIENCY)
+            step = self.chosen.step_seconds
+            share = (f"{reading:.2f} s of each {step:.2f} s pass" if reading <= step else
+                     f"{reading:.2f} s at that speed, though a pass measured {step:.2f} s (read ahead while computing, "
+                     "and part of it still cached)")
             out.append(f"the target does not fit in memory: {self.chosen.target.disk_bytes / 2**30:.2f} GiB of its weights "
-                       f"are read from disk at every pass, at {disk}: {reading:.2f} s of each "
-                       f"{self.chosen.step_seconds:.2f} s pass, whether it verifies 1 token or many")
+                       f"are read from disk at every pass, at {disk}: {share}, whether it verifies 1 token or many")
         t = self.chosen.target
         if t.rpc_layers:
             net = costmodel.network_seconds(self.target, t, 1)
