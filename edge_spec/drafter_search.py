@@ -92,6 +92,8 @@ def _left_out(target: Facts, c: Candidate) -> str:
 def _why(rate: float, baseline: float, best, c: Candidate) -> str:
     if best is not None and c is best[0]:
         return f"kept: the fastest, {rate / baseline:.2f}x without a draft model"
+    if rate == 0.0:  # draft_rate: the plan has no placement with this drafter at all
+        return "left out: does not fit in memory next to the target"
     if rate <= baseline:
         return f"left out: does not pay ({rate / baseline:.2f}x without a draft model)"
     return f"left out: slower than {best[0].label} ({rate / best[1]:.2f}x)"

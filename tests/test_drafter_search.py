@@ -160,3 +160,11 @@ def test_plan_command_lists_the_candidates(places, tiny):  # noqa: F811
     labels = {c["label"]: c for c in as_json["drafter_candidates"]}
     assert labels["Hugging Face cache org/Small-GGUF/small.gguf"]["tokens_per_second"] > 0
     assert sum(c["kept"] for c in as_json["drafter_candidates"]) == 1
+
+
+def test_a_drafter_that_fits_nowhere_is_said_so_not_priced_at_zero(tiny):
+    """A plan with no placement holding the drafter has no draft alternative (draft_rate 0)."""
+    target = gguf_facts.facts(tiny["target"])
+    verdicts = rank(target, candidates(tiny, ["small"]), lambda p: 20.0 if p is None else 0.0)
+    why = next(v.why for v in verdicts if v.path == tiny["small"])
+    assert why == "left out: does not fit in memory next to the target"
