@@ -26,11 +26,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..defaults import TREE_MAX_DEPTH
 from ..tree import ROOT, TokenTree
 from ..types import SamplingParams
 
 PLAIN_SOFTMAX = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-MAX_DEPTH = 16     # deepest node drafted (also bounds the passes a confident chain takes)
+# deepest node drafted (also bounds the passes a confident chain takes): 16 capped a copied file
+# at 16 tokens per pass, 32 gave 24 on the paged edit prompt (bench/paged.py)
+MAX_DEPTH = TREE_MAX_DEPTH
 MAX_GROWN = 256    # a tree grown in the drafter's cache keeps node i in sequence i + 1 (llama.cpp: < 256)
 
 
