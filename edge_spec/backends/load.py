@@ -105,16 +105,18 @@ def llama_options(options: EngineOptions, the_plan, draft_path=None):
 
     c = the_plan.chosen if the_plan is not None else None
     t_ngl = c.target.ngl(the_plan.target) if c is not None else 0
-    if options.rpc and c is not None and not c.target.rpc_layers and options.n_gpu_layers is None:
-        t_ngl = 0  # the plan keeps the whole target here (it fits): the workers are not used
     d_ngl = c.drafter.ngl(the_plan.drafter) if c is not None and c.drafter is not None else 0
     type_k = options.type_k or (the_plan.type_k if the_plan else "f16")
     type_v = options.type_v or (the_plan.type_v if the_plan else "f16")
     threads = options.n_threads or (the_plan.threads if the_plan else None)
+    # n_gpu_layers go to the workers when the plan split the target across them or -ngl was given
+    # with --rpc (llama.cpp's meaning); otherwise they are the plan's GPU layers, workers unused
+    user_split = options.n_gpu_layers is not None and options.n_gpu_layers > 0
+    on_workers = bool(options.rpc) and (user_split or (c is not None and c.target.rpc_layers > 0))
     t_ngl = t_ngl if options.n_gpu_layers is None else options.n_gpu_layers
     target = LlamaOptions(n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=t_ngl,
                           type_k=type_k, type_v=type_v, n_seq_max=tree_sequences(options),
-                          rpc=options.rpc if t_ngl else ())  # no layer on the workers: not connected
+                          rpc=options.rpc if on_workers else ())
     d_kv = None
     if draft_path is not None and options.type_k is None and options.type_v is None:
         d_kv = ModelFile.open(draft_path).provenance.get("kv_cache")
