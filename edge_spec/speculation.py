@@ -52,18 +52,15 @@ def tree_expected_tokens(acceptance: float, budget: int, max_depth: int, sibling
 TREE_ROW_SLOPE = 0.3  # a drafter pass over n nodes costs 1 + TREE_ROW_SLOPE * (n - 1) of a one-token pass
 
 
-def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = TREE_ROW_SLOPE,
-                    grown: bool = True) -> float:
-    """Seconds the drafter spends growing a tree of `budget` nodes: up to max_depth passes, each
-    adding budget / max_depth nodes, a pass over n tokens costing step_cost * (1 + slope * (n - 1)).
-    `grown`: the tree stays in the drafter's cache (extend_tree: each pass evaluates its new nodes
-    only; Qwen2.5-Coder-0.5B on 2 busy cores grew 16 / 32 / 64 nodes in 1.15 / 1.22 / 1.60 s,
-    about 16 / 21 / 30 steps of ~60 ms: bench/tree_growth.py); otherwise each pass evaluates its
-    new nodes with their ancestors again (about half the depth each)."""
+def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = TREE_ROW_SLOPE) -> float:
+    """Seconds the drafter spends growing a tree of `budget` nodes in its cache (extend_tree):
+    up to max_depth passes, each evaluating its budget / max_depth new nodes, a pass over n
+    tokens costing step_cost * (1 + slope * (n - 1)). Qwen2.5-Coder-0.5B on 2 busy cores grew
+    16 / 32 / 64 nodes in 1.15 / 1.22 / 1.60 s, about 16 / 21 / 30 steps of ~60 ms
+    (bench/tree_growth.py)."""
     passes = min(budget, max_depth)
     per_pass = -(-budget // max_depth)
-    rows = per_pass if grown else per_pass * (1 + max_depth / 2)
-    return passes * step_cost * (1 + slope * (rows - 1))
+    return passes * step_cost * (1 + slope * (per_pass - 1))
 
 
 def best_parallel_length(acceptance: float, draft_cost: float, verify_cost: Callable[[int], float],

@@ -458,29 +458,23 @@ class LlamaCppBackend(VocabMethods, Closing):
         appended). end_tree() frees them. Returns logits [len(nodes), vocab]."""
         self._check_open()
         lib, b, n0 = self.lib, self.batch, len(self.tokens)
-        paths = {i: tree.path(i) for i in nodes}
-        need = sorted({a for path in paths.values() for a in path} - self._grown)  # parents first
+        need = sorted({a for i in nodes for a in tree.path(i)} - self._grown)  # parents first
         if need and need[-1] + 2 > self.options.n_seq_max:
             raise EdgespecError(f"a tree of {need[-1] + 1} nodes needs n_seq_max >= {need[-1] + 2}")
-        if len(need) > self.n_batch or n0 + max(len(p) for p in paths.values()) > self.n_ctx:
+        paths = {x: tree.path(x) for x in need}
+        if len(need) > self.n_batch or n0 + max((len(p) for p in paths.values()), default=0) > self.n_ctx:
             raise EdgespecError("the tree does not fit in the batch or the context")
-        depth = {}
-        for x in need:  # each new node's sequence: the context and its ancestors already evaluated
-            path = tree.path(x)
-            depth[x] = len(path)
+        below = {x: [x + 1] for x in need}  # an ancestor evaluated in this pass is seen by its descendants
+        for x, path in paths.items():  # each new node's sequence: the context and its evaluated ancestors
             lib.llama_memory_seq_cp(self.mem, 0, x + 1, -1, -1)
-            for a in path[:-1]:
+            for depth, a in enumerate(path[:-1], start=1):
                 if a in self._grown:
-                    pos = n0 + tree.depth(a) - 1
-                    lib.llama_memory_seq_cp(self.mem, a + 1, x + 1, pos, pos + 1)
-        below = {x: [x + 1] for x in need}  # an uncached ancestor in this pass is seen by its descendants
-        for x in need:
-            for a in tree.path(x)[:-1]:
-                if a in below:
+                    lib.llama_memory_seq_cp(self.mem, a + 1, x + 1, n0 + depth - 1, n0 + depth)
+                else:
                     below[a].append(x + 1)
         want = set(nodes)
         for r, x in enumerate(need):
-            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = tree.tokens[x], n0 + depth[x] - 1, len(below[x]), x in want
+            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = tree.tokens[x], n0 + len(paths[x]) - 1, len(below[x]), x in want
             for k, s in enumerate(below[x]):
                 b.seq_id[r][k] = s
         b.n_tokens = len(need)

@@ -70,8 +70,7 @@ def cached(path: str | os.PathLike, n_threads: int, options) -> Calibration | No
         return None
     if not seconds or 1 not in seconds:
         return None
-    return as_calibration(path, seconds, n_threads, options.n_gpu_layers, options.disk_bytes or 0,
-                          bool(getattr(options, "rpc", ())))
+    return as_calibration(path, seconds, n_threads, options.n_gpu_layers, options.disk_bytes or 0, bool(options.rpc))
 
 
 def as_calibration(path: str | os.PathLike, seconds: dict[int, float], n_threads: int, n_gpu_layers: int,
