@@ -5,7 +5,7 @@ Configurations, all with the same target, drafter, prompt and sampling:
   plain    plain decoding as llama.cpp does it: the weights mapped, the kernel pages them (no plan)
   chains   the draft model's chains on that same mapping (no plan, no pinning)
   paged    what edgespec plans by itself in that cgroup: the memory limit read, part of the
-           target pinned, the rest read ahead from disk at every pass, the drafter resident
+           target pinned, the rest read from disk at every pass, the drafter resident
 
 The budget is a fraction of the target's file size (the drafter counted inside it). Each run is a
 separate process (a cgroup per run), so the ratio printed is of separate runs: keep the machine

@@ -272,7 +272,7 @@ class LlamaCppBackend(VocabMethods, Closing):
             self.pager.evict()
 
     def _llama_decode(self, b) -> int:
-        """One pass; a paged target's streamed weights are read ahead of it."""
+        """One pass (a paged target's Pager hears of it)."""
         if self.pager is None:
             return self.lib.llama_decode(self.ctx, b)
         self.pager.start_pass()

@@ -9,8 +9,10 @@ from disk at every pass. A Pager changes that:
 - pinned: a prefix (file order) of the tensors every pass reads is locked in the page cache
   (mlock on a mapping of our own: the same page-cache pages llama.cpp's mapping reads), so a
   pass reads only the rest from disk;
-- streamed: the rest is read ahead of the compute by a thread (large sequential reads, at the
-  disk's speed, instead of 128 KiB page-fault read-around), started just before each pass;
+- streamed: the rest is read by llama.cpp's own page faults as each pass reaches it. A thread
+  reading it ahead (read_ahead=True) was measured slower in a 2 GiB cgroup: 1.19x the time of
+  a one-token pass of a 3.3 GiB F16 target, 1.34x at 65 tokens (bench/pager.py); its buffered
+  reads ran at about half the disk's speed, fell behind the faults and read pages twice;
 - evict(): drops the streamed pages from the page cache (from llama.cpp's mapping too), so
   calibration measures the pass a paged plan will really pay, not a warm cache.
 
@@ -71,7 +73,7 @@ class PagerStats:
 class Pager:
     """Pins the first `pinned_bytes` of a model's per-pass tensors and streams the rest."""
 
-    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int):
+    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = False):
         self.path = os.fspath(path)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
@@ -96,21 +98,23 @@ class Pager:
                 break
             self.locked.append((start, size))
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
+        self.read_ahead = read_ahead  # a thread reads the streamed weights at each pass (see above)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # --- streaming ---------------------------------------------------------------------------
     def start_pass(self) -> None:
-        """Read the streamed weights ahead of the compute, in file (= layer) order."""
+        """A pass begins: with read_ahead, a thread reads the streamed weights in file (= layer)
+        order ahead of the compute."""
         self._join()
-        if not self.streamed:
+        if not self.streamed or not self.read_ahead:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._read_ahead, name="edgespec-pager", daemon=True)
         self._thread.start()
 
     def finish_pass(self) -> None:
-        """The pass is over: stop reading ahead (what it did not reach was read by the pass)."""
+        """The pass is over: stop any reading ahead (what it did not reach was read by the pass)."""
         self._join()
         self.stats.passes += 1
 

@@ -324,7 +324,7 @@ def predict_pass(shape: ModelShape, profile: Profile, placement: Placement, k: i
                        k, placement.threads)
         if n_gpu:
             t += SPLIT_SYNC_S
-    if placement.disk_bytes:  # read ahead of the compute, but at the disk's speed (backends/paging.py)
+    if placement.disk_bytes:  # read by the pass's page faults, at the disk's speed (backends/paging.py)
         t += placement.disk_bytes / (disk_read_bps(profile))
     return t
 

@@ -1,0 +1,87 @@
+"""How a paged target's streamed weights should be read: by llama.cpp's page faults alone, or
+with the Pager's read-ahead thread too (backends/paging.py, Pager.read_ahead).
+
+One process in a memory-limited cgroup (bench/memlimit.py) loads the target as edgespec plans it
+there (paged: part pinned, the rest streamed) and runs passes of 1 and of --k tokens over the same
+context, the two ways interleaved so that the disk's drift hits both alike. Prints the mean
+seconds and GB read from disk per pass (/proc/self/io) and the ratio.
+
+    .venv/bin/python bench/pager.py -m F16.gguf -md DRAFT.gguf --limit 2G [--reps 3] [--k 65]
+
+Needs root (cgroups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WAYS = {"faults": False, "read-ahead": True}
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+def child(target: str, draft: str, reps: int, k: int) -> dict:
+    from edge_spec.engine import Engine
+    from edge_spec.options import EngineOptions
+
+    with Engine.load(EngineOptions(model=target, draft=draft, history=False)) as engine:
+        backend = engine.target
+        pager = getattr(backend, "pager", None)
+        if pager is None:
+            raise SystemExit("the plan is not paged here: lower --limit")
+        backend.forward(backend.tokenize("The weights of this model are read from disk at every pass. " * 4))
+        n = len(backend.tokens)
+        out: dict[str, list] = {f"{way} k={size}": [] for way in WAYS for size in (1, k)}
+        for _ in range(reps):
+            for way, ahead in WAYS.items():
+                pager.read_ahead = ahead
+                for size in (1, k):
+                    backend.truncate(n)
+                    r0, t0 = read_bytes(), time.perf_counter()
+                    backend.forward([100 + i for i in range(size)], logits="last")
+                    out[f"{way} k={size}"].append((time.perf_counter() - t0, (read_bytes() - r0) / 1e9))
+        return {"pinned_bytes": pager.stats.pinned_bytes, "streamed_bytes": pager.stats.streamed_bytes, "passes": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("-md", "--draft", required=True)
+    ap.add_argument("--limit", default="2G")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--k", type=int, default=65)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.model, args.draft, args.reps, args.k)))
+        return
+    from bench import memlimit
+
+    cmd = [sys.executable, __file__, "-m", args.model, "-md", args.draft, "--reps", str(args.reps),
+           "--k", str(args.k), "--child"]
+    done, _ = memlimit.run(cmd, args.limit, [args.model, args.draft], timeout=3600)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"limit {args.limit}: {r['pinned_bytes'] / 2**30:.2f} GiB pinned, {r['streamed_bytes'] / 2**30:.2f} GiB streamed")
+    mean = {}
+    for name, runs in r["passes"].items():
+        mean[name] = statistics.mean(s for s, _ in runs)
+        print(f"  {name:18s} {mean[name]:6.2f} s/pass  {statistics.mean(g for _, g in runs):5.2f} GB read  "
+              f"({', '.join(f'{s:.2f}' for s, _ in runs)})")
+    for size in (1, args.k):
+        print(f"  k={size}: read-ahead / faults = {mean[f'read-ahead k={size}'] / mean[f'faults k={size}']:.2f}x the time")
+
+
+if __name__ == "__main__":
+    main()
