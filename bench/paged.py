@@ -13,6 +13,13 @@ otherwise idle while it runs.
 
     .venv/bin/python bench/paged.py -m F16.gguf -md DRAFT.gguf [--budgets 0.5,0.75] [--temps 0,0.8] [-n 32]
     .venv/bin/python bench/paged.py -m F16.gguf -md DRAFT.gguf --quick        # one prompt, T=0, 50%, 16 tokens
+    .venv/bin/python bench/paged.py -m F16.gguf -md DRAFT.gguf --limit 2G --plain-on 3   # the broad set
+
+Prompts: bench/prompts.py (default: its DEFAULT, the first prompt of every Spec-Bench category and
+the chat prompt). Plain decoding reads the same weights for every token whatever the prompt and
+the temperature, so --plain-on N measures it on the first N prompts at the first temperature only
+and takes the mean as every prompt's baseline (saves an hour at 0.4 tok/s); the summary gives the
+geometric mean of the ratios and the ratio of total tokens over total decode seconds.
 
 Needs root (cgroups). Prints tok/s per configuration and the ratio to plain; --out FILE writes JSON.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -59,13 +67,34 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
                 "plan": engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter) if engine.plan else None}
 
 
+def summarize(rows: list[dict], fraction: float, limit: int) -> None:
+    """Per configuration and temperature: the geometric mean of the ratios to plain, and the
+    ratio of all tokens over all decode seconds (slow prompts weigh more)."""
+    print(f"budget {fraction:.2f} ({limit / 2**30:.2f} GiB), {len({r['prompt'] for r in rows})} prompts:")
+    plain = [r for r in rows if r["config"] == "plain"]
+    base = sum(r["tokens"] for r in plain) / sum(r["decode_seconds"] for r in plain) if plain else None
+    for config in CONFIGS[1:]:
+        for temp in sorted({r["temperature"] for r in rows}):
+            mine = [r for r in rows if r["config"] == config and r["temperature"] == temp and r["ratio_to_plain"]]
+            if not mine:
+                continue
+            geo = math.exp(sum(math.log(r["ratio_to_plain"]) for r in mine) / len(mine))
+            total = sum(r["tokens"] for r in mine) / sum(r["decode_seconds"] for r in mine)
+            per_pass = sum(r["tokens"] for r in mine) / sum(r["tokens"] / r["tokens_per_pass"] for r in mine)
+            print(f"  {config:6s} T={temp:g}: geometric mean {geo:.2f}x plain (min {min(r['ratio_to_plain'] for r in mine):.2f}x), "
+                  f"{total:.2f} tok/s over all{f' ({total / base:.2f}x)' if base else ''}, {per_pass:.2f} tok/pass",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", required=True, help="the target (bigger than the budgets)")
     ap.add_argument("-md", "--draft", required=True, help="the drafter")
     ap.add_argument("--budgets", default="0.5,0.75", help="memory limits as fractions of the target's file size")
     ap.add_argument("--temps", default="0,0.8")
-    ap.add_argument("--prompts", default=None, help="names from bench/prompts.py (default: all)")
+    ap.add_argument("--prompts", default=None, help="ids and categories from bench/prompts.py (default: its DEFAULT)")
+    ap.add_argument("--plain-on", type=int, default=0,
+                    help="measure plain on the first N prompts (first temperature) only: their mean is the baseline")
     ap.add_argument("-n", "--max-tokens", type=int, default=32)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--quick", action="store_true", help="one prompt, T=0, budget 0.5, 16 tokens")
@@ -74,30 +103,34 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from bench.prompts import PROMPTS
+    from bench.prompts import DEFAULT, named
 
     if args.child:  # inside the cgroup
         config, name, temp = args.child.split(":")
-        print(json.dumps(child(config, args.model, args.draft, PROMPTS[name], float(temp), args.max_tokens,
+        print(json.dumps(child(config, args.model, args.draft, dict(named(name))[name], float(temp), args.max_tokens,
                                args.tree_budget)))
         return
     from bench import memlimit
 
     if args.quick:
         args.budgets, args.temps, args.max_tokens = "0.5", "0", 16
-        args.prompts = args.prompts or next(iter(PROMPTS))
-    names = args.prompts.split(",") if args.prompts else list(PROMPTS)
+        args.prompts = args.prompts or "chat"
+    names = [name for name, _ in named(args.prompts or DEFAULT)]
     size = os.path.getsize(args.model)
     rows = []
     from edge_spec.plan.memory import parse_size
 
     limits = [parse_size(args.limit)] if args.limit else [int(size * float(b)) for b in args.budgets.split(",")]
+    temps = args.temps.split(",")
     for limit in limits:
         fraction = limit / size
-        for name in names:
-            for temp in args.temps.split(","):
+        plain_seen: list[float] = []
+        for p, name in enumerate(names):
+            for t, temp in enumerate(temps):
                 found = {}
                 for config in args.configs.split(","):
+                    if config == "plain" and args.plain_on and (p >= args.plain_on or t > 0):
+                        continue
                     cmd = [sys.executable, __file__, "-m", args.model, "-md", args.draft, "-n", str(args.max_tokens),
                            "--child", f"{config}:{name}:{temp}"]
                     if args.tree_budget is not None:
@@ -108,15 +141,24 @@ def main() -> None:
                               f"{done.stderr.strip().splitlines()[-1:] }", file=sys.stderr)
                         continue
                     found[config] = json.loads(done.stdout.strip().splitlines()[-1]) | {"peak_bytes": peak}
-                base = found.get("plain", {}).get("tokens_per_second")
+                if "plain" in found:
+                    plain_seen.append(found["plain"]["tokens_per_second"])
+                base = (sum(plain_seen) / len(plain_seen) if args.plain_on and plain_seen
+                        else found.get("plain", {}).get("tokens_per_second"))
                 for config, r in found.items():
                     r |= {"budget": fraction, "limit_bytes": limit, "prompt": name, "temperature": float(temp),
                           "ratio_to_plain": r["tokens_per_second"] / base if base else None}
                     rows.append(r)
                     ratio = f"{r['ratio_to_plain']:.2f}x" if r["ratio_to_plain"] else "-"
-                    print(f"budget {fraction:.2f} ({limit / 2**30:.2f} GiB)  {name:5s} T={temp:3s}  {config:6s}  "
-                          f"{r['tokens_per_second']:6.2f} tok/s  {r['tokens_per_pass']:.2f} tok/pass  {ratio}"
+                    print(f"budget {fraction:.2f} ({limit / 2**30:.2f} GiB)  {name:14s} T={temp:3s}  {config:6s}  "
+                          f"{r['tokens_per_second']:6.2f} tok/s  {r['tokens_per_pass']:5.2f} tok/pass  {ratio}"
                           + (f"  [{r['plan']}]" if config == "paged" and r.get("plan") else ""), flush=True)
+        if args.plain_on and plain_seen:  # every row against the final baseline
+            base = sum(plain_seen) / len(plain_seen)
+            for r in rows:
+                if r["limit_bytes"] == limit:
+                    r["ratio_to_plain"] = r["tokens_per_second"] / base
+        summarize([r for r in rows if r["limit_bytes"] == limit], fraction, limit)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -33,5 +33,5 @@ MIN_SOURCE_BITS = 6.0
 # node's extra children catch: each further sibling is taken to catch TREE_SIBLING_CATCH of what
 # the ones before it missed (a guess until measured; the Controller corrects drafting online).
 TREE_BUDGETS = (16, 32, 64, 128)
-TREE_SIBLING_CATCH = 0.4
+TREE_SIBLING_CATCH = 0.2
 TREE_MAX_DEPTH = 32     # deepest node drafted; also the most drafter passes one tree takes

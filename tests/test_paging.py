@@ -261,3 +261,21 @@ def test_a_paged_target_drafts_trees_and_a_resident_one_chains(small_machine):
         assert tree_expected_tokens(a, 16, 16, 0.4) >= expected_tokens(a, 16) - 1e-12
         assert tree_expected_tokens(a, 64, 16, 0.4) >= tree_expected_tokens(a, 16, 16, 0.4)
     assert tree_expected_tokens(0.0, 64, 16, 0.0) == 1.0  # nothing accepted: the bonus token alone
+
+
+def test_a_paged_calibration_measures_the_tree_passes_the_planner_weighs():
+    """Extrapolating a paged target's cost from 33 tokens took a 129-token pass for free: each
+    tree the planner weighs is measured, as far as the batch and the context hold it."""
+    from types import SimpleNamespace
+
+    from edge_spec.defaults import TREE_BUDGETS
+    from edge_spec.plan.calibrate import sizes_for
+
+    def backend(disk, n_batch, n_ctx=4096):
+        return SimpleNamespace(capabilities=SimpleNamespace(disk_bytes=disk), n_batch=n_batch, n_ctx=n_ctx)
+
+    paged = sizes_for(backend(1 << 30, 512), 33)
+    assert {1, 33} <= set(paged) and {b + 1 for b in TREE_BUDGETS} <= set(paged)
+    assert max(sizes_for(backend(1 << 30, 64), 33)) == 33          # a tree the batch cannot hold is not measured
+    assert max(sizes_for(backend(1 << 30, 512, n_ctx=160), 33)) == 65  # nor one that would crowd the context
+    assert max(sizes_for(backend(0, 512), 33)) == 33               # resident: the draft lengths only

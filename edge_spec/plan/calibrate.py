@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..defaults import TREE_BUDGETS
 from ..models import state_dir
 from .profile import Calibration
 
@@ -115,9 +116,12 @@ def sizes(max_n: int) -> list[int]:
 
 def sizes_for(backend, max_n: int) -> list[int]:
     """The pass sizes measured: SIZES, or for a paged target (each pass seconds long, and nearly
-    flat in n) the two ends and the middle."""
+    flat in n) the two ends and the middle, and a pass over each tree the planner weighs
+    (TREE_BUDGETS nodes and the pending token) that the context's batch holds: extrapolated from
+    33 tokens, a 129-token pass was taken as flat when it cost 1.33 one-token passes."""
     if backend.capabilities.disk_bytes:
-        return sorted({1, 2, max(max_n // 2, 1), max_n})
+        trees = {b + 1 for b in TREE_BUDGETS if b + 1 <= min(getattr(backend, "n_batch", 0), backend.n_ctx // 2)}
+        return sorted({1, 2, max(max_n // 2, 1), max_n} | trees)
     return sizes(max_n)
 
 
@@ -129,13 +133,13 @@ def measure(backend, max_n: int, reps: int = 2,
     backend.truncate(0)
     try:
         # a short context (-c) leaves less room for the probe prompt
-        prompt = backend.tokenize(_PROBE_TEXT, True, False)[:max(2, min(96, backend.n_ctx - max_n - 1))]
+        todo = sorted(set(only)) if only is not None else sizes_for(backend, max_n)
+        prompt = backend.tokenize(_PROBE_TEXT, True, False)[:max(2, min(96, backend.n_ctx - max(todo) - 1))]
         backend.forward(prompt, logits="none")
-        base, filler = len(backend.tokens), prompt[1:] * (1 + max_n // max(len(prompt) - 1, 1))
+        base, filler = len(backend.tokens), prompt[1:] * (1 + max(todo) // max(len(prompt) - 1, 1))
         backend.forward(filler[:1])  # warm-up
         backend.truncate(base)
         costs: dict[int, float] = {}
-        todo = sorted(set(only)) if only is not None else sizes_for(backend, max_n)
         if backend.capabilities.disk_bytes:
             reps = 1  # a paged pass is dominated by reading the disk: one round is the measurement
         # rounds over all sizes, not size after size: a shared machine's slow spell then slows
