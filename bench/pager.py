@@ -1,9 +1,9 @@
 """How a paged target's streamed weights should be read: by llama.cpp's page faults alone, or
-with the Pager's read-ahead thread too (backends/paging.py, Pager.read_ahead).
+with the Pager's reading threads too (backends/paging.py, Pager.read_ahead and .populate).
 
 One process in a memory-limited cgroup (bench/memlimit.py) loads the target as edgespec plans it
 there (paged: part pinned, the rest streamed) and runs passes of 1 and of --k tokens over the same
-context, the two ways interleaved so that the disk's drift hits both alike. Prints the mean
+context, the ways interleaved so that the disk's drift hits both alike. Prints the mean
 seconds and GB read from disk per pass (/proc/self/io) and the ratio.
 
     .venv/bin/python bench/pager.py -m F16.gguf -md DRAFT.gguf --limit 2G [--reps 3] [--k 65]
@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-WAYS = {"faults": False, "read-ahead": True}
+# (reading threads, faulting pages in rather than copying them): the pass's faults alone, the
+# old single reading thread, and threads populating the pages (MADV_POPULATE_READ)
+WAYS = {"faults": (0, True), "read x1": (1, False), "populate x1": (1, True), "populate x4": (4, True)}
 
 
 def read_bytes() -> int:
@@ -43,8 +45,8 @@ def child(target: str, draft: str, reps: int, k: int) -> dict:
         n = len(backend.tokens)
         out: dict[str, list] = {f"{way} k={size}": [] for way in WAYS for size in (1, k)}
         for _ in range(reps):
-            for way, ahead in WAYS.items():
-                pager.read_ahead = ahead
+            for way, (threads, populate) in WAYS.items():
+                pager.read_ahead, pager.populate = threads, populate
                 for size in (1, k):
                     backend.truncate(n)
                     r0, t0 = read_bytes(), time.perf_counter()
@@ -80,7 +82,8 @@ def main() -> None:
         print(f"  {name:18s} {mean[name]:6.2f} s/pass  {statistics.mean(g for _, g in runs):5.2f} GB read  "
               f"({', '.join(f'{s:.2f}' for s, _ in runs)})")
     for size in (1, args.k):
-        print(f"  k={size}: read-ahead / faults = {mean[f'read-ahead k={size}'] / mean[f'faults k={size}']:.2f}x the time")
+        print(f"  k={size}: " + ", ".join(f"{way} {mean[f'{way} k={size}'] / mean[f'faults k={size}']:.2f}x"
+                                          for way in WAYS if way != "faults") + " the time of faults alone")
 
 
 if __name__ == "__main__":

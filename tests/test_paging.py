@@ -196,13 +196,17 @@ def test_pager_pins_a_prefix_and_streams_the_rest(tmp_path):
         assert pager.stats.pinned_bytes + pager.stats.streamed_bytes == total
         pager.start_pass()
         pager.finish_pass()
-        pager.read_ahead = True  # the reading thread (bench/pager.py weighs it) starts and stops
-        pager.start_pass()
-        assert pager._thread is not None
-        pager.finish_pass()
-        assert pager._thread is None
+        for populate in (True, False):  # the reading threads (bench/pager.py weighs them) start and stop
+            pager.read_ahead, pager.populate = 2, populate
+            pager.start_pass()
+            assert len(pager._threads) == 2
+            for t in pager._threads:
+                t.join(timeout=10)  # a tiny model: read in no time
+            assert next(pager._next) > len(pager._chunks)
+            pager.finish_pass()
+            assert pager._threads == []
         pager.evict()
-        assert pager.stats.passes == 2
+        assert pager.stats.passes == 3
     finally:
         pager.close()
 

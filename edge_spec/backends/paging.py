@@ -9,10 +9,12 @@ from disk at every pass. A Pager changes that:
 - pinned: a prefix (file order) of the tensors every pass reads is locked in the page cache
   (mlock on a mapping of our own: the same page-cache pages llama.cpp's mapping reads), so a
   pass reads only the rest from disk;
-- streamed: the rest is read by llama.cpp's own page faults as each pass reaches it. A thread
-  reading it ahead (read_ahead=True) was measured slower in a 2 GiB cgroup: 1.19x the time of
-  a one-token pass of a 3.3 GiB F16 target, 1.34x at 65 tokens (bench/pager.py); its buffered
-  reads ran at about half the disk's speed, fell behind the faults and read pages twice;
+- streamed: the rest is read by llama.cpp's own page faults as each pass reaches it. Threads
+  reading it ahead (read_ahead > 0: reading copies, or faulting pages in with MADV_POPULATE_READ)
+  were measured slower in a 2 GiB cgroup with a 3.3 GiB F16 target (bench/pager.py): one reading
+  thread took 1.19x / 1.34x the time of a 1 / 65-token pass, four populating threads 1.23x /
+  1.57x; they read 10-20% more than the faults (pages read twice) and their page-cache work
+  competes with the compute for the two cores;
 - evict(): drops the streamed pages from the page cache (from llama.cpp's mapping too), so
   calibration measures the pass a paged plan will really pay, not a warm cache.
 
@@ -24,13 +26,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import mmap
 import os
 import threading
 from dataclasses import dataclass
 
 PAGE = mmap.PAGESIZE
-MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
 PROT_READ, MAP_SHARED = 1, 1
 CHUNK = 8 << 20   # bytes per read of the streaming thread
 
@@ -73,7 +76,8 @@ class PagerStats:
 class Pager:
     """Pins the first `pinned_bytes` of a model's per-pass tensors and streams the rest."""
 
-    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = False):
+    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: int = 0,
+                 populate: bool = True):
         self.path = os.fspath(path)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
@@ -98,9 +102,13 @@ class Pager:
                 break
             self.locked.append((start, size))
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
-        self.read_ahead = read_ahead  # a thread reads the streamed weights at each pass (see above)
-        self._thread: threading.Thread | None = None
+        self.read_ahead = read_ahead  # threads reading the streamed weights at each pass (see above)
+        self.populate = populate      # they fault the pages in (MADV_POPULATE_READ), else read them (a copy)
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._chunks = [(start + done, min(CHUNK, size - done)) for start, size in self.streamed
+                        for done in range(0, size, CHUNK)]
+        self._next = itertools.count()
 
     # --- streaming ---------------------------------------------------------------------------
     def start_pass(self) -> None:
@@ -110,8 +118,11 @@ class Pager:
         if not self.streamed or not self.read_ahead:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._read_ahead, name="edgespec-pager", daemon=True)
-        self._thread.start()
+        self._next = itertools.count()
+        self._threads = [threading.Thread(target=self._read_ahead, name=f"edgespec-pager-{i}", daemon=True)
+                         for i in range(int(self.read_ahead))]
+        for t in self._threads:
+            t.start()
 
     def finish_pass(self) -> None:
         """The pass is over: stop any reading ahead (what it did not reach was read by the pass)."""
@@ -119,21 +130,25 @@ class Pager:
         self.stats.passes += 1
 
     def _join(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._threads = []
 
     def _read_ahead(self) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        for start, size in self.streamed:
-            done = 0
-            while done < size and not self._stop.is_set():
-                n = os.preadv(self._fd, [view[: min(CHUNK, size - done)]], start + done)
-                if n <= 0:
-                    return
-                done += n
+        """Take the next chunk (file order) until none is left or the pass is over."""
+        view = None if self.populate else memoryview(bytearray(CHUNK))
+        while not self._stop.is_set():
+            i = next(self._next)  # atomic under the GIL: each chunk is read by one thread
+            if i >= len(self._chunks):
+                return
+            start, size = self._chunks[i]
+            if view is None:
+                a = start // PAGE * PAGE
+                if self._libc.madvise(ctypes.c_void_p(self._base + a), start + size - a, MADV_POPULATE_READ) != 0:
+                    return  # an old kernel (< 5.14): the pass's own faults read it
+            elif os.preadv(self._fd, [view[:size]], start) <= 0:
+                return
 
     # --- eviction ------------------------------------------------------------------------------
     def evict(self) -> None:
