@@ -35,7 +35,7 @@ from dataclasses import dataclass
 PAGE = mmap.PAGESIZE
 MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
 PROT_READ, MAP_SHARED = 1, 1
-CHUNK = 8 << 20   # bytes per read of the streaming thread
+CHUNK = 8 << 20   # bytes per read of a reading thread
 
 
 def per_pass_ranges(header) -> list[tuple[int, int]]:
@@ -112,8 +112,8 @@ class Pager:
 
     # --- streaming ---------------------------------------------------------------------------
     def start_pass(self) -> None:
-        """A pass begins: with read_ahead, a thread reads the streamed weights in file (= layer)
-        order ahead of the compute."""
+        """A pass begins: with read_ahead, that many threads read the streamed weights in file
+        (= layer) order ahead of the compute."""
         self._join()
         if not self.streamed or not self.read_ahead:
             return
