@@ -283,3 +283,24 @@ def test_a_paged_calibration_measures_the_tree_passes_the_planner_weighs():
     assert max(sizes_for(backend(1 << 30, 64), 33)) == 33          # a tree the batch cannot hold is not measured
     assert max(sizes_for(backend(1 << 30, 512, n_ctx=160), 33)) == 65  # nor one that would crowd the context
     assert max(sizes_for(backend(0, 512), 33)) == 33               # resident: the draft lengths only
+
+
+def test_an_explicit_drafter_the_plan_left_out_is_paid_for_with_pinned_weights(small_machine, tmp_path):
+    """-md given, but the plan pages the target without it (n-gram drafts pay more): the drafter
+    still loads, so the pinned weights shrink by what it holds, or the two overrun the budget."""
+    from edge_spec.backends.load import llama_options
+    from edge_spec.modelfile import ModelFile
+    from edge_spec.options import EngineOptions
+    from tests.tiny_gguf import write_llama
+
+    p = planner.plan(shape(), small_machine, None, n_ctx=4096, gpu=False)
+    assert p.chosen.drafter is None and p.chosen.target.disk_bytes > 0
+    draft = write_llama(tmp_path / "draft.gguf")
+    options = EngineOptions(model="/m/big.gguf", draft=str(draft), n_ctx=4096)
+    alone, _ = llama_options(options, p)
+    with_drafter, d_opts = llama_options(options, p, draft)
+    assert alone.disk_bytes == p.chosen.target.disk_bytes
+    held = costmodel.memory_need(ModelFile.open(draft).shape, costmodel.Placement(-1, 0), 4096, d_opts.type_k,
+                                 d_opts.type_v, costmodel.PAGED_DRAFTER_BATCH).ram
+    assert held > 0 and with_drafter.disk_bytes == p.chosen.target.disk_bytes + held
+    assert d_opts.use_mmap is False  # resident, never paged out

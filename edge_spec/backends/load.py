@@ -125,10 +125,24 @@ def llama_options(options: EngineOptions, the_plan, draft_path=None):
                          type_k=d_kv or type_k, type_v=d_kv or type_v,
                          n_seq_max=tree_sequences(options) if options.tree_budget else 1)
     if c is not None and c.target.disk_bytes:  # a paged target (plan.planner._paged, backends/paging.py)
-        target = replace(target, disk_bytes=c.target.disk_bytes)
+        target = replace(target, disk_bytes=c.target.disk_bytes + unplanned_drafter_bytes(the_plan, draft_path, options.n_ctx,
+                                                                                          draft.type_k, draft.type_v))
         # the drafter in memory of its own, never paged out, with the compute buffer the plan counted
         draft = replace(draft, use_mmap=False, n_batch=PAGED_DRAFTER_BATCH)
     return target, draft
+
+
+def unplanned_drafter_bytes(the_plan, draft_path, n_ctx: int, type_k: str, type_v: str) -> int:
+    """The memory of a drafter loaded next to a paged target although the plan left it out (an
+    explicit -md the plan found not paying): it comes out of the pinned weights, as far as they
+    go, or the pinned pages and the drafter together would overrun the budget (a cgroup kills)."""
+    from ..plan import costmodel
+
+    if draft_path is None or the_plan.chosen.drafter is not None:
+        return 0
+    drafter = costmodel.memory_need(ModelFile.open(draft_path).shape, costmodel.Placement(-1, 0), n_ctx,
+                                    type_k, type_v, costmodel.PAGED_DRAFTER_BATCH).ram
+    return min(drafter, costmodel.pass_bytes(the_plan.target) - the_plan.chosen.target.disk_bytes)
 
 
 def load(path, opts, what: str, notes: list, report: Progress):
