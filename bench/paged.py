@@ -19,7 +19,8 @@ Prompts: bench/prompts.py (default: its DEFAULT, the first prompt of every Spec-
 the chat prompt). Plain decoding reads the same weights for every token whatever the prompt and
 the temperature, so --plain-on N measures it on the first N prompts at the first temperature only
 and takes the mean as every prompt's baseline (saves an hour at 0.4 tok/s); the summary gives the
-geometric mean of the ratios and the ratio of total tokens over total decode seconds.
+geometric mean of the ratios and the ratio of total tokens over total decode seconds, and at T=0
+on how many prompts each configuration decoded plain's very text (lossless up to near-ties).
 
 Needs root (cgroups). Prints tok/s per configuration and the ratio to plain; --out FILE writes JSON.
 """
@@ -56,12 +57,13 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
     with Engine.load(options) as engine:
         load = time.perf_counter() - t0
         tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
-        last = None
+        last, text = None, []
         for step in engine.stream(tokens, SamplingParams(temperature=temp, max_tokens=n, seed=1)):
             last = step
+            text.append(step.text)
         stats = last.stats
         paged = engine.target.capabilities.disk_bytes
-        return {"config": config, "tokens": stats.n_tokens, "decode_seconds": stats.decode_seconds,
+        return {"config": config, "text": "".join(text), "tokens": stats.n_tokens, "decode_seconds": stats.decode_seconds,
                 "tokens_per_second": stats.tokens_per_second, "tokens_per_pass": stats.mean_accepted_length,
                 "load_seconds": load, "disk_bytes_per_pass": paged,
                 "plan": engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter) if engine.plan else None}
@@ -72,6 +74,12 @@ def summarize(rows: list[dict], fraction: float, limit: int) -> None:
     ratio of all tokens over all decode seconds (slow prompts weigh more)."""
     print(f"budget {fraction:.2f} ({limit / 2**30:.2f} GiB), {len({r['prompt'] for r in rows})} prompts:")
     plain = [r for r in rows if r["config"] == "plain"]
+    greedy = {r["prompt"]: r["text"] for r in plain if r["temperature"] == 0}
+    for config in CONFIGS[1:]:  # lossless: greedy speculation decodes plain's text (up to near-ties)
+        same = [r["text"] == greedy[r["prompt"]] for r in rows
+                if r["config"] == config and r["temperature"] == 0 and r["prompt"] in greedy]
+        if same:
+            print(f"  {config:6s} T=0: the same text as plain on {sum(same)} of {len(same)} prompts")
     base = sum(r["tokens"] for r in plain) / sum(r["decode_seconds"] for r in plain) if plain else None
     for config in CONFIGS[1:]:
         for temp in sorted({r["temperature"] for r in rows}):
