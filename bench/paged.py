@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,7 +86,7 @@ def summarize(rows: list[dict], fraction: float, limit: int) -> None:
             mine = [r for r in rows if r["config"] == config and r["temperature"] == temp and r["ratio_to_plain"]]
             if not mine:
                 continue
-            geo = math.exp(sum(math.log(r["ratio_to_plain"]) for r in mine) / len(mine))
+            geo = statistics.geometric_mean(r["ratio_to_plain"] for r in mine)
             total = sum(r["tokens"] for r in mine) / sum(r["decode_seconds"] for r in mine)
             per_pass = sum(r["tokens"] for r in mine) / sum(r["tokens"] / r["tokens_per_pass"] for r in mine)
             print(f"  {config:6s} T={temp:g}: geometric mean {geo:.2f}x plain (min {min(r['ratio_to_plain'] for r in mine):.2f}x), "
