@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gguf  # noqa: E402
 
-from edge_spec.gguf_file import validate  # noqa: E402
-from edge_spec.models import cache_dir  # noqa: E402
+from edge_spec.models.gguf_file import validate  # noqa: E402
+from edge_spec.models.registry import cache_dir  # noqa: E402
 
 
 def best_of(fn, reps: int) -> float:

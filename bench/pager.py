@@ -33,7 +33,7 @@ def read_bytes() -> int:
 
 
 def child(target: str, draft: str, reps: int, k: int) -> dict:
-    from edge_spec.engine import Engine
+    from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
 
     with Engine.load(EngineOptions(model=target, draft=draft, history=False)) as engine:

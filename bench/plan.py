@@ -22,17 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, named
-from edge_spec.benchmark import interleaved
-from edge_spec import models
+from edge_spec.surfaces.benchmark import interleaved
+from edge_spec.models import registry as models
 from edge_spec.plan import calibrate, planner
-from edge_spec.controller import Controller
+from edge_spec.core.controller import Controller
 from edge_spec.plan.costmodel import model_shape
-from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.engine import Engine
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter
+from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
 from edge_spec.plan.choose import machine_profile
 from edge_spec.plan.history import History
-from edge_spec.runtime import Runtime
+from edge_spec.core.runtime import Runtime
 from edge_spec.types import SamplingParams
 
 

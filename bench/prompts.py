@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_spec.benchmark import Settings, load_prompts, pick, select  # noqa: E402
+from edge_spec.surfaces.benchmark import Settings, load_prompts, pick, select  # noqa: E402
 
 ALL = load_prompts()
 PROMPTS = {p.id: p.text for p in ALL if p.category == "fixed"}  # chat, code, edit

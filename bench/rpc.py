@@ -6,7 +6,7 @@ A target split over RPC pays the network on every target pass; a speculative ste
 whole draft in one pass, so it pays the network once for several tokens, and edgespec's ratio to
 plain decoding should grow with the latency. Per latency: fresh workers and proxies, the plain
 engine and edgespec's loaded (each on workers of its own: an rpc-server serves one client at a
-time), then the two interleaved step by step as in edge_spec.benchmark (both see the same machine
+time), then the two interleaved step by step as in edge_spec.surfaces.benchmark (both see the same machine
 at the same moments; each edgespec run starts from the controller state right after calibration),
 then everything torn down. Prints per latency and temperature the tok/s of both, the ratio, and
 that ratio over the ratio at the lowest latency (0 ms): above 1 is speculation hiding the network.
@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
-from edge_spec import benchmark  # noqa: E402
-from edge_spec.benchmark import QUICK, Settings  # noqa: E402
+from edge_spec.surfaces import benchmark  # noqa: E402
+from edge_spec.surfaces.benchmark import QUICK, Settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +141,7 @@ def rig(workers: int, delay_ms: float, threads: int | None):
 def load_engines(args, ngl: int | None, plain_rpc: tuple[str, ...], spec_rpc: tuple[str, ...]):
     """The plain engine and edgespec's, the target of each split over its own workers (`ngl` of
     its layers there; None: the plan's split). The one place that knows the RPC options."""
-    from edge_spec.engine import Engine
+    from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
 
     common = dict(model=args.model, n_gpu_layers=ngl, n_threads=args.threads, history=False)
@@ -155,8 +155,8 @@ def load_engines(args, ngl: int | None, plain_rpc: tuple[str, ...], spec_rpc: tu
 
 
 def target_layers(model: str | None) -> int:
-    from edge_spec.gguf_facts import facts
-    from edge_spec.models import DEFAULT_TARGET
+    from edge_spec.models.gguf_facts import facts
+    from edge_spec.models.registry import DEFAULT_TARGET
     from edge_spec.options import resolve_model
 
     return facts(resolve_model(model, DEFAULT_TARGET)).n_layers
@@ -192,7 +192,7 @@ def run_latency(args, delay_ms: float, ngl: int | None, prompts) -> tuple[list[d
 def measure(plain, spec, calibrated, name: str, text: str, temperature: float, max_tokens: int, reps: int) -> dict:
     """benchmark.Bench.measure with the plain run on an engine of its own (Bench's second context
     of one target cannot share an rpc-server): `reps` interleaved pairs, seeds 1000, 1001, ..."""
-    from edge_spec.runtime import Runtime
+    from edge_spec.core.runtime import Runtime
     from edge_spec.types import SamplingParams
 
     prompt = spec.chat_tokens([{"role": "user", "content": text}])

@@ -38,7 +38,7 @@ def local_server(model: str, queue: int, ctx: int) -> Iterator[tuple[str, str]]:
         port = s.getsockname()[1]
     key = secrets.token_urlsafe(16)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_spec.cli", "serve", model, "--port", str(port), "--queue", str(queue),
+        [sys.executable, "-m", "edge_spec.surfaces.cli", "serve", model, "--port", str(port), "--queue", str(queue),
          "-c", str(ctx)], env=os.environ | {"EDGESPEC_API_KEY": key, "NO_COLOR": "1"})
     url = f"http://127.0.0.1:{port}"
     try:

@@ -29,20 +29,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
-from edge_spec.benchmark import interleaved, seconds_for  # noqa: E402
+from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from bench.trim import step_costs  # noqa: E402
-from edge_spec import models  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
-from edge_spec.controller import Controller  # noqa: E402
-from edge_spec.drafters import ModelDrafter  # noqa: E402
+from edge_spec.core.controller import Controller  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter  # noqa: E402
 from edge_spec.build.quant import build  # noqa: E402
 from edge_spec.defaults import MIN_SOURCE_BITS  # noqa: E402
-from edge_spec.drafters.provenance import info  # noqa: E402
+from edge_spec.models.provenance import info  # noqa: E402
 from edge_spec.plan.costmodel import source_bits  # noqa: E402
 from edge_spec.build.skip import SkipSettings, write_skipped  # noqa: E402
-from edge_spec.chat_template import chat_tokens  # noqa: E402
+from edge_spec.models.chat_template import chat_tokens  # noqa: E402
 from edge_spec.options import resolve_model  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 

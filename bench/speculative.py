@@ -1,6 +1,6 @@
 """Plain decoding vs edgespec, side by side in one process, on the default pair.
 
-The method (edge_spec.benchmark, shared with `edgespec bench`): plain decoding and edgespec on
+The method (edge_spec.surfaces.benchmark, shared with `edgespec bench`): plain decoding and edgespec on
 two contexts of the same loaded model, interleaved step by step, so that both see the same
 machine at the same moments; each edgespec run starts from the controller state right after
 calibration. This script adds what developers want: T > 0, repetitions, n-gram-only and tree
@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, named  # noqa: E402
-from edge_spec.benchmark import Bench  # noqa: E402
-from edge_spec.engine import Engine  # noqa: E402
+from edge_spec.surfaces.benchmark import Bench  # noqa: E402
+from edge_spec.pipeline.engine import Engine  # noqa: E402
 from edge_spec.options import EngineOptions  # noqa: E402
 
 

@@ -11,12 +11,12 @@ import argparse
 import statistics
 import time
 
-from edge_spec import models
+from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-from edge_spec.benchmark import Settings, load_prompts, select
-from edge_spec.chat_template import chat_tokens, renderer_for
-from edge_spec.drafters import ModelDrafter
-from edge_spec.drafters.spectree import FromTheRoot, grow
+from edge_spec.surfaces.benchmark import Settings, load_prompts, select
+from edge_spec.models.chat_template import chat_tokens, renderer_for
+from edge_spec.core.drafters import ModelDrafter
+from edge_spec.core.drafters.spectree import FromTheRoot, grow
 from edge_spec.types import SamplingParams
 
 

@@ -32,18 +32,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
-from edge_spec.benchmark import interleaved, seconds_for  # noqa: E402
-from edge_spec import models  # noqa: E402
+from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import HEAD_TYPES, LlamaCppBackend, LlamaOptions, quantize  # noqa: E402
-from edge_spec.controller import Controller  # noqa: E402
-from edge_spec.drafters import ModelDrafter  # noqa: E402
-from edge_spec.build.trim import (  # noqa: E402
-    calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed,
-)
-from edge_spec.chat_template import chat_tokens  # noqa: E402
-from edge_spec.drafters.trimmed import as_drafter_of  # noqa: E402
+from edge_spec.core.controller import Controller  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter  # noqa: E402
+from edge_spec.build.trim import calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed
+from edge_spec.models.chat_template import chat_tokens  # noqa: E402
+from edge_spec.backends.trimmed import as_drafter_of  # noqa: E402
 from edge_spec.options import resolve_model  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 

@@ -5,7 +5,7 @@
         print(session.generate("Hello!", temperature=0).text)
 """
 
-from .types import Draft, EdgespecError, ModelFacts, SamplingParams, Stats, Step, Verdict
+from edge_spec.types import Draft, EdgespecError, ModelFacts, SamplingParams, Stats, Step, Verdict
 
 __version__ = "0.1.0"
 __all__ = ["Completion", "Draft", "EdgespecError", "ModelFacts", "SamplingParams", "Session", "Stats", "Step",
@@ -16,7 +16,7 @@ def __getattr__(name: str):
     # the API pulls in the engine and planner: imported on first use, so `import edge_spec` and
     # the CLI's startup stay light
     if name in ("load", "Session", "Completion"):
-        from . import api
+        from edge_spec.surfaces import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'edge_spec' has no attribute {name!r}")

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models
-from .backends.base import KINDS as BACKENDS
-from .backends.base import ONNX_WEIGHTS
-from .defaults import N_CTX
-from .types import EdgespecError
+from edge_spec.models import registry as models
+from edge_spec.backends.base import KINDS as BACKENDS
+from edge_spec.backends.base import ONNX_WEIGHTS
+from edge_spec.defaults import N_CTX
+from edge_spec.types import EdgespecError
 
 # "sequential": draft, then verify; "parallel": the draft model drafts in a thread of its own
-# while the target verifies (edge_spec.drafters.ahead)
+# while the target verifies (edge_spec.core.drafters.ahead)
 SCHEDULES = ("sequential", "parallel")
 
 # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ): a token tree verified in one
@@ -94,7 +94,7 @@ class EngineOptions:
             raise EdgespecError("token trees (--tree-budget) need a target that verifies trees in one pass; "
                                 "the onnx backend runs chains only: use --backend llama or torch")
         if self.rpc:
-            from .backends.rpc import parse_endpoints
+            from edge_spec.backends.rpc import parse_endpoints
 
             object.__setattr__(self, "rpc", parse_endpoints(self.rpc))
             if self.backend not in ("auto", "llama"):
@@ -116,10 +116,10 @@ def _either(names) -> str:
 
 def resolve_model(name: str | None, default: str) -> Path:
     """The default model, else a path or a name edgespec, Ollama, LM Studio or the Hugging Face
-    cache knows (edge_spec.discover)."""
+    cache knows (edge_spec.models.discover)."""
     if name is None:
         return models.require(default)
-    from .discover import resolve
+    from edge_spec.models.discover import resolve
 
     return resolve(name)
 

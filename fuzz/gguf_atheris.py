@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the GGUF validator (`edge_spec.gguf_file.validate`) with atheris.
+"""Coverage-guided fuzzing of the GGUF validator (`edge_spec.models.gguf_file.validate`) with atheris.
 
 Every input is written to a file and validated; returning, or raising EdgespecError, are the
 expected outcomes. Any other exception, a crash or a timeout is a finding, saved by libFuzzer
@@ -37,7 +37,7 @@ def _scratch() -> str:
 
 
 def TestOneInput(data: bytes) -> None:
-    from edge_spec.gguf_file import validate
+    from edge_spec.models.gguf_file import validate
     from edge_spec.types import EdgespecError
 
     with open(_scratch(), "wb") as f:
@@ -61,7 +61,7 @@ def make_seeds(folder: str | os.PathLike) -> list[Path]:
                     chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"),
         write_llama(folder / "tiny-no-bos-eos.gguf", **small, bos=None, eos=None),
     ]
-    from edge_spec.gguf_file import validate
+    from edge_spec.models.gguf_file import validate
 
     header_only = folder / "header-only.gguf"  # the tensor data cut off: mutations stay in the header
     header_only.write_bytes(seeds[0].read_bytes()[:validate(seeds[0]).data_offset])
@@ -76,7 +76,7 @@ def main() -> None:
     import atheris
 
     with atheris.instrument_imports():
-        import edge_spec.gguf_file  # noqa: F401 - instrumented for coverage feedback
+        import edge_spec.models.gguf_file  # noqa: F401 - instrumented for coverage feedback
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import edge_spec  # noqa: E402
-from edge_spec.models import DEFAULT_TARGET  # noqa: E402
+from edge_spec.models.registry import DEFAULT_TARGET  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "edge_spec" / "data"
 

@@ -11,7 +11,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from edge_spec.backends.base import Capabilities
-from edge_spec.controller import Controller
+from edge_spec.core.controller import Controller
 from edge_spec.types import Draft, EdgespecError, SamplingParams
 
 DistFn = Callable[[tuple[int, ...]], np.ndarray]  # whole token history → [vocab] probabilities
@@ -270,7 +270,7 @@ class FunctionDrafter:
 
 # --- exhaustive randomness ----------------------------------------------------------------
 class Enumerator:
-    """A `Random` (edge_spec.sampling) that, run again and again on deterministic code, takes
+    """A `Random` (edge_spec.core.sampling) that, run again and again on deterministic code, takes
     every path of random choices once: depth-first, replaying the recorded choices, then the
     first branch not yet tried. `weight` is the probability of the path just run (the product of
     its branch probabilities; zero-probability branches are never taken)."""

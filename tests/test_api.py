@@ -12,7 +12,7 @@ import time
 import pytest
 
 import edge_spec
-from edge_spec import models
+from edge_spec.models import registry as models
 from edge_spec.types import EdgespecError, SamplingParams
 
 SMOL = "smollm2-135m-instruct-q4_1"

@@ -109,7 +109,7 @@ def test_no_import_cycle_in_the_package():
 
 def _modules_after(args: list[str]) -> set[str]:
     """The modules loaded after running `edgespec ARGS` in a fresh interpreter."""
-    code = ("import sys\nfrom edge_spec.cli import app\n"
+    code = ("import sys\nfrom edge_spec.surfaces.cli import app\n"
             f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
             "print('MODULES:' + ' '.join(sorted(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -117,8 +117,8 @@ def _modules_after(args: list[str]) -> set[str]:
     return set(done.stdout.rpartition("MODULES:")[2].split())  # after the help text, which names torch
 
 
-HEAVY = ("llama_cpp", "torch", "onnxruntime", "fastapi", "uvicorn", "edge_spec.runtime", "edge_spec.server",
-         "edge_spec.engine", "edge_spec.api", "edge_spec.backends.llama_cpp")
+HEAVY = ("llama_cpp", "torch", "onnxruntime", "fastapi", "uvicorn", "edge_spec.core.runtime", "edge_spec.surfaces.server",
+         "edge_spec.pipeline.engine", "edge_spec.surfaces.api", "edge_spec.backends.llama_cpp")
 
 
 def test_help_and_models_list_stay_light():

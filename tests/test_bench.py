@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from edge_spec import benchmark
-from edge_spec.benchmark import QUICK, Settings, by_category, load_prompts, pick, select
+from edge_spec.surfaces import benchmark
+from edge_spec.surfaces.benchmark import QUICK, Settings, by_category, load_prompts, pick, select
 
 OLD_FIXED = {  # the three prompts the developers' benchmarks used before the shared set
     "chat": "Explain in a few paragraphs why the sky is blue, for a curious twelve-year-old.",
@@ -78,7 +78,7 @@ def test_seconds_for_prorates_within_a_step():
 
 def edgespec(*args, timeout=600):
     env = os.environ | {"NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "edge_spec.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
@@ -87,7 +87,7 @@ def test_plot_without_matplotlib_is_one_line(monkeypatch):
 
     from typer.testing import CliRunner
 
-    from edge_spec.cli import app
+    from edge_spec.surfaces.cli import app
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))

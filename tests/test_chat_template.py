@@ -1,5 +1,5 @@
 """Chat templates are code from a downloaded file: rendered in a child process with a time and
-memory budget (edge_spec.chat_template). Hostile ones fail fast with one line, and the renderer
+memory budget (edge_spec.models.chat_template). Hostile ones fail fast with one line, and the renderer
 goes on serving good conversations; template bugs are ChatTemplateErrors, not tracebacks."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from edge_spec.chat_template import Budget, ChatTemplateError, TemplateRenderer, render
+from edge_spec.models.chat_template import Budget, ChatTemplateError, TemplateRenderer, render
 from edge_spec.types import EdgespecError
 
 HI = [{"role": "user", "content": "hi"}]
@@ -152,7 +152,7 @@ def test_the_child_is_this_package_and_leaves_with_its_parent():
         proc = r._proc
         assert proc.poll() is None
     assert proc.poll() is not None  # closed with the renderer
-    code = ("import edge_spec.chat_template as c, sys; r = c.TemplateRenderer(None); r.render([]); "
+    code = ("import edge_spec.models.chat_template as c, sys; r = c.TemplateRenderer(None); r.render([]); "
             "print(r._proc.pid); sys.stdout.flush(); import os; os._exit(0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

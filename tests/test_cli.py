@@ -23,7 +23,7 @@ def edgespec(*args, stdin: str = "", env: dict | None = None, home=None) -> subp
     environment = os.environ | {"NO_COLOR": "1"} | (env or {})
     if home is not None:
         environment["EDGESPEC_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "edge_spec.cli", *args], input=stdin, text=True,
+    return subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", *args], input=stdin, text=True,
                           capture_output=True, env=environment, timeout=120)
 
 

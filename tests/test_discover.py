@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_spec import discover, gguf_facts, models
+from edge_spec.models import discover, gguf_facts, registry as models
 from edge_spec.options import resolve_model
 from edge_spec.types import EdgespecError
 
@@ -180,7 +180,7 @@ def test_models_list_shows_every_source_and_notes(places, smol):
     ollama_model(places / "ollama", "junk", "1b", b"not a model")
     hf_model(places / "hf" / "hub", "org/Smol-GGUF", "smol.gguf", smol)
     env = os.environ | {"COLUMNS": "250", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "edge_spec.cli", "models", "list"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", "models", "list"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "smollm2:135m" in r.stdout and "Ollama" in r.stdout
@@ -193,9 +193,9 @@ def test_models_list_shows_every_source_and_notes(places, smol):
 def test_discovery_modules_import_no_runtime():
     """What `models list`, name resolution and the drafter search add stays light: no llama.cpp,
     runtime, engine or server at import time."""
-    code = ("import sys; import edge_spec.discover, edge_spec.gguf_facts, edge_spec.drafter_search, "
-            "edge_spec.benchmark; "
-            "print([m for m in ('llama_cpp', 'edge_spec.runtime', 'edge_spec.server', 'edge_spec.engine') "
+    code = ("import sys; import edge_spec.models.discover, edge_spec.models.gguf_facts, edge_spec.plan.drafter_search, "
+            "edge_spec.surfaces.benchmark; "
+            "print([m for m in ('llama_cpp', 'edge_spec.core.runtime', 'edge_spec.surfaces.server', 'edge_spec.pipeline.engine') "
             "if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr

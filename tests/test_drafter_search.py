@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_spec import drafter_search, gguf_facts, models
-from edge_spec.drafter_search import Candidate, rank
-from edge_spec.gguf_facts import VOCAB_BLOCK, Vocab, vocab_problem
+from edge_spec.plan import drafter_search
+from edge_spec.models import gguf_facts, registry as models
+from edge_spec.plan.drafter_search import Candidate, rank
+from edge_spec.models.gguf_facts import VOCAB_BLOCK, Vocab, vocab_problem
 from tests.test_discover import hf_model, ollama_model, places  # noqa: F401  (fixture)
 from tests.tiny_gguf import write_llama
 
@@ -151,7 +152,7 @@ def test_plan_command_lists_the_candidates(places, tiny):  # noqa: F811
     ollama_model(places / "ollama", "foreign", "latest", tiny["foreign"])
     hf_model(places / "hf" / "hub", "org/Small-GGUF", "small.gguf", tiny["small"])
     env = os.environ | {"COLUMNS": "250", "NO_COLOR": "1"}
-    run = [sys.executable, "-m", "edge_spec.cli", "plan", str(tiny["target"]), "--no-history"]
+    run = [sys.executable, "-m", "edge_spec.surfaces.cli", "plan", str(tiny["target"]), "--no-history"]
     text = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
     assert text.returncode == 0, text.stderr
     assert "drafter candidates" in text.stdout

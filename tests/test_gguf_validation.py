@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_spec import chat_template
-from edge_spec.gguf_file import (
+from edge_spec.models import chat_template
+from edge_spec.models.gguf_file import (
     MAX_ALIGNMENT,
     MAX_BLOCK_COUNT,
     MAX_CHAT_TEMPLATE_BYTES,

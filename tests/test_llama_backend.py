@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.engine import Engine
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter
+from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
-from edge_spec.runtime import Runtime
-from edge_spec.tree import TokenTree
+from edge_spec.core.runtime import Runtime
+from edge_spec.core.tree import TokenTree
 from edge_spec.types import EdgespecError, SamplingParams
-from edge_spec.vocab import check_compatible
+from edge_spec.backends.vocab import check_compatible
 from tests.tiny_gguf import truncate_copy, write_llama, write_not_gguf
 
 
@@ -275,12 +275,12 @@ def test_tree_pass_equals_each_path_evaluated_alone_and_keeps_one_branch(tiny, b
 
 
 def test_a_load_reads_each_model_header_once(tiny, tmp_path, monkeypatch):
-    """The engine opens each model file once (edge_spec.modelfile) and passes it down: planning,
+    """The engine opens each model file once (edge_spec.models.modelfile) and passes it down: planning,
     the drafter's provenance and llama.cpp's pre-load validation do not parse the header again."""
     import os
     import shutil
 
-    from edge_spec import gguf_file
+    from edge_spec.models import gguf_file
     from edge_spec.backends import llama_cpp
     from edge_spec.plan import costmodel
 

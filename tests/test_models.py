@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_spec import models
-from edge_spec.models import HubFile, ModelSpec, Part
+from edge_spec.models import registry as models
+from edge_spec.models.registry import HubFile, ModelSpec, Part
 from edge_spec.types import EdgespecError
 
 N_PARTS = 11  # more than 9, so the wheels' alphabetical order (1, 10, 11, 2, ...) is not part order
@@ -236,7 +236,7 @@ def test_from_hub_missing_file_is_an_edgespec_error(hub):
 def test_cli_list_and_unknown_install(monkeypatch):
     from typer.testing import CliRunner
 
-    from edge_spec.cli.models import app
+    from edge_spec.surfaces.cli.models import app
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setattr(models, "pip_download", lambda *a: pytest.fail("pip must not run"))

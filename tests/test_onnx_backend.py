@@ -21,12 +21,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-from edge_spec import models  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
 from edge_spec.backends.onnx_backend import OnnxBackend, OnnxOptions  # noqa: E402
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
-from edge_spec.vocab import check_compatible  # noqa: E402
+from edge_spec.backends.vocab import check_compatible  # noqa: E402
 from tests.test_real_models import NEAR_TIE, chat  # noqa: E402
 from tests.test_torch_backend import (ARGMAX_AGREEMENT, CODE, LOGPROB_MAX, LOGPROB_MEAN,  # noqa: E402
                                       N_PARITY, log_softmax, parity, rollback_matches_fresh,
@@ -73,7 +73,7 @@ def smol_llama(smol_path):
 
 
 def test_edgespec_imports_without_onnxruntime():
-    code = ("import sys, edge_spec, edge_spec.runtime, edge_spec.backends.onnx_backend; "
+    code = ("import sys, edge_spec, edge_spec.core.runtime, edge_spec.backends.onnx_backend; "
             "sys.exit(any(m in sys.modules for m in ('onnxruntime', 'onnx', 'torch')))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -93,7 +93,7 @@ def test_bad_sizes_say_how_to_write_one(text):
 def test_mem_budget_flag_reaches_the_plan(tmp_path):
     from typer.testing import CliRunner
 
-    from edge_spec.cli import app
+    from edge_spec.surfaces.cli import app
     from tests.tiny_gguf import write_llama
 
     model = write_llama(tmp_path / "tiny.gguf")
@@ -178,7 +178,7 @@ def test_a_paged_calibration_is_not_taken_for_a_resident_one(small_machine):
 
 def test_pager_pins_a_prefix_and_streams_the_rest(tmp_path):
     from edge_spec.backends.paging import PAGE, Pager, per_pass_ranges, split
-    from edge_spec.gguf_file import read_header
+    from edge_spec.models.gguf_file import read_header
     from tests.tiny_gguf import write_llama
 
     model = write_llama(tmp_path / "tiny.gguf")
@@ -223,10 +223,10 @@ def test_a_paged_run_in_a_memory_cgroup_gives_plain_greedy_output(tmp_path):
     it paged by itself and decodes the same greedy text as plain decoding without a limit."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench import memlimit
-    from edge_spec import models
+    from edge_spec.models import registry as models
 
     path = models.require(SMOL)
-    edgespec = [sys.executable, "-m", "edge_spec.cli"]
+    edgespec = [sys.executable, "-m", "edge_spec.surfaces.cli"]
     gen = ["generate", "-m", SMOL, "-c", "512", "-p", PROMPT, "-n", "32", "--temp", "0", "--stats", "json"]
     env = os.environ | {"EDGESPEC_STATE": str(tmp_path)}
     plain = subprocess.run([*edgespec, *gen, "--plain"], capture_output=True, text=True, env=env, timeout=300)
@@ -249,7 +249,7 @@ def test_a_paged_target_drafts_trees_and_a_resident_one_chains(small_machine):
     """Where a pass reads the disk whatever it verifies, the plan drafts best-first trees
     (drafters/spectree.py) and the engine follows (EngineOptions.tree_budget None = the plan's);
     a resident target is never offered trees."""
-    from edge_spec.speculation import tree_expected_tokens, expected_tokens
+    from edge_spec.core.speculation import tree_expected_tokens, expected_tokens
 
     target = shape()
     drafter = shape("small", layers=24, layer_bytes=12 << 20, head=130 << 20, embd=0)
@@ -289,7 +289,7 @@ def test_an_explicit_drafter_the_plan_left_out_is_paid_for_with_pinned_weights(s
     """-md given, but the plan pages the target without it (n-gram drafts pay more): the drafter
     still loads, so the pinned weights shrink by what it holds, or the two overrun the budget."""
     from edge_spec.backends.load import llama_options
-    from edge_spec.modelfile import ModelFile
+    from edge_spec.models.modelfile import ModelFile
     from edge_spec.options import EngineOptions
     from tests.tiny_gguf import write_llama
 

@@ -1,4 +1,4 @@
-"""The parallel schedule (edge_spec.drafters.ahead): drafting ahead while the target verifies.
+"""The parallel schedule (edge_spec.core.drafters.ahead): drafting ahead while the target verifies.
 
 Exactly lossless with the worker's schedule fixed (every random path enumerated, tests/fakes.py);
 with a real thread: greedy output equal to plain,
@@ -24,9 +24,9 @@ from fakes import (  # noqa: E402
 )
 from test_verify_exact import CASES, PLAIN, V, assert_exact, prompt_for  # noqa: E402
 
-from edge_spec.drafters import ModelDrafter  # noqa: E402
-from edge_spec.drafters.ahead import AheadDrafter  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter  # noqa: E402
+from edge_spec.core.drafters.ahead import AheadDrafter  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40)
@@ -158,7 +158,7 @@ class RecordingDrafter(ModelDrafter):
 def test_every_verified_draft_token_carries_the_q_it_was_drawn_from(monkeypatch):
     """The lossless condition itself, with a real thread: draft token i of a verified draft was
     drawn for exactly context + draft[:i] (its context came true), and carries that draw's q."""
-    import edge_spec.runtime as runtime_module
+    import edge_spec.core.runtime as runtime_module
 
     vocab = 4
     p = random_dist(13, vocab, "dense")
@@ -259,8 +259,8 @@ def test_unknown_schedule_is_an_error():
 
 # --- the engine and the CLI ----------------------------------------------------------------
 def test_engine_runs_the_parallel_schedule_with_the_cores_split():
-    from edge_spec import models
-    from edge_spec.engine import Engine
+    from edge_spec.models import registry as models
+    from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
 
     smol = str(models.require("smollm2-135m-instruct-q4_1"))
@@ -283,7 +283,7 @@ def test_engine_runs_the_parallel_schedule_with_the_cores_split():
 def test_schedule_option_is_checked_and_documented():
     from typer.testing import CliRunner
 
-    from edge_spec.cli import app
+    from edge_spec.surfaces.cli import app
     from edge_spec.options import EngineOptions
 
     with pytest.raises(EdgespecError, match="schedule"):

@@ -15,12 +15,12 @@ import gguf
 import pytest
 from typer.testing import CliRunner
 
-from edge_spec import models
+from edge_spec.models import registry as models
 from edge_spec.plan import costmodel, planner, profile
-from edge_spec.speculation import best_parallel_length
-from edge_spec.cli import app
+from edge_spec.core.speculation import best_parallel_length
+from edge_spec.surfaces.cli import app
 from edge_spec.plan.costmodel import ModelShape, Placement
-from edge_spec.gguf_file import read_header
+from edge_spec.models.gguf_file import read_header
 from edge_spec.plan import history
 from edge_spec.plan.history import History
 from edge_spec.types import EdgespecError, Stats

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_spec.plan import hardware, profile
-from edge_spec.cli import app
+from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError
 from tests.tiny_gguf import write_llama
 

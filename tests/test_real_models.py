@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from edge_spec import models
+from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
-from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.engine import Engine
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter
+from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
-from edge_spec.runtime import Runtime
-from edge_spec.sampling import probs
+from edge_spec.core.runtime import Runtime
+from edge_spec.core.sampling import probs
 from edge_spec.types import SamplingParams
 from tests.test_llama_backend import AlwaysDraft
 
@@ -38,7 +38,7 @@ def smol(smol_path):
 
 
 def chat(backend, text):
-    from edge_spec.chat_template import render
+    from edge_spec.models.chat_template import render
 
     f = backend.facts
     return backend.tokenize(render(f.chat_template, [{"role": "user", "content": text}],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import rpc
-from edge_spec.benchmark import QUICK
+from edge_spec.surfaces.benchmark import QUICK
 
 
 def test_options_defaults_quick_and_errors(capsys):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import edge_spec
-from edge_spec import models
+from edge_spec.models import registry as models
 from edge_spec.backends.rpc import Worker
 from edge_spec.types import EdgespecError, WorkerLost
 
@@ -62,7 +62,7 @@ def test_a_worker_that_refuses_is_a_one_line_error():
                        n_gpu_layers=10)
     message = str(e.value)
     assert f"127.0.0.1:{port}" in message and "\n" not in message
-    cli = subprocess.run([sys.executable, "-m", "edge_spec.cli", "generate", str(models.require(SMOL)), "-p", "hi",
+    cli = subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", "generate", str(models.require(SMOL)), "-p", "hi",
                           "-n", "4", "--rpc", f"127.0.0.1:{port}", "-ngl", "10"],
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 1 and f"127.0.0.1:{port}" in cli.stderr

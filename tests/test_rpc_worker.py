@@ -191,7 +191,7 @@ class Command:
     """`edgespec worker ARGS` in a subprocess, its output lines read in threads."""
 
     def __init__(self, *args: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "edge_spec.cli", "worker", *args],
+        self.process = subprocess.Popen([sys.executable, "-m", "edge_spec.surfaces.cli", "worker", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         for name in ("stdout", "stderr"):
@@ -262,7 +262,7 @@ def profile_cli(monkeypatch, tmp_path, *args: str):
     """`edgespec profile ARGS` with the machine's own measurement replaced by a reference profile."""
     from typer.testing import CliRunner
 
-    from edge_spec.cli import app
+    from edge_spec.surfaces.cli import app
     from edge_spec.plan import hardware, profile
 
     monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))

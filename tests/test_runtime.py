@@ -12,10 +12,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakes import FakeModel, FixedController, copy_model, peaked_dist, random_dist, scripted  # noqa: E402
 
-from edge_spec.controller import INITIAL_BACKOFF, PROBE_LENGTH, Controller  # noqa: E402
-from edge_spec.drafters import ModelDrafter, NgramDrafter  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
-from edge_spec.sampling import NumpyRandom  # noqa: E402
+from edge_spec.core.controller import INITIAL_BACKOFF, PROBE_LENGTH, Controller  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.sampling import NumpyRandom  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)

@@ -1,4 +1,4 @@
-"""edge_spec.sampling pinned down from outside: `probs` against hand-computed cases and an
+"""edge_spec.core.sampling pinned down from outside: `probs` against hand-computed cases and an
 independent sort-based reference in the order the README promises (top-k, top-p, min-p, then
 temperature), and NumpyRandom enumerated on fixed uniforms. The exact tests elsewhere compare the
 runtime with `probs` itself, so a bug here would pass them all."""
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from edge_spec import sampling
-from edge_spec.sampling import NumpyRandom, probs
+from edge_spec.core import sampling
+from edge_spec.core.sampling import NumpyRandom, probs
 from edge_spec.types import EdgespecError, SamplingParams
 
 LOG4 = np.log([0.5, 0.3, 0.15, 0.05])  # probabilities at T = 1, most probable first

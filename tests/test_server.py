@@ -20,8 +20,8 @@ import pytest
 import uvicorn
 
 import edge_spec
-from edge_spec import models
-from edge_spec.server import ServerConfig, create_app, serve
+from edge_spec.models import registry as models
+from edge_spec.surfaces.server import ServerConfig, create_app, serve
 from edge_spec.types import EdgespecError
 from tests.tiny_gguf import write_llama
 
@@ -230,7 +230,7 @@ def test_public_address_without_a_key_is_refused(session, tmp_path):
     with pytest.raises(EdgespecError, match="without an API key"):
         serve(session, ServerConfig(host="0.0.0.0", port=port))
     env = {k: v for k, v in os.environ.items() if k != "EDGESPEC_API_KEY"} | {"NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "edge_spec.cli", "serve", str(tmp_path / "never-loaded.gguf"),
+    r = subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", "serve", str(tmp_path / "never-loaded.gguf"),
                         "--host", "0.0.0.0", "--port", str(port)], capture_output=True, text=True, env=env, timeout=60,
                        check=False)
     assert r.returncode == 1 and "without an API key" in r.stderr and "Traceback" not in r.stderr
@@ -242,7 +242,7 @@ def test_cli_serves_until_terminated(tmp_path):
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     tiny = write_llama(tmp_path / "tiny.gguf", seed=2, chat_template=template)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_spec.cli", "serve", str(tiny), "--port", str(port), "-c", "256"],
+    proc = subprocess.Popen([sys.executable, "-m", "edge_spec.surfaces.cli", "serve", str(tiny), "--port", str(port), "-c", "256"],
                             stderr=subprocess.PIPE, text=True, env=os.environ | {"NO_COLOR": "1"})
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
@@ -349,7 +349,7 @@ def test_disconnecting_clients_stop_their_generations(session, smol_path):
     assert max(delays) < 0.5, delays
 
     # the model state is clean: the greedy answer equals a fresh process's
-    fresh = subprocess.run([sys.executable, "-m", "edge_spec.cli", "generate", str(smol_path), "-p", TEXT, "--raw",
+    fresh = subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", "generate", str(smol_path), "-p", TEXT, "--raw",
                             "--temp", "0", "-n", "24", "-c", str(N_CTX), "--stats", "none"],
                            capture_output=True, text=True, timeout=120, env=os.environ | {"NO_COLOR": "1"}, check=False)
     assert fresh.returncode == 0, fresh.stderr
@@ -372,7 +372,7 @@ SLOW_FOR_TWO = ("{% if messages|length > 1 %}" + NESTED + "{% endif %}"
 
 
 def _serve_cli(model, port: int, *args) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "edge_spec.cli", "serve", str(model), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "edge_spec.surfaces.cli", "serve", str(model), "--port", str(port),
                              "-c", "256", *args], stderr=subprocess.PIPE, text=True, env=os.environ | {"NO_COLOR": "1"})
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
     while True:

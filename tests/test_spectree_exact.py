@@ -27,11 +27,11 @@ from fakes import (  # noqa: E402
 from test_verify_exact import TRANSFORMS, pair_cases  # noqa: E402
 
 from edge_spec.backends.base import Capabilities  # noqa: E402
-from edge_spec.drafters import ModelDrafter, NgramDrafter  # noqa: E402
-from edge_spec.drafters import spectree  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
-from edge_spec.sampling import probs  # noqa: E402
-from edge_spec.tree import ROOT, TokenTree  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+from edge_spec.core.drafters import spectree  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.sampling import probs  # noqa: E402
+from edge_spec.core.tree import ROOT, TokenTree  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
 
 TOL = 1e-9

@@ -12,9 +12,9 @@ from collections import Counter
 import pytest
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-from edge_spec.drafters import ModelDrafter, NgramDrafter
-from edge_spec.runtime import Runtime
-from edge_spec.sampling import probs
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter
+from edge_spec.core.runtime import Runtime
+from edge_spec.core.sampling import probs
 from edge_spec.types import SamplingParams
 from tests.test_llama_backend import AlwaysDraft
 from tests.test_real_models import assert_first_tokens_follow, assert_plain_greedy, chat, smol_path, smol_q4_0, tokens_of  # noqa: F401 (fixtures)
@@ -87,7 +87,7 @@ def test_a_tree_grown_in_the_cache_equals_one_evaluated_from_the_root(models):
     """extend_tree keeps the nodes of earlier passes in the drafter's cache (node i in sequence
     i + 1): every node's logits, and so the tree, match evaluating each pass's nodes with their
     whole paths again; afterwards the cache is the context again."""
-    from edge_spec.drafters.spectree import FromTheRoot, grow
+    from edge_spec.core.drafters.spectree import FromTheRoot, grow
 
     _, draft = models
     context = chat(draft, REPETITIVE)

@@ -34,14 +34,14 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 pytest.importorskip("torch")  # setup.sh --test installs it; the rest of edgespec needs no torch
 
-from edge_spec import models  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions  # noqa: E402
-from edge_spec.drafters import ModelDrafter, NgramDrafter  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
-from edge_spec.tree import TokenTree  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.tree import TokenTree  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
-from edge_spec.vocab import check_compatible  # noqa: E402
+from edge_spec.backends.vocab import check_compatible  # noqa: E402
 from tests.test_llama_backend import AlwaysDraft  # noqa: E402
 from tests.test_real_models import NEAR_TIE, assert_plain_greedy, chat, tokens_of  # noqa: E402
 from tests.tiny_gguf import write_llama  # noqa: E402
@@ -185,7 +185,7 @@ def test_unsupported_tensor_type_is_a_clear_error(tiny, tmp_path):
 
 
 def test_edgespec_imports_without_torch():
-    code = ("import sys, edge_spec, edge_spec.runtime, edge_spec.engine, edge_spec.backends.torch_backend; "
+    code = ("import sys, edge_spec, edge_spec.core.runtime, edge_spec.pipeline.engine, edge_spec.backends.torch_backend; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import edge_spec  # noqa: E402
-from edge_spec import models  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends import load as engine  # noqa: E402  (backend choice and loading)
-from edge_spec.cli import app  # noqa: E402
+from edge_spec.surfaces.cli import app  # noqa: E402
 from edge_spec.options import EngineOptions  # noqa: E402
 from edge_spec.types import EdgespecError  # noqa: E402
 

@@ -28,12 +28,12 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tests/test_torch_backend.py
 torch = pytest.importorskip("torch")
 
-from edge_spec import models  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.plan import costmodel  # noqa: E402
 from edge_spec.backends.kv_quant import dequantize, quantize  # noqa: E402
 from edge_spec.backends.offload import layer_bytes  # noqa: E402
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions  # noqa: E402
-from edge_spec.tree import TokenTree  # noqa: E402
+from edge_spec.core.tree import TokenTree  # noqa: E402
 from edge_spec.types import EdgespecError, SamplingParams  # noqa: E402
 from tests.test_real_models import chat  # noqa: E402
 from tests.test_torch_backend import CODE, N_PARITY, TEXT, speculation_equals_plain  # noqa: E402

@@ -20,8 +20,8 @@ from scipy.stats import chisquare
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakes import enumerate_outcomes, max_deviation, random_dist, target_joint
 
-from edge_spec.sampling import NumpyRandom
-from edge_spec.tree import ROOT, TokenTree, TreeVerdict, verify_tree
+from edge_spec.core.sampling import NumpyRandom
+from edge_spec.core.tree import ROOT, TokenTree, TreeVerdict, verify_tree
 
 V = 3          # vocabulary of the exhaustive tests
 L = 3          # emitted tokens compared

@@ -14,9 +14,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakes import FakeModel, FixedController, enumerate_outcomes, max_deviation, random_dist, target_joint  # noqa: E402
 
-from edge_spec.drafters import ModelDrafter  # noqa: E402
-from edge_spec.drafters.trimmed import TrimmedBackend  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter  # noqa: E402
+from edge_spec.backends.trimmed import TrimmedBackend  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 TOL = 1e-9

@@ -19,13 +19,13 @@ from fakes import (  # noqa: E402
     max_deviation, mixture, peaked_dist, random_dist, target_joint,
 )
 
-import edge_spec.runtime  # noqa: E402
-import edge_spec.verify  # noqa: E402
-from edge_spec.drafters import ModelDrafter, NgramDrafter  # noqa: E402
-from edge_spec.runtime import Runtime  # noqa: E402
-from edge_spec.sampling import probs  # noqa: E402
+import edge_spec.core.runtime  # noqa: E402
+import edge_spec.core.verify  # noqa: E402
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.sampling import probs  # noqa: E402
 from edge_spec.types import Draft, SamplingParams, Verdict  # noqa: E402
-from edge_spec.verify import verify_sampled  # noqa: E402
+from edge_spec.core.verify import verify_sampled  # noqa: E402
 
 TOL = 1e-9
 PLAIN = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=3)
@@ -268,7 +268,7 @@ def _always_accept(draft: Draft, logits, sp, rng) -> Verdict:
 
 def _bonus_from_previous_row(draft: Draft, logits, sp, rng) -> Verdict:
     """Off by one: after k acceptances the bonus token is drawn from p_{k-1} instead of p_k."""
-    verdict = edge_spec.verify.verify(draft, logits, sp, rng)
+    verdict = edge_spec.core.verify.verify(draft, logits, sp, rng)
     if verdict.n_accepted == len(draft):
         return Verdict(len(draft), rng.categorical(probs(logits[len(draft) - 1], sp)))
     return verdict
@@ -291,7 +291,7 @@ BROKEN = {
 @pytest.mark.parametrize("broken", sorted(BROKEN))
 def test_broken_verifier_fails_the_exact_test(broken, monkeypatch):
     name, fake = BROKEN[broken]
-    monkeypatch.setattr(edge_spec.verify if name == "residual" else edge_spec.runtime, name, fake)
+    monkeypatch.setattr(edge_spec.core.verify if name == "residual" else edge_spec.core.runtime, name, fake)
     devs = deviations(CASES[:8], lambda p, q: model_runtime(p, q, 1), PLAIN)
     assert max(devs.values()) > 1e-3
 
@@ -302,7 +302,7 @@ def test_model_draft_verified_as_a_proposal_is_lossless_too(monkeypatch):
     def as_proposal(draft: Draft, logits, sp, rng) -> Verdict:
         return verify_sampled(draft.tokens, None, lambda i: probs(logits[i], sp), rng)
 
-    monkeypatch.setattr(edge_spec.runtime, "verify", as_proposal)
+    monkeypatch.setattr(edge_spec.core.runtime, "verify", as_proposal)
     assert_exact(deviations(CASES[:8], lambda p, q: model_runtime(p, q, 2), PLAIN))
 
 
@@ -317,7 +317,7 @@ def fresh_draw_after_mismatch(tokens, q, p_row, rng) -> Verdict:
 
 
 def test_broken_match_rule_fails_the_exact_test(monkeypatch):
-    monkeypatch.setattr(edge_spec.verify, "verify_sampled", fresh_draw_after_mismatch)
+    monkeypatch.setattr(edge_spec.core.verify, "verify_sampled", fresh_draw_after_mismatch)
     devs = deviations(CASES[:8], lambda p, q: ngram_runtime(p, 1), PLAIN)
     assert max(devs.values()) > 1e-3
 

@@ -1,5 +1,5 @@
 """Speculative sampling is lossless, checked statistically: tokens drawn with the real NumpyRandom
-through edge_spec.verify.verify_sampled must pass a chi-square test against the target p, and
+through edge_spec.core.verify.verify_sampled must pass a chi-square test against the target p, and
 deliberately broken verifiers must fail it. Seeds are fixed, so the outcome is deterministic.
 
 Notation as in edge_spec/types.py: p = target distribution, q = draft distribution, k = draft length.
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-import edge_spec.verify
-from edge_spec.sampling import NumpyRandom
+import edge_spec.core.verify
+from edge_spec.core.sampling import NumpyRandom
 from edge_spec.types import Verdict
-from edge_spec.verify import verify_sampled
+from edge_spec.core.verify import verify_sampled
 
 VOCAB = 8
 N = 20_000
@@ -85,7 +85,7 @@ def test_real_verifier_passes_chi_square(name, p, q, k):
 def test_broken_verifier_fails_chi_square(broken, name, p, q, k, monkeypatch):
     step = always_accept
     if broken == "resample-from-p" and q is not None:  # after a rejection, draw from p, not the residual
-        monkeypatch.setattr(edge_spec.verify, "residual", lambda p, q, x: p)
+        monkeypatch.setattr(edge_spec.core.verify, "residual", lambda p, q, x: p)
         step = real_step
     elif broken == "resample-from-p":  # n-gram drafts: a fresh draw from p after a mismatch
         step = fresh_draw_after_mismatch

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..tree import TokenTree
-    from ..types import ModelFacts
+    from edge_spec.core.tree import TokenTree
+    from edge_spec.types import ModelFacts
 
 KINDS = ("llama", "torch", "onnx")  # llama.cpp, torch, onnxruntime
 # weights of the models onnxruntime runs: float32 as exported, or quantized by onnxruntime's own

@@ -23,7 +23,7 @@ Every token is also quantized when written, so moving between the ring and the s
 
 from __future__ import annotations
 
-from ..types import EdgespecError
+from edge_spec.types import EdgespecError
 
 VIEWS = ("full", "upper")
 MIN_SCALE = 2.0**-14  # float16's smallest normal: smaller vectors are ~0 at this precision

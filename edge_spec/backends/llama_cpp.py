@@ -15,12 +15,12 @@ from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
-from ..gguf_file import validate
-from ..tree import TokenTree
-from ..types import EdgespecError, ModelFacts
-from ..defaults import N_CTX
-from .base import Capabilities
-from .common import Closing
+from edge_spec.models.gguf_file import validate
+from edge_spec.core.tree import TokenTree
+from edge_spec.types import EdgespecError, ModelFacts
+from edge_spec.defaults import N_CTX
+from edge_spec.backends.base import Capabilities
+from edge_spec.backends.common import Closing
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 
@@ -235,7 +235,7 @@ class LlamaCppBackend(VocabMethods, Closing):
         self._parent = _parent  # a sibling context borrows its parent's weights
         if _parent is None:
             if header is None:  # the whole header, bounds-checked, before llama.cpp parses it
-                validate(path)   # (`header`: the caller validated this file already, edge_spec.modelfile)
+                validate(path)   # (`header`: the caller validated this file already, edge_spec.models.modelfile)
             self.model = self._load_model(path, options, progress)
         else:
             self.model = _parent.model
@@ -537,8 +537,8 @@ class LlamaCppBackend(VocabMethods, Closing):
 
 def _pager(path, header, disk_bytes: int):
     """Pin all but `disk_bytes` of what every pass reads (paging.py); header: validated, or read here."""
-    from ..gguf_file import validate
-    from .paging import Pager, per_pass_ranges
+    from edge_spec.models.gguf_file import validate
+    from edge_spec.backends.paging import Pager, per_pass_ranges
 
     header = header if header is not None else validate(path)
     every_pass = sum(size for _, size in per_pass_ranges(header))

@@ -11,9 +11,9 @@ import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
-from ..modelfile import ModelFile
-from ..options import EngineOptions, Progress, tree_sequences
-from ..types import EdgespecError
+from edge_spec.models.modelfile import ModelFile
+from edge_spec.options import EngineOptions, Progress, tree_sequences
+from edge_spec.types import EdgespecError
 
 
 def torch_installed() -> bool:
@@ -33,7 +33,7 @@ def torch_offload_possible(backend: str, target_path) -> bool:
     that does not fit in its VRAM)."""
     if backend not in ("auto", "torch") or not torch_installed():
         return False
-    from .torch_backend import check_supported
+    from edge_spec.backends.torch_backend import check_supported
 
     try:
         check_supported(target_path)
@@ -54,7 +54,7 @@ def check_backends(options: EngineOptions, target_path, draft_path) -> None:
             raise EdgespecError(
                 f"the onnx backend needs {', '.join(missing)} (not installed): `pip install edgespec[onnx]` "
                 f"(onnxruntime runs the model, torch exports the GGUF to ONNX, onnx quantizes it), or use {flags}")
-        from .onnx_backend import check_supported as onnx_supported
+        from edge_spec.backends.onnx_backend import check_supported as onnx_supported
 
         for path, what in onnx:
             onnx_supported(path, what)
@@ -65,7 +65,7 @@ def check_backends(options: EngineOptions, target_path, draft_path) -> None:
         raise EdgespecError(
             "the torch backend needs torch: `pip install edgespec[torch]` (CPU-only: `pip install torch "
             "--index-url https://download.pytorch.org/whl/cpu`), or use --backend llama / --draft-backend llama")
-    from .torch_backend import check_supported
+    from edge_spec.backends.torch_backend import check_supported
 
     for path, what in wanted:
         check_supported(path, what)
@@ -74,13 +74,13 @@ def check_backends(options: EngineOptions, target_path, draft_path) -> None:
 def backend_options(options: EngineOptions, the_plan, target_path, draft_path=None):
     """(target options, drafter options): LlamaOptions for llama.cpp, TorchOptions for torch,
     OnnxOptions for onnxruntime (CPU provider; weights as options.onnx_weights)."""
-    from .onnx_backend import OnnxOptions
-    from .torch_backend import TorchOptions
+    from edge_spec.backends.onnx_backend import OnnxOptions
+    from edge_spec.backends.torch_backend import TorchOptions
 
     t_opts, d_opts = llama_options(options, the_plan, draft_path)
     placement = the_plan.chosen.target if the_plan is not None else None
     if placement is not None and placement.offload:  # the plan streams the target (SpecExec)
-        from ..plan import costmodel
+        from edge_spec.plan import costmodel
 
         shape = ModelFile.open(target_path).shape
         t_opts = TorchOptions(n_ctx=options.n_ctx, n_threads=t_opts.n_threads, device=f"cuda:{placement.gpu}",
@@ -100,8 +100,8 @@ def backend_options(options: EngineOptions, the_plan, target_path, draft_path=No
 def llama_options(options: EngineOptions, the_plan, draft_path=None):
     """Backend options: what the user set, else the plan's choice, else llama.cpp's defaults. A
     built self-drafter runs with the KV cache type its metadata names (QuantSpec: q8_0)."""
-    from ..plan.costmodel import PAGED_DRAFTER_BATCH
-    from .llama_cpp import LlamaOptions
+    from edge_spec.plan.costmodel import PAGED_DRAFTER_BATCH
+    from edge_spec.backends.llama_cpp import LlamaOptions
 
     c = the_plan.chosen if the_plan is not None else None
     t_ngl = c.target.ngl(the_plan.target) if c is not None else 0
@@ -136,7 +136,7 @@ def unplanned_drafter_bytes(the_plan, draft_path, n_ctx: int, type_k: str, type_
     """The memory of a drafter loaded next to a paged target although the plan left it out (an
     explicit -md the plan found not paying): it comes out of the pinned weights, as far as they
     go, or the pinned pages and the drafter together would overrun the budget (a cgroup kills)."""
-    from ..plan import costmodel
+    from edge_spec.plan import costmodel
 
     if draft_path is None or the_plan.chosen.drafter is not None:
         return 0
@@ -149,24 +149,24 @@ def load(path, opts, what: str, notes: list, report: Progress):
     """Load a backend of opts.kind (onnx: exported, and quantized, on first use); if llama.cpp's
     GPU offload fails (a GPU gone, a driver error), load on the CPU and say so."""
     if opts.kind == "onnx":
-        from .onnx_backend import OnnxBackend
+        from edge_spec.backends.onnx_backend import OnnxBackend
 
         report(f"loading {what} (onnx)", 0.0)
         backend = OnnxBackend(Path(path), opts, progress=lambda stage: report(f"{stage}: {what} (first use only)", 0.0))
         report(f"loading {what} (onnx)", 1.0)
         return backend
     if opts.kind == "torch":
-        from .torch_backend import TorchBackend
+        from edge_spec.backends.torch_backend import TorchBackend
 
         report(f"loading {what} (torch)", 0.0)
         backend = TorchBackend(Path(path), opts)
         report(f"loading {what} (torch)", 1.0)
         return backend
-    from .llama_cpp import LlamaCppBackend
+    from edge_spec.backends.llama_cpp import LlamaCppBackend
 
     model = ModelFile.open(path)  # validated once: llama.cpp is handed a file already checked
     if opts.rpc:  # layers on RPC workers: in a process of its own (isolated.py)
-        from .isolated import IsolatedBackend
+        from edge_spec.backends.isolated import IsolatedBackend
 
         return IsolatedBackend(model.path, opts, lambda f: report(f"loading {what} (layers sent to the workers)", f))
     try:

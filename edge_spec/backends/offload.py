@@ -26,7 +26,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..types import EdgespecError
+from edge_spec.types import EdgespecError
 
 MiB = 2**20
 

@@ -76,10 +76,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..types import EdgespecError, ModelFacts
-from ..defaults import N_CTX
-from .base import ONNX_WEIGHTS, Capabilities
-from .common import BorrowedVocab, Closing
+from edge_spec.types import EdgespecError, ModelFacts
+from edge_spec.defaults import N_CTX
+from edge_spec.backends.base import ONNX_WEIGHTS, Capabilities
+from edge_spec.backends.common import BorrowedVocab, Closing
 
 EXPORT_VERSION = 1
 QUANT_VERSION = 1  # of quantize_onnx's recipes: part of the quantized files' names
@@ -117,8 +117,8 @@ class OnnxOptions:
 def check_supported(path, what: str = "model"):
     """The GGUF header of a model this backend can export and run (no torch or onnxruntime
     needed); a clear error otherwise. `what`: "target" or "drafter" names the CLI option to use."""
-    from ..gguf_file import read_header
-    from . import torch_backend
+    from edge_spec.models.gguf_file import read_header
+    from edge_spec.backends import torch_backend
 
     path = os.fspath(path)
     header = read_header(path)
@@ -146,7 +146,7 @@ def _decoder(tb):
     if tb.embd is not None:
         embd = tb.embd.float()
     else:  # untied and kept quantized by the torch backend: the full table, dequantized
-        from .torch_backend import _dequantize
+        from edge_spec.backends.torch_backend import _dequantize
 
         data, qtype, n_embd = tb._embd_q
         embd = _dequantize(torch, data, qtype).reshape(-1, n_embd)
@@ -186,7 +186,7 @@ def _cache_path(gguf_path: str, cache_dir: str | None) -> Path:
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|v{EXPORT_VERSION}"
                          .encode()).hexdigest()[:16]
     if cache_dir is None:
-        from .. import models
+        from edge_spec.models import registry as models
 
         cache_dir = models.state_dir() / "onnx"
     return Path(cache_dir) / f"{Path(gguf_path).stem}-{key}.onnx"
@@ -194,7 +194,7 @@ def _cache_path(gguf_path: str, cache_dir: str | None) -> Path:
 
 def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
     """Export a GGUF model (llama or qwen2) to an ONNX file with KV-cache inputs and outputs."""
-    from .torch_backend import TorchBackend, TorchOptions
+    from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
 
     gguf_path, out_path = os.fspath(gguf_path), Path(out_path)
     check_supported(gguf_path)
@@ -335,8 +335,8 @@ class OnnxBackend(BorrowedVocab, Closing):
     def __init__(self, path, options: OnnxOptions = OnnxOptions(), gguf=None, vocab=None,
                  progress: Callable[[str], None] | None = None):
         """`progress(stage)` is called before the slow first-use steps ("exporting", "quantizing")."""
-        from .llama_cpp import LlamaVocab
-        from .torch_backend import _hparams, _physical_cores
+        from edge_spec.backends.llama_cpp import LlamaVocab
+        from edge_spec.backends.torch_backend import _hparams, _physical_cores
 
         path = os.fspath(path)
         self.options = options

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..types import EdgespecError
+from edge_spec.types import EdgespecError
 
 DEFAULT_PORT = 50052
 PROTOCOL = (7, 0)  # RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION in ggml-rpc.h: what our llama.cpp speaks

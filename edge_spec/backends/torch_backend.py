@@ -60,13 +60,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..gguf_file import read_header
-from .llama_cpp import LlamaVocab
-from ..defaults import N_CTX
-from .base import Capabilities
-from .common import BorrowedVocab, Closing
-from ..tree import TokenTree
-from ..types import EdgespecError, ModelFacts
+from edge_spec.models.gguf_file import read_header
+from edge_spec.backends.llama_cpp import LlamaVocab
+from edge_spec.defaults import N_CTX
+from edge_spec.backends.base import Capabilities
+from edge_spec.backends.common import BorrowedVocab, Closing
+from edge_spec.core.tree import TokenTree
+from edge_spec.types import EdgespecError, ModelFacts
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 DTYPES = ("float32", "bfloat16")
@@ -143,7 +143,7 @@ class TorchOptions:
             raise EdgespecError("device_budget_bytes must be >= 0 (None: no offloading)")
         if self.kv_cache not in KV_CACHES:
             raise EdgespecError(f"unknown torch KV cache {self.kv_cache!r}: use one of {', '.join(KV_CACHES)}")
-        from .kv_quant import VIEWS
+        from edge_spec.backends.kv_quant import VIEWS
 
         if self.kv_view not in VIEWS:
             raise EdgespecError(f"unknown KV view {self.kv_view!r}: use one of {', '.join(VIEWS)}")
@@ -278,7 +278,7 @@ class TorchBackend(BorrowedVocab, Closing):
         self.n_ctx = options.n_ctx
         self.kv_dtype = self.dtype
         if options.kv_cache == "int8x2":
-            from .kv_quant import QuantKV
+            from edge_spec.backends.kv_quant import QuantKV
 
             self.kv = QuantKV(torch, hp.n_layer, hp.n_head_kv, self.n_ctx, hp.head_dim, self.device, self.kv_dtype,
                               options.kv_view, options.kv_recent, options.kv_rollback)
@@ -361,7 +361,7 @@ class TorchBackend(BorrowedVocab, Closing):
             self.w.append(layer)
         self.streamer = None
         if offload:
-            from .offload import LayerStreamer
+            from edge_spec.backends.offload import LayerStreamer
 
             self.streamer = LayerStreamer(torch, self.w, self.device, self.options.device_budget_bytes)
         self.output_norm = tensor("output_norm.weight", dtype=f32)

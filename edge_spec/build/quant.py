@@ -13,7 +13,7 @@ Layer-skipping self-drafter (`method="skip"`, see build/skip.py): the target wit
 whose absence changes its greedy tokens least (measured on the calibration replies), requantized
 first when the target is high precision. Same tokenizer as the target, fewer bytes per step.
 
-Every built file carries `edgespec.drafter.*` keys (edge_spec.drafters.provenance, which
+Every built file carries `edgespec.drafter.*` keys (edge_spec.models.provenance, which
 `edgespec drafter info`, the planner and the engine read).
 The output appears under its final name only when complete (written as NAME.partial, renamed).
 """
@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..defaults import MIN_SOURCE_BITS
-from ..drafters.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
-from ..plan.costmodel import BITS, source_bits
-from ..types import EdgespecError
+from edge_spec.defaults import MIN_SOURCE_BITS
+from edge_spec.models.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
+from edge_spec.plan.costmodel import BITS, source_bits
+from edge_spec.types import EdgespecError
 
 if TYPE_CHECKING:
-    from .skip import SkipSettings
+    from edge_spec.build.skip import SkipSettings
 
 Progress = Callable[[str, float], None]
 
@@ -53,8 +53,8 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     skip: leaves out `layers` (None: chosen by measuring on the same replies, with the sizes in
     `search`, a skip.SkipSettings); a source above MIN_SOURCE_BITS is requantized to `bits` first,
     any other keeps its weights."""
-    from ..backends.llama_cpp import quantize
-    from ..gguf_file import validate
+    from edge_spec.backends.llama_cpp import quantize
+    from edge_spec.models.gguf_file import validate
 
     report = progress or (lambda what, fraction: None)
     if method not in METHODS:
@@ -67,7 +67,7 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     have = source_bits(source)
     requantize = method == "quant" or (method == "skip" and have > MIN_SOURCE_BITS)
     if method == "skip":
-        from .skip import check_layers, check_source
+        from edge_spec.build.skip import check_layers, check_source
 
         n_layers = check_source(header)
         if layers is not None:
@@ -105,11 +105,11 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             quantize(source, partial, bits, metadata=metadata)
             report(f"quantizing to {bits}", 1.0)
         elif method == "trim":
-            from .trim import build_trimmed
+            from edge_spec.build.trim import build_trimmed
 
             build_trimmed(source, partial, keep, target, calibration, metadata, report, bits)
         else:
-            from .skip import SkipSettings, build_skipped
+            from edge_spec.build.skip import SkipSettings, build_skipped
 
             build_skipped(source, partial, layers, calibration, metadata, report, bits if requantize else None,
                           search or SkipSettings())
@@ -132,6 +132,6 @@ def _sha256(path: str | os.PathLike, progress: Callable[[float], None], chunk: i
 
 
 def _version() -> str:
-    from .. import __version__
+    from edge_spec import __version__
 
     return __version__

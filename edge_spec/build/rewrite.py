@@ -1,7 +1,7 @@
 """Writes a changed copy of a GGUF: what the trimmed (trim.py) and layer-skipping (skip.py)
 drafters are made with.
 
-Metadata and tensor infos come from our own checked header reader (`edge_spec.gguf_file`); tensor
+Metadata and tensor infos come from our own checked header reader (`edge_spec.models.gguf_file`); tensor
 bytes are sliced from a memmap of the source, never decoded, so a quantized tensor is copied as is.
 Each metadata value passes through `edit_key` and each tensor through `edit_tensor`; the caller's
 provenance keys are added last.
@@ -39,7 +39,7 @@ def rewrite(header, out: str | os.PathLike, metadata: dict, *,
     import gguf
     from gguf import GGUFValueType as T
 
-    from ..gguf_file import array_values
+    from edge_spec.models.gguf_file import array_values
 
     md = header.metadata
     writer = gguf.GGUFWriter(out, md["general.architecture"])

@@ -9,7 +9,7 @@ full vocabulary (a token the drafter cannot propose is still produced by the res
 The trimmed drafter is a valid GGUF with a K-token vocabulary: the token embeddings and the output
 rows of the kept tokens, the tokenizer arrays cut to them (merges that stay inside the set), special
 token ids renumbered, and the target id of every drafter id in `edgespec.drafter.kept_ids`. At
-run time `edge_spec.drafters.trimmed.TrimmedBackend` shows it to the runtime in the target's ids: a context token outside
+run time `edge_spec.backends.trimmed.TrimmedBackend` shows it to the runtime in the target's ids: a context token outside
 the set is re-encoded with the drafter's own (trimmed) tokenizer from the token's bytes, and the
 drafter's logits are over the K kept tokens, `kept_ids[i]` being the target token of row i.
 
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..drafters.provenance import KEPT_KEY, PREFIX
-from ..types import EdgespecError, SamplingParams
+from edge_spec.models.provenance import KEPT_KEY, PREFIX
+from edge_spec.types import EdgespecError, SamplingParams
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.json"
 CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536)
@@ -104,7 +104,7 @@ class Vocab:
 
 
 def read_vocab(path: str | os.PathLike) -> Vocab:
-    from ..gguf_file import array_values, validate
+    from edge_spec.models.gguf_file import array_values, validate
 
     header = validate(path)
     md = header.metadata
@@ -153,7 +153,7 @@ def cached_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[
     target, and a second build (another K, another --bits, the user's text added) needs only what
     is new."""
     if cache is None:
-        from ..models import state_dir
+        from edge_spec.models.registry import state_dir
 
         st = os.stat(target.facts.path)
         cache = state_dir() / "counts" / f"{Path(target.facts.path).stem}-{st.st_size}-{st.st_mtime_ns}.npz"
@@ -181,8 +181,8 @@ def target_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[
                   sp: SamplingParams = SamplingParams(), chunk: int = 64) -> list[np.ndarray]:
     """For each (prompt, reply): the target's sampling distribution summed over the reply's
     positions (teacher-forced: one batched pass per chunk), as [vocab] float32 counts."""
-    from ..chat_template import chat_tokens, renderer_for
-    from ..sampling import probs
+    from edge_spec.models.chat_template import chat_tokens, renderer_for
+    from edge_spec.core.sampling import probs
 
     out = []
     with renderer_for(target) as templates:  # one template renderer for every prompt
@@ -250,8 +250,8 @@ def coverage(rank_counts: np.ndarray, held_out: Sequence[np.ndarray], vocab: Voc
 def write_trimmed(source: str | os.PathLike, out: str | os.PathLike, kept: np.ndarray, metadata: dict,
                   progress: Callable[[float], None] | None = None) -> None:
     """Copy `source` to `out` with only the `kept` vocabulary rows (see the module docstring)."""
-    from ..gguf_file import array_values, validate
-    from .rewrite import DROP, rewrite
+    from edge_spec.models.gguf_file import array_values, validate
+    from edge_spec.build.rewrite import DROP, rewrite
 
     header = validate(source)
     tokens = array_values(header, "tokenizer.ggml.tokens")
@@ -306,11 +306,11 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     (half the replies rank, the other half measure), drafter cost from the cost model at that
     head size (and blocks scaled by `layer_scale` when they are requantized). Returns K and one
     line per candidate."""
-    from ..defaults import PRIOR_ACCEPTANCE
-    from ..plan import planner
-    from ..plan.choose import machine_profile
-    from ..plan.costmodel import model_shape, trimmed_shape
-    from ..plan.history import History
+    from edge_spec.defaults import PRIOR_ACCEPTANCE
+    from edge_spec.plan import planner
+    from edge_spec.plan.choose import machine_profile
+    from edge_spec.plan.costmodel import model_shape, trimmed_shape
+    from edge_spec.plan.history import History
 
     ranking, held_out = np.sum(counts[0::2], axis=0), counts[1::2]
     ks = [k for k in CANDIDATE_K if len(vocab.forced()) + MIN_K // 4 <= k < vocab.size]
@@ -334,8 +334,8 @@ def build_trimmed(source, out, keep: int | None, target, calibration, metadata: 
     """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`;
     with `bits`, requantize it (trim + QuantSpec): the blocks to `bits`, the K-row head kept at
     8 bits (it is small once trimmed, and the drafter's ranking of tokens lives there)."""
-    from ..backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
-    from ..plan.costmodel import BITS, source_bits
+    from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+    from edge_spec.plan.costmodel import BITS, source_bits
 
     vocab = read_vocab(source)
     target = target or source

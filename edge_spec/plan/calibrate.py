@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..defaults import TREE_BUDGETS
-from ..models import state_dir
-from .profile import Calibration
+from edge_spec.defaults import TREE_BUDGETS
+from edge_spec.models.registry import state_dir
+from edge_spec.plan.profile import Calibration
 
 SCHEMA = 1
 # pass sizes measured; the controller interpolates between them and learns the rest as it runs
@@ -57,7 +57,7 @@ def paged_key(disk_bytes: int) -> int:
 
 
 def _build_id() -> str:
-    from ..backends.llama_cpp import _lib
+    from edge_spec.backends.llama_cpp import _lib
 
     lib = _lib()
     return f"{lib.__version__}:{lib.llama_print_system_info().decode(errors='replace')}"

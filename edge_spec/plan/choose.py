@@ -10,15 +10,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import models
-from ..defaults import MAX_DRAFT, MIN_SOURCE_BITS, PRIOR_ACCEPTANCE, SELF_DRAFTER_PRIOR, SUGGESTED_COVERAGE, SUGGESTED_K
-from ..drafters.provenance import default_output, info, self_drafter_prior
-from ..modelfile import ModelFile
-from ..options import EngineOptions, Progress
-from ..types import EdgespecError
-from . import calibrate, planner
-from .costmodel import BITS, requantized_shape, source_bits, trimmed_shape
-from .history import History
+from edge_spec.models import registry as models
+from edge_spec.defaults import (
+    MAX_DRAFT,
+    MIN_SOURCE_BITS,
+    PRIOR_ACCEPTANCE,
+    SELF_DRAFTER_PRIOR,
+    SUGGESTED_COVERAGE,
+    SUGGESTED_K,
+)
+from edge_spec.models.provenance import default_output, info, self_drafter_prior
+from edge_spec.models.modelfile import ModelFile
+from edge_spec.options import EngineOptions, Progress
+from edge_spec.types import EdgespecError
+from edge_spec.plan import calibrate, planner
+from edge_spec.plan.costmodel import BITS, requantized_shape, source_bits, trimmed_shape
+from edge_spec.plan.history import History
 
 
 def _silent(what: str, fraction: float) -> None:
@@ -28,14 +35,14 @@ def _silent(what: str, fraction: float) -> None:
 def machine_profile(name: str | None, progress: Progress | None = None):
     """The profile to plan with: the one named, else this machine's saved `local` profile, else a
     quick measurement of this machine (about 2 s, saved as `local` for next time)."""
-    from . import profile as profiles
+    from edge_spec.plan import profile as profiles
 
     if name is not None:
         return profiles.load(name)
     saved = profiles.profiles_dir() / "local.json"
     if saved.is_file():
         return profiles.load(saved)
-    from .hardware import measure_profile
+    from edge_spec.plan.hardware import measure_profile
 
     report = progress or _silent
     measured = measure_profile(name="local", quick=True,
@@ -50,7 +57,7 @@ def machine_profile(name: str | None, progress: Progress | None = None):
 def with_memory_budget(options: EngineOptions, prof, notes: list):
     """The profile with the memory this process may use: --mem-budget, else (this machine) the
     smaller of available RAM and the cgroup's limit; a named profile keeps its own."""
-    from .memory import memory_budget
+    from edge_spec.plan.memory import memory_budget
 
     if options.memory_budget is None and options.profile is not None:
         return prof
@@ -66,8 +73,8 @@ def rpc_workers(options: EngineOptions) -> tuple:
     does not answer is a one-line error naming it (backends/rpc.py)."""
     if not options.rpc:
         return ()
-    from ..backends.rpc import check_workers
-    from .costmodel import Remote
+    from edge_spec.backends.rpc import check_workers
+    from edge_spec.plan.costmodel import Remote
 
     return tuple(Remote(w.endpoint, w.free_bytes, w.rtt_seconds, w.throughput_bps) for w in check_workers(options.rpc))
 
@@ -78,8 +85,8 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     `calibration` just measured (edge_spec.plan.calibrate.measure_pair). `target` and `draft`:
     opened model files (a path is opened here: a missing or foreign file is the usual one-line
     error, before any planning). `workers`: options.rpc probed (rpc_workers), else probed here."""
-    from ..backends.llama_cpp import _lib
-    from ..backends.load import torch_offload_possible
+    from edge_spec.backends.llama_cpp import _lib
+    from edge_spec.backends.load import torch_offload_possible
 
     target = ModelFile.open(target)
     draft = ModelFile.open(draft) if draft is not None else None
@@ -148,10 +155,10 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
 
 
 def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, report: Progress, prof, workers=()):
-    """Drafter discovery (edge_spec.drafter_search): every local GGUF that can draft for the
+    """Drafter discovery (edge_spec.plan.drafter_search): every local GGUF that can draft for the
     target planned, the one that pays kept. Returns the plan, showing every drafter weighed and
     the verdicts on all, and the drafter files weighed."""
-    from .. import drafter_search
+    from edge_spec.plan import drafter_search
 
     plans: dict = {}
     files: dict = {}
@@ -175,7 +182,7 @@ def drafter_candidates(target_path) -> list[Path]:
     """Drafters edgespec built for a target: self-drafters built from it (`edgespec drafter build`,
     the 4-bit copy and the layer-skipping one) and trimmed drafters built for it (`--method trim
     --target`, matched by the target's file name). Other local models, the installed default
-    drafter among them, are found by edge_spec.drafter_search."""
+    drafter among them, are found by edge_spec.plan.drafter_search."""
     built = default_output(target_path)
     found = [path for path in (built, default_output(target_path, "skip")) if path.is_file()]
     for path in sorted(built.parent.glob("*.trim.gguf")) if built.parent.is_dir() else ():
@@ -229,8 +236,8 @@ def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, ca
 def check_memory(target_path, draft_path, t_opts, d_opts, memory_budget: int | None = None) -> None:
     """Without a plan: refuse to load what would not fit in available RAM (weights, KV cache,
     compute buffers) rather than let llama.cpp thrash or the OS kill the process."""
-    from . import costmodel
-    from .memory import memory_budget as budget_of
+    from edge_spec.plan import costmodel
+    from edge_spec.plan.memory import memory_budget as budget_of
 
     need = costmodel.RUNTIME_BYTES
     parts = []
@@ -261,7 +268,7 @@ def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, 
                         disk_bytes: int | None = None) -> list:
     """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU;
     with `disk_bytes`, of it paged so (calibrate.paged_key)."""
-    from ..backends.llama_cpp import LlamaOptions
+    from edge_spec.backends.llama_cpp import LlamaOptions
 
     out = []
     for ngl in (0, ModelFile.open(model).shape.n_layers + 1) if gpu else (0,):

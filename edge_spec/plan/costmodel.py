@@ -34,9 +34,9 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..gguf_file import ArrayInfo, read_header
-from .profile import Calibration, Gpu, Profile
-from ..types import EdgespecError
+from edge_spec.models.gguf_file import ArrayInfo, read_header
+from edge_spec.plan.profile import Calibration, Gpu, Profile
+from edge_spec.types import EdgespecError
 
 # share of the measured triad bandwidth / f32 GEMM throughput that llama.cpp's quantized kernels
 # reach (fitted here, see the module docstring); GPUs: typical of llama.cpp's CUDA/Metal kernels
@@ -167,7 +167,7 @@ def model_shape(path: str | os.PathLike) -> ModelShape:
     try:
         st = os.stat(path)
     except OSError:
-        from ..gguf_file import check_gguf
+        from edge_spec.models.gguf_file import check_gguf
 
         check_gguf(path)  # raises the usual clear error
         raise

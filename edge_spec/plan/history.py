@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from ..defaults import PRIOR_ACCEPTANCE
-from .planner import Knowledge
-from ..types import Stats
+from edge_spec.defaults import PRIOR_ACCEPTANCE
+from edge_spec.plan.planner import Knowledge
+from edge_spec.types import Stats
 
 SCHEMA = 1
 DECAY = 0.9
@@ -24,7 +24,7 @@ MIN_TOKENS = 16        # replies shorter than this say little about n-gram gains
 
 
 def history_file() -> Path:
-    from ..models import state_dir
+    from edge_spec.models.registry import state_dir
 
     return state_dir() / "history.json"
 

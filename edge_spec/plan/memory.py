@@ -30,7 +30,7 @@ class Budget:
 
 def parse_size(text: str | int) -> int:
     """'4G', '800M', '1.5GiB', '3000000000' -> bytes (powers of 1024 for K, M, G, T)."""
-    from ..types import EdgespecError
+    from edge_spec.types import EdgespecError
 
     if isinstance(text, int):
         return text

@@ -4,7 +4,7 @@ For each strategy and placement that fits in memory, the planner predicts decode
 
     plain          1 / t_target(1)
     ngram          plain * g_ngram          (free prompt-lookup drafts; g from past sessions, else 1)
-    draft          E(k) / (k * t_draft(1) + t_target(k + 1)) * g_ngram     (edge_spec.speculation)
+    draft          E(k) / (k * t_draft(1) + t_target(k + 1)) * g_ngram     (edge_spec.core.speculation)
     draft, in parallel   E(k) / (P * max(t_v, (k + 1) * t_d) + (1 - P) * (t_v + k * t_d)) * g_ngram
 
 with pass costs from calibrations when present (`edge_spec.plan.costmodel` otherwise), acceptance a
@@ -16,7 +16,7 @@ runtime's controller stops it when it does not pay. Placements: every model on t
 same one; threads are the physical cores (one model computes at a time in a sequential schedule).
 KV caches stay f16 unless memory only fits with q8_0.
 
-The parallel schedule (edge_spec.drafters.ahead) drafts while the target verifies. After a draft
+The parallel schedule (edge_spec.core.drafters.ahead) drafts while the target verifies. After a draft
 wholly accepted and followed by the drafter's own next token (P = a^(k+1)) the next draft was
 made during the verification t_v = t_target(k + 1), so the cycle costs the longer of the two;
 after any rejection it costs what the sequential cycle does. It is weighed where drafter and
@@ -39,13 +39,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..defaults import (BUDGET_ACCEPTANCE, MAX_DRAFT, N_CTX, PRIOR_ACCEPTANCE, TREE_BUDGETS, TREE_MAX_DEPTH,
-                        TREE_SIBLING_CATCH)
-from ..speculation import best_length, best_parallel_length, tree_draft_cost, tree_expected_tokens
-from ..types import EdgespecError
-from . import costmodel
-from .costmodel import ModelShape, Placement
-from .profile import Calibration, Profile
+from edge_spec.defaults import (
+    BUDGET_ACCEPTANCE,
+    MAX_DRAFT,
+    N_CTX,
+    PRIOR_ACCEPTANCE,
+    TREE_BUDGETS,
+    TREE_MAX_DEPTH,
+    TREE_SIBLING_CATCH,
+)
+from edge_spec.core.speculation import best_length, best_parallel_length, tree_draft_cost, tree_expected_tokens
+from edge_spec.types import EdgespecError
+from edge_spec.plan import costmodel
+from edge_spec.plan.costmodel import ModelShape, Placement
+from edge_spec.plan.profile import Calibration, Profile
 
 RAM_HEADROOM = 0.9     # share of available RAM a plan may use (the OS and the app need the rest)
 VRAM_HEADROOM = 0.95   # share of free VRAM (drivers allocate a little per context)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..types import EdgespecError
+from edge_spec.types import EdgespecError
 
 SCHEMA_VERSION = 1
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "profiles"  # the repo's `profiles/` links here
@@ -84,7 +84,7 @@ class Profile(_Strict):
 
 def profiles_dir() -> Path:
     """Where `edgespec profile` saves: state_dir()/profiles (~/.cache/edgespec/profiles)."""
-    from ..models import state_dir
+    from edge_spec.models.registry import state_dir
 
     return state_dir() / "profiles"
 

@@ -1,0 +1,31 @@
+"""Drafters propose tokens for the target to verify.
+
+A drafter names its statistics `source` and has three methods: `prefill(context)` readies it
+with the prompt; `ready(context)` names the statistics key of the draft it would make now, or None
+when it has nothing to offer (an n-gram drafter without a match); `propose(context, k, sampling, rng)` returns a Draft of at most
+k tokens (k: the draft length the Controller chose; `propose_tree` takes a token budget for
+a whole tree). Whether a
+draft carries probabilities is data (`Draft.probs`), never a class check.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from edge_spec.core.sampling import Random
+from edge_spec.types import Draft, SamplingParams
+from edge_spec.core.drafters.model import ModelDrafter
+from edge_spec.core.drafters.ngram import NgramDrafter
+
+
+class Drafter(Protocol):
+    source: str
+
+    def prefill(self, context: Sequence[int]) -> None: ...  # with the prompt, outside decode time
+
+    def ready(self, context: Sequence[int]) -> str | None: ...
+
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
+
+
+__all__ = ["Drafter", "ModelDrafter", "NgramDrafter"]

@@ -1,0 +1,150 @@
+"""A second, smaller model drafts autoregressively; its cache follows the target's context."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from edge_spec.core.sampling import Random, probs
+from edge_spec.core.tree import TokenTree
+from edge_spec.types import Draft, SamplingParams
+from edge_spec.core.drafters import spectree
+from edge_spec.core.drafters.spectree import MAX_DEPTH
+
+
+class ModelDrafter:
+    source = "model"
+
+    def __init__(self, backend, branch_below: float = 0.6):
+        self.backend = backend
+        # multi-sequence drafts (DuoDecoding): branch at the first position only when the drafter
+        # gives its top token less than this probability
+        self.branch_below = branch_below
+        # a trimmed drafter (build/trim.py, run by drafters/trimmed.py) has logits over its kept tokens only: row i is
+        # target token kept[i], and q is zero for every other target token
+        self.kept = getattr(backend, "kept", None)
+
+    def _token(self, x: int) -> int:
+        return x if self.kept is None else int(self.kept[x])
+
+    def _q(self, q: np.ndarray) -> np.ndarray:
+        if self.kept is None:
+            return q
+        full = np.zeros(self.backend.target_vocab)
+        full[self.kept] = q
+        return full
+
+    def ready(self, context: Sequence[int]) -> str | None:
+        return self.source
+
+    def prefill(self, context: Sequence[int]) -> None:
+        """Bring the cache up to context[:-1] (done with the prompt, before drafting starts)."""
+        held = common_prefix(self.backend.tokens, context[:-1])
+        self.backend.truncate(held)
+        if held < len(context) - 1:
+            self.backend.forward(context[held:-1], logits="none")
+
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None:
+        if k <= 0:
+            return None
+        # keep what the cache already holds (accepted drafts included), evaluate the rest;
+        # the last context token is always evaluated because its logits start the draft
+        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
+        self.backend.truncate(held)
+        t0 = time.perf_counter()
+        logits = self.backend.forward(context[held:], logits="last")[-1]
+        t1 = time.perf_counter()
+        tokens, qs = [], []
+        for i in range(k):
+            x, q = self.sample(logits, sp, rng)
+            tokens.append(x)
+            if q is not None:
+                qs.append(q)
+            if i + 1 < k:
+                logits = self.backend.forward([x], logits="last")[-1]
+        t2 = time.perf_counter()
+        # steady-state cost of one drafted token: one drafter step each. A long catch-up after
+        # plain decoding is a one-off and would make the drafter look slower than it is.
+        steps, seconds = k - 1, t2 - t1
+        if len(context) - held <= 2:
+            steps, seconds = steps + 1, seconds + (t1 - t0)
+        cost = seconds / steps if steps else None
+        return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost)
+
+
+    def sample(self, logits: np.ndarray, sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
+        """One drafted token from the drafter's logits, as a target token, with q over the
+        target's vocabulary (None at T = 0: drafts are then checked by the match rule)."""
+        if sp.greedy:
+            return self._token(int(np.argmax(logits))), None
+        q = probs(logits, sp)
+        return self._token(rng.categorical(q)), self._q(q)
+
+    def extend(self, seq: Sequence[int], sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
+        """The token the drafter proposes after `seq` (and its q): the cache keeps what it holds
+        of seq and evaluates the rest, one token in the steady state of drafting ahead."""
+        return self.sample(self.evaluate(seq), sp, rng)
+
+    def evaluate(self, seq: Sequence[int]) -> np.ndarray:  # [drafter vocab]
+        """The drafter's logits after `seq`; the cache keeps what it holds of seq."""
+        held = min(common_prefix(self.backend.tokens, seq), len(seq) - 1)
+        self.backend.truncate(held)
+        return self.backend.forward(seq[held:], logits="last")[-1]
+
+    def q_of(self, logits: np.ndarray, sp: SamplingParams) -> np.ndarray:  # [drafter vocab] -> [target vocab]
+        return self._q(probs(logits, sp))
+
+    def propose_best_first(self, context: Sequence[int], budget: int, sp: SamplingParams, *,
+                           max_depth: int = MAX_DEPTH, max_leaves: int = 255,
+                           seed: TokenTree | None = None, seed_accept: float = 0.0,
+                           costs: tuple[float, float] | None = None) -> TokenTree | None:
+        """The drafter's `budget` most probable continuations as one tree (SpecExec; see
+        drafters/spectree.py), starting from `seed`'s nodes (n-gram continuations). Uses no
+        randomness: verify_tree samples and compares. `seed_accept`, `costs`: see spectree.grow."""
+        return spectree.grow(self, context, budget, sp, max_depth=max_depth, max_leaves=max_leaves, seed=seed,
+                             seed_accept=seed_accept, costs=costs)
+
+    def propose_tree(self, context: Sequence[int], budget: int, width: int, sp: SamplingParams,
+                     rng: Random) -> TokenTree | None:
+        """Several sequences when the drafter is unsure of the next token (DuoDecoding's dynamic
+        multi-sequence drafts): `width` first tokens — the top ones at T = 0, i.i.d. draws from q
+        otherwise — each continued alone, sharing `budget` tokens; None when the drafter is sure
+        (then a chain is drafted as usual)."""
+        if budget < 2 or width < 2:
+            return None
+        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
+        self.backend.truncate(held)
+        root = self.backend.forward(context[held:], logits="last")[-1]
+        q_root = probs(root, sp.with_(temperature=sp.temperature or 1.0))  # T = 0: rank by the softmax
+        if q_root.max() >= self.branch_below:
+            return None
+        base = len(self.backend.tokens)
+        if sp.greedy:
+            firsts = [self._token(int(t)) for t in np.argsort(-root)[:width]]
+        else:
+            q_root = probs(root, sp)
+            firsts = [self._token(rng.categorical(q_root)) for _ in range(width)]
+            q_root = self._q(q_root)
+        length = max(budget // width, 1)
+        tokens, parents, qs = [], [], []
+        for first in firsts:
+            node, x, q = -1, first, q_root
+            for i in range(length):
+                tokens.append(x)
+                parents.append(node)
+                qs.append(q)
+                node = len(tokens) - 1
+                if i + 1 < length:
+                    x, q = self.sample(self.backend.forward([x], logits="last")[-1], sp, rng)
+            self.backend.truncate(base)
+        return TokenTree(tuple(tokens), tuple(parents), None if sp.greedy else np.stack(qs), sampled=not sp.greedy)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0])

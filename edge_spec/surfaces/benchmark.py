@@ -1,0 +1,241 @@
+"""Plain decoding vs edgespec on this machine, side by side: the method of `edgespec bench` and
+of the developers' bench/speculative.py.
+
+Same target weights, same threads, same prompts. The two generations run *interleaved*: plain
+decoding on one llama.cpp context and edgespec on another context of the same loaded model,
+advancing whichever has used less time so far, one step at a time. Both therefore see the same
+machine at the same moments, and the drift of a shared machine (±10% between runs on a busy
+2-core one) cancels out of the ratio. Each edgespec run starts from the controller state right
+after calibration (nothing learned from earlier prompts).
+
+The prompts (data/prompts.jsonl, see data/PROMPTS.md) are Spec-Bench's questions by category
+(Apache-2.0) and the three prompts edgespec was first benchmarked with (category "fixed").
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    text: str  # the first turn
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every default of `edgespec bench` lives here; the CLI reads them."""
+
+    per_category: int = 2
+    max_tokens: int = 128
+    temperatures: tuple[float, ...] = (0.0,)
+    reps: int = 1
+    categories: tuple[str, ...] = ()     # () = every category
+    max_prompt_chars: int = 0            # 0 = any length; else the prompts up to this long
+
+
+# --quick: about a minute on the default pair on a 2-core machine: one short prompt from each of
+# seven categories (summarization and RAG prompts run 3,000+ characters: their prompt evaluation
+# alone would take most of the minute), 48 tokens each, greedy.
+QUICK = Settings(per_category=1, max_tokens=48, max_prompt_chars=1000,
+                 categories=("fixed", "writing", "coding", "extraction", "translation", "qa", "math_reasoning"))
+
+
+def load_prompts() -> list[Prompt]:
+    """Every prompt shipped with the package, in file order."""
+    text = PROMPTS_FILE.read_text(encoding="utf-8")
+    rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    return [Prompt(str(r["id"]), r["category"], r["turns"][0]) for r in rows]
+
+
+def categories(prompts: Iterable[Prompt]) -> list[str]:
+    return list(dict.fromkeys(p.category for p in prompts))
+
+
+def select(prompts: list[Prompt], settings: Settings) -> list[Prompt]:
+    """settings.per_category prompts of each category asked for (the shortest when a length cap
+    is set, else the first in file order)."""
+    from edge_spec.types import EdgespecError
+
+    known = categories(prompts)
+    wanted = settings.categories or tuple(known)
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise EdgespecError(f"unknown prompt categories {', '.join(unknown)}; known: {', '.join(known)}")
+    out = []
+    for category in wanted:
+        pool = [p for p in prompts if p.category == category]
+        if settings.max_prompt_chars:
+            pool = sorted((p for p in pool if len(p.text) <= settings.max_prompt_chars), key=lambda p: len(p.text))
+        out.extend(pool[:settings.per_category])
+    return out
+
+
+def pick(prompts: list[Prompt], names: str) -> list[Prompt]:
+    """Prompts by a comma-separated list of ids ("chat", "specbench-81") and categories (each
+    category: all its prompts), for the developers' benchmarks."""
+    from edge_spec.types import EdgespecError
+
+    out = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        found = [p for p in prompts if name in (p.id, p.category)]
+        if not found:
+            raise EdgespecError(f"no prompt or category {name!r}; categories: {', '.join(categories(prompts))}")
+        out.extend(found)
+    return out
+
+
+# --- the interleaved measurement -------------------------------------------------------------
+
+def interleaved(runtimes: dict, prompt: list[int], sp) -> dict[str, dict]:
+    """Run generations step by step, next step to whichever has used the least time.
+
+    Also records each one's decode time after every step, so that runs of different lengths
+    (EOS at different places, as at T > 0) are compared over the same number of tokens: later
+    tokens cost more (a longer context), and a short run would look faster per token.
+    """
+    gens = {label: rt.generate(prompt, sp) for label, rt in runtimes.items()}
+    busy = dict.fromkeys(gens, 0.0)
+    trace = {label: [] for label in gens}  # (tokens so far, decode seconds so far)
+    last = {}
+    while gens:
+        label = min(gens, key=busy.get)
+        t0 = time.perf_counter()
+        step = next(gens[label], None)
+        busy[label] += time.perf_counter() - t0
+        if step is None or step.finish_reason:
+            del gens[label]
+        if step is not None:
+            last[label] = step
+            trace[label].append((step.stats.n_tokens, busy[label] - step.stats.prompt_seconds))
+    out = {}
+    for label, step in last.items():
+        stats = step.stats.as_dict()
+        # decode time = time inside this generator minus its prompt evaluation
+        stats["decode_seconds"] = busy[label] - step.stats.prompt_seconds
+        out[label] = stats | {"finish": step.finish_reason, "trace": trace[label]}
+    return out
+
+
+def seconds_for(trace: list, n: int) -> float:
+    """Decode seconds spent to produce the first n tokens (prorated within the step that crossed n)."""
+    prev_tokens, prev_seconds = 0, 0.0
+    for tokens, seconds in trace:
+        if tokens >= n:
+            return prev_seconds + (seconds - prev_seconds) * (n - prev_tokens) / max(tokens - prev_tokens, 1)
+        prev_tokens, prev_seconds = tokens, seconds
+    return prev_seconds
+
+
+def summarize(name: str, temp: float, runs: dict) -> dict:
+    """Rates over the tokens both runs of a pair produced, pooled over repetitions; keeps the
+    seconds compared so that rows can be pooled again (by category)."""
+    pairs = list(zip(runs["plain"], runs["edgespec"]))
+    common = [min(p["tokens"], s["tokens"]) for p, s in pairs]
+    plain_s = [seconds_for(p["trace"], n) for (p, _), n in zip(pairs, common)]
+    spec_s = [seconds_for(s["trace"], n) for (_, s), n in zip(pairs, common)]
+    spec = runs["edgespec"]
+    drafted = sum(r["drafted"] for r in spec)
+    for r in runs["plain"] + spec:
+        del r["trace"]
+    return {
+        "prompt": name, "temperature": temp, "compared_tokens": common,
+        "plain_seconds": sum(plain_s), "edgespec_seconds": sum(spec_s),
+        "plain_tps": _rate(sum(common), sum(plain_s)), "edgespec_tps": _rate(sum(common), sum(spec_s)),
+        "ratio": round(sum(plain_s) / sum(spec_s), 3) if sum(spec_s) else 0.0,
+        "ratio_per_rep": [round(p / s, 3) if s else 0.0 for p, s in zip(plain_s, spec_s)],
+        "drafted": drafted, "accepted": sum(r["accepted"] for r in spec),
+        "acceptance": round(sum(r["accepted"] for r in spec) / drafted, 3) if drafted else 0.0,
+        "tokens_per_pass": round(statistics.mean(r["mean_accepted_length"] for r in spec), 3),
+        "runs": runs,
+    }
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 2) if seconds else 0.0
+
+
+class Bench:
+    """Plain decoding and the engine's speculative runtime on two contexts of one loaded target."""
+
+    def __init__(self, engine, tree_width: int = 1):
+        from edge_spec.core.runtime import Runtime
+
+        from edge_spec.types import EdgespecError
+
+        if not hasattr(engine.target, "sibling"):
+            raise EdgespecError("the benchmark runs plain decoding on a second context of the target, which only "
+                                "the llama.cpp backend has: use --backend llama")
+        self.engine, self.tree_width = engine, tree_width
+        self.plain_context = engine.target.sibling()
+        self.plain = Runtime(self.plain_context, [])
+        self.calibrated = copy.deepcopy(engine.runtime.controller)
+
+    def measure(self, name: str, text: str, temperature: float, max_tokens: int, reps: int) -> dict:
+        """One prompt at one temperature, `reps` interleaved pairs (seeds 1000, 1001, ...)."""
+        from edge_spec.core.runtime import Runtime
+        from edge_spec.types import SamplingParams
+
+        engine = self.engine
+        prompt = engine.chat_tokens([{"role": "user", "content": text}])
+        runs = {"plain": [], "edgespec": []}
+        for rep in range(reps):
+            sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + rep)
+            spec = Runtime(engine.target, engine.runtime.drafters, copy.deepcopy(self.calibrated), self.tree_width,
+                           schedule=engine.runtime.schedule)
+            spec.hold_between_steps = True  # a drafting thread waits while plain decoding steps
+            for label, stats in interleaved({"plain": self.plain, "edgespec": spec}, prompt, sp).items():
+                runs[label].append(stats)
+        return summarize(name, temperature, runs)
+
+    def close(self) -> None:
+        self.plain_context.close()
+
+
+def run(engine, prompts: list[Prompt], settings: Settings,
+        done: Callable[[dict], None] | None = None) -> list[dict]:
+    """A row (summarize's, plus the category) per prompt and temperature; done(row) after each."""
+    bench = Bench(engine, engine.runtime.tree_width)
+    rows = []
+    try:
+        for p in prompts:
+            for temp in settings.temperatures:
+                row = bench.measure(p.id, p.text, temp, settings.max_tokens, settings.reps) | {"category": p.category}
+                rows.append(row)
+                if done:
+                    done(row)
+    finally:
+        bench.close()
+    return rows
+
+
+def by_category(rows: list[dict]) -> list[dict]:
+    """Rows pooled per category (seconds and tokens summed, so long replies weigh more), then "all"."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["category"], []).append(r)
+    out = [_pool(name, group) for name, group in groups.items()]
+    return out + [_pool("all", rows)] if len(groups) > 1 else out
+
+
+def _pool(name: str, rows: list[dict]) -> dict:
+    tokens = sum(sum(r["compared_tokens"]) for r in rows)
+    plain_s, spec_s = sum(r["plain_seconds"] for r in rows), sum(r["edgespec_seconds"] for r in rows)
+    drafted, accepted = sum(r["drafted"] for r in rows), sum(r["accepted"] for r in rows)
+    return {
+        "category": name, "prompts": len({r["prompt"] for r in rows}), "tokens": tokens,
+        "plain_tps": _rate(tokens, plain_s), "edgespec_tps": _rate(tokens, spec_s),
+        "ratio": round(plain_s / spec_s, 3) if spec_s else 0.0,
+        "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
+        "ratio_per_prompt": [r["ratio"] for r in rows],
+    }

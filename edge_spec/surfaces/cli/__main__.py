@@ -1,0 +1,3 @@
+from edge_spec.surfaces.cli import main
+
+main()
