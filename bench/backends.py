@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.plan import calibrate  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, physical_cores  # noqa: E402
-from edge_spec.options import resolve_model  # noqa: E402
+from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
 
 
 def backends(path, threads: int, device: str, onnx: bool):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_spec.plan.memory import _mounts, parse_size  # noqa: E402
+from edge_spec.options import parse_size  # noqa: E402
+from edge_spec.plan.memory import _mounts  # noqa: E402
 
 
 class Unavailable(RuntimeError):

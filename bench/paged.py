@@ -48,9 +48,9 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
 
     unplanned = dict(plan=False, memory_budget=1 << 50, history=False)  # no plan, no pinning: the kernel pages
     options = {
-        "plain": EngineOptions(model=target, plain=True, calibrate=False, **unplanned),
-        "chains": EngineOptions(model=target, draft=draft, **unplanned),
-        "paged": EngineOptions(model=target, draft=draft, history=False,
+        "plain": EngineOptions.of(model=target, plain=True, calibrate=False, **unplanned),
+        "chains": EngineOptions.of(model=target, draft=draft, **unplanned),
+        "paged": EngineOptions.of(model=target, draft=draft, history=False,
                                **({"tree_budget": tree_budget} if tree_budget is not None else {})),
     }[config]
     t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def main() -> None:
     names = [name for name, _ in named(args.prompts or DEFAULT)]
     size = os.path.getsize(args.model)
     rows = []
-    from edge_spec.plan.memory import parse_size
+    from edge_spec.options import parse_size
 
     limits = [parse_size(args.limit)] if args.limit else [int(size * float(b)) for b in args.budgets.split(",")]
     temps = args.temps.split(",")

@@ -36,7 +36,7 @@ def child(target: str, draft: str, reps: int, k: int) -> dict:
     from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
 
-    with Engine.load(EngineOptions(model=target, draft=draft, history=False)) as engine:
+    with Engine.load(EngineOptions.of(model=target, draft=draft, history=False)) as engine:
         backend = engine.target
         pager = getattr(backend, "pager", None)
         if pager is None:

@@ -26,7 +26,7 @@ from edge_spec.surfaces.benchmark import interleaved
 from edge_spec.models import registry as models
 from edge_spec.plan import calibrate, planner
 from edge_spec.core.controller import Controller
-from edge_spec.plan.costmodel import model_shape
+from edge_spec.models.shape import model_shape
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, plan=False, calibrate=False, history=False))
+    engine = Engine.load(EngineOptions.of(model=args.model, draft=args.draft, plan=False, calibrate=False, history=False))
     target, drafter = engine.target, engine.draft_backend
     print("calibrating (fresh) ...", file=sys.stderr, flush=True)
     t_costs = calibrate.verify_costs(target, planner.MAX_DRAFT + 1, reps=args.calibration_reps, use_cache=False)

@@ -145,9 +145,9 @@ def load_engines(args, ngl: int | None, plain_rpc: tuple[str, ...], spec_rpc: tu
     from edge_spec.options import EngineOptions
 
     common = dict(model=args.model, n_gpu_layers=ngl, n_threads=args.threads, history=False)
-    plain = Engine.load(EngineOptions(**common, rpc=plain_rpc, plain=True))
+    plain = Engine.load(EngineOptions.of(**common, rpc=plain_rpc, plain=True))
     try:
-        spec = Engine.load(EngineOptions(**common, draft=args.draft, rpc=spec_rpc))
+        spec = Engine.load(EngineOptions.of(**common, draft=args.draft, rpc=spec_rpc))
     except BaseException:
         plain.close()
         raise
@@ -157,7 +157,7 @@ def load_engines(args, ngl: int | None, plain_rpc: tuple[str, ...], spec_rpc: tu
 def target_layers(model: str | None) -> int:
     from edge_spec.models.gguf_facts import facts
     from edge_spec.models.registry import DEFAULT_TARGET
-    from edge_spec.options import resolve_model
+    from edge_spec.pipeline.resolve import resolve_model
 
     return facts(resolve_model(model, DEFAULT_TARGET)).n_layers
 

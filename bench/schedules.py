@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--temps", default="0,0.8")
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, history=False, tree_width=2))
+    engine = Engine.load(EngineOptions.of(model=args.model, draft=args.draft, history=False, tree_width=2))
     cores = engine.target.n_threads
     print(f"pair: {Path(engine.target.facts.path).name} + {Path(engine.draft_backend.facts.path).name}; "
           f"{cores} threads; parallel: drafter {args.draft_threads}, target {cores - args.draft_threads}", file=sys.stderr)

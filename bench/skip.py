@@ -41,7 +41,7 @@ from edge_spec.models.provenance import info  # noqa: E402
 from edge_spec.plan.costmodel import source_bits  # noqa: E402
 from edge_spec.build.skip import SkipSettings, write_skipped  # noqa: E402
 from edge_spec.models.chat_template import chat_tokens  # noqa: E402
-from edge_spec.options import resolve_model  # noqa: E402
+from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
 from edge_spec.core.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

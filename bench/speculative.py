@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions(model=args.model, draft=args.draft, n_threads=args.threads, history=False,
+    engine = Engine.load(EngineOptions.of(model=args.model, draft=args.draft, n_threads=args.threads, history=False,
                                        draft_model=not args.ngram, tree_width=args.tree_width))
     print(f"edgespec runs: {engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter)}", file=sys.stderr)
     bench = Bench(engine, args.tree_width)

@@ -8,6 +8,7 @@ as it grows (extend_tree: each node evaluated once) vs evaluated again from the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -16,8 +17,23 @@ from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.surfaces.benchmark import Settings, load_prompts, select
 from edge_spec.models.chat_template import chat_tokens, renderer_for
 from edge_spec.core.drafters import ModelDrafter
-from edge_spec.core.drafters.spectree import FromTheRoot, grow
+from edge_spec.core.drafters.spectree import grow
 from edge_spec.types import SamplingParams
+
+
+class FromTheRoot:
+    """A drafter backend seen without capabilities.tree_growth, so that trees are evaluated from
+    the root at each pass (_TreePasses): the reference extend_tree is tested and benched against."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    @property
+    def capabilities(self):
+        return dataclasses.replace(self._backend.capabilities, tree_growth=False)
 
 
 def main() -> None:

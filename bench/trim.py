@@ -40,7 +40,7 @@ from edge_spec.core.drafters import ModelDrafter  # noqa: E402
 from edge_spec.build.trim import calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed
 from edge_spec.models.chat_template import chat_tokens  # noqa: E402
 from edge_spec.backends.trimmed import as_drafter_of  # noqa: E402
-from edge_spec.options import resolve_model  # noqa: E402
+from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
 from edge_spec.core.runtime import Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Every default and prior edgespec plans and drafts with, in one place.
+"""Every default and prior edgespec plans and drafts with, and the limits options are checked
+against, in one place.
 
 Options (edge_spec.options.EngineOptions, the backends' option classes), the planner
 (edge_spec.plan) and the runtime's Controller read these names; nothing else spells the numbers.
@@ -37,3 +38,16 @@ MIN_SOURCE_BITS = 6.0
 TREE_BUDGETS = (16, 32, 64, 128)
 TREE_SIBLING_CATCH = 0.2
 TREE_MAX_DEPTH = 32     # deepest node drafted; also the most drafter passes one tree takes
+
+# --- choices and limits the options are checked against -----------------------------------------
+BACKENDS = ("llama", "torch", "onnx")  # llama.cpp, torch, onnxruntime
+# weights of the models onnxruntime runs: float32 as exported, or quantized by onnxruntime's own
+# tools (backends/onnx_backend.py says how)
+ONNX_WEIGHTS = ("float32", "int8", "int8-dynamic")
+# "sequential": draft, then verify; "parallel": the draft model drafts in a thread of its own
+# while the target verifies (core/drafters/ahead.py)
+SCHEDULES = ("sequential", "parallel")
+# llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ): a token tree verified in one pass
+# puts each leaf's branch in a sequence of its own, so trees have at most 255 leaves
+MAX_SEQUENCES = 256
+MAX_TREE_BUDGET = 511  # nodes of a best-first tree: one pass over them and the pending token fits a batch of 512

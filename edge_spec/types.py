@@ -194,3 +194,37 @@ class ModelFacts:
     chat_template: str | None
     description: str = ""
     extra: dict = field(default_factory=dict)
+
+
+# --- what a backend or a drafter can do, as data (never asked with hasattr or a class check) ---
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the Backend protocol (backends/base.py), read at assembly
+    (pipeline/assemble.py) and by the runtime; a backend declares it once, as its `capabilities`."""
+
+    kind: str                       # one of defaults.BACKENDS: whose cost model and calibrations apply
+    trees: bool                     # forward_tree/keep_path: a token tree verified in one pass
+    threads_settable: bool          # set_threads(n) between passes (parallel schedules split cores)
+    gpu_layers: int = 0             # blocks on a GPU (llama.cpp's -ngl); 0: computed on the CPU
+    disk_bytes: int = 0             # weights read from disk at every pass (a paged target; has evict())
+    workers: tuple[str, ...] = ()   # RPC workers holding its gpu_layers (backends/isolated.py)
+    tree_growth: bool = False       # extend_tree/end_tree: a tree grown over passes, each node evaluated once
+    siblings: bool = False          # sibling(): a second context on the same weights (benchmarks)
+
+
+@dataclass(frozen=True)
+class DrafterCapabilities:
+    """What a drafter can do beyond propose() (core/drafters/__init__.py)."""
+
+    drafts_ahead: bool = False      # extend(seq, sp, rng): one token at a time, for the parallel schedule's thread
+    grows_trees: bool = False       # propose_best_first(): best-first token trees (core/drafters/spectree.py)
+    tries: bool = False             # trie(context, budget, branches): its candidate continuations as a token trie
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured seconds the Controller is seeded with: one target pass over n tokens, by n (1
+    included), and one drafter step where a draft model runs."""
+
+    target: dict[int, float]
+    drafter_step: float | None = None

@@ -10,9 +10,9 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from edge_spec.backends.base import Capabilities
+from edge_spec.types import Capabilities
 from edge_spec.core.controller import Controller
-from edge_spec.types import Draft, EdgespecError, SamplingParams
+from edge_spec.types import Draft, DrafterCapabilities, EdgespecError, SamplingParams
 
 DistFn = Callable[[tuple[int, ...]], np.ndarray]  # whole token history → [vocab] probabilities
 
@@ -252,6 +252,8 @@ class FixedController(Controller):
 class FunctionDrafter:
     """A drafter without probabilities whose proposal is a fixed function of the context
     (n-gram style: the verifier uses the match rule)."""
+
+    capabilities = DrafterCapabilities()
 
     def __init__(self, propose_fn: Callable[[tuple[int, ...], int], Sequence[int]], source: str = "ngram"):
         self.propose_fn = propose_fn

@@ -6,36 +6,27 @@ token ids and host-side numpy arrays cross it, so any drafter can pair with any 
 backend or device each runs on.
 
 Shapes: `forward` returns logits [rows, vocab] float32, one row per token asked for ("all"), the
-last one ("last") or none ("none"); `forward_tree` returns [len(tree), vocab].
+last one ("last") or none ("none"); `forward_tree` returns [1 + len(tree), vocab]; `extend_tree`
+returns [len(nodes), vocab].
+
+What a backend has beyond `Backend`, by its capabilities (edge_spec.types.Capabilities):
+- trees: `forward_tree(pending, tree)` and `keep_path(path)`;
+- tree_growth: `extend_tree(tree, nodes)` and `end_tree()`;
+- threads_settable: `set_threads(n)`;
+- disk_bytes > 0: `evict()` (a paged target);
+- siblings: `sibling()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
 
     from edge_spec.core.tree import TokenTree
-    from edge_spec.types import ModelFacts
-
-KINDS = ("llama", "torch", "onnx")  # llama.cpp, torch, onnxruntime
-# weights of the models onnxruntime runs: float32 as exported, or quantized by onnxruntime's own
-# tools (backends/onnx_backend.py says how)
-ONNX_WEIGHTS = ("float32", "int8", "int8-dynamic")
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    kind: str                       # one of KINDS: whose cost model and calibrations apply
-    trees: bool                     # forward_tree/keep_path: a token tree verified in one pass
-    threads_settable: bool          # set_threads(n) between passes (parallel schedules split cores)
-    gpu_layers: int = 0             # blocks on a GPU (llama.cpp's -ngl); 0: computed on the CPU
-    disk_bytes: int = 0             # weights read from disk at every pass (a paged target; has evict())
-    workers: tuple[str, ...] = ()   # RPC workers holding its gpu_layers (backends/isolated.py)
-    tree_growth: bool = False       # extend_tree/end_tree: a tree grown over passes, each node evaluated once
+    from edge_spec.types import Capabilities, ModelFacts
 
 
 @runtime_checkable
@@ -67,22 +58,9 @@ class TreeBackend(Backend, Protocol):
     """A backend whose capabilities.trees is True also has these."""
 
     def forward_tree(self, pending: int, tree: TokenTree) -> np.ndarray: ...
-        # the last `pending` tokens of n_past not yet evaluated, then the tree in one pass
+        # one pass over the pending token (appended after n_past) and the tree below it, each
+        # node attending to the context and its ancestors only: logits [1 + len(tree), vocab],
+        # after the pending token, then after each node
     def keep_path(self, path: Sequence[int]) -> None: ...
-        # after verification: keep the tree nodes on `path` (in order), drop the rest
-
-
-class GrowingTreeBackend(TreeBackend, Protocol):
-    """A backend whose capabilities.tree_growth is True also has these (drafters/spectree.py)."""
-
-    def extend_tree(self, tree: TokenTree, nodes: Sequence[int]) -> np.ndarray: ...
-        # evaluate `nodes` (and their ancestors not evaluated yet) below the cache's last token,
-        # keeping them for later calls; returns [len(nodes), vocab]
-    def end_tree(self) -> None: ...
-        # free every node extend_tree holds
-
-
-class ThreadedBackend(Backend, Protocol):
-    """A backend whose capabilities.threads_settable is True also has this."""
-
-    def set_threads(self, n: int) -> None: ...
+        # after forward_tree: keep the nodes on `path` (root's child first) after the pending
+        # token, drop the rest

@@ -26,7 +26,7 @@ import numpy as np
 
 from edge_spec.core.tree import TokenTree
 from edge_spec.types import EdgespecError, WorkerLost
-from edge_spec.backends.base import Capabilities
+from edge_spec.types import Capabilities
 from edge_spec.backends.common import BorrowedVocab, Closing
 
 LOAD_TIMEOUT = 600.0    # seconds a load may take (the weights travel to the workers)

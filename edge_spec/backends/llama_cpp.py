@@ -19,7 +19,7 @@ from edge_spec.models.gguf_file import validate
 from edge_spec.core.tree import TokenTree
 from edge_spec.types import EdgespecError, ModelFacts
 from edge_spec.defaults import N_CTX
-from edge_spec.backends.base import Capabilities
+from edge_spec.types import Capabilities
 from edge_spec.backends.common import Closing
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -263,7 +263,7 @@ class LlamaCppBackend(VocabMethods, Closing):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities("llama", trees=True, threads_settable=True, gpu_layers=self.options.n_gpu_layers,
-                            tree_growth=True,
+                            tree_growth=True, siblings=True,
                             disk_bytes=self.pager.stats.streamed_bytes if self.pager is not None else 0)
 
     def evict(self) -> None:

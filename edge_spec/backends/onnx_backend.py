@@ -78,7 +78,8 @@ import numpy as np
 
 from edge_spec.types import EdgespecError, ModelFacts
 from edge_spec.defaults import N_CTX
-from edge_spec.backends.base import ONNX_WEIGHTS, Capabilities
+from edge_spec.defaults import ONNX_WEIGHTS
+from edge_spec.types import Capabilities
 from edge_spec.backends.common import BorrowedVocab, Closing
 
 EXPORT_VERSION = 1

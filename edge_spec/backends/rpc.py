@@ -46,9 +46,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edge_spec.options import parse_endpoints
 from edge_spec.types import EdgespecError
 
-DEFAULT_PORT = 50052
 PROTOCOL = (7, 0)  # RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION in ggml-rpc.h: what our llama.cpp speaks
 
 # rpc_cmd in ggml-rpc.cpp (only the commands used here)
@@ -67,53 +67,6 @@ GGML_TYPE_I8 = 24  # one byte per element: ggml_nbytes is the element count
 
 # the lines rpc-server prints for each device it serves: "  CPU: AMD EPYC 7763 (15995 MiB, 15000 MiB free)"
 DEVICE_LINE = re.compile(r"^  (\S+): (.*) \(\d+ MiB, \d+ MiB free\)$")
-
-
-# --- addresses ---------------------------------------------------------------------------------
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")  # RFC 1123 names and IPv4 addresses
-
-
-def parse_endpoints(text: str | Sequence[str]) -> tuple[str, ...]:
-    """'HOST:PORT,HOST:PORT' (or a list of such strings) -> normalized 'host:port' strings, in order.
-
-    A bare host gets DEFAULT_PORT; IPv6 is written '[::1]:50052'. An address that does not parse,
-    an empty list or the same worker twice is an EdgespecError."""
-    items = [text] if isinstance(text, str) else list(text)
-    parts = [part.strip() for item in items for part in str(item).split(",")]
-    if not any(parts):
-        raise EdgespecError("no worker address given: expected HOST:PORT[,HOST:PORT…], e.g. 192.168.1.20:50052")
-    endpoints: list[str] = []
-    for part in parts:
-        endpoint = _endpoint(part)
-        if endpoint in endpoints:
-            raise EdgespecError(f"worker {endpoint} is given twice: give each worker once")
-        endpoints.append(endpoint)
-    return tuple(endpoints)
-
-
-def _endpoint(text: str) -> str:
-    bad = EdgespecError(f"bad worker address {text!r}: expected HOST:PORT, e.g. 192.168.1.20:{DEFAULT_PORT}")
-    host, port, ipv6 = text, str(DEFAULT_PORT), False
-    if text.startswith("["):  # [IPv6] or [IPv6]:PORT
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise bad
-        port, ipv6 = rest[1:] if rest else port, True
-    elif text.count(":") > 1:  # a bare IPv6 address, no port
-        ipv6 = True
-    elif ":" in text:
-        host, port = text.split(":")
-    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        raise bad
-    if ipv6:
-        try:
-            return f"[{ipaddress.IPv6Address(host).compressed}]:{int(port)}"
-        except ValueError:
-            raise bad from None
-    if not _HOSTNAME.match(host):
-        raise bad
-    return f"{host.lower()}:{int(port)}"
 
 
 def _split(endpoint: str) -> tuple[str, int]:

@@ -63,7 +63,7 @@ import numpy as np
 from edge_spec.models.gguf_file import read_header
 from edge_spec.backends.llama_cpp import LlamaVocab
 from edge_spec.defaults import N_CTX
-from edge_spec.backends.base import Capabilities
+from edge_spec.types import Capabilities
 from edge_spec.backends.common import BorrowedVocab, Closing
 from edge_spec.core.tree import TokenTree
 from edge_spec.types import EdgespecError, ModelFacts

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from edge_spec.backends.base import Capabilities
+from edge_spec.types import Capabilities
 from edge_spec.types import EdgespecError
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from edge_spec.models.gguf_facts import FIRST_CHECKED, SIZE_SLACK
 from edge_spec.types import EdgespecError
 
-SIZE_SLACK = 128   # vocabularies padded to a multiple of 64/128 differ only in unused tail ids
-FIRST_CHECKED = 5  # ids below this are special tokens that converters number differently
 
 
 def check_compatible(target, drafter) -> None:

@@ -354,7 +354,7 @@ def build_skipped(source, out, layers: Sequence[int] | None, calibration, metada
     """Requantize `source` to `bits` (None: keep its weights), choose the layers (or take
     `layers`), write the skipped copy to `out`. The reference tokens are always the source's."""
     from edge_spec.backends.llama_cpp import quantize
-    from edge_spec.plan.costmodel import model_shape
+    from edge_spec.models.shape import model_shape
     from edge_spec.models.gguf_file import validate
     from edge_spec.build.trim import CALIBRATION, calibration_texts
 

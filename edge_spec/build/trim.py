@@ -309,7 +309,8 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     from edge_spec.defaults import PRIOR_ACCEPTANCE
     from edge_spec.plan import planner
     from edge_spec.plan.choose import machine_profile
-    from edge_spec.plan.costmodel import model_shape, trimmed_shape
+    from edge_spec.models.shape import model_shape
+    from edge_spec.plan.costmodel import trimmed_shape
     from edge_spec.plan.history import History
 
     ranking, held_out = np.sum(counts[0::2], axis=0), counts[1::2]

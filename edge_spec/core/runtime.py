@@ -11,27 +11,51 @@ evaluates k + 1 tokens and returns logits [k + 1, vocab].
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
 
 from edge_spec.core.controller import Controller
 from edge_spec.core.drafters.ahead import AheadDrafter
 from edge_spec.core.drafters.model import ModelDrafter, common_prefix
 from edge_spec.core.drafters.ngram import NgramDrafter
 from edge_spec.core.drafters.spectree import MAX_DEPTH
-from edge_spec.options import MAX_SEQUENCES, SCHEDULES
 from edge_spec.core.sampling import NumpyRandom, Random, check_logits, probs
 from edge_spec.core.textstream import TextStream
-from edge_spec.types import Draft, EdgespecError, SamplingParams, Stats, Step
-from edge_spec.core.tree import ROOT, TokenTree, verify_tree
+from edge_spec.core.tree import TokenTree, verify_tree
 from edge_spec.core.verify import verify
+from edge_spec.defaults import MAX_DRAFT, MAX_SEQUENCES, SCHEDULES
+from edge_spec.types import Costs, Draft, EdgespecError, SamplingParams, Stats, Step
 
 log = logging.getLogger(__name__)
 NGRAM_BRANCHES = 3  # earlier occurrences whose continuations join a best-first tree
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a runtime decodes, fixed when it is made. The pipeline derives it once from the
+    options and the plan (pipeline/planning.py: `decoding`)."""
+
+    ngram: bool = True               # n-gram (prompt lookup) drafts
+    max_draft: int = MAX_DRAFT       # most tokens drafted in one step (the Controller's budget)
+    draft_length: int | None = None  # draft exactly this many tokens with the model at every step
+    # > 0: the draft model drafts best-first token trees of up to this many nodes (SpecExec,
+    # core/drafters/spectree.py), the n-gram trie merged in, each verified in one target pass;
+    # trees have at most max_leaves leaves (the target's n_seq_max less one)
+    tree_budget: int = 0
+    max_leaves: int = MAX_SEQUENCES - 1
+    schedule: str = "sequential"     # SCHEDULES
+    # the runtime is run interleaved with others (benchmarks): the parallel schedule's drafting
+    # threads wait while a step is out with the caller, so that they take no core from the others
+    interleaved: bool = False
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise EdgespecError(f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
 
 
 @dataclass(frozen=True)
@@ -80,28 +104,35 @@ class Runtime:
     """
 
     def __init__(self, target, drafters: Sequence = (), controller: Controller | None = None,
-                 tree_width: int = 1, schedule: str = "sequential", tree_budget: int = 0,
-                 max_leaves: int = MAX_SEQUENCES - 1):
-        if schedule not in SCHEDULES:
-            raise EdgespecError(f"unknown schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
+                 decoding: Decoding = Decoding()):
+        """The parts as given (tests assemble fakes this way); what the product runs is made by
+        `from_plan` and `fork`."""
         self.target = target
         self.drafters = list(drafters)
         self.controller = controller or Controller()
-        # > 1: drafters that can (n-gram lookup) propose trees of up to tree_width branches,
-        # verified in one pass (the target needs forward_tree/keep_path, n_seq_max > tree_width)
-        self.tree_width = tree_width
-        # > 0: a draft model proposes best-first trees of up to tree_budget nodes (SpecExec,
-        # drafters/spectree.py), n-gram branches merged in; trees have at most max_leaves leaves
-        # (the target's n_seq_max less one, as the engine loads it: options.tree_sequences)
-        self.tree_budget = tree_budget
-        self.max_leaves = max_leaves
-        self.schedule = schedule
-        # parallel schedule: a fixed "tokens drafted ahead at step i" run inline, no thread
-        # (the exact tests enumerate it); None = a drafting thread per draft model
-        self.ahead: Callable[[int], int] | None = None
-        # parallel schedule: the drafting threads wait while a step is out with the caller
-        # (benches interleaving runs; otherwise they would take cores from the other runs)
-        self.hold_between_steps = False
+        self.decoding = decoding
+
+    @classmethod
+    def from_plan(cls, decoding: Decoding, target, draft_backend=None, costs: Costs | None = None) -> Runtime:
+        """The runtime a plan describes: the n-gram drafter if `decoding.ngram`, a ModelDrafter
+        on `draft_backend` if given (cheapest first), and a Controller seeded with the measured
+        `costs` (pipeline/calibration.py). The one way the engine, `edgespec bench` and the
+        bench scripts make a runtime, so that what is benchmarked is what runs."""
+        controller = Controller(max_draft=decoding.max_draft,
+                                fixed={} if decoding.draft_length is None else {"model": decoding.draft_length})
+        if costs is not None:
+            controller.calibrate(costs.target, {} if costs.drafter_step is None else {"model": costs.drafter_step})
+        drafters = [*([NgramDrafter()] if decoding.ngram else []),
+                    *([ModelDrafter(draft_backend)] if draft_backend is not None else [])]
+        return cls(target, drafters, controller, decoding)
+
+    def fork(self, *, target=None, controller: Controller | None = None, interleaved: bool | None = None) -> Runtime:
+        """A runtime with these drafters and this decoding, on `target` (a sibling context, say),
+        from a copy of `controller` (default: this one's), so the fork learns apart from this
+        runtime. The drafters are shared: run one of the two at a time."""
+        decoding = self.decoding if interleaved is None else replace(self.decoding, interleaved=interleaved)
+        return Runtime(self.target if target is None else target, self.drafters,
+                       copy.deepcopy(controller or self.controller), decoding)
 
     def generate(
         self,
@@ -124,7 +155,7 @@ class Runtime:
         # it in later would cost a catch-up over the whole context
         drafters = [d for d in self.drafters if self.controller.could_pay(d.source)]
         workers = c.workers
-        if self.schedule == "parallel":
+        if self.decoding.schedule == "parallel":
             drafters = [self._ahead(d, sp, rng, workers) for d in drafters]
         try:
             yield from self._loop(prompt, drafters, workers, sp, cancel, rng, c)
@@ -133,14 +164,19 @@ class Runtime:
                 w.close()
 
     def _ahead(self, drafter, sp: SamplingParams, rng: Random, workers: list):
-        if not hasattr(drafter, "extend"):  # n-gram lookups cost nothing: no thread for them
+        """The parallel schedule: a draft model drafts ahead (ahead_drafter); n-gram lookups cost
+        nothing and are not wrapped."""
+        if not drafter.capabilities.drafts_ahead:
             return drafter
-        if self.ahead is not None:
-            w = AheadDrafter(drafter, sp, rng, threaded=False, ahead=self.ahead)
-        else:  # the worker's own randomness: the two threads never share a generator
-            w = AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1))
+        w = self.ahead_drafter(drafter, sp, rng)
         workers.append(w)
         return w
+
+    def ahead_drafter(self, drafter, sp: SamplingParams, rng: Random) -> AheadDrafter:
+        """A drafting thread around `drafter` for one reply, with randomness of its own: the two
+        threads never share a generator (`rng`, the runtime's, is for drafting in this thread:
+        the exact tests of the parallel schedule draft inline, tests/core/test_parallel.py)."""
+        return AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1))
 
     def _loop(self, prompt, drafters: list, workers: list, sp: SamplingParams, cancel, rng: Random,
               c: _Counters) -> Iterator[Step]:
@@ -161,17 +197,17 @@ class Runtime:
                 yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "context")
                 return
             draft = None
-            if self.tree_budget > 0:
+            if self.decoding.tree_budget > 0:
                 draft = self._draft_best_first(drafters, context, room, left, sp, c)
             if draft is None:
                 draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
             new = self._verify_step(context, draft, sp, rng, c)
             step = self._emit(new, text, sp, c)
-            if self.hold_between_steps:
+            if self.decoding.interleaved:
                 for w in workers:
                     w.hold()
             yield step
-            if self.hold_between_steps:
+            if self.decoding.interleaved:
                 for w in workers:
                     w.release()
             if step.finish_reason:
@@ -188,10 +224,6 @@ class Runtime:
                     continue
                 k = self.controller.draft_length(key, cap)
                 if k > 0:
-                    if self.tree_width > 1 and hasattr(drafter, "propose_tree"):
-                        tree = drafter.propose_tree(context, k, self.tree_width, sp, rng)
-                        if tree is not None and any(len(tree.children(i)) > 1 for i in (ROOT, *range(len(tree)))):
-                            return TreeDraft(tree, key)
                     draft = drafter.propose(context, k, sp, rng)
                     if draft:
                         return draft
@@ -205,12 +237,12 @@ class Runtime:
         n-gram drafter's trie merged in. The tree takes at most room - 1 nodes (the pass also
         evaluates the pending token) and is no deeper than the tokens still wanted, less the one
         the target adds. None: no draft model drafts now; the usual drafts follow."""
-        budget, depth = min(self.tree_budget, room - 1), left - 1
+        budget, depth = min(self.decoding.tree_budget, room - 1), left - 1
         if budget < 1 or depth < 1:
             return None
         trie, trie_key = self._ngram_trie(drafters, context, budget // 2, sp)
         for drafter in list(drafters):
-            if not isinstance(drafter, ModelDrafter):  # drafting ahead and n-grams: chains and tries
+            if not drafter.capabilities.grows_trees:  # n-grams: tries, seeds of the model's trees
                 continue
             try:
                 key = drafter.ready(context)
@@ -218,7 +250,7 @@ class Runtime:
                     continue
                 seed_accept = self.controller.acceptance(trie_key) if trie_key else 0.0
                 tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
-                                                  max_leaves=self.max_leaves, seed=trie, seed_accept=seed_accept,
+                                                  max_leaves=self.decoding.max_leaves, seed=trie, seed_accept=seed_accept,
                                                   costs=self.controller.tree_costs(drafter.source, budget, MAX_DEPTH))
                 if tree:
                     return TreeDraft(tree, key)
@@ -231,10 +263,10 @@ class Runtime:
         """The first n-gram drafter's trie of recent continuations when it has a match, and its
         statistics key."""
         for drafter in drafters:
-            if isinstance(drafter, NgramDrafter) and budget > 0:
+            if drafter.capabilities.tries and budget > 0:
                 key = drafter.ready(context)
                 if key is not None:
-                    return drafter.propose_tree(context, budget, max(self.tree_width, NGRAM_BRANCHES), sp), key
+                    return drafter.trie(context, budget, NGRAM_BRANCHES), key
         return None, None
 
     @staticmethod
@@ -242,7 +274,7 @@ class Runtime:
         """Go on without a drafter that failed, for the rest of this reply, and say so. Its draft
         was never verified, so nothing emitted depends on it: the output is still the target's."""
         drafters.remove(drafter)
-        name = getattr(drafter, "source", type(drafter).__name__)
+        name = drafter.source
         rest = "the other drafters" if drafters else "plain decoding"
         note = f"drafter {name} failed ({type(exc).__name__}: {exc}); the reply goes on with {rest}"
         c.notes.append(note)

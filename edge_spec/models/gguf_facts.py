@@ -7,9 +7,9 @@ quantization, layer count and a fingerprint of the vocabulary. The cache
 second scan of hundreds of files reads no header at all.
 
 The vocabulary fingerprint hashes the token strings' bytes in blocks of VOCAB_BLOCK ids (the
-first block starts at vocab.FIRST_CHECKED: converters number the first special tokens
+first block starts at FIRST_CHECKED: converters number the first special tokens
 differently). Two files can draft for each other when their tokenizer type and BOS/EOS ids
-agree, their sizes are within vocab.SIZE_SLACK and every block both hold whole is the same:
+agree, their sizes are within SIZE_SLACK and every block both hold whole is the same:
 the header-only form of `vocab.check_compatible`, which still runs when a drafter is loaded.
 """
 
@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_spec.types import EdgespecError
-from edge_spec.backends.vocab import FIRST_CHECKED, SIZE_SLACK
+
+SIZE_SLACK = 128   # vocabularies padded to a multiple of 64/128 differ only in unused tail ids
+FIRST_CHECKED = 5  # ids below this are special tokens that converters number differently
 
 SCHEMA = 1
 VOCAB_BLOCK = 4096  # token ids per fingerprint block

@@ -37,8 +37,8 @@ class ModelFile:
 
     @cached_property
     def shape(self):
-        """The cost model's view (plan.costmodel.ModelShape)."""
-        from edge_spec.plan.costmodel import shape_from_header
+        """The cost model's view (models.shape.ModelShape)."""
+        from edge_spec.models.shape import shape_from_header
 
         return shape_from_header(os.path.realpath(self.path), self.header)
 

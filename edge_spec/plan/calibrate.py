@@ -14,11 +14,13 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_spec.defaults import TREE_BUDGETS
 from edge_spec.models.registry import state_dir
 from edge_spec.plan.profile import Calibration
+from edge_spec.types import Costs
 
 SCHEMA = 1
 # pass sizes measured; the controller interpolates between them and learns the rest as it runs
@@ -160,16 +162,33 @@ def measure(backend, max_n: int, reps: int = 2,
         backend.truncate(0)
 
 
-def measure_pair(target, draft_backend, max_draft: int, report) -> dict:
-    """The measured costs a Controller is seeded with: target passes of 1..max_draft+1 tokens and
-    one drafter step, as {"target": (seconds by n, GPU layers, bytes read from disk per pass, on
-    RPC workers), "drafter": ({1: seconds}, GPU layers, 0, False)}. Cached on disk, so only the first run on a machine pays for it. (A torch or onnx
-    backend's measurements stand for the CPU placement the planner knows: 0 GPU layers.)"""
+@dataclass(frozen=True)
+class Measured:
+    """What `measure_pair` measured, and the placement it was measured on (the planner's
+    calibrations say where a curve holds)."""
+
+    target: dict[int, float]         # seconds of one target pass over n tokens
+    gpu_layers: int = 0              # the target's GPU layers (on RPC workers when on_workers)
+    disk_bytes: int = 0              # bytes a paged target reads from disk at every pass
+    on_workers: bool = False
+    drafter_step: float | None = None  # seconds of one drafter step, when a draft model was measured
+    drafter_gpu_layers: int = 0
+
+    @property
+    def costs(self) -> Costs:
+        """What the runtime's Controller is seeded with."""
+        return Costs(self.target, self.drafter_step)
+
+
+def measure_pair(target, draft_backend, max_draft: int, report) -> Measured:
+    """Target passes of 1..max_draft+1 tokens and one drafter step, cached on disk, so only the
+    first run on a machine pays for it. (A torch or onnx backend's measurements stand for the CPU
+    placement the planner knows: 0 GPU layers.)"""
     costs = verify_costs(target, max_draft + 1,
                          progress=lambda n, total: report("measuring verification cost", n / total))
     caps = target.capabilities
-    out = {"target": (costs, caps.gpu_layers, caps.disk_bytes, bool(caps.workers))}
-    if draft_backend is not None:
-        step = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
-        out["drafter"] = ({1: step}, draft_backend.capabilities.gpu_layers, 0, False)
-    return out
+    if draft_backend is None:
+        return Measured(costs, caps.gpu_layers, caps.disk_bytes, bool(caps.workers))
+    step = verify_costs(draft_backend, 1, progress=lambda n, total: report("measuring drafter", 1.0))[1]
+    return Measured(costs, caps.gpu_layers, caps.disk_bytes, bool(caps.workers), step,
+                    draft_backend.capabilities.gpu_layers)

@@ -59,9 +59,9 @@ def with_memory_budget(options: EngineOptions, prof, notes: list):
     smaller of available RAM and the cgroup's limit; a named profile keeps its own."""
     from edge_spec.plan.memory import memory_budget
 
-    if options.memory_budget is None and options.profile is not None:
+    if options.memory.budget is None and options.planning.profile is not None:
         return prof
-    budget = memory_budget(options.memory_budget)
+    budget = memory_budget(options.memory.budget)
     notes.extend(budget.notes)
     if budget.source != "available RAM":
         notes.append(f"memory: planning with {budget.bytes / 2**30:.2f} GiB ({budget.source})")
@@ -71,52 +71,54 @@ def with_memory_budget(options: EngineOptions, prof, notes: list):
 def rpc_workers(options: EngineOptions) -> tuple:
     """The RPC workers of --rpc, probed (round trip, free memory) for the planner; a worker that
     does not answer is a one-line error naming it (backends/rpc.py)."""
-    if not options.rpc:
+    if not options.model.rpc:
         return ()
     from edge_spec.backends.rpc import check_workers
     from edge_spec.plan.costmodel import Remote
 
-    return tuple(Remote(w.endpoint, w.free_bytes, w.rtt_seconds, w.throughput_bps) for w in check_workers(options.rpc))
+    return tuple(Remote(w.endpoint, w.free_bytes, w.rtt_seconds, w.throughput_bps) for w in check_workers(options.model.rpc))
 
 
 def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None, notes: list, report: Progress,
-              calibration: dict | None = None, threads: int | None = None, prof=None, workers: tuple | None = None):
+              calibration: calibrate.Measured | None = None, threads: int | None = None, prof=None, workers: tuple | None = None):
     """Plan for this machine with what is known: the profile's and the cache's calibrations, or
     `calibration` just measured (edge_spec.plan.calibrate.measure_pair). `target` and `draft`:
     opened model files (a path is opened here: a missing or foreign file is the usual one-line
-    error, before any planning). `workers`: options.rpc probed (rpc_workers), else probed here."""
+    error, before any planning). `workers`: options.model.rpc probed (rpc_workers), else probed here."""
     from edge_spec.backends.llama_cpp import _lib
     from edge_spec.backends.load import torch_offload_possible
 
     target = ModelFile.open(target)
     draft = ModelFile.open(draft) if draft is not None else None
     report("planning", 0.0)
-    prof = prof or with_memory_budget(options, machine_profile(options.profile, report), notes)
-    threads = threads or options.n_threads or prof.cpu.physical_cores
+    prof = prof or with_memory_budget(options, machine_profile(options.planning.profile, report), notes)
+    threads = threads or options.model.n_threads or prof.cpu.physical_cores
     gpu = bool(_lib().llama_supports_gpu_offload())
     cals = []
-    for model, key in ((target, "target"), (draft, "drafter")):
-        if model is None:
-            continue
-        if calibration and key in calibration:  # just measured, with the GPU layers it was loaded with
-            seconds, ngl, disk_bytes, rpc = calibration[key]
-            cals.append(calibrate.as_calibration(model, seconds, threads, ngl, disk_bytes, rpc))
-        else:
-            cals.extend(cached_calibrations(options, model, threads, gpu))
-    if prof.gpus and not gpu and options.profile is None:
+    if calibration is not None:  # just measured, with the GPU layers each was loaded with
+        cals.append(calibrate.as_calibration(target, calibration.target, threads, calibration.gpu_layers,
+                                             calibration.disk_bytes, calibration.on_workers))
+    else:
+        cals.extend(cached_calibrations(options, target, threads, gpu))
+    if draft is not None and calibration is not None and calibration.drafter_step is not None:
+        cals.append(calibrate.as_calibration(draft, {1: calibration.drafter_step}, threads,
+                                             calibration.drafter_gpu_layers))
+    elif draft is not None:
+        cals.extend(cached_calibrations(options, draft, threads, gpu))
+    if prof.gpus and not gpu and options.planning.profile is None:
         notes.append(f"llama.cpp was built without GPU offload: {', '.join(g.name for g in prof.gpus)} "
                      "not used (rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on or -DGGML_METAL=on)")
-    knowledge = History().knowledge(target, draft) if options.history else planner.Knowledge()
+    knowledge = History().knowledge(target, draft) if options.planning.history else planner.Knowledge()
     if draft is not None and knowledge.acceptance is None and (prior := self_drafter_prior(draft.provenance)):
         knowledge = dataclasses.replace(knowledge, acceptance=prior[0], acceptance_source=prior[1])
     workers = rpc_workers(options) if workers is None else workers
 
     def planned(cals):
         return planner.plan(target.shape, prof, draft.shape if draft else None,
-                            n_ctx=options.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
-                            max_draft=options.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
-                            offload=torch_offload_possible(options.backend, target), workers=workers,
-                            rpc_layers=options.n_gpu_layers if options.rpc else None)
+                            n_ctx=options.memory.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
+                            max_draft=options.drafting.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
+                            offload=torch_offload_possible(options.model.backend, target), workers=workers,
+                            rpc_layers=options.model.n_gpu_layers if options.model.rpc else None)
 
     result = planned(cals)
     paged = result.chosen.target.disk_bytes
@@ -136,9 +138,9 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     by its path as the plan names it, so the caller need not open the chosen one again."""
     report = report or _silent
     target = ModelFile.open(target)
-    prof = with_memory_budget(options, machine_profile(options.profile, report), notes)
+    prof = with_memory_budget(options, machine_profile(options.planning.profile, report), notes)
     workers = rpc_workers(options)
-    if options.draft is None and options.draft_model and not options.plain:
+    if options.model.draft is None and options.drafting.draft_model and not options.drafting.plain:
         best, weighed = _plan_with_search(options, target, notes, report, prof, workers)
     else:
         weighed = [ModelFile.open(draft)] if draft is not None else []
@@ -146,9 +148,9 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     if opened is not None:
         opened.update({c.shape.path: c for c in weighed})
     candidates = [c.path for c in weighed]
-    if options.model is not None and options.draft is None and not options.plain:
+    if options.model.target is not None and options.model.draft is None and not options.drafting.plain:
         _suggest_self_drafter(options, prof, target, candidates, best, notes)
-    if options.draft is None and not options.plain:
+    if options.model.draft is None and not options.drafting.plain:
         _suggest_trimmed_drafter(options, prof, target, candidates, best, notes)
     notes[:] = list(dict.fromkeys(notes))  # one note per fact, however many plans were made
     return best
@@ -202,7 +204,7 @@ def _suggest_self_drafter(options: EngineOptions, prof, target: ModelFile, candi
     if built in candidates or bits <= MIN_SOURCE_BITS:
         return
     hypothetical = requantized_shape(shape, BITS["q4_0"] / bits, str(built))
-    guess = planner.plan(shape, prof, hypothetical, n_ctx=options.n_ctx, gpu=False, threads=the_plan.threads,
+    guess = planner.plan(shape, prof, hypothetical, n_ctx=options.memory.n_ctx, gpu=False, threads=the_plan.threads,
                          knowledge=planner.Knowledge(SELF_DRAFTER_PRIOR, "prior for a self-drafter"),
                          calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
     gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
@@ -221,9 +223,9 @@ def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, ca
     if shape.vocab_size <= SUGGESTED_K:
         return
     hypothetical = trimmed_shape(shape, SUGGESTED_K, min(1.0, BITS["q4_0"] / source_bits(shape)))
-    known = History().knowledge(target, default).acceptance if options.history else None
+    known = History().knowledge(target, default).acceptance if options.planning.history else None
     acceptance = (known or PRIOR_ACCEPTANCE["model"]) * SUGGESTED_COVERAGE
-    guess = planner.plan(target.shape, prof, hypothetical, n_ctx=options.n_ctx, gpu=False,
+    guess = planner.plan(target.shape, prof, hypothetical, n_ctx=options.memory.n_ctx, gpu=False,
                          threads=the_plan.threads, knowledge=planner.Knowledge(acceptance, "coverage of a trim"),
                          calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
     gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
@@ -273,8 +275,8 @@ def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, 
     out = []
     for ngl in (0, ModelFile.open(model).shape.n_layers + 1) if gpu else (0,):
         cal = calibrate.cached(model, threads, LlamaOptions(
-            n_ctx=options.n_ctx, n_threads=threads, n_gpu_layers=ngl,
-            type_k=options.type_k or "f16", type_v=options.type_v or "f16", disk_bytes=disk_bytes))
+            n_ctx=options.memory.n_ctx, n_threads=threads, n_gpu_layers=ngl,
+            type_k=options.memory.type_k or "f16", type_v=options.memory.type_v or "f16", disk_bytes=disk_bytes))
         if cal is not None:
             out.append(cal)
     return out

@@ -12,13 +12,11 @@ own resident memory, which the planner counts apart).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 UNLIMITED = 1 << 60   # cgroup v1 writes "no limit" as ~2^63 rounded to a page
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
 
 
 @dataclass(frozen=True)
@@ -26,21 +24,6 @@ class Budget:
     bytes: int
     source: str            # what set it: "available RAM", "cgroup v2 memory.max (/path)", "--mem-budget"
     notes: tuple[str, ...] = ()
-
-
-def parse_size(text: str | int) -> int:
-    """'4G', '800M', '1.5GiB', '3000000000' -> bytes (powers of 1024 for K, M, G, T)."""
-    from edge_spec.types import EdgespecError
-
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise EdgespecError(f"cannot read the size {text!r}: write it like 4G, 800M or 1.5GiB")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise EdgespecError(f"the size {text!r} must be more than 0")
-    return value
 
 
 def _read_int(path: Path) -> int | None:

@@ -51,7 +51,8 @@ from edge_spec.defaults import (
 from edge_spec.core.speculation import best_length, best_parallel_length, tree_draft_cost, tree_expected_tokens
 from edge_spec.types import EdgespecError
 from edge_spec.plan import costmodel
-from edge_spec.plan.costmodel import ModelShape, Placement
+from edge_spec.models.shape import ModelShape
+from edge_spec.plan.costmodel import Placement
 from edge_spec.plan.profile import Calibration, Profile
 
 RAM_HEADROOM = 0.9     # share of available RAM a plan may use (the OS and the app need the rest)

@@ -45,18 +45,14 @@ def load(target: str | None = None, draft: str | None = None, plan: bool | str |
     `draft`: a draft model with the target's tokenizer (None: the default drafter with the default
     target, else n-gram drafts only). `plan`: None/True plans for this machine, a string plans
     with that hardware profile (name or file), False skips planning. Other keywords are
-    EngineOptions fields (n_ctx, n_threads, n_gpu_layers, ngram, plain, max_draft, ...), among
+    EngineOptions.of's flat names (n_ctx, n_threads, n_gpu_layers, ngram, plain, max_draft,
+    memory_budget, ...; an unknown one is an error that lists them), among
     them backend= and draft_backend= ("llama", "torch" or "onnx"; the target's default "auto" is
     llama.cpp unless the plan streams a target too big for the GPU with torch) and onnx_weights=
     ("float32", "int8" or "int8-dynamic", for the models onnxruntime runs) and schedule=
     ("sequential", "parallel" or the plan's choice, "auto")."""
-    known = {f.name for f in fields(EngineOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise EdgespecError(f"unknown option(s) {', '.join(unknown)}: use any of {', '.join(sorted(known))}")
-    engine_options = EngineOptions(
-        model=target, draft=draft, plan=plan is not False,
-        profile=plan if isinstance(plan, str) else None, **options)
+    engine_options = EngineOptions.of(model=target, draft=draft, plan=plan is not False,
+                                      profile=plan if isinstance(plan, str) else None, **options)
     return Session(Engine.load(engine_options, progress))
 
 

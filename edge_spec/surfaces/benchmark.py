@@ -14,13 +14,14 @@ The prompts (data/prompts.jsonl, see data/PROMPTS.md) are Spec-Bench's questions
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge_spec.types import EdgespecError, SamplingParams
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 
@@ -65,8 +66,6 @@ def categories(prompts: Iterable[Prompt]) -> list[str]:
 def select(prompts: list[Prompt], settings: Settings) -> list[Prompt]:
     """settings.per_category prompts of each category asked for (the shortest when a length cap
     is set, else the first in file order)."""
-    from edge_spec.types import EdgespecError
-
     known = categories(prompts)
     wanted = settings.categories or tuple(known)
     unknown = [c for c in wanted if c not in known]
@@ -84,8 +83,6 @@ def select(prompts: list[Prompt], settings: Settings) -> list[Prompt]:
 def pick(prompts: list[Prompt], names: str) -> list[Prompt]:
     """Prompts by a comma-separated list of ids ("chat", "specbench-81") and categories (each
     category: all its prompts), for the developers' benchmarks."""
-    from edge_spec.types import EdgespecError
-
     out = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         found = [p for p in prompts if name in (p.id, p.category)]
@@ -166,34 +163,30 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 class Bench:
-    """Plain decoding and the engine's speculative runtime on two contexts of one loaded target."""
+    """Plain decoding and the engine's speculative runtime on two contexts of one loaded target:
+    the speculative runs are forks of the engine's runtime (its drafters, decoding and schedule,
+    trees included), each from the controller state right after calibration."""
 
-    def __init__(self, engine, tree_width: int = 1):
-        from edge_spec.core.runtime import Runtime
+    def __init__(self, engine):
+        # the runtime brings numpy and the drafters: imported when a bench runs, not for --help
+        from edge_spec.core.runtime import Decoding, Runtime
 
-        from edge_spec.types import EdgespecError
-
-        if not hasattr(engine.target, "sibling"):
+        if not engine.target.capabilities.siblings:
             raise EdgespecError("the benchmark runs plain decoding on a second context of the target, which only "
                                 "the llama.cpp backend has: use --backend llama")
-        self.engine, self.tree_width = engine, tree_width
+        self.engine = engine
         self.plain_context = engine.target.sibling()
-        self.plain = Runtime(self.plain_context, [])
-        self.calibrated = copy.deepcopy(engine.runtime.controller)
+        self.plain = Runtime.from_plan(Decoding(ngram=False), self.plain_context)
+        self.calibrated = engine.runtime.controller
 
     def measure(self, name: str, text: str, temperature: float, max_tokens: int, reps: int) -> dict:
         """One prompt at one temperature, `reps` interleaved pairs (seeds 1000, 1001, ...)."""
-        from edge_spec.core.runtime import Runtime
-        from edge_spec.types import SamplingParams
-
         engine = self.engine
         prompt = engine.chat_tokens([{"role": "user", "content": text}])
         runs = {"plain": [], "edgespec": []}
         for rep in range(reps):
             sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + rep)
-            spec = Runtime(engine.target, engine.runtime.drafters, copy.deepcopy(self.calibrated), self.tree_width,
-                           schedule=engine.runtime.schedule)
-            spec.hold_between_steps = True  # a drafting thread waits while plain decoding steps
+            spec = engine.runtime.fork(controller=self.calibrated, interleaved=True)
             for label, stats in interleaved({"plain": self.plain, "edgespec": spec}, prompt, sp).items():
                 runs[label].append(stats)
         return summarize(name, temperature, runs)
@@ -205,7 +198,7 @@ class Bench:
 def run(engine, prompts: list[Prompt], settings: Settings,
         done: Callable[[dict], None] | None = None) -> list[dict]:
     """A row (summarize's, plus the category) per prompt and temperature; done(row) after each."""
-    bench = Bench(engine, engine.runtime.tree_width)
+    bench = Bench(engine)
     rows = []
     try:
         for p in prompts:

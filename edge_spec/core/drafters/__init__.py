@@ -1,25 +1,29 @@
 """Drafters propose tokens for the target to verify.
 
-A drafter names its statistics `source` and has three methods: `prefill(context)` readies it
-with the prompt; `ready(context)` names the statistics key of the draft it would make now, or None
-when it has nothing to offer (an n-gram drafter without a match); `propose(context, k, sampling, rng)` returns a Draft of at most
-k tokens (k: the draft length the Controller chose; `propose_tree` takes a token budget for
-a whole tree). Whether a
-draft carries probabilities is data (`Draft.probs`), never a class check.
+A drafter names its statistics `source` and has three methods: `prefill(context)` readies it with
+the prompt; `ready(context)` names the statistics key of the draft it would make now, or None when
+it has nothing to offer (an n-gram drafter without a match); `propose(context, k, sp, rng)`
+returns a Draft of at most k tokens (k: the draft length the Controller chose). What else it can
+do is data, its `capabilities` (edge_spec.types.DrafterCapabilities), as whether a draft carries
+probabilities is (`Draft.probs`): never a class or hasattr check.
+
+One drafter per module: `ngram` (prompt lookup), `model` (a draft model; `spectree` grows its
+best-first trees), `ahead` (the parallel schedule's thread around a draft model).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from edge_spec.core.sampling import Random
-from edge_spec.types import Draft, SamplingParams
 from edge_spec.core.drafters.model import ModelDrafter
 from edge_spec.core.drafters.ngram import NgramDrafter
+from edge_spec.core.sampling import Random
+from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
 
 
 class Drafter(Protocol):
     source: str
+    capabilities: DrafterCapabilities
 
     def prefill(self, context: Sequence[int]) -> None: ...  # with the prompt, outside decode time
 

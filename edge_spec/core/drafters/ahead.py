@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge_spec.core.sampling import Random
-from edge_spec.types import Draft, SamplingParams
+from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
 from edge_spec.core.drafters.model import ModelDrafter
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ LOOKAHEAD = 16  # tokens the worker drafts past the context before it waits
 class AheadDrafter:
     """Wraps a ModelDrafter for one reply. threaded=False drafts ahead inline instead: at each
     propose, `ahead(step)` tokens past the draft, a fixed schedule the exact tests enumerate."""
+
+    capabilities = DrafterCapabilities()  # it drafts chains; what it wraps drafts ahead
 
     def __init__(self, inner: ModelDrafter, sp: SamplingParams, rng: Random, *, lookahead: int = LOOKAHEAD,
                  threaded: bool = True, ahead: Callable[[int], int] | None = None):

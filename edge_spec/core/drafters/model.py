@@ -9,19 +9,17 @@ import numpy as np
 
 from edge_spec.core.sampling import Random, probs
 from edge_spec.core.tree import TokenTree
-from edge_spec.types import Draft, SamplingParams
+from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
 from edge_spec.core.drafters import spectree
 from edge_spec.core.drafters.spectree import MAX_DEPTH
 
 
 class ModelDrafter:
     source = "model"
+    capabilities = DrafterCapabilities(drafts_ahead=True, grows_trees=True)
 
-    def __init__(self, backend, branch_below: float = 0.6):
+    def __init__(self, backend):
         self.backend = backend
-        # multi-sequence drafts (DuoDecoding): branch at the first position only when the drafter
-        # gives its top token less than this probability
-        self.branch_below = branch_below
         # a trimmed drafter (build/trim.py, run by drafters/trimmed.py) has logits over its kept tokens only: row i is
         # target token kept[i], and q is zero for every other target token
         self.kept = getattr(backend, "kept", None)
@@ -73,7 +71,6 @@ class ModelDrafter:
         cost = seconds / steps if steps else None
         return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost)
 
-
     def sample(self, logits: np.ndarray, sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
         """One drafted token from the drafter's logits, as a target token, with q over the
         target's vocabulary (None at T = 0: drafts are then checked by the match rule)."""
@@ -105,41 +102,6 @@ class ModelDrafter:
         randomness: verify_tree samples and compares. `seed_accept`, `costs`: see spectree.grow."""
         return spectree.grow(self, context, budget, sp, max_depth=max_depth, max_leaves=max_leaves, seed=seed,
                              seed_accept=seed_accept, costs=costs)
-
-    def propose_tree(self, context: Sequence[int], budget: int, width: int, sp: SamplingParams,
-                     rng: Random) -> TokenTree | None:
-        """Several sequences when the drafter is unsure of the next token (DuoDecoding's dynamic
-        multi-sequence drafts): `width` first tokens — the top ones at T = 0, i.i.d. draws from q
-        otherwise — each continued alone, sharing `budget` tokens; None when the drafter is sure
-        (then a chain is drafted as usual)."""
-        if budget < 2 or width < 2:
-            return None
-        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
-        self.backend.truncate(held)
-        root = self.backend.forward(context[held:], logits="last")[-1]
-        q_root = probs(root, sp.with_(temperature=sp.temperature or 1.0))  # T = 0: rank by the softmax
-        if q_root.max() >= self.branch_below:
-            return None
-        base = len(self.backend.tokens)
-        if sp.greedy:
-            firsts = [self._token(int(t)) for t in np.argsort(-root)[:width]]
-        else:
-            q_root = probs(root, sp)
-            firsts = [self._token(rng.categorical(q_root)) for _ in range(width)]
-            q_root = self._q(q_root)
-        length = max(budget // width, 1)
-        tokens, parents, qs = [], [], []
-        for first in firsts:
-            node, x, q = -1, first, q_root
-            for i in range(length):
-                tokens.append(x)
-                parents.append(node)
-                qs.append(q)
-                node = len(tokens) - 1
-                if i + 1 < length:
-                    x, q = self.sample(self.backend.forward([x], logits="last")[-1], sp, rng)
-            self.backend.truncate(base)
-        return TokenTree(tuple(tokens), tuple(parents), None if sp.greedy else np.stack(qs), sampled=not sp.greedy)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

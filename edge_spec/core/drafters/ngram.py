@@ -13,11 +13,12 @@ from typing import Sequence
 
 from edge_spec.core.sampling import Random
 from edge_spec.core.tree import TokenTree
-from edge_spec.types import Draft, SamplingParams
+from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
 
 
 class NgramDrafter:
     source = "ngram"
+    capabilities = DrafterCapabilities(tries=True)
 
     def __init__(self, n_min: int = 3, n_max: int = 8, long_from: int = 8):
         if not 1 <= n_min <= n_max:
@@ -41,19 +42,19 @@ class NgramDrafter:
         n, start = match
         return Draft(tuple(context[start : start + k]), None, self._key(n))
 
-    def propose_tree(self, context: Sequence[int], budget: int, width: int,
-                     sp: SamplingParams | None = None, rng: Random | None = None) -> TokenTree | None:
-        """The continuations of up to `width` earlier occurrences of the context's suffix (longest
-        matches first, most recent first within a length), merged into a trie of at most `budget`
-        nodes, the first continuation the one propose() drafts. Children are distinct tokens
-        chosen without the target's randomness, so verify_tree samples and compares."""
+    def trie(self, context: Sequence[int], budget: int, branches: int) -> TokenTree | None:
+        """The continuations of up to `branches` earlier occurrences of the context's suffix
+        (longest matches first, most recent first within a length), merged into a trie of at most
+        `budget` nodes, the first continuation the one propose() drafts: the seed of a best-first
+        tree (core/drafters/spectree.py). Children are distinct tokens chosen without the target's
+        randomness, so verify_tree samples and compares."""
         if self._match(context) is None or budget <= 0:
             return None
         starts: list[int] = []
         for n in range(self.n_max, self.n_min - 1, -1):
             if len(context) > n:
                 for start in reversed(self._index[n].get(tuple(context[-n:]), ())):
-                    if start not in starts and len(starts) < max(width, 1):
+                    if start not in starts and len(starts) < max(branches, 1):
                         starts.append(start)
         tokens: list[int] = []
         parents: list[int] = []

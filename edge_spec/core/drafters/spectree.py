@@ -18,7 +18,6 @@ whatever the tree is (edge_spec/tree.py). tests/test_spectree_exact.py enumerate
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -251,18 +250,3 @@ class _ChainPasses(_TreePasses):
             path = TokenTree(tuple(g.tokens), tuple(g.parents)).path(i)
             rows.append(self.drafter.evaluate(self.context + [g.tokens[n] for n in path]))
         return np.stack(rows)
-
-
-class FromTheRoot:
-    """A drafter backend seen without capabilities.tree_growth, so that trees are evaluated from
-    the root at each pass (_TreePasses): the reference extend_tree is tested and benched against."""
-
-    def __init__(self, backend):
-        self._backend = backend
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    @property
-    def capabilities(self):
-        return dataclasses.replace(self._backend.capabilities, tree_growth=False)

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from edge_spec.options import EngineOptions
+from edge_spec.surfaces import benchmark
 from edge_spec.surfaces.benchmark import QUICK, Settings
-from edge_spec.defaults import N_CTX
+from edge_spec.surfaces.cli.common import engine_command
 
 S = Settings()
 
 
+@engine_command
 def bench_command(
-    model: Optional[str] = typer.Argument(None, metavar="[MODEL]", show_default=False,
-                                          help="Target: a .gguf path, or a name from `edgespec models list` "
-                                               "(edgespec, Ollama, LM Studio, Hugging Face cache). Default: Qwen2.5-Coder-1.5B."),
-    draft: Optional[str] = typer.Option(None, "-md", "--draft", show_default=False,
-                                        help="Draft model (default: the one the plan finds among your models, if any pays)."),
+    options: EngineOptions,
     quick: bool = typer.Option(False, "--quick", help=f"About a minute: one short prompt from each of {len(QUICK.categories)} "
                                                       f"categories, {QUICK.max_tokens} tokens each."),
     categories: Optional[str] = typer.Option(None, "--categories", show_default=False,
@@ -29,9 +29,6 @@ def bench_command(
                                     help=f"Tokens generated per prompt (default {S.max_tokens}; --quick {QUICK.max_tokens})."),
     temps: str = typer.Option(",".join(map(str, S.temperatures)), "--temps", help="Comma-separated temperatures."),
     reps: int = typer.Option(S.reps, "--reps", help="Repetitions of each prompt (seeds differ at T > 0)."),
-    threads: Optional[int] = typer.Option(None, "-t", "--threads", show_default=False,
-                                          help="Threads (default: the plan's, physical cores)."),
-    ctx: int = typer.Option(N_CTX, "-c", "--ctx-size", help="Context size in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (one record per category, "
                                                        "like `llama-bench -o json`) instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", show_default=False, metavar="FILE.png",
@@ -41,26 +38,19 @@ def bench_command(
 ) -> None:
     """Measure plain decoding against edgespec on your machine, per kind of prompt.
 
-    Both run interleaved, step by step, on two contexts of one loaded model (the machine's drift cancels out).
+    Both run interleaved, step by step, on two contexts of one loaded model (the machine's drift cancels out),
+    edgespec as `chat` would run with the same options.
 
     Prompts: Spec-Bench's questions (chat, writing, coding, extraction, translation, summarization, QA, maths, RAG)."""
-    from edge_spec.surfaces.cli.common import run as _run
-
-    def go():
-        from edge_spec.surfaces import benchmark
-
-        prompts = benchmark.load_prompts()
-        if list_categories:
-            for name in benchmark.categories(prompts):
-                typer.echo(f"{name} ({sum(p.category == name for p in prompts)} prompts)")
-            return
-        if plot is not None:
-            _check_matplotlib()
-        settings = _settings(quick, categories, per_category, n, temps, reps)
-        chosen = benchmark.select(prompts, settings)
-        run_bench(model, draft, threads, ctx, settings, chosen, as_json, plot)
-
-    _run(go)
+    prompts = benchmark.load_prompts()
+    if list_categories:
+        for name in benchmark.categories(prompts):
+            typer.echo(f"{name} ({sum(p.category == name for p in prompts)} prompts)")
+        return
+    if plot is not None:
+        _check_matplotlib()
+    settings = _settings(quick, categories, per_category, n, temps, reps)
+    run_bench(options, settings, benchmark.select(prompts, settings), as_json, plot)
 
 
 def _check_matplotlib() -> None:
@@ -95,18 +85,15 @@ def _settings(quick: bool, categories: str | None, per_category: int | None, n: 
     return dataclasses.replace(base, **changes)
 
 
-def run_bench(model, draft, threads, ctx, settings: Settings, prompts, as_json: bool, plot: Path | None) -> None:
-    import time
-
+def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool, plot: Path | None) -> None:
     from rich.console import Console
 
-    from edge_spec.surfaces import benchmark
-    from edge_spec.options import EngineOptions
+    # the engine is heavy (llama.cpp): imported when a bench runs, not for --help
     from edge_spec.surfaces.cli.chat import load_engine, plan_lines
 
     err = Console(stderr=True, highlight=False)
     started = time.time()
-    engine = load_engine(EngineOptions(model=model, draft=draft, n_threads=threads, n_ctx=ctx))
+    engine = load_engine(options)
     try:
         for line in plan_lines(engine):
             err.print(line, soft_wrap=True, markup=False)

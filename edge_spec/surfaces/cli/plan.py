@@ -2,44 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import typer
 
-from edge_spec.defaults import MAX_DRAFT, N_CTX
+from edge_spec.defaults import MAX_DRAFT
+from edge_spec.options import EngineOptions
 from edge_spec.plan import planner, profile
+from edge_spec.surfaces.cli.common import engine_command
 
 GiB = 2**30
 
 
-def make_plan(model: str | None, draft: str | None, profile_name: str | None, ctx: int,
-              max_draft: int, use_history: bool, notes: list | None = None, backend: str = "auto",
-              memory_budget: int | None = None, rpc: tuple[str, ...] = ()) -> planner.Plan:
-    """The plan `chat` would follow on this machine, or a what-if plan on a profile; what the
-    engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
-    from edge_spec.plan.costmodel import model_shape
+def make_plan(options: EngineOptions, notes: list | None = None) -> planner.Plan:
+    """The plan `chat` would follow on this machine, or a what-if plan on the profile the options
+    name; what the engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
+    # the planner reads llama.cpp's build facts: imported when a plan is made, not for --help
     from edge_spec.backends.load import torch_offload_possible
-    from edge_spec.options import EngineOptions, model_paths
-    from edge_spec.plan.choose import plan_for
+    from edge_spec.models.shape import model_shape
+    from edge_spec.pipeline.resolve import model_paths
+    from edge_spec.plan.choose import plan_for, rpc_workers
+    from edge_spec.plan.history import History
 
-    options = EngineOptions(model=model, draft=draft, n_ctx=ctx, max_draft=max_draft, history=use_history,
-                            backend=backend, memory_budget=memory_budget, rpc=rpc)
     target_path, draft_path = model_paths(options)
-    if profile_name is None:  # this machine: what `chat` would do, with its calibrations
+    if options.planning.profile is None:  # this machine: what `chat` would do, with its calibrations
         return plan_for(options, target_path, draft_path, notes if notes is not None else [])
-    prof = profile.load(profile_name)
-    if memory_budget is not None:
-        prof = prof.model_copy(update={"ram_available_bytes": memory_budget})
-    knowledge = planner.Knowledge()
-    if use_history:
-        from edge_spec.plan.history import History
-
-        knowledge = History().knowledge(target_path, draft_path)
-    from edge_spec.plan.choose import rpc_workers
-
+    prof = profile.load(options.planning.profile)
+    if options.memory.budget is not None:
+        prof = prof.model_copy(update={"ram_available_bytes": options.memory.budget})
+    knowledge = History().knowledge(target_path, draft_path) if options.planning.history else planner.Knowledge()
     return planner.plan(model_shape(target_path), prof, model_shape(draft_path) if draft_path else None,
-                        n_ctx=ctx, knowledge=knowledge, max_draft=max_draft,
-                        offload=torch_offload_possible(backend, target_path), workers=rpc_workers(options))
+                        n_ctx=options.memory.n_ctx, knowledge=knowledge,
+                        max_draft=options.drafting.max_draft or MAX_DRAFT,
+                        offload=torch_offload_possible(options.model.backend, target_path), workers=rpc_workers(options))
 
 
 def plan_dict(p: planner.Plan) -> dict:
@@ -110,47 +106,26 @@ def print_drafters(console, verdicts) -> None:
         console.print(f"[{style}]{line}[/{style}]" if style else line, soft_wrap=True)
 
 
+@engine_command
 def plan_command(
-    model: str | None = typer.Argument(None, metavar="[TARGET.gguf]", show_default=False,
-                                          help="Target model: a .gguf path or a name from `edgespec models list` (default: Qwen2.5-Coder-1.5B)."),
-    draft: str | None = typer.Option(None, "-md", "--draft", show_default=False,
-                                        help="Draft model (default: every local model that can draft for the target is weighed)."),
+    options: EngineOptions,
     profile_name: str | None = typer.Option(
         None, "--profile", show_default=False,
         help="Plan for this hardware profile instead of this machine: a profile JSON file, a saved profile's name, "
              f"or a reference profile ({', '.join(profile.reference_names())})."),
-    ctx: int = typer.Option(N_CTX, "-c", "--ctx-size", help="Context size in tokens to plan memory for."),
-    max_draft: int = typer.Option(MAX_DRAFT, "--max-draft", help="Longest draft to consider."),
     no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
-    backend: str = typer.Option(
-        "auto", "--backend", help="Target backend: llama (llama.cpp), torch, onnx, or auto: llama.cpp, or torch "
-                                  "streaming a target too big for the GPU's memory (offloading; needs torch installed). "
-                                  "Only offloading has its own costs: the others are planned with llama.cpp's."),
-    mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
-                                          help="Memory the models may use, e.g. 4G (default: this machine's available "
-                                               "RAM or its cgroup's limit; with --profile, the profile's)."),
-    rpc: str | None = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]", show_default=False,
-                                   help="ggml RPC workers to plan with (probed): a target that does not fit here is "
-                                        "split across them."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Show the plan for a model on this machine or a hardware profile, and why it won.
 
     Every strategy and placement weighed is listed with its predicted tokens/s."""
-    from edge_spec.surfaces.cli.common import run
-
-    def go():
-        notes: list[str] = []
-        from edge_spec.plan.memory import parse_size
-
-        budget = parse_size(mem_budget) if mem_budget is not None else None
-        p = make_plan(model, draft, profile_name, ctx, max_draft, not no_history, notes, backend, budget,
-                      rpc or ())
-        if as_json:
-            typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
-        else:
-            print_plan(p)
-            for line in notes:
-                typer.echo(f"  note: {line}")
-
-    run(go)
+    notes: list[str] = []
+    options = dataclasses.replace(options, planning=dataclasses.replace(
+        options.planning, profile=profile_name, history=not no_history))
+    p = make_plan(options, notes)
+    if as_json:
+        typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
+    else:
+        print_plan(p)
+        for line in notes:
+            typer.echo(f"  note: {line}")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from edge_spec.backends.rpc import DEFAULT_PORT
+from edge_spec.options import DEFAULT_PORT
 
 LOOPBACK = "127.0.0.1"
 

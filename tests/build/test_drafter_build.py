@@ -1,0 +1,95 @@
+"""`edgespec drafter build`: a QuantSpec self-drafter from a high-precision target, with provenance,
+found and weighed by the planner. The source is a Q8_0 requantization of the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from edge_spec.models import registry as models
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+from edge_spec.surfaces.cli import app
+from edge_spec.build.quant import build
+from edge_spec.models.provenance import default_output, info
+from edge_spec.plan.costmodel import source_bits
+from edge_spec.options import EngineOptions
+from edge_spec.plan.choose import drafter_candidates, plan_for
+from edge_spec.models.gguf_file import validate
+from edge_spec.types import EdgespecError
+from edge_spec.backends.vocab import check_compatible
+
+SMOL = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="module")
+def q8_target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q8") / "smol-q8_0.gguf"
+    quantize(models.require(SMOL), path, "q8_0")
+    return path
+
+
+def test_build_writes_a_valid_drafter_with_provenance(q8_target, tmp_path):
+    out = build(q8_target, out=tmp_path / "d.gguf")
+    meta = info(out)
+    assert meta["method"] == "quantspec" and meta["quantization"] == "q4_0" and meta["kv_cache"] == "q8_0"
+    assert meta["source"] == q8_target.name
+    assert meta["source_sha256"] == hashlib.sha256(q8_target.read_bytes()).hexdigest()
+    validate(out)
+    assert source_bits(out) < 6 < source_bits(q8_target)
+    assert out.stat().st_size < 0.75 * q8_target.stat().st_size
+    with LlamaCppBackend(q8_target, LlamaOptions(n_ctx=64, n_threads=1)) as t, \
+            LlamaCppBackend(out, LlamaOptions(n_ctx=64, n_threads=1, type_k="q8_0", type_v="q8_0")) as d:
+        check_compatible(t, d)  # the same tokenizer, so it can draft for its source
+        assert d.forward(d.tokenize("Hello"), logits="last").shape == (1, t.vocab_size)
+    assert info(models.require(SMOL)) == {}  # an ordinary GGUF has no provenance
+
+
+def test_build_refuses_what_would_not_help_or_would_overwrite(q8_target, tmp_path):
+    with pytest.raises(EdgespecError, match="already 5.* bits per weight"):
+        build(models.require(SMOL), out=tmp_path / "x.gguf")
+    with pytest.raises(EdgespecError, match="unknown drafter method"):
+        build(q8_target, method="magic", out=tmp_path / "x.gguf")
+    with pytest.raises(EdgespecError, match="unknown drafter quantization"):
+        build(q8_target, bits="q1", out=tmp_path / "x.gguf")
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"mine")
+    with pytest.raises(EdgespecError, match="exists.*--force"):
+        build(q8_target, out=taken)
+    assert taken.read_bytes() == b"mine"
+    build(q8_target, out=taken, force=True)
+    assert info(taken)["method"] == "quantspec"
+
+
+def test_a_failed_build_leaves_no_file_under_the_final_name(q8_target, tmp_path):
+    out = tmp_path / "d.gguf"
+    (tmp_path / "d.gguf.partial").mkdir()  # llama.cpp cannot write its output there
+    with pytest.raises(EdgespecError, match="quantizing .* failed"):
+        build(q8_target, out=out)
+    assert not out.exists()
+
+
+def test_cli_build_and_info(q8_target, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli.gguf"
+    result = runner.invoke(app, ["drafter", "build", str(q8_target), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"built {out}" in result.output
+    result = runner.invoke(app, ["drafter", "info", str(out)])
+    assert result.exit_code == 0 and "quantspec" in result.output and "source_sha256" in result.output
+    result = runner.invoke(app, ["drafter", "build", str(q8_target), "-o", str(out)])
+    assert result.exit_code == 1 and "--force" in result.output
+
+
+def test_planner_finds_and_weighs_a_built_self_drafter(q8_target):
+    built = build(q8_target)  # to the default place, under $EDGESPEC_STATE (a temp dir in tests)
+    assert built == default_output(q8_target) and os.environ["EDGESPEC_STATE"] in str(built)
+    assert built in drafter_candidates(q8_target)
+    notes: list[str] = []
+    plan = plan_for(EngineOptions.of(model=str(q8_target), history=False, profile="ci-2core"), q8_target, None, notes)
+    weighed = {a.drafter_model for a in plan.alternatives if a.strategy == "draft"}
+    assert built.name in weighed
+    self_draft = next(a for a in plan.alternatives if a.drafter_model == built.name)
+    assert self_draft.acceptance == pytest.approx(0.9)  # the self-drafter prior until measured
