@@ -20,70 +20,68 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_sampling.py", "tests/test_verify_exact.py", "tests/test_tree_exact.py",
-         "tests/test_parallel.py", "tests/test_trim_exact.py"]
-DESELECT = "not engine_runs and not schedule_option"  # the real-model tests of test_parallel
+TESTS = ["tests/core/test_sampling.py", "tests/core/test_verify_exact.py", "tests/core/test_tree_exact.py",
+         "tests/core/test_parallel.py", "tests/core/test_trim_exact.py", "tests/core/test_spectree_exact.py"]
+DESELECT = "not real"
 
 # (name, file, old, new): each a plausible lossy bug
 MUTATIONS = [
     # sampling.probs
-    ("min-p absolute, not relative to the max", "sampling.py", "keep &= p >= sp.min_p * p.max()", "keep &= p >= sp.min_p"),
-    ("temperature before top-p/min-p", "sampling.py", "p = _softmax(sub, keep, 1.0)\n    if sp.top_p",
+    ("min-p absolute, not relative to the max", "core/sampling.py", "keep &= p >= sp.min_p * p.max()", "keep &= p >= sp.min_p"),
+    ("temperature before top-p/min-p", "core/sampling.py", "p = _softmax(sub, keep, 1.0)\n    if sp.top_p",
      "p = _softmax(sub, keep, sp.temperature)\n    if sp.top_p"),
-    ("top-p keeps one token too few", "sampling.py", "n_keep = int(np.searchsorted(cum, top_p * (1 - 1e-12))) + 1",
+    ("top-p keeps one token too few", "core/sampling.py", "n_keep = int(np.searchsorted(cum, top_p * (1 - 1e-12))) + 1",
      "n_keep = max(int(np.searchsorted(cum, top_p * (1 - 1e-12))), 1)"),
-    ("top-p keeps one token too many", "sampling.py", "n_keep = int(np.searchsorted(cum, top_p * (1 - 1e-12))) + 1",
+    ("top-p keeps one token too many", "core/sampling.py", "n_keep = int(np.searchsorted(cum, top_p * (1 - 1e-12))) + 1",
      "n_keep = int(np.searchsorted(cum, top_p * (1 - 1e-12))) + 2"),
-    ("top-p ignored", "sampling.py", "keep &= _top_p_mask(p, sp.top_p)", "pass"),
-    ("min-p ignored", "sampling.py", "keep &= p >= sp.min_p * p.max()", "pass"),
-    ("top-k keeps k - 1", "sampling.py", "idx = _top_k(logits, sp.top_k)", "idx = _top_k(logits, max(sp.top_k - 1, 1))"),
-    ("temperature ignored", "sampling.py", "out[idx] = _softmax(sub, keep, sp.temperature)",
+    ("top-p ignored", "core/sampling.py", "keep &= _top_p_mask(p, sp.top_p)", "pass"),
+    ("min-p ignored", "core/sampling.py", "keep &= p >= sp.min_p * p.max()", "pass"),
+    ("top-k keeps k - 1", "core/sampling.py", "idx = _top_k(logits, sp.top_k)", "idx = _top_k(logits, max(sp.top_k - 1, 1))"),
+    ("temperature ignored", "core/sampling.py", "out[idx] = _softmax(sub, keep, sp.temperature)",
      "out[idx] = _softmax(sub, keep, 1.0)"),
-    ("temperature squared", "sampling.py", "out[idx] = _softmax(sub, keep, sp.temperature)",
+    ("temperature squared", "core/sampling.py", "out[idx] = _softmax(sub, keep, sp.temperature)",
      "out[idx] = _softmax(sub, keep, sp.temperature ** 2)"),
-    ("top-p without the fallback past the candidate cap", "sampling.py",
+    ("top-p without the fallback past the candidate cap", "core/sampling.py",
      "if p[cand].sum() < top_p:", "if False:"),
     # NumpyRandom
-    ("bernoulli biased x1.04", "sampling.py", "return bool(self._rng.random() < prob)",
+    ("bernoulli biased x1.04", "core/sampling.py", "return bool(self._rng.random() < prob)",
      "return bool(self._rng.random() < prob * 1.04)"),
-    ("bernoulli <=", "sampling.py", "return bool(self._rng.random() < prob)", "return bool(self._rng.random() <= prob)"),
-    ("categorical side=left", "sampling.py", 'side="right"', 'side="left"'),
-    ("categorical over the whole vocabulary", "sampling.py", "support = np.flatnonzero(p > 0)",
+    ("bernoulli <=", "core/sampling.py", "return bool(self._rng.random() < prob)", "return bool(self._rng.random() <= prob)"),
+    ("categorical side=left", "core/sampling.py", 'side="right"', 'side="left"'),
+    ("categorical over the whole vocabulary", "core/sampling.py", "support = np.flatnonzero(p > 0)",
      "support = np.arange(p.shape[0])"),
-    ("categorical uniform not scaled by the total", "sampling.py", "self._rng.random() * cdf[-1]",
+    ("categorical uniform not scaled by the total", "core/sampling.py", "self._rng.random() * cdf[-1]",
      "self._rng.random()"),
     # chain verification
-    ("accept with p/q uncapped at 1 and q(x) > 0 unchecked", "verify.py",
+    ("accept with p/q uncapped at 1 and q(x) > 0 unchecked", "core/verify.py",
      "if q_x > 0 and rng.bernoulli(min(1.0, p[x] / q_x)):", "if rng.bernoulli(min(1.0, p[x] / max(q_x, 1e-300))):"),
-    ("accept with q/p", "verify.py", "rng.bernoulli(min(1.0, p[x] / q_x))", "rng.bernoulli(min(1.0, q_x / max(p[x], 1e-300)))"),
-    ("residual from p", "verify.py", "return Verdict(i, rng.categorical(residual(p, q[i], x)))",
+    ("accept with q/p", "core/verify.py", "rng.bernoulli(min(1.0, p[x] / q_x))", "rng.bernoulli(min(1.0, q_x / max(p[x], 1e-300)))"),
+    ("residual from p", "core/verify.py", "return Verdict(i, rng.categorical(residual(p, q[i], x)))",
      "return Verdict(i, rng.categorical(p))"),
-    ("residual q - p", "verify.py", "r = np.maximum(p - q, 0.0)", "r = np.maximum(q - p, 0.0)"),
-    ("bonus from the last draft row", "verify.py", "return Verdict(len(tokens), rng.categorical(p_row(len(tokens))))",
+    ("residual q - p", "core/verify.py", "r = np.maximum(p - q, 0.0)", "r = np.maximum(q - p, 0.0)"),
+    ("bonus from the last draft row", "core/verify.py", "return Verdict(len(tokens), rng.categorical(p_row(len(tokens))))",
      "return Verdict(len(tokens), rng.categorical(p_row(max(len(tokens) - 1, 0))))"),
-    ("match rule: fresh draw after a mismatch", "verify.py", "            return Verdict(i, t)\n",
+    ("match rule: fresh draw after a mismatch", "core/verify.py", "            return Verdict(i, t)\n",
      "            return Verdict(i, rng.categorical(p))\n"),
     # trees
-    ("tree step ignores top-k/top-p/min-p on the target side", "runtime.py",
+    ("tree step ignores top-k/top-p/min-p on the target side", "core/runtime.py",
      "verify_tree(tree, lambda node: probs(logits[node + 1], sp), rng",
      "verify_tree(tree, lambda node: probs(logits[node + 1], sp.with_(top_k=0, top_p=1.0, min_p=0.0)), rng"),
-    ("tree: no residual between sampled children", "tree.py", "                r = _residual(r, q)\n", "\n"),
-    ("tree: residual from p, not from r", "tree.py", "r = _residual(r, q)", "r = _residual(p, q)"),
-    ("tree: deterministic children walked by RRS", "tree.py", "elif tree.sampled and kids:", "elif kids:"),
+    ("tree: no residual between sampled children", "core/tree.py", "                r = _residual(r, q)\n", "\n"),
+    ("tree: residual from p, not from r", "core/tree.py", "r = _residual(r, q)", "r = _residual(p, q)"),
+    ("tree: deterministic children walked by RRS", "core/tree.py", "elif tree.sampled and kids:", "elif kids:"),
     # drafting
-    ("drafter q without the sampling transform", "drafters/model.py", "        q = probs(logits, sp)\n        return",
+    ("drafter q without the sampling transform", "core/drafters/model.py", "        q = probs(logits, sp)\n        return",
      "        q = probs(logits, sp.with_(top_k=0, top_p=1.0, min_p=0.0))\n        return"),
-    ("multi-sequence root q untransformed", "drafters/model.py", "            q_root = probs(root, sp)\n",
-     "            q_root = probs(root, sp.with_(top_k=0, top_p=1.0, min_p=0.0))\n"),
     # drafting ahead
-    ("ahead: buffer kept when the context did not come true", "drafters/ahead.py",
+    ("ahead: buffer kept when the context did not come true", "core/drafters/ahead.py",
      "if b <= n <= seq_len and list(context[:b]) == self._base and list(context[b:]) == self._tokens()[: n - b]:",
      "if b <= n <= seq_len:"),
-    ("ahead: q rows one off", "drafters/ahead.py", "qs = None if self.sp.greedy else np.stack([q for _, q in taken])",
+    ("ahead: q rows one off", "core/drafters/ahead.py", "qs = None if self.sp.greedy else np.stack([q for _, q in taken])",
      "qs = None if self.sp.greedy else np.stack([q for _, q in (taken[1:] + taken[:1])])"),
-    ("ahead: worker shares the target's generator", "runtime.py",
-     "w = AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1))",
-     "w = AheadDrafter(drafter, sp, rng)"),
+    ("ahead: worker shares the target's generator", "core/runtime.py",
+     "return AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1))",
+     "return AheadDrafter(drafter, sp, rng)"),
 ]
 
 
@@ -98,7 +96,7 @@ def run(mutation, timeout: float) -> str:
         if source.count(old) < 1:
             return "stale"
         target.write_text(source.replace(old, new, 1))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", DESELECT, *TESTS]
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", DESELECT, *TESTS]
         env = {"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "NO_COLOR": "1"}
         try:
             r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,5 +1,5 @@
 """How a paged target's streamed weights should be read: by llama.cpp's page faults alone, or
-with the Pager's reading threads too (backends/paging.py, Pager.read_ahead and .populate).
+with reading threads too (ReadAhead below, around the product's Pager: backends/paging.py).
 
 One process in a memory-limited cgroup (bench/memlimit.py) loads the target as edgespec plans it
 there (paged: part pinned, the rest streamed) and runs passes of 1 and of --k tokens over the same
@@ -14,17 +14,86 @@ Needs root (cgroups).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import itertools
 import json
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edge_spec.backends.paging import PAGE  # noqa: E402
+
 # (reading threads, faulting pages in rather than copying them): the pass's faults alone, the
 # old single reading thread, and threads populating the pages (MADV_POPULATE_READ)
 WAYS = {"faults": (0, True), "read x1": (1, False), "populate x1": (1, True), "populate x4": (4, True)}
+
+
+# MADV_POPULATE_READ (Linux 5.14): fault pages in without copying them
+MADV_POPULATE_READ = 22
+CHUNK = 8 << 20  # bytes per read of a reading thread
+
+
+class ReadAhead:
+    """A Pager with `threads` threads reading its streamed weights in file (= layer) order ahead
+    of each pass: faulting the pages in (populate) or reading them into a buffer (a copy). The
+    product leaves this to the pass's own page faults (backends/paging.py); this bench weighs it."""
+
+    def __init__(self, pager, threads: int, populate: bool):
+        self.pager, self.threads, self.populate = pager, threads, populate
+        self._workers: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._chunks = [(start + done, min(CHUNK, size - done)) for start, size in pager.streamed
+                        for done in range(0, size, CHUNK)]
+        self._next = itertools.count()
+
+    def __getattr__(self, name):
+        return getattr(self.pager, name)
+
+    def start_pass(self) -> None:
+        self._join()
+        self.pager.start_pass()
+        if not self._chunks or not self.threads:
+            return
+        self._stop.clear()
+        self._next = itertools.count()
+        self._workers = [threading.Thread(target=self._read, daemon=True) for _ in range(self.threads)]
+        for t in self._workers:
+            t.start()
+
+    def finish_pass(self) -> None:
+        self._join()
+        self.pager.finish_pass()
+
+    def close(self) -> None:
+        self._join()
+        self.pager.close()
+
+    def _join(self) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join()
+        self._workers = []
+
+    def _read(self) -> None:
+        """Take the next chunk (file order) until none is left or the pass is over."""
+        pager = self.pager
+        view = None if self.populate else memoryview(bytearray(CHUNK))
+        while not self._stop.is_set():
+            i = next(self._next)  # atomic under the GIL: each chunk is read by one thread
+            if i >= len(self._chunks):
+                return
+            start, size = self._chunks[i]
+            if view is None:
+                a = start // PAGE * PAGE
+                if pager._libc.madvise(ctypes.c_void_p(pager._base + a), start + size - a, MADV_POPULATE_READ) != 0:
+                    return  # an old kernel (< 5.14): the pass's own faults read it
+            elif os.preadv(pager._fd, [view[:size]], start) <= 0:
+                return
 
 
 def read_bytes() -> int:
@@ -38,20 +107,21 @@ def child(target: str, draft: str, reps: int, k: int) -> dict:
 
     with Engine.load(EngineOptions.of(model=target, draft=draft, history=False)) as engine:
         backend = engine.target
-        pager = getattr(backend, "pager", None)
-        if pager is None:
+        if not backend.capabilities.disk_bytes:
             raise SystemExit("the plan is not paged here: lower --limit")
+        pager = plain = backend.pager
         backend.forward(backend.tokenize("The weights of this model are read from disk at every pass. " * 4))
         n = len(backend.tokens)
         out: dict[str, list] = {f"{way} k={size}": [] for way in WAYS for size in (1, k)}
         for _ in range(reps):
             for way, (threads, populate) in WAYS.items():
-                pager.read_ahead, pager.populate = threads, populate
+                backend.pager = ReadAhead(plain, threads, populate)
                 for size in (1, k):
                     backend.truncate(n)
                     r0, t0 = read_bytes(), time.perf_counter()
                     backend.forward([100 + i for i in range(size)], logits="last")
                     out[f"{way} k={size}"].append((time.perf_counter() - t0, (read_bytes() - r0) / 1e9))
+            backend.pager = plain
         return {"pinned_bytes": pager.stats.pinned_bytes, "streamed_bytes": pager.stats.streamed_bytes, "passes": out}
 
 

@@ -25,15 +25,13 @@ from bench.prompts import DEFAULT, named
 from edge_spec.surfaces.benchmark import interleaved
 from edge_spec.models import registry as models
 from edge_spec.plan import calibrate, planner
-from edge_spec.core.controller import Controller
 from edge_spec.models.shape import model_shape
-from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
 from edge_spec.plan.choose import machine_profile
 from edge_spec.plan.history import History
-from edge_spec.core.runtime import Runtime
-from edge_spec.types import SamplingParams
+from edge_spec.core.runtime import Decoding, Runtime
+from edge_spec.types import Costs, SamplingParams
 
 
 def main() -> None:
@@ -65,10 +63,12 @@ def main() -> None:
     for line in plan.reasons():
         print(line, file=sys.stderr)
 
-    def controller(fixed: dict | None = None) -> Controller:
-        c = Controller(max_draft=max(plan.max_draft, *(fixed or {0: 0}).values()), fixed=dict(fixed or {}))
-        c.calibrate(t_costs, {"model": d_costs[1]})
-        return c
+    costs = Costs(t_costs, d_costs[1])
+
+    def runtime(context, ngram: bool, draft_backend=None, draft_length: int | None = None) -> Runtime:
+        """What the plan's alternative runs: its drafters, the plan's budget, the fresh costs."""
+        decoding = Decoding(ngram=ngram, max_draft=max(plan.max_draft, draft_length or 0), draft_length=draft_length)
+        return Runtime.from_plan(decoding, context, draft_backend, costs)
 
     alternatives = {a.strategy: a for a in plan.alternatives if a.target.gpu < 0 and (a.drafter is None or a.drafter.gpu < 0)}
     contexts = {"plain": target.sibling(), "ngram": target.sibling(), "draft": target}
@@ -78,10 +78,9 @@ def main() -> None:
         for temp in (float(t) for t in args.temps.split(",")):
             for rep in range(args.reps):
                 runtimes = {
-                    "plain": Runtime(contexts["plain"], [], controller()),
-                    "ngram": Runtime(contexts["ngram"], [NgramDrafter()], controller()),
-                    "draft": Runtime(contexts["draft"], [NgramDrafter(), ModelDrafter(drafter)],
-                                     controller({"model": alternatives["draft"].draft_length})),
+                    "plain": runtime(contexts["plain"], ngram=False),
+                    "ngram": runtime(contexts["ngram"], ngram=True),
+                    "draft": runtime(contexts["draft"], True, drafter, alternatives["draft"].draft_length),
                 }
                 sp = SamplingParams(temperature=temp, max_tokens=args.max_tokens, seed=2000 + rep)
                 result = interleaved({s: runtimes[s] for s in alternatives}, prompt, sp)

@@ -192,17 +192,14 @@ def run_latency(args, delay_ms: float, ngl: int | None, prompts) -> tuple[list[d
 def measure(plain, spec, calibrated, name: str, text: str, temperature: float, max_tokens: int, reps: int) -> dict:
     """benchmark.Bench.measure with the plain run on an engine of its own (Bench's second context
     of one target cannot share an rpc-server): `reps` interleaved pairs, seeds 1000, 1001, ..."""
-    from edge_spec.core.runtime import Runtime
     from edge_spec.types import SamplingParams
 
     prompt = spec.chat_tokens([{"role": "user", "content": text}])
     runs = {"plain": [], "edgespec": []}
     for rep in range(reps):
         sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + rep)
-        rt = spec.runtime
-        speculative = Runtime(spec.target, rt.drafters, copy.deepcopy(calibrated), rt.tree_width,
-                              schedule=rt.schedule, tree_budget=rt.tree_budget, max_leaves=rt.max_leaves)
-        speculative.hold_between_steps = True  # a drafting thread waits while plain decoding steps
+        # a fork: what the engine runs; interleaved, its drafting thread waits while plain decoding steps
+        speculative = spec.runtime.fork(controller=calibrated, interleaved=True)
         for label, stats in benchmark.interleaved({"plain": plain.runtime, "edgespec": speculative},
                                                   prompt, sp).items():
             runs[label].append(stats)

@@ -5,13 +5,13 @@ bench/speculative.py does (the parallel run's drafting thread is held while anot
 it cannot take their cores). Prints tokens/s and each schedule's ratio to plain and to sequential.
 
     .venv/bin/python bench/schedules.py [-m TARGET.gguf] [-md DRAFT.gguf] [--draft-threads 1]
-        [--schedules sequential,parallel,multiseq] [--reps 1] [-n 128] [--prompts fixed|chat,code,edit|coding,rag] [--temps 0,0.8]
+        [--schedules sequential,parallel] [--reps 1] [-n 128] [--prompts fixed|chat,code,edit|coding,rag] [--temps 0,0.8]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -21,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.prompts import DEFAULT, named  # noqa: E402
 from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec.models import registry as models  # noqa: E402
-from edge_spec.core.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edge_spec.pipeline.engine import Engine  # noqa: E402
 from edge_spec.options import EngineOptions  # noqa: E402
-from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.runtime import Decoding, Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 
@@ -32,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default=None, help="target (default: the default target)")
     ap.add_argument("-md", "--draft", default=models.DEFAULT_DRAFT, help="draft model (default: the default drafter)")
-    ap.add_argument("--schedules", default="sequential,parallel,multiseq")
+    ap.add_argument("--schedules", default="sequential,parallel")
     ap.add_argument("--draft-threads", type=int, default=1, help="parallel schedule: the drafter's threads (the target gets the rest)")
     ap.add_argument("--no-ngram", action="store_true", help="the draft model alone (no n-gram drafts first)")
     ap.add_argument("--reps", type=int, default=1)
@@ -41,11 +40,10 @@ def main() -> None:
     ap.add_argument("--temps", default="0,0.8")
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions.of(model=args.model, draft=args.draft, history=False, tree_width=2))
+    engine = Engine.load(EngineOptions.of(model=args.model, draft=args.draft, history=False))
     cores = engine.target.n_threads
     print(f"pair: {Path(engine.target.facts.path).name} + {Path(engine.draft_backend.facts.path).name}; "
           f"{cores} threads; parallel: drafter {args.draft_threads}, target {cores - args.draft_threads}", file=sys.stderr)
-    calibrated = engine.runtime.controller
     contexts = []
 
     def sibling(backend, threads=None):
@@ -55,19 +53,22 @@ def main() -> None:
         contexts.append(ctx)
         return ctx
 
-    def drafters(draft_backend):
-        model = ModelDrafter(draft_backend)
-        return [model] if args.no_ngram else [NgramDrafter(), model]
+    base = dataclasses.replace(engine.runtime.decoding, ngram=not args.no_ngram, tree_budget=0, interleaved=True)
+
+    def runtime(schedule: str, target, draft_backend):
+        """The engine's runtime on these contexts, with this schedule: its calibrated controller
+        and decoding, drafting interleaved with the other runs."""
+        plan = dataclasses.replace(base, schedule=schedule)
+        return Runtime.from_plan(plan, target, draft_backend).fork(controller=engine.runtime.controller)
 
     seq_target, seq_draft = sibling(engine.target), sibling(engine.draft_backend)
     par_target = sibling(engine.target, cores - args.draft_threads)
     par_draft = sibling(engine.draft_backend, args.draft_threads)
     plain_target = sibling(engine.target)
     make = {
-        "plain": lambda: Runtime(plain_target, []),
-        "sequential": lambda: Runtime(seq_target, drafters(seq_draft), copy.deepcopy(calibrated)),
-        "parallel": lambda: parallel_runtime(par_target, drafters(par_draft), copy.deepcopy(calibrated)),
-        "multiseq": lambda: Runtime(engine.target, drafters(engine.draft_backend), copy.deepcopy(calibrated), tree_width=2),
+        "plain": lambda: Runtime.from_plan(Decoding(ngram=False), plain_target),
+        "sequential": lambda: runtime("sequential", seq_target, seq_draft),
+        "parallel": lambda: runtime("parallel", par_target, par_draft),
     }
     labels = ["plain", *args.schedules.split(",")]
     rows = []
@@ -93,12 +94,6 @@ def main() -> None:
             to_seq = statistics.geometric_mean(r["ratio"][label] / r["ratio"]["sequential"] for r in rows)
             line += f"  ({to_seq:.2f}x sequential)"
         print(line)
-
-
-def parallel_runtime(target, drafters, controller) -> Runtime:
-    rt = Runtime(target, drafters, controller, schedule="parallel")
-    rt.hold_between_steps = True  # interleaved with other runs: its thread waits while they step
-    return rt
 
 
 def summarize(name: str, temp: float, runs: dict) -> dict:

@@ -33,8 +33,6 @@ from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from bench.trim import step_costs  # noqa: E402
 from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
-from edge_spec.core.controller import Controller  # noqa: E402
-from edge_spec.core.drafters import ModelDrafter  # noqa: E402
 from edge_spec.build.quant import build  # noqa: E402
 from edge_spec.defaults import MIN_SOURCE_BITS  # noqa: E402
 from edge_spec.models.provenance import info  # noqa: E402
@@ -42,7 +40,7 @@ from edge_spec.plan.costmodel import source_bits  # noqa: E402
 from edge_spec.build.skip import SkipSettings, write_skipped  # noqa: E402
 from edge_spec.models.chat_template import chat_tokens  # noqa: E402
 from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
-from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.runtime import Decoding, Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 
@@ -73,13 +71,13 @@ def drafters(target: Path, directory: Path, counts: list[int], search: SkipSetti
     return found
 
 
+PLAIN = Decoding(ngram=False)  # no drafter: plain decoding
+
+
 def speculative(context, drafter, k: int) -> Runtime:
     """A runtime drafting with `drafter` alone, k tokens a step (0: as the controller decides)."""
     drafter.truncate(0)
-    controller = Controller()
-    if k:
-        controller.fixed["model"] = k
-    return Runtime(context, [ModelDrafter(drafter)], controller)
+    return Runtime.from_plan(Decoding(ngram=False, draft_length=k or None), context, drafter)
 
 
 def main() -> None:
@@ -127,7 +125,7 @@ def main() -> None:
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     for name, text in named(args.prompts):
         prompt = chat_tokens(target, [{"role": "user", "content": text}])
-        runs = {"plain": Runtime(contexts["plain"], [])} | {
+        runs = {"plain": Runtime.from_plan(PLAIN, contexts["plain"])} | {
             label: speculative(contexts[label], d, args.draft_length) for label, d in backends.items()}
         result = interleaved(runs, prompt, sp)
         n = min(r["tokens"] for r in result.values())  # T = 0: every run emits the same tokens

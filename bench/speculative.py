@@ -36,14 +36,13 @@ def main() -> None:
     ap.add_argument("-m", "--model", default=None, help="target (default: the default pair)")
     ap.add_argument("-md", "--draft", default=None, help="draft model (default: what the plan picks)")
     ap.add_argument("--ngram", action="store_true", help="n-gram drafts only (no draft model)")
-    ap.add_argument("--tree-width", type=int, default=1, help="n-gram drafts as trees of this many branches")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     engine = Engine.load(EngineOptions.of(model=args.model, draft=args.draft, n_threads=args.threads, history=False,
-                                       draft_model=not args.ngram, tree_width=args.tree_width))
+                                          draft_model=not args.ngram))
     print(f"edgespec runs: {engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter)}", file=sys.stderr)
-    bench = Bench(engine, args.tree_width)
+    bench = Bench(engine)
     rows = []
     for name, text in named(args.prompts):
         for temp in (float(t) for t in args.temps.split(",")):

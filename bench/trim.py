@@ -35,13 +35,11 @@ from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
 from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import HEAD_TYPES, LlamaCppBackend, LlamaOptions, quantize  # noqa: E402
-from edge_spec.core.controller import Controller  # noqa: E402
-from edge_spec.core.drafters import ModelDrafter  # noqa: E402
 from edge_spec.build.trim import calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed
 from edge_spec.models.chat_template import chat_tokens  # noqa: E402
 from edge_spec.backends.trimmed import as_drafter_of  # noqa: E402
 from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
-from edge_spec.core.runtime import Runtime  # noqa: E402
+from edge_spec.core.runtime import Decoding, Runtime  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 
@@ -136,13 +134,11 @@ def main() -> None:
         prompt = chat_tokens(target, [{"role": "user", "content": text}])
         for temp in (float(t) for t in args.temps.split(",")):
             sp = SamplingParams(temperature=temp, max_tokens=args.max_tokens, seed=7)
-            runtimes = {"plain": Runtime(contexts["plain"], [])}
+            runtimes = {"plain": Runtime.from_plan(Decoding(ngram=False), contexts["plain"])}
             for label, d in backends.items():
                 d.truncate(0)
-                controller = Controller()
-                if args.draft_length:
-                    controller.fixed["model"] = args.draft_length
-                runtimes[label] = Runtime(contexts[label], [ModelDrafter(d)], controller)
+                runtimes[label] = Runtime.from_plan(Decoding(ngram=False, draft_length=args.draft_length or None),
+                                                    contexts[label], d)
             result = interleaved(runtimes, prompt, sp)
             n = min(r["tokens"] for r in result.values())
             secs = {label: seconds_for(r["trace"], n) for label, r in result.items()}

@@ -9,12 +9,8 @@ from disk at every pass. A Pager changes that:
 - pinned: a prefix (file order) of the tensors every pass reads is locked in the page cache
   (mlock on a mapping of our own: the same page-cache pages llama.cpp's mapping reads), so a
   pass reads only the rest from disk;
-- streamed: the rest is read by llama.cpp's own page faults as each pass reaches it. Threads
-  reading it ahead (read_ahead > 0: reading copies, or faulting pages in with MADV_POPULATE_READ)
-  were measured slower in a 2 GiB cgroup with a 3.3 GiB F16 target (bench/pager.py): one reading
-  thread took 1.19x / 1.34x the time of a 1 / 65-token pass, four populating threads 1.23x /
-  1.57x; they read 10-20% more than the faults (pages read twice) and their page-cache work
-  competes with the compute for the two cores;
+- streamed: the rest is read by llama.cpp's own page faults as each pass reaches it (threads
+  reading it ahead were measured slower: bench/pager.py weighs them, README has the numbers);
 - evict(): drops the streamed pages from the page cache (from llama.cpp's mapping too), so
   calibration measures the pass a paged plan will really pay, not a warm cache.
 
@@ -26,16 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import itertools
 import mmap
 import os
-import threading
 from dataclasses import dataclass
 
 PAGE = mmap.PAGESIZE
-MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21
 PROT_READ, MAP_SHARED = 1, 1
-CHUNK = 8 << 20   # bytes per read of a reading thread
 
 
 def per_pass_ranges(header) -> list[tuple[int, int]]:
@@ -76,8 +69,7 @@ class PagerStats:
 class Pager:
     """Pins the first `pinned_bytes` of a model's per-pass tensors and streams the rest."""
 
-    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: int = 0,
-                 populate: bool = True):
+    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int):
         self.path = os.fspath(path)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
@@ -102,53 +94,14 @@ class Pager:
                 break
             self.locked.append((start, size))
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
-        self.read_ahead = read_ahead  # threads reading the streamed weights at each pass (see above)
-        self.populate = populate      # they fault the pages in (MADV_POPULATE_READ), else read them (a copy)
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._chunks = [(start + done, min(CHUNK, size - done)) for start, size in self.streamed
-                        for done in range(0, size, CHUNK)]
-        self._next = itertools.count()
 
-    # --- streaming ---------------------------------------------------------------------------
+    # --- passes ------------------------------------------------------------------------------
     def start_pass(self) -> None:
-        """A pass begins: with read_ahead, that many threads read the streamed weights in file
-        (= layer) order ahead of the compute."""
-        self._join()
-        if not self.streamed or not self.read_ahead:
-            return
-        self._stop.clear()
-        self._next = itertools.count()
-        self._threads = [threading.Thread(target=self._read_ahead, name=f"edgespec-pager-{i}", daemon=True)
-                         for i in range(int(self.read_ahead))]
-        for t in self._threads:
-            t.start()
+        """A pass begins (the backend says so around each decode). The streamed weights are read
+        by the pass's own page faults: nothing to do here (bench/pager.py hooks readers in)."""
 
     def finish_pass(self) -> None:
-        """The pass is over: stop any reading ahead (what it did not reach was read by the pass)."""
-        self._join()
         self.stats.passes += 1
-
-    def _join(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        self._threads = []
-
-    def _read_ahead(self) -> None:
-        """Take the next chunk (file order) until none is left or the pass is over."""
-        view = None if self.populate else memoryview(bytearray(CHUNK))
-        while not self._stop.is_set():
-            i = next(self._next)  # atomic under the GIL: each chunk is read by one thread
-            if i >= len(self._chunks):
-                return
-            start, size = self._chunks[i]
-            if view is None:
-                a = start // PAGE * PAGE
-                if self._libc.madvise(ctypes.c_void_p(self._base + a), start + size - a, MADV_POPULATE_READ) != 0:
-                    return  # an old kernel (< 5.14): the pass's own faults read it
-            elif os.preadv(self._fd, [view[:size]], start) <= 0:
-                return
 
     # --- eviction ------------------------------------------------------------------------------
     def evict(self) -> None:
@@ -166,7 +119,6 @@ class Pager:
     def close(self) -> None:
         if self._fd < 0:
             return
-        self._join()
         self._libc.munmap(ctypes.c_void_p(self._base), self.size)
         os.close(self._fd)
         self._fd = -1

@@ -13,6 +13,7 @@ import pytest
 
 from edge_spec.models.shape import ModelShape
 from edge_spec.plan import costmodel, planner, profile
+from bench.pager import ReadAhead
 from edge_spec.options import parse_size
 from edge_spec.plan.memory import cgroup_limit, memory_budget
 from edge_spec.types import EdgespecError
@@ -198,15 +199,15 @@ def test_pager_pins_a_prefix_and_streams_the_rest(tmp_path):
         assert pager.stats.pinned_bytes + pager.stats.streamed_bytes == total
         pager.start_pass()
         pager.finish_pass()
-        for populate in (True, False):  # the reading threads (bench/pager.py weighs them) start and stop
-            pager.read_ahead, pager.populate = 2, populate
-            pager.start_pass()
-            assert len(pager._threads) == 2
-            for t in pager._threads:
+        for populate in (True, False):  # bench/pager.py's reading threads start, read it all, and stop
+            reader = ReadAhead(pager, 2, populate)
+            reader.start_pass()
+            assert len(reader._workers) == 2
+            for t in reader._workers:
                 t.join(timeout=10)  # a tiny model: read in no time
-            assert next(pager._next) > len(pager._chunks)
-            pager.finish_pass()
-            assert pager._threads == []
+            assert next(reader._next) > len(reader._chunks)
+            reader.finish_pass()
+            assert reader._workers == [] and pager.stats.passes == 2 + (not populate)
         pager.evict()
         assert pager.stats.passes == 3
     finally:
