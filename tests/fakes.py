@@ -6,6 +6,7 @@ Notation as in edge_spec/types.py: p = target distribution, q = draft distributi
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ from edge_spec.core.controller import Controller
 from edge_spec.types import Draft, DrafterCapabilities, EdgespecError, SamplingParams
 
 DistFn = Callable[[tuple[int, ...]], np.ndarray]  # whole token history → [vocab] probabilities
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dist_fn → {prefix: log p}, for FakeModel
 
 
 # --- models --------------------------------------------------------------------------------
@@ -34,7 +36,9 @@ class FakeModel:
         self.tokens: list[int] = []
         self.max_len = 0          # the most tokens the cache ever held
         self.n_evaluated = 0      # tokens passed to forward, over the fake's lifetime
-        self._rows: dict[tuple[int, ...], np.ndarray] = {}
+        # rows by prefix, shared by every fake of this dist_fn (an enumeration makes a fresh
+        # runtime, and fakes, for each random path)
+        self._rows: dict[tuple[int, ...], np.ndarray] = _ROWS.setdefault(dist_fn, {})
 
     def logprobs(self, prefix: tuple[int, ...]) -> np.ndarray:  # [vocab]
         row = self._rows.get(prefix)

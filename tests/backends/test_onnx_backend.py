@@ -21,7 +21,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.backends.onnx_backend import OnnxBackend, OnnxOptions
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
@@ -40,11 +39,6 @@ INT8_AGREEMENT = 0.97
 INT8_DYNAMIC_AGREEMENT = 0.62
 SMOL = "smollm2-135m-instruct-q4_1"
 QUICK = dict(n_ctx=512, plan=False, calibrate=False, history=False)  # no planning: the models asked for
-
-
-@pytest.fixture(scope="module")
-def smol_path():
-    return models.require(SMOL)
 
 
 @pytest.fixture(scope="module")

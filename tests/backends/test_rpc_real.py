@@ -16,6 +16,8 @@ from edge_spec.models import registry as models
 from edge_spec.backends.rpc import Worker
 from edge_spec.types import EdgespecError, WorkerLost
 
+pytestmark = pytest.mark.real
+
 SMOL = "smollm2-135m-instruct-q4_1"
 PROMPT = ("Repeat this list exactly, twice: apple, banana, cherry, date, elderberry, fig, grape, "
           "honeydew, kiwi, lemon, mango, nectarine, orange, papaya.")

@@ -193,11 +193,6 @@ def test_edgespec_imports_without_torch():
 # --- real models ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol_path():
-    return models.require("smollm2-135m-instruct-q4_1")
-
-
-@pytest.fixture(scope="module")
 def smol_torch(smol_path):
     with TorchBackend(smol_path, TorchOptions(n_ctx=512)) as b:
         yield b

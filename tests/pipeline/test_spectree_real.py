@@ -17,7 +17,7 @@ from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.core.sampling import probs
 from edge_spec.types import SamplingParams
 from tests.backends.test_llama_backend import AlwaysDraft
-from tests.pipeline.test_real_models import assert_first_tokens_follow, assert_plain_greedy, chat, smol_path, smol_q4_0, tokens_of  # noqa: F401 (fixtures)
+from tests.pipeline.test_real_models import assert_first_tokens_follow, assert_plain_greedy, chat, tokens_of
 
 pytestmark = pytest.mark.real
 # measured on SmolLM2 Q4_1 with llama.cpp 0.3.36 here: the logits after a token differ by up to

@@ -343,20 +343,3 @@ def test_streaming_wins_where_the_cpus_share_of_a_split_is_slower(target):
                                                                       "matmul_gflops": {"f32": 20.0}})})
     p = planner.plan(big(target, 20), prof, offload=True)
     assert p.chosen.target.offload and p.chosen.target.gpu == 0
-
-
-def test_an_offload_plan_loads_the_torch_backend_with_its_budget(target):
-    """A 1.25 GB card cannot hold the default target with its KV cache and buffers; the plan's
-    offloaded placement becomes TorchOptions on that GPU with room for the planned layers."""
-    from edge_spec.models.modelfile import ModelFile
-    from edge_spec.options import EngineOptions
-    from edge_spec.pipeline.planning import backend_options, decoding
-
-    prof = profile.load("laptop-8gb-gpu")
-    small_card = prof.model_copy(update={"gpus": [prof.gpus[0].model_copy(update={"vram_free_bytes": int(1.25 * GiB)})]})
-    p = planner.plan(target, small_card, offload=True, n_ctx=4096)
-    offloaded = next(a for a in p.alternatives if a.target.offload)
-    p = dataclasses.replace(p, chosen=offloaded)
-    t_opts, _ = backend_options(EngineOptions(), p, ModelFile.open(target.path), None, decoding(EngineOptions(), p))
-    assert (t_opts.device, t_opts.dtype) == ("cuda:0", "bfloat16")
-    assert t_opts.device_budget_bytes == offloaded.target.gpu_layers * costmodel.torch_layer_bytes(target, 2)

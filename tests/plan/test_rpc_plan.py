@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from edge_spec.plan import costmodel, planner, profile
-from tests.backends.test_paging import shape, small_machine  # noqa: F401 (fixture)
+from tests.plan.shapes import shape
 
 GiB = 2**30
 
@@ -90,20 +90,3 @@ def test_a_split_calibration_is_found_for_the_split_only(small_machine):
     assert costmodel.pass_costs(target, prof, costmodel.Placement(-1, 0, 2), [1])[1] == "predicted"
     other = costmodel.Placement(-1, 0, 2, rpc_layers=12, workers=(worker(),))
     assert costmodel.pass_costs(target, prof, other, [1])[1] == "predicted"
-
-
-def test_a_target_the_plan_puts_on_a_gpu_keeps_its_gpu_layers_and_leaves_the_workers(tmp_path):
-    """--rpc given, but the plan holds the whole target on a local GPU: its n_gpu_layers are GPU
-    layers, so the workers are not connected (with them, llama.cpp would offload there instead)."""
-    from edge_spec.options import EngineOptions
-    from edge_spec.pipeline.planning import decoding, llama_options
-
-    prof = profile.load("desktop-24gb-gpu")
-    p = planner.plan(shape(), prof, None, n_ctx=2048, workers=(worker(),))
-    assert p.chosen.target.gpu >= 0 and p.chosen.target.rpc_layers == 0
-    options = EngineOptions.of(model="m.gguf", rpc=("127.0.0.1:50052",), plain=True)
-    target, _ = llama_options(options, p, None, decoding(options, p))
-    assert target.n_gpu_layers == p.chosen.target.ngl(p.target) > 0 and target.rpc == ()
-    forced_options = EngineOptions.of(model="m.gguf", rpc=("127.0.0.1:50052",), n_gpu_layers=5, plain=True)
-    forced, _ = llama_options(forced_options, p, None, decoding(forced_options, p))
-    assert forced.n_gpu_layers == 5 and forced.rpc == ("127.0.0.1:50052",)

@@ -15,6 +15,8 @@ import edge_spec
 from edge_spec.models import registry as models
 from edge_spec.types import EdgespecError, SamplingParams
 
+pytestmark = pytest.mark.real
+
 SMOL = "smollm2-135m-instruct-q4_1"
 
 

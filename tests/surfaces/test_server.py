@@ -20,7 +20,6 @@ import pytest
 import uvicorn
 
 import edge_spec
-from edge_spec.models import registry as models
 from edge_spec.surfaces.server import ServerConfig, create_app, serve
 from edge_spec.types import EdgespecError
 from tests.tiny_gguf import write_llama
@@ -31,11 +30,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 N_CTX = 1024
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "List the days of the week."}]
 TEXT = "The seven days of the week are"
-
-
-@pytest.fixture(scope="module")
-def smol_path():
-    return models.require("smollm2-135m-instruct-q4_1")
 
 
 @pytest.fixture(scope="module")
