@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from edge_spec.models import registry as models  # noqa: E402
-from edge_spec.plan import calibrate  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, physical_cores  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
+from edge_spec.plan import calibrate  # noqa: E402
 
 
 def backends(path, threads: int, device: str, onnx: bool):

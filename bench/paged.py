@@ -42,8 +42,8 @@ CONFIGS = ("plain", "chains", "paged")
 
 def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None) -> dict:
     """One generation in this process (run inside the cgroup); returns what it measured."""
-    from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
+    from edge_spec.pipeline.engine import Engine
     from edge_spec.types import SamplingParams
 
     unplanned = dict(plan=False, memory_budget=1 << 50, history=False)  # no plan, no pinning: the kernel pages

@@ -102,8 +102,8 @@ def read_bytes() -> int:
 
 
 def child(target: str, draft: str, reps: int, k: int) -> dict:
-    from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
+    from edge_spec.pipeline.engine import Engine
 
     with Engine.load(EngineOptions.of(model=target, draft=draft, history=False)) as engine:
         backend = engine.target

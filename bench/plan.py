@@ -22,15 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, named
-from edge_spec.surfaces.benchmark import interleaved
+from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.models import registry as models
-from edge_spec.plan import calibrate, planner
 from edge_spec.models.shape import model_shape
-from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
+from edge_spec.pipeline.engine import Engine
+from edge_spec.plan import calibrate, planner
 from edge_spec.plan.choose import machine_profile
 from edge_spec.plan.history import History
-from edge_spec.core.runtime import Decoding, Runtime
+from edge_spec.surfaces.benchmark import interleaved
 from edge_spec.types import Costs, SamplingParams
 
 

@@ -141,8 +141,8 @@ def rig(workers: int, delay_ms: float, threads: int | None):
 def load_engines(args, ngl: int | None, plain_rpc: tuple[str, ...], spec_rpc: tuple[str, ...]):
     """The plain engine and edgespec's, the target of each split over its own workers (`ngl` of
     its layers there; None: the plan's split). The one place that knows the RPC options."""
-    from edge_spec.pipeline.engine import Engine
     from edge_spec.options import EngineOptions
+    from edge_spec.pipeline.engine import Engine
 
     common = dict(model=args.model, n_gpu_layers=ngl, n_threads=args.threads, history=False)
     plain = Engine.load(EngineOptions.of(**common, rpc=plain_rpc, plain=True))

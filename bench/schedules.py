@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, named  # noqa: E402
-from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
-from edge_spec.models import registry as models  # noqa: E402
-from edge_spec.pipeline.engine import Engine  # noqa: E402
-from edge_spec.options import EngineOptions  # noqa: E402
 from edge_spec.core.runtime import Decoding, Runtime  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
+from edge_spec.options import EngineOptions  # noqa: E402
+from edge_spec.pipeline.engine import Engine  # noqa: E402
+from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 

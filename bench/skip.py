@@ -29,18 +29,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
-from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from bench.trim import step_costs  # noqa: E402
-from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions  # noqa: E402
 from edge_spec.build.quant import build  # noqa: E402
-from edge_spec.defaults import MIN_SOURCE_BITS  # noqa: E402
-from edge_spec.models.provenance import info  # noqa: E402
-from edge_spec.plan.costmodel import source_bits  # noqa: E402
 from edge_spec.build.skip import SkipSettings, write_skipped  # noqa: E402
-from edge_spec.models.chat_template import chat_tokens  # noqa: E402
-from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
 from edge_spec.core.runtime import Decoding, Runtime  # noqa: E402
+from edge_spec.defaults import MIN_SOURCE_BITS  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
+from edge_spec.models.chat_template import chat_tokens  # noqa: E402
+from edge_spec.models.provenance import info  # noqa: E402
+from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
+from edge_spec.plan.costmodel import source_bits  # noqa: E402
+from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, named  # noqa: E402
-from edge_spec.surfaces.benchmark import Bench  # noqa: E402
-from edge_spec.pipeline.engine import Engine  # noqa: E402
 from edge_spec.options import EngineOptions  # noqa: E402
+from edge_spec.pipeline.engine import Engine  # noqa: E402
+from edge_spec.surfaces.benchmark import Bench  # noqa: E402
 
 
 def main() -> None:

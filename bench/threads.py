@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_spec.models import registry as models  # noqa: E402
-from edge_spec.plan import calibrate  # noqa: E402
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, physical_cores  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
+from edge_spec.plan import calibrate  # noqa: E402
 
 
 def main() -> None:

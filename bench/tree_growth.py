@@ -12,12 +12,12 @@ import dataclasses
 import statistics
 import time
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-from edge_spec.surfaces.benchmark import Settings, load_prompts, select
-from edge_spec.models.chat_template import chat_tokens, renderer_for
 from edge_spec.core.drafters import ModelDrafter
 from edge_spec.core.drafters.spectree import grow
+from edge_spec.models import registry as models
+from edge_spec.models.chat_template import chat_tokens, renderer_for
+from edge_spec.surfaces.benchmark import Settings, load_prompts, select
 from edge_spec.types import SamplingParams
 
 

@@ -32,14 +32,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import DEFAULT, PROMPTS, named  # noqa: E402
-from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
-from edge_spec.models import registry as models  # noqa: E402
 from edge_spec.backends.llama_cpp import HEAD_TYPES, LlamaCppBackend, LlamaOptions, quantize  # noqa: E402
-from edge_spec.build.trim import calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed
-from edge_spec.models.chat_template import chat_tokens  # noqa: E402
 from edge_spec.backends.trimmed import as_drafter_of  # noqa: E402
-from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
+from edge_spec.build.trim import calibration_texts, coverage, kept_ids, read_vocab, target_counts, write_trimmed
 from edge_spec.core.runtime import Decoding, Runtime  # noqa: E402
+from edge_spec.models import registry as models  # noqa: E402
+from edge_spec.models.chat_template import chat_tokens  # noqa: E402
+from edge_spec.pipeline.resolve import resolve_model  # noqa: E402
+from edge_spec.surfaces.benchmark import interleaved, seconds_for  # noqa: E402
 from edge_spec.types import SamplingParams  # noqa: E402
 
 

@@ -13,9 +13,9 @@ __all__ = ["Completion", "Draft", "EdgespecError", "ModelFacts", "SamplingParams
 
 
 def __getattr__(name: str):
-    # the API pulls in the engine and planner: imported on first use, so `import edge_spec` and
-    # the CLI's startup stay light
     if name in ("load", "Session", "Completion"):
+        # the API pulls in the engine and planner: imported on first use, so `import edge_spec`
+        # and the CLI's startup stay light
         from edge_spec.surfaces import api
 
         return getattr(api, name)

@@ -11,9 +11,8 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from edge_spec.types import Capabilities
 from edge_spec.core.controller import Controller
-from edge_spec.types import Draft, DrafterCapabilities, EdgespecError, SamplingParams
+from edge_spec.types import Capabilities, Draft, DrafterCapabilities, EdgespecError, SamplingParams
 
 DistFn = Callable[[tuple[int, ...]], np.ndarray]  # whole token history → [vocab] probabilities
 _ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dist_fn → {prefix: log p}, for FakeModel

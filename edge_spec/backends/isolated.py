@@ -24,10 +24,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from edge_spec.core.tree import TokenTree
-from edge_spec.types import EdgespecError, WorkerLost
-from edge_spec.types import Capabilities
 from edge_spec.backends.common import BorrowedVocab, Closing
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaVocab
+from edge_spec.backends.rpc import check_workers, probe
+from edge_spec.core.tree import TokenTree
+from edge_spec.types import Capabilities, EdgespecError, WorkerLost
 
 LOAD_TIMEOUT = 600.0    # seconds a load may take (the weights travel to the workers)
 # a call unanswered this long (or 20 times the slowest call so far, if longer) means a worker that
@@ -40,9 +41,6 @@ class IsolatedBackend(BorrowedVocab, Closing):
     """A LlamaCppBackend (options.rpc: on workers) run in a child process; see the module doc."""
 
     def __init__(self, path: str | os.PathLike, options, progress: Callable[[float], None] | None = None):
-        from edge_spec.backends.llama_cpp import LlamaVocab
-        from edge_spec.backends.rpc import check_workers
-
         check_workers(options.rpc)  # a worker down at start: a one-line error here, not an abort there
         path = os.fspath(path)
         self.options = options
@@ -111,7 +109,6 @@ class IsolatedBackend(BorrowedVocab, Closing):
         self._proc.join(timeout=5)
         code = self._proc.exitcode
         down = []
-        from edge_spec.backends.rpc import probe
 
         for endpoint in self.options.rpc:
             try:
@@ -224,7 +221,6 @@ def _child_main(conn, path: str, options, log_path: str) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     os.environ["GGML_NO_BACKTRACE"] = "1"  # an abort would run gdb on itself to print a backtrace
-    from edge_spec.backends.llama_cpp import LlamaCppBackend
 
     try:
         backend = LlamaCppBackend(path, replace(options), lambda f: conn.send(("progress", f)))

@@ -15,12 +15,12 @@ from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
-from edge_spec.models.gguf_file import validate
-from edge_spec.core.tree import TokenTree
-from edge_spec.types import EdgespecError, ModelFacts
-from edge_spec.defaults import N_CTX
-from edge_spec.types import Capabilities
 from edge_spec.backends.common import Closing
+from edge_spec.backends.paging import Pager, per_pass_ranges
+from edge_spec.core.tree import TokenTree
+from edge_spec.defaults import N_CTX
+from edge_spec.models.gguf_file import validate
+from edge_spec.types import Capabilities, EdgespecError, ModelFacts
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 
@@ -537,9 +537,6 @@ class LlamaCppBackend(VocabMethods, Closing):
 
 def _pager(path, header, disk_bytes: int):
     """Pin all but `disk_bytes` of what every pass reads (paging.py); header: validated, or read here."""
-    from edge_spec.models.gguf_file import validate
-    from edge_spec.backends.paging import Pager, per_pass_ranges
-
     header = header if header is not None else validate(path)
     every_pass = sum(size for _, size in per_pass_ranges(header))
     return Pager(path, header, max(every_pass - disk_bytes, 0))

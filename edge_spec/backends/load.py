@@ -12,6 +12,11 @@ import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
+from edge_spec.backends.isolated import IsolatedBackend
+from edge_spec.backends.llama_cpp import LlamaCppBackend
+from edge_spec.backends.onnx_backend import OnnxBackend
+from edge_spec.backends.onnx_backend import check_supported as onnx_supported
+from edge_spec.backends.torch_backend import TorchBackend, check_supported
 from edge_spec.models.modelfile import ModelFile
 from edge_spec.options import ModelOptions, Progress
 from edge_spec.types import EdgespecError
@@ -34,7 +39,6 @@ def torch_offload_possible(backend: str, target_path) -> bool:
     that does not fit in its VRAM)."""
     if backend not in ("auto", "torch") or not torch_installed():
         return False
-    from edge_spec.backends.torch_backend import check_supported
 
     try:
         check_supported(target_path)
@@ -55,7 +59,6 @@ def check_backends(options: ModelOptions, target_path, draft_path) -> None:
             raise EdgespecError(
                 f"the onnx backend needs {', '.join(missing)} (not installed): `pip install edgespec[onnx]` "
                 f"(onnxruntime runs the model, torch exports the GGUF to ONNX, onnx quantizes it), or use {flags}")
-        from edge_spec.backends.onnx_backend import check_supported as onnx_supported
 
         for path, what in onnx:
             onnx_supported(path, what)
@@ -66,7 +69,6 @@ def check_backends(options: ModelOptions, target_path, draft_path) -> None:
         raise EdgespecError(
             "the torch backend needs torch: `pip install edgespec[torch]` (CPU-only: `pip install torch "
             "--index-url https://download.pytorch.org/whl/cpu`), or use --backend llama / --draft-backend llama")
-    from edge_spec.backends.torch_backend import check_supported
 
     for path, what in wanted:
         check_supported(path, what)
@@ -76,24 +78,18 @@ def load(path, opts, what: str, notes: list, report: Progress):
     """Load a backend of opts.kind (onnx: exported, and quantized, on first use); if llama.cpp's
     GPU offload fails (a GPU gone, a driver error), load on the CPU and say so."""
     if opts.kind == "onnx":
-        from edge_spec.backends.onnx_backend import OnnxBackend
-
         report(f"loading {what} (onnx)", 0.0)
         backend = OnnxBackend(Path(path), opts, progress=lambda stage: report(f"{stage}: {what} (first use only)", 0.0))
         report(f"loading {what} (onnx)", 1.0)
         return backend
     if opts.kind == "torch":
-        from edge_spec.backends.torch_backend import TorchBackend
-
         report(f"loading {what} (torch)", 0.0)
         backend = TorchBackend(Path(path), opts)
         report(f"loading {what} (torch)", 1.0)
         return backend
-    from edge_spec.backends.llama_cpp import LlamaCppBackend
 
     model = ModelFile.open(path)  # validated once: llama.cpp is handed a file already checked
     if opts.rpc:  # layers on RPC workers: in a process of its own (isolated.py)
-        from edge_spec.backends.isolated import IsolatedBackend
 
         return IsolatedBackend(model.path, opts, lambda f: report(f"loading {what} (layers sent to the workers)", f))
     try:

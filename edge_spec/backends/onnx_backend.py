@@ -71,16 +71,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from edge_spec.types import EdgespecError, ModelFacts
-from edge_spec.defaults import N_CTX
-from edge_spec.defaults import ONNX_WEIGHTS
-from edge_spec.types import Capabilities
+from edge_spec.backends import torch_backend
 from edge_spec.backends.common import BorrowedVocab, Closing
+from edge_spec.backends.llama_cpp import LlamaVocab
+from edge_spec.backends.torch_backend import TorchBackend, TorchOptions, _dequantize, _hparams, _physical_cores
+from edge_spec.defaults import N_CTX, ONNX_WEIGHTS
+from edge_spec.models import registry as models
+from edge_spec.models.gguf_file import read_header
+from edge_spec.models.modelfile import ModelFile
+from edge_spec.types import Capabilities, EdgespecError, ModelFacts
 
 EXPORT_VERSION = 1
 QUANT_VERSION = 1  # of quantize_onnx's recipes: part of the quantized files' names
@@ -118,11 +122,9 @@ class OnnxOptions:
 def check_supported(path, what: str = "model"):
     """The GGUF header of a model this backend can export and run (no torch or onnxruntime
     needed); a clear error otherwise. `what`: "target" or "drafter" names the CLI option to use."""
-    from edge_spec.models.gguf_file import read_header
-    from edge_spec.backends import torch_backend
-
+    # validated: every size and offset checked against the file (a ModelFile was, when it was opened)
+    header = path.header if isinstance(path, ModelFile) else read_header(path)
     path = os.fspath(path)
-    header = read_header(path)
     arch = header.metadata["general.architecture"]
     flag = {"target": " (--backend {})", "drafter": " (--draft-backend {})"}.get(what, "")
     if arch not in ARCHITECTURES:
@@ -147,7 +149,6 @@ def _decoder(tb):
     if tb.embd is not None:
         embd = tb.embd.float()
     else:  # untied and kept quantized by the torch backend: the full table, dequantized
-        from edge_spec.backends.torch_backend import _dequantize
 
         data, qtype, n_embd = tb._embd_q
         embd = _dequantize(torch, data, qtype).reshape(-1, n_embd)
@@ -187,16 +188,12 @@ def _cache_path(gguf_path: str, cache_dir: str | None) -> Path:
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|v{EXPORT_VERSION}"
                          .encode()).hexdigest()[:16]
     if cache_dir is None:
-        from edge_spec.models import registry as models
-
         cache_dir = models.state_dir() / "onnx"
     return Path(cache_dir) / f"{Path(gguf_path).stem}-{key}.onnx"
 
 
 def export_onnx(gguf_path, out_path, opset: int = 17) -> Path:
     """Export a GGUF model (llama or qwen2) to an ONNX file with KV-cache inputs and outputs."""
-    from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
-
     gguf_path, out_path = os.fspath(gguf_path), Path(out_path)
     check_supported(gguf_path)
     with TorchBackend(gguf_path, TorchOptions(n_ctx=8)) as tb:
@@ -336,9 +333,6 @@ class OnnxBackend(BorrowedVocab, Closing):
     def __init__(self, path, options: OnnxOptions = OnnxOptions(), gguf=None, vocab=None,
                  progress: Callable[[str], None] | None = None):
         """`progress(stage)` is called before the slow first-use steps ("exporting", "quantizing")."""
-        from edge_spec.backends.llama_cpp import LlamaVocab
-        from edge_spec.backends.torch_backend import _hparams, _physical_cores
-
         path = os.fspath(path)
         self.options = options
         self._vocab = self.session = None

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_spec.types import EdgespecError
 from edge_spec.backends.kv_quant import QuantKV, dequantize, mixed_attention, quantize
 from edge_spec.backends.torch_backend import TorchBackend
+from edge_spec.types import EdgespecError
 
 SCRATCH_TOKENS = 128
 

@@ -60,13 +60,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from edge_spec.models.gguf_file import read_header
-from edge_spec.backends.llama_cpp import LlamaVocab
-from edge_spec.defaults import N_CTX
-from edge_spec.types import Capabilities
 from edge_spec.backends.common import BorrowedVocab, Closing
+from edge_spec.backends.kv_quant import VIEWS, QuantKV
+from edge_spec.backends.llama_cpp import LlamaVocab
+from edge_spec.backends.offload import LayerStreamer
 from edge_spec.core.tree import TokenTree
-from edge_spec.types import EdgespecError, ModelFacts
+from edge_spec.defaults import N_CTX
+from edge_spec.models.gguf_file import read_header
+from edge_spec.models.modelfile import ModelFile
+from edge_spec.types import Capabilities, EdgespecError, ModelFacts
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 DTYPES = ("float32", "bfloat16")
@@ -91,8 +93,9 @@ def check_supported(path, what: str = "model"):
     """The GGUF header of a model this backend can run (no torch needed); a clear error otherwise."""
     from gguf import GGMLQuantizationType as T
 
+    # validated: every size and offset checked against the file (a ModelFile was, when it was opened)
+    header = path.header if isinstance(path, ModelFile) else read_header(path)
     path = os.fspath(path)
-    header = read_header(path)  # validated: every size and offset checked against the file
     arch = header.metadata["general.architecture"]
     if arch not in ARCHITECTURES:
         raise EdgespecError(
@@ -143,7 +146,6 @@ class TorchOptions:
             raise EdgespecError("device_budget_bytes must be >= 0 (None: no offloading)")
         if self.kv_cache not in KV_CACHES:
             raise EdgespecError(f"unknown torch KV cache {self.kv_cache!r}: use one of {', '.join(KV_CACHES)}")
-        from edge_spec.backends.kv_quant import VIEWS
 
         if self.kv_view not in VIEWS:
             raise EdgespecError(f"unknown KV view {self.kv_view!r}: use one of {', '.join(VIEWS)}")
@@ -278,8 +280,6 @@ class TorchBackend(BorrowedVocab, Closing):
         self.n_ctx = options.n_ctx
         self.kv_dtype = self.dtype
         if options.kv_cache == "int8x2":
-            from edge_spec.backends.kv_quant import QuantKV
-
             self.kv = QuantKV(torch, hp.n_layer, hp.n_head_kv, self.n_ctx, hp.head_dim, self.device, self.kv_dtype,
                               options.kv_view, options.kv_recent, options.kv_rollback)
         else:
@@ -361,8 +361,6 @@ class TorchBackend(BorrowedVocab, Closing):
             self.w.append(layer)
         self.streamer = None
         if offload:
-            from edge_spec.backends.offload import LayerStreamer
-
             self.streamer = LayerStreamer(torch, self.w, self.device, self.options.device_budget_bytes)
         self.output_norm = tensor("output_norm.weight", dtype=f32)
         self.rope_freqs = tensor("rope_freqs.weight", optional=True, dtype=f32)

@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from edge_spec.types import Capabilities
-from edge_spec.types import EdgespecError
+from edge_spec.backends.vocab import check_compatible
+from edge_spec.models.modelfile import ModelFile
+from edge_spec.types import Capabilities, EdgespecError
 
 
 class TrimmedBackend:
@@ -108,9 +109,6 @@ class TrimmedBackend:
 def as_drafter_of(target, draft_path, backend):
     """The drafter backend as the runtime uses it: a trimmed drafter (built with --method trim)
     is wrapped to speak the target's token ids; either way checked against the target's vocabulary."""
-    from edge_spec.models.modelfile import ModelFile
-    from edge_spec.backends.vocab import check_compatible
-
     kept = ModelFile.open(draft_path).kept_ids
     if kept is not None:
         backend = TrimmedBackend(backend, kept, target.vocab_size,

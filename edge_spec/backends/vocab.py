@@ -6,7 +6,6 @@ from edge_spec.models.gguf_facts import FIRST_CHECKED, SIZE_SLACK
 from edge_spec.types import EdgespecError
 
 
-
 def check_compatible(target, drafter) -> None:
     """Raise EdgespecError naming the first difference between two backends' vocabularies."""
     t, d = target.facts, drafter.facts

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_spec.backends.llama_cpp import quantize
+from edge_spec.build.skip import SkipSettings, build_skipped, check_layers, check_source
+from edge_spec.build.trim import build_trimmed
 from edge_spec.defaults import MIN_SOURCE_BITS
+from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
 from edge_spec.plan.costmodel import BITS, source_bits
 from edge_spec.types import EdgespecError
@@ -53,9 +58,6 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     skip: leaves out `layers` (None: chosen by measuring on the same replies, with the sizes in
     `search`, a skip.SkipSettings); a source above MIN_SOURCE_BITS is requantized to `bits` first,
     any other keeps its weights."""
-    from edge_spec.backends.llama_cpp import quantize
-    from edge_spec.models.gguf_file import validate
-
     report = progress or (lambda what, fraction: None)
     if method not in METHODS:
         raise EdgespecError(f"unknown drafter method {method!r}: use one of {', '.join(METHODS)}")
@@ -67,8 +69,6 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     have = source_bits(source)
     requantize = method == "quant" or (method == "skip" and have > MIN_SOURCE_BITS)
     if method == "skip":
-        from edge_spec.build.skip import check_layers, check_source
-
         n_layers = check_source(header)
         if layers is not None:
             check_layers(layers, n_layers)  # before the long part
@@ -105,12 +105,8 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             quantize(source, partial, bits, metadata=metadata)
             report(f"quantizing to {bits}", 1.0)
         elif method == "trim":
-            from edge_spec.build.trim import build_trimmed
-
             build_trimmed(source, partial, keep, target, calibration, metadata, report, bits)
         else:
-            from edge_spec.build.skip import SkipSettings, build_skipped
-
             build_skipped(source, partial, layers, calibration, metadata, report, bits if requantize else None,
                           search or SkipSettings())
         validate(partial)  # a disk that filled up or a crash leaves no half file under `out`
@@ -132,6 +128,9 @@ def _sha256(path: str | os.PathLike, progress: Callable[[float], None], chunk: i
 
 
 def _version() -> str:
-    from edge_spec import __version__
-
-    return __version__
+    """edgespec's version as installed (the builders sit below the package's root, which
+    re-exports the API)."""
+    try:
+        return importlib.metadata.version("edgespec")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

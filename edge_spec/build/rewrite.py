@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edge_spec.models.gguf_file import array_values
+
 DROP = object()  # what `edit_key` returns to leave a key out
 
 
@@ -39,7 +41,6 @@ def rewrite(header, out: str | os.PathLike, metadata: dict, *,
     import gguf
     from gguf import GGUFValueType as T
 
-    from edge_spec.models.gguf_file import array_values
 
     md = header.metadata
     writer = gguf.GGUFWriter(out, md["general.architecture"])

@@ -43,6 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+from edge_spec.build.rewrite import rewrite
+from edge_spec.build.trim import CALIBRATION, calibration_texts
+from edge_spec.models.chat_template import chat_tokens, renderer_for
+from edge_spec.models.gguf_file import ArrayInfo, validate
+from edge_spec.models.shape import model_shape
+from edge_spec.plan import planner
+from edge_spec.plan.choose import machine_profile
 from edge_spec.types import EdgespecError
 
 Report = Callable[[str, float], None]
@@ -108,8 +116,6 @@ def write_skipped(source: str | os.PathLike, out: str | os.PathLike, skip: Seque
                   progress: Callable[[float], None] | None = None) -> None:
     """Copy `source` to `out` without the blocks in `skip` (which may be empty: a plain copy),
     recording them in SKIPPED_KEY."""
-    from edge_spec.models.gguf_file import validate
-
     header = validate(source)
     if skip:  # GGUF has no empty arrays
         n_layers = _n_layers(header)
@@ -147,15 +153,11 @@ def _renamed(header, skip: Sequence[int]) -> list[tuple[str, object]]:
 
 def _per_layer(name: str, value, arch: str, n_layers: int) -> bool:
     """A metadata array of one hyperparameter per layer (some architectures vary head counts)."""
-    from edge_spec.models.gguf_file import ArrayInfo
-
     length = value.count if isinstance(value, ArrayInfo) else len(value) if isinstance(value, (list, np.ndarray)) else -1
     return name.startswith(f"{arch}.") and length == n_layers
 
 
 def _write(header, out, skip: Sequence[int], metadata: dict, progress=None) -> None:
-    from edge_spec.build.rewrite import rewrite
-
     arch, n_layers = header.metadata["general.architecture"], _n_layers(header)
     kept = [i for i in range(n_layers) if i not in set(skip)]
     names = {t.name: name for name, t in _renamed(header, skip)}
@@ -180,8 +182,6 @@ class Scratch:
     block's bytes instead of the whole model."""
 
     def __init__(self, base, path: Path):
-        from edge_spec.models.gguf_file import validate
-
         self.header, self.path = validate(base), path
         md, n = self.header.metadata, _n_layers(self.header)
         # per-layer metadata changes with the set: such a model is always written whole
@@ -190,8 +190,6 @@ class Scratch:
         self.offsets: list[int] = []      # where the file's tensors start
 
     def write(self, skip: Sequence[int]) -> Path:
-        from edge_spec.models.gguf_file import validate
-
         plan = _renamed(self.header, skip)
 
         def layout(tensors):
@@ -220,8 +218,6 @@ def calibration_slices(model, texts: Sequence[tuple[str, str]], sizes: Sequence[
     """Disjoint slices of the calibration replies, each of at least `sizes[i]` reply positions
     (fewer if the replies run out), as (tokens, start): the logits after tokens[start] onward
     are scored. The texts are dealt in order, round-robin to the slices not yet full."""
-    from edge_spec.models.chat_template import chat_tokens, renderer_for
-
     with renderer_for(model) as templates:  # one template renderer for every prompt
         return _deal(model, texts, sizes, max_item_tokens, lambda m: chat_tokens(model, m, templates))
 
@@ -285,8 +281,6 @@ class Candidates:
         self.slices, self.reference = slices, reference
 
     def score(self, skip: Sequence[int], where: str) -> Score:
-        from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-
         path = self.scratch.write(skip) if skip else self.base
         with LlamaCppBackend(path, LlamaOptions(n_ctx=self.n_ctx)) as model:
             return score(model, self.slices[where], self.reference[where])
@@ -309,9 +303,6 @@ def without_layers(shape, skip: Sequence[int]):
 
 def predicted_rates(target_shape, drafter_shape, alpha: float) -> tuple[float, float]:
     """(draft tokens/s, plain tokens/s) the planner predicts on this machine (CPU) at acceptance alpha."""
-    from edge_spec.plan import planner
-    from edge_spec.plan.choose import machine_profile
-
     plan = planner.plan(target_shape, machine_profile(None), drafter_shape, gpu=False,
                         knowledge=planner.Knowledge(alpha, "measured agreement"))
     draft = max((a.tokens_per_second for a in plan.alternatives if a.strategy == "draft"), default=0.0)
@@ -353,11 +344,6 @@ def build_skipped(source, out, layers: Sequence[int] | None, calibration, metada
                   bits: str | None = None, settings: SkipSettings = SkipSettings()) -> None:
     """Requantize `source` to `bits` (None: keep its weights), choose the layers (or take
     `layers`), write the skipped copy to `out`. The reference tokens are always the source's."""
-    from edge_spec.backends.llama_cpp import quantize
-    from edge_spec.models.shape import model_shape
-    from edge_spec.models.gguf_file import validate
-    from edge_spec.build.trim import CALIBRATION, calibration_texts
-
     n_layers = check_source(validate(source))
     layers = check_layers(layers, n_layers) if layers is not None else None
     texts = calibration_texts(calibration)
@@ -410,8 +396,6 @@ def _dealt(texts: list, shipped: int) -> list:
 def _reference(source, texts, settings: SkipSettings, rank: bool, report: Report) -> tuple[dict, dict]:
     """The probe slice (only to `rank` layers) and the held-out slice, and the source's greedy
     tokens on each."""
-    from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-
     report("the source's greedy tokens", 0.0)
     with LlamaCppBackend(source, LlamaOptions(n_ctx=settings.max_item_tokens + 8)) as model:
         sizes = (settings.probe_tokens if rank else 0, settings.held_out_tokens)

@@ -36,7 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+from edge_spec.build.rewrite import DROP, rewrite
+from edge_spec.core.sampling import probs
+from edge_spec.defaults import PRIOR_ACCEPTANCE
+from edge_spec.models.chat_template import chat_tokens, renderer_for
+from edge_spec.models.gguf_file import array_values, validate
 from edge_spec.models.provenance import KEPT_KEY, PREFIX
+from edge_spec.models.registry import state_dir
+from edge_spec.models.shape import model_shape
+from edge_spec.plan import planner
+from edge_spec.plan.choose import machine_profile
+from edge_spec.plan.costmodel import BITS, source_bits, trimmed_shape
+from edge_spec.plan.history import History
 from edge_spec.types import EdgespecError, SamplingParams
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.json"
@@ -104,8 +116,6 @@ class Vocab:
 
 
 def read_vocab(path: str | os.PathLike) -> Vocab:
-    from edge_spec.models.gguf_file import array_values, validate
-
     header = validate(path)
     md = header.metadata
     if "tokenizer.ggml.tokens" not in md:
@@ -153,8 +163,6 @@ def cached_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[
     target, and a second build (another K, another --bits, the user's text added) needs only what
     is new."""
     if cache is None:
-        from edge_spec.models.registry import state_dir
-
         st = os.stat(target.facts.path)
         cache = state_dir() / "counts" / f"{Path(target.facts.path).stem}-{st.st_size}-{st.st_mtime_ns}.npz"
     keys = [hashlib.sha256(json.dumps(item).encode()).hexdigest()[:24] for item in items]
@@ -181,9 +189,6 @@ def target_counts(target, items: Sequence[tuple[str, str]], progress: Callable[[
                   sp: SamplingParams = SamplingParams(), chunk: int = 64) -> list[np.ndarray]:
     """For each (prompt, reply): the target's sampling distribution summed over the reply's
     positions (teacher-forced: one batched pass per chunk), as [vocab] float32 counts."""
-    from edge_spec.models.chat_template import chat_tokens, renderer_for
-    from edge_spec.core.sampling import probs
-
     out = []
     with renderer_for(target) as templates:  # one template renderer for every prompt
         for n, (prompt, reply) in enumerate(items):
@@ -250,9 +255,6 @@ def coverage(rank_counts: np.ndarray, held_out: Sequence[np.ndarray], vocab: Voc
 def write_trimmed(source: str | os.PathLike, out: str | os.PathLike, kept: np.ndarray, metadata: dict,
                   progress: Callable[[float], None] | None = None) -> None:
     """Copy `source` to `out` with only the `kept` vocabulary rows (see the module docstring)."""
-    from edge_spec.models.gguf_file import array_values, validate
-    from edge_spec.build.rewrite import DROP, rewrite
-
     header = validate(source)
     tokens = array_values(header, "tokenizer.ggml.tokens")
     vocab_size = len(tokens)
@@ -306,13 +308,6 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
     (half the replies rank, the other half measure), drafter cost from the cost model at that
     head size (and blocks scaled by `layer_scale` when they are requantized). Returns K and one
     line per candidate."""
-    from edge_spec.defaults import PRIOR_ACCEPTANCE
-    from edge_spec.plan import planner
-    from edge_spec.plan.choose import machine_profile
-    from edge_spec.models.shape import model_shape
-    from edge_spec.plan.costmodel import trimmed_shape
-    from edge_spec.plan.history import History
-
     ranking, held_out = np.sum(counts[0::2], axis=0), counts[1::2]
     ks = [k for k in CANDIDATE_K if len(vocab.forced()) + MIN_K // 4 <= k < vocab.size]
     cov = coverage(ranking, held_out, vocab, ks)
@@ -335,9 +330,6 @@ def build_trimmed(source, out, keep: int | None, target, calibration, metadata: 
     """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`;
     with `bits`, requantize it (trim + QuantSpec): the blocks to `bits`, the K-row head kept at
     8 bits (it is small once trimmed, and the drafter's ranking of tokens lives there)."""
-    from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
-    from edge_spec.plan.costmodel import BITS, source_bits
-
     vocab = read_vocab(source)
     target = target or source
     if os.path.realpath(target) != os.path.realpath(source):

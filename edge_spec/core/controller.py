@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edge_spec.defaults import MAX_DRAFT, PRIOR_ACCEPTANCE
 from edge_spec.core.speculation import TREE_ROW_SLOPE, best_length
+from edge_spec.defaults import MAX_DRAFT, PRIOR_ACCEPTANCE
 
 PRIOR_VERIFY_SLOPE = 0.15    # extra cost of each verified token, relative to one step, until measured
 PROBE_LENGTH = 1

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_spec.models import registry as models
 from edge_spec.types import EdgespecError
 
 SOURCES = ("edgespec", "ollama", "lmstudio", "hf")
@@ -87,8 +88,6 @@ def scan(sources: tuple[str, ...] = SOURCES) -> Scan:
 
 
 def _edgespec(out: Scan) -> None:
-    from edge_spec.models import registry as models
-
     out.places.append(f"edgespec's models ({models.cache_dir()})")
     for spec in models.MODELS.values():
         if path := models.installed_path(spec):
@@ -237,8 +236,6 @@ def resolve(name: str) -> Path:
     """A GGUF path for a name: the path itself, a model edgespec installed (by its registry name),
     then Ollama, LM Studio and the hub cache, the first place with a match winning. Several
     matches in that place: EdgespecError listing them; none anywhere: one naming the places."""
-    from edge_spec.models import registry as models
-
     path = Path(name).expanduser()
     if path.is_file():
         return path

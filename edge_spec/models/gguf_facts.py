@@ -22,6 +22,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_spec.models.gguf_file import ArrayInfo, read_header
+from edge_spec.models.registry import state_dir
 from edge_spec.types import EdgespecError
 
 SIZE_SLACK = 128   # vocabularies padded to a multiple of 64/128 differ only in unused tail ids
@@ -69,8 +71,6 @@ def facts(path: str | os.PathLike, cache: dict | None = None) -> Facts:
 
 
 def _read(path: str, size: int) -> Facts:
-    from edge_spec.models.gguf_file import read_header
-
     header = read_header(path)
     md = header.metadata
     arch = md["general.architecture"]
@@ -102,8 +102,6 @@ def _quantization(md: dict, tensors) -> str:
 
 
 def _vocab(header) -> Vocab:
-    from edge_spec.models.gguf_file import ArrayInfo
-
     md = header.metadata
     tokens = md["tokenizer.ggml.tokens"]
     if isinstance(tokens, ArrayInfo):
@@ -162,8 +160,6 @@ def vocab_problem(target: Vocab, drafter: Vocab) -> str | None:
 # --- the cache ----------------------------------------------------------------------------------
 
 def cache_file() -> Path:
-    from edge_spec.models.registry import state_dir
-
     return state_dir() / "gguf-facts.json"
 
 

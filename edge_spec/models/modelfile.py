@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from edge_spec.models.gguf_file import read_header
+from edge_spec.models.provenance import info_from_header, kept_ids_from_header
+from edge_spec.models.shape import shape_from_header
+
 
 @dataclass(frozen=True, eq=False)
 class ModelFile:
@@ -24,7 +28,6 @@ class ModelFile:
         """Read and validate the header (a missing or malformed file: EdgespecError)."""
         if isinstance(path, ModelFile):
             return path
-        from edge_spec.models.gguf_file import read_header
 
         return cls(Path(path), read_header(path))
 
@@ -38,20 +41,14 @@ class ModelFile:
     @cached_property
     def shape(self):
         """The cost model's view (models.shape.ModelShape)."""
-        from edge_spec.models.shape import shape_from_header
-
         return shape_from_header(os.path.realpath(self.path), self.header)
 
     @cached_property
     def provenance(self) -> dict:
         """How edgespec built it ({} for any other GGUF; drafters.provenance)."""
-        from edge_spec.models.provenance import info_from_header
-
         return info_from_header(self.header)
 
     @cached_property
     def kept_ids(self):
         """A trimmed drafter's target id per row (numpy), else None."""
-        from edge_spec.models.provenance import kept_ids_from_header
-
         return kept_ids_from_header(self.header)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from edge_spec.defaults import SELF_DRAFTER_PRIOR
+from edge_spec.models.gguf_file import ArrayInfo, array_values, validate
+from edge_spec.models.registry import state_dir
 
 PREFIX = "edgespec.drafter."
 KEPT_KEY = PREFIX + "kept_ids"
@@ -21,23 +23,17 @@ METHOD_NAMES = {"quant": "quantspec", "trim": "vocabtrim", "skip": "layerskip"} 
 
 def default_output(source: str | os.PathLike, method: str = "quant", bits: str = "q4_0") -> Path:
     """Where built drafters go unless told otherwise; the engine looks for them there."""
-    from edge_spec.models.registry import state_dir
-
     tag = f"{method}-{bits}" if method == "quant" else method
     return state_dir() / "drafters" / f"{Path(source).stem}.{tag}.gguf"
 
 
 def info(path: str | os.PathLike) -> dict:
     """The provenance of a built drafter ({} for any other GGUF), plus its size."""
-    from edge_spec.models.gguf_file import validate
-
     return info_from_header(validate(path))
 
 
 def info_from_header(header) -> dict:
     """The same, from a validated header (gguf_file.Header)."""
-    from edge_spec.models.gguf_file import ArrayInfo, array_values
-
     found = {k[len(PREFIX):]: array_values(header, k).tolist() if isinstance(v, ArrayInfo) else v
              for k, v in header.metadata.items()
              if k.startswith(PREFIX) and k != KEPT_KEY}  # K ids: `kept_ids(path)` reads them
@@ -49,14 +45,10 @@ def info_from_header(header) -> dict:
 
 def kept_ids(path: str | os.PathLike):
     """A trimmed drafter's target id per row (numpy), or None for any other GGUF."""
-    from edge_spec.models.gguf_file import validate
-
     return kept_ids_from_header(validate(path))
 
 
 def kept_ids_from_header(header):
-    from edge_spec.models.gguf_file import array_values
-
     return array_values(header, KEPT_KEY) if KEPT_KEY in header.metadata else None
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_spec.backends.llama_cpp import _lib
 from edge_spec.defaults import TREE_BUDGETS
 from edge_spec.models.registry import state_dir
 from edge_spec.plan.profile import Calibration
@@ -59,8 +60,6 @@ def paged_key(disk_bytes: int) -> int:
 
 
 def _build_id() -> str:
-    from edge_spec.backends.llama_cpp import _lib
-
     lib = _lib()
     return f"{lib.__version__}:{lib.llama_print_system_info().decode(errors='replace')}"
 

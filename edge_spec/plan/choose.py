@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from edge_spec.models import registry as models
+from edge_spec.backends.llama_cpp import LlamaOptions, _lib
+from edge_spec.backends.load import torch_offload_possible
+from edge_spec.backends.rpc import check_workers
 from edge_spec.defaults import (
     MAX_DRAFT,
     MIN_SOURCE_BITS,
@@ -19,13 +21,18 @@ from edge_spec.defaults import (
     SUGGESTED_COVERAGE,
     SUGGESTED_K,
 )
-from edge_spec.models.provenance import default_output, info, self_drafter_prior
+from edge_spec.models import registry as models
 from edge_spec.models.modelfile import ModelFile
+from edge_spec.models.provenance import default_output, info, self_drafter_prior
 from edge_spec.options import EngineOptions, Progress
-from edge_spec.types import EdgespecError
-from edge_spec.plan import calibrate, planner
-from edge_spec.plan.costmodel import BITS, requantized_shape, source_bits, trimmed_shape
+from edge_spec.plan import calibrate, costmodel, drafter_search, planner
+from edge_spec.plan import profile as profiles
+from edge_spec.plan.costmodel import BITS, Remote, requantized_shape, source_bits, trimmed_shape
+from edge_spec.plan.hardware import measure_profile
 from edge_spec.plan.history import History
+from edge_spec.plan.memory import memory_budget
+from edge_spec.plan.memory import memory_budget as budget_of
+from edge_spec.types import EdgespecError
 
 
 def _silent(what: str, fraction: float) -> None:
@@ -35,14 +42,11 @@ def _silent(what: str, fraction: float) -> None:
 def machine_profile(name: str | None, progress: Progress | None = None):
     """The profile to plan with: the one named, else this machine's saved `local` profile, else a
     quick measurement of this machine (about 2 s, saved as `local` for next time)."""
-    from edge_spec.plan import profile as profiles
-
     if name is not None:
         return profiles.load(name)
     saved = profiles.profiles_dir() / "local.json"
     if saved.is_file():
         return profiles.load(saved)
-    from edge_spec.plan.hardware import measure_profile
 
     report = progress or _silent
     measured = measure_profile(name="local", quick=True,
@@ -57,8 +61,6 @@ def machine_profile(name: str | None, progress: Progress | None = None):
 def with_memory_budget(options: EngineOptions, prof, notes: list):
     """The profile with the memory this process may use: --mem-budget, else (this machine) the
     smaller of available RAM and the cgroup's limit; a named profile keeps its own."""
-    from edge_spec.plan.memory import memory_budget
-
     if options.memory.budget is None and options.planning.profile is not None:
         return prof
     budget = memory_budget(options.memory.budget)
@@ -73,8 +75,6 @@ def rpc_workers(options: EngineOptions) -> tuple:
     does not answer is a one-line error naming it (backends/rpc.py)."""
     if not options.model.rpc:
         return ()
-    from edge_spec.backends.rpc import check_workers
-    from edge_spec.plan.costmodel import Remote
 
     return tuple(Remote(w.endpoint, w.free_bytes, w.rtt_seconds, w.throughput_bps) for w in check_workers(options.model.rpc))
 
@@ -85,9 +85,6 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     `calibration` just measured (edge_spec.plan.calibrate.measure_pair). `target` and `draft`:
     opened model files (a path is opened here: a missing or foreign file is the usual one-line
     error, before any planning). `workers`: options.model.rpc probed (rpc_workers), else probed here."""
-    from edge_spec.backends.llama_cpp import _lib
-    from edge_spec.backends.load import torch_offload_possible
-
     target = ModelFile.open(target)
     draft = ModelFile.open(draft) if draft is not None else None
     report("planning", 0.0)
@@ -160,8 +157,6 @@ def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, re
     """Drafter discovery (edge_spec.plan.drafter_search): every local GGUF that can draft for the
     target planned, the one that pays kept. Returns the plan, showing every drafter weighed and
     the verdicts on all, and the drafter files weighed."""
-    from edge_spec.plan import drafter_search
-
     plans: dict = {}
     files: dict = {}
 
@@ -238,9 +233,6 @@ def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, ca
 def check_memory(target_path, draft_path, t_opts, d_opts, memory_budget: int | None = None) -> None:
     """Without a plan: refuse to load what would not fit in available RAM (weights, KV cache,
     compute buffers) rather than let llama.cpp thrash or the OS kill the process."""
-    from edge_spec.plan import costmodel
-    from edge_spec.plan.memory import memory_budget as budget_of
-
     need = costmodel.RUNTIME_BYTES
     parts = []
     for path, opts in ((target_path, t_opts), (draft_path, d_opts)):
@@ -270,8 +262,6 @@ def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, 
                         disk_bytes: int | None = None) -> list:
     """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU;
     with `disk_bytes`, of it paged so (calibrate.paged_key)."""
-    from edge_spec.backends.llama_cpp import LlamaOptions
-
     out = []
     for ngl in (0, ModelFile.open(model).shape.n_layers + 1) if gpu else (0,):
         cal = calibrate.cached(model, threads, LlamaOptions(

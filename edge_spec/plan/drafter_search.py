@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_spec.models import discover, gguf_facts
 from edge_spec.models.gguf_facts import Facts, vocab_problem
 from edge_spec.types import EdgespecError
 
@@ -110,8 +111,6 @@ def draft_rate(plan) -> float:
 def local_candidates(target_path, built: Iterable[Path]) -> tuple[Facts, list[Candidate]]:
     """The target's facts and the candidates: `built` (edgespec's drafters for this target), then
     every model `discover.scan` finds. Header facts come from the cache, which is updated."""
-    from edge_spec.models import discover, gguf_facts
-
     cache = gguf_facts.load_cache()
     try:
         target = gguf_facts.facts(target_path, cache)

@@ -34,7 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, _lib
+from edge_spec.models.registry import cache_dir
+from edge_spec.plan import calibrate
 from edge_spec.plan.profile import SCHEMA_VERSION, Calibration, Cpu, Gpu, Profile
+from edge_spec.types import EdgespecError
 
 Progress = Callable[[str, float], None]  # (what is being measured, fraction of the profile done)
 
@@ -222,8 +226,6 @@ def disk_read_gbs(folder: str | os.PathLike | None = None, max_bytes: int = DISK
     machine's host caches the disk (then it reads high). Where the cache cannot be dropped, a note
     says so.
     """
-    from edge_spec.models.registry import cache_dir
-
     folder = Path(folder) if folder is not None else cache_dir()
     try:
         sizes = {p: p.stat().st_size for p in folder.iterdir() if p.is_file()}
@@ -415,9 +417,6 @@ def _apple_gpus(notes: list[str]) -> list[Gpu]:
 # --- llama.cpp -------------------------------------------------------------------------------
 def llama_info() -> dict:
     """What llama.cpp says of itself: {"version", "system_info", "gpu_offload"}; {} without it."""
-    from edge_spec.backends.llama_cpp import _lib
-    from edge_spec.types import EdgespecError
-
     try:
         lib = _lib()
     except EdgespecError:
@@ -436,9 +435,6 @@ def calibrate_model(path: str | os.PathLike, threads: int | None = None, n_gpu_l
     device is "cpu" with n_gpu_layers == 0, else "gpu0" (llama.cpp's main GPU; with several GPUs
     its default split spreads the layers over all of them).
     """
-    from edge_spec.plan import calibrate
-    from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-
     sizes = sorted({1, *sizes})  # k = 1 is the decode step
     with LlamaCppBackend(path, LlamaOptions(n_ctx=512, n_threads=threads, n_gpu_layers=n_gpu_layers)) as backend:
         report = (lambda done, total: progress(done / total)) if progress else None
@@ -465,8 +461,6 @@ def measure_profile(name: str = "local", calibrate: Sequence[str | os.PathLike] 
     import psutil
 
     if calibrate:
-        from edge_spec.backends.llama_cpp import _lib
-
         _lib()  # without llama.cpp, fail now rather than after the measurements
     report = progress or (lambda what, fraction: None)
     budget = 0.1 if quick else 1.0

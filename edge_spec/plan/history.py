@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from edge_spec.defaults import PRIOR_ACCEPTANCE
+from edge_spec.models.registry import state_dir
 from edge_spec.plan.planner import Knowledge
 from edge_spec.types import Stats
 
@@ -24,8 +25,6 @@ MIN_TOKENS = 16        # replies shorter than this say little about n-gram gains
 
 
 def history_file() -> Path:
-    from edge_spec.models.registry import state_dir
-
     return state_dir() / "history.json"
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from edge_spec.core.speculation import best_length, best_parallel_length, tree_draft_cost, tree_expected_tokens
 from edge_spec.defaults import (
     BUDGET_ACCEPTANCE,
     MAX_DRAFT,
@@ -48,12 +49,11 @@ from edge_spec.defaults import (
     TREE_MAX_DEPTH,
     TREE_SIBLING_CATCH,
 )
-from edge_spec.core.speculation import best_length, best_parallel_length, tree_draft_cost, tree_expected_tokens
-from edge_spec.types import EdgespecError
-from edge_spec.plan import costmodel
 from edge_spec.models.shape import ModelShape
+from edge_spec.plan import costmodel
 from edge_spec.plan.costmodel import Placement
 from edge_spec.plan.profile import Calibration, Profile
+from edge_spec.types import EdgespecError
 
 RAM_HEADROOM = 0.9     # share of available RAM a plan may use (the OS and the app need the rest)
 VRAM_HEADROOM = 0.95   # share of free VRAM (drivers allocate a little per context)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_spec.models.registry import state_dir
 from edge_spec.types import EdgespecError
 
 SCHEMA_VERSION = 1
@@ -84,8 +85,6 @@ class Profile(_Strict):
 
 def profiles_dir() -> Path:
     """Where `edgespec profile` saves: state_dir()/profiles (~/.cache/edgespec/profiles)."""
-    from edge_spec.models.registry import state_dir
-
     return state_dir() / "profiles"
 
 

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Union
 
-from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions, Progress
+from edge_spec.pipeline.engine import Engine
 from edge_spec.types import EdgespecError, SamplingParams, Stats, Step, WorkerLost
 
 Prompt = Union[str, Sequence[dict], Sequence[int]]

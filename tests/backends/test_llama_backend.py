@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
+from edge_spec.backends.vocab import check_compatible
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
-from edge_spec.pipeline.engine import Engine
-from edge_spec.options import EngineOptions
 from edge_spec.core.runtime import Runtime
 from edge_spec.core.tree import TokenTree
+from edge_spec.options import EngineOptions
+from edge_spec.pipeline.engine import Engine
 from edge_spec.types import EdgespecError, SamplingParams
-from edge_spec.backends.vocab import check_compatible
 from tests.tiny_gguf import truncate_copy, write_llama, write_not_gguf
 
 
@@ -201,6 +201,7 @@ def test_calibration_measures_the_sizes_and_caches_them(tiny, tmp_path, monkeypa
 def test_gpu_load_failure_falls_back_to_the_cpu_and_says_so(tiny, monkeypatch):
     """A GPU that disappeared or a driver error: the model runs on the CPU, stated in the notes."""
     import edge_spec.backends.llama_cpp as llama_backend
+    import edge_spec.backends.load as load_module
 
     real = llama_backend.LlamaCppBackend
 
@@ -210,7 +211,7 @@ def test_gpu_load_failure_falls_back_to_the_cpu_and_says_so(tiny, monkeypatch):
                 raise EdgespecError("llama.cpp could not load: CUDA error: no CUDA-capable device is detected")
             super().__init__(path, options, progress, **kw)
 
-    monkeypatch.setattr(llama_backend, "LlamaCppBackend", NoGpu)
+    monkeypatch.setattr(load_module, "LlamaCppBackend", NoGpu)  # where the loader finds it
     with Engine.load(EngineOptions.of(model=str(tiny), n_ctx=64, n_threads=1, n_gpu_layers=99, history=False)) as engine:
         assert engine.target.options.n_gpu_layers == 0
         assert any("99 GPU layers" in n and "CUDA error" in n and "on the CPU" in n for n in engine.notes)
@@ -279,10 +280,10 @@ def test_a_load_reads_each_model_header_once(tiny, tmp_path, monkeypatch):
     the drafter's provenance and llama.cpp's pre-load validation do not parse the header again."""
     import os
     import shutil
+    import sys
 
-    from edge_spec.models import gguf_file
     from edge_spec.backends import llama_cpp
-    from edge_spec.models import shape
+    from edge_spec.models import gguf_file, shape
 
     draft = tmp_path / "draft.gguf"
     shutil.copy(tiny, draft)
@@ -294,9 +295,12 @@ def test_a_load_reads_each_model_header_once(tiny, tmp_path, monkeypatch):
         reads.append(os.path.realpath(path))
         return real(path)
 
-    for module, name in ((gguf_file, "read_header"), (gguf_file, "validate"), (shape, "read_header"),
-                         (llama_cpp, "validate")):
-        monkeypatch.setattr(module, name, counting)
+    readers = (gguf_file.read_header, gguf_file.validate)
+    for module in [m for n, m in sys.modules.items() if n.startswith("edge_spec.")]:  # wherever they are bound
+        for name in ("read_header", "validate"):
+            if getattr(module, name, None) in readers:
+                monkeypatch.setattr(module, name, counting)
+    assert llama_cpp.validate is counting and shape.read_header is counting
     with Engine.load(EngineOptions.of(model=str(tiny), draft=str(draft), n_ctx=64, n_threads=1, history=False)) as engine:
         assert engine.draft_backend is not None or any("does not pay" in n for n in engine.notes)
     assert reads.count(os.path.realpath(tiny)) == 1, reads

@@ -24,12 +24,20 @@ pytest.importorskip("torch")
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.backends.onnx_backend import OnnxBackend, OnnxOptions
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
-from edge_spec.types import EdgespecError, SamplingParams
 from edge_spec.backends.vocab import check_compatible
+from edge_spec.types import EdgespecError, SamplingParams
+from tests.backends.test_torch_backend import (
+    ARGMAX_AGREEMENT,
+    CODE,
+    LOGPROB_MAX,
+    LOGPROB_MEAN,
+    N_PARITY,
+    log_softmax,
+    parity,
+    rollback_matches_fresh,
+    speculation_equals_plain,
+)
 from tests.pipeline.test_real_models import NEAR_TIE, chat
-from tests.backends.test_torch_backend import (ARGMAX_AGREEMENT, CODE, LOGPROB_MAX, LOGPROB_MEAN,
-                                      N_PARITY, log_softmax, parity, rollback_matches_fresh,
-                                      speculation_equals_plain)
 
 TORCH_LOGPROB_TOL = 1e-3  # nats, |log p| of every token vs the torch backend (measured ~1e-4)
 # argmax agreement with the float32 export over the first N_PARITY tokens of CODE (one pass),

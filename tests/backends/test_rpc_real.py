@@ -12,8 +12,8 @@ import sys
 import pytest
 
 import edge_spec
-from edge_spec.models import registry as models
 from edge_spec.backends.rpc import Worker
+from edge_spec.models import registry as models
 from edge_spec.types import EdgespecError, WorkerLost
 
 pytestmark = pytest.mark.real

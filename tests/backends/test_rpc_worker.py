@@ -263,12 +263,13 @@ def profile_cli(monkeypatch, tmp_path, *args: str):
     """`edgespec profile ARGS` with the machine's own measurement replaced by a reference profile."""
     from typer.testing import CliRunner
 
+    from edge_spec.plan import choose, hardware, profile
     from edge_spec.surfaces.cli import app
-    from edge_spec.plan import hardware, profile
 
     monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))
     reference = profile.load("laptop-cpu")
-    monkeypatch.setattr(hardware, "measure_profile", lambda name, paths, **_: reference.model_copy(update={"name": name}))
+    for module in (hardware, choose):  # where `edgespec profile` and the planner find it
+        monkeypatch.setattr(module, "measure_profile", lambda name, paths=None, **_: reference.model_copy(update={"name": name}))
     return CliRunner().invoke(app, ["profile", *args], env={"NO_COLOR": "1", "COLUMNS": "160"})
 
 

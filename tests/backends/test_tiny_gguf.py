@@ -5,11 +5,10 @@ from __future__ import annotations
 import ctypes
 import time
 
-import numpy as np
-import pytest
-
 import gguf  # noqa: F401  (the writer's dependency: fail, never skip, when it is missing)
 import llama_cpp
+import numpy as np
+import pytest
 
 from tests import tiny_gguf
 from tests.tiny_gguf import N_BYTES, N_FIXED, build_vocab, truncate_copy, write_llama, write_not_gguf

@@ -34,14 +34,14 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 pytest.importorskip("torch")  # setup.sh --test installs it; the rest of edgespec needs no torch
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
+from edge_spec.backends.vocab import check_compatible
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.core.tree import TokenTree
+from edge_spec.models import registry as models
 from edge_spec.types import EdgespecError, SamplingParams
-from edge_spec.backends.vocab import check_compatible
 from tests.backends.test_llama_backend import AlwaysDraft
 from tests.pipeline.test_real_models import NEAR_TIE, assert_plain_greedy, chat, tokens_of
 from tests.tiny_gguf import write_llama

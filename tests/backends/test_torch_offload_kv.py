@@ -28,15 +28,15 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tests/test_torch_backend.py
 torch = pytest.importorskip("torch")
 
-from edge_spec.models.shape import model_shape
-from edge_spec.plan import costmodel
 from edge_spec.backends.kv_quant import dequantize, quantize
 from edge_spec.backends.offload import layer_bytes
 from edge_spec.backends.torch_backend import TorchBackend, TorchOptions
 from edge_spec.core.tree import TokenTree
+from edge_spec.models.shape import model_shape
+from edge_spec.plan import costmodel
 from edge_spec.types import EdgespecError, SamplingParams
-from tests.pipeline.test_real_models import chat
 from tests.backends.test_torch_backend import CODE, N_PARITY, TEXT, speculation_equals_plain
+from tests.pipeline.test_real_models import chat
 from tests.tiny_gguf import write_llama
 
 SMOL = "smollm2-135m-instruct-q4_1"

@@ -9,17 +9,17 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
-from edge_spec.surfaces.cli import app
+from edge_spec.backends.vocab import check_compatible
 from edge_spec.build.quant import build
+from edge_spec.models import registry as models
+from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import default_output, info
-from edge_spec.plan.costmodel import source_bits
 from edge_spec.options import EngineOptions
 from edge_spec.plan.choose import drafter_candidates, plan_for
-from edge_spec.models.gguf_file import validate
+from edge_spec.plan.costmodel import source_bits
+from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError
-from edge_spec.backends.vocab import check_compatible
 
 SMOL = "smollm2-135m-instruct-q4_1"
 

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
-from edge_spec.surfaces.cli import app
 from edge_spec.build import skip as skip_mod
 from edge_spec.build.quant import build
-from edge_spec.models.provenance import default_output, info
-from edge_spec.plan.costmodel import source_bits
 from edge_spec.build.rewrite import DROP, rewrite
 from edge_spec.build.skip import SkipSettings, write_skipped
+from edge_spec.models import registry as models
+from edge_spec.models.gguf_file import Header, validate
+from edge_spec.models.provenance import default_output, info
 from edge_spec.options import EngineOptions
 from edge_spec.plan.choose import drafter_candidates, plan_for
-from edge_spec.models.gguf_file import Header, validate
+from edge_spec.plan.costmodel import source_bits
+from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError
 from tests.build.test_drafter_trim import greedy_runs
 

@@ -12,23 +12,22 @@ import pytest
 from scipy.stats import chisquare
 from typer.testing import CliRunner
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
-from edge_spec.surfaces.cli import app
-from edge_spec.core.drafters import ModelDrafter
+from edge_spec.backends.trimmed import TrimmedBackend, as_drafter_of
 from edge_spec.build.quant import build
 from edge_spec.build.trim import MIN_K, read_vocab, write_trimmed
-from edge_spec.models.provenance import info, kept_ids
-from edge_spec.backends.trimmed import TrimmedBackend
 from edge_spec.build.trim import kept_ids as choose_ids
-from edge_spec.models.chat_template import chat_tokens
-from edge_spec.backends.trimmed import as_drafter_of
-from edge_spec.pipeline.engine import Engine
-from edge_spec.options import EngineOptions
-from edge_spec.plan.choose import drafter_candidates
-from edge_spec.models.gguf_file import validate
+from edge_spec.core.drafters import ModelDrafter
 from edge_spec.core.runtime import Runtime
 from edge_spec.core.sampling import probs
+from edge_spec.models import registry as models
+from edge_spec.models.chat_template import chat_tokens
+from edge_spec.models.gguf_file import validate
+from edge_spec.models.provenance import info, kept_ids
+from edge_spec.options import EngineOptions
+from edge_spec.pipeline.engine import Engine
+from edge_spec.plan.choose import drafter_candidates
+from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError, SamplingParams
 from tests.backends.test_llama_backend import AlwaysDraft
 

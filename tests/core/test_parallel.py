@@ -15,18 +15,33 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from tests.fakes import (
-    FakeModel, FixedController, FunctionDrafter, enumerate_outcomes, max_deviation, mixture, peaked_dist,
-    random_dist, target_joint,
-)
-from tests.core.test_verify_exact import (
-    CASES, PLAIN, TRANSFORM_IDS, TRANSFORMS, V, _transform_of, assert_exact, deviations, pair_cases, prompt_for,
-)
-
 from edge_spec.core.drafters import ModelDrafter
 from edge_spec.core.drafters.ahead import AheadDrafter
 from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.types import EdgespecError, SamplingParams
+from tests.core.test_verify_exact import (
+    CASES,
+    PLAIN,
+    TRANSFORM_IDS,
+    TRANSFORMS,
+    V,
+    _transform_of,
+    assert_exact,
+    deviations,
+    pair_cases,
+    prompt_for,
+)
+from tests.fakes import (
+    FakeModel,
+    FixedController,
+    FunctionDrafter,
+    enumerate_outcomes,
+    max_deviation,
+    mixture,
+    peaked_dist,
+    random_dist,
+    target_joint,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40)
 
@@ -286,8 +301,8 @@ def test_unknown_schedule_is_an_error():
 def test_schedule_option_is_checked_and_documented():
     from typer.testing import CliRunner
 
-    from edge_spec.surfaces.cli import app
     from edge_spec.options import EngineOptions
+    from edge_spec.surfaces.cli import app
 
     with pytest.raises(EdgespecError, match="schedule"):
         EngineOptions.of(schedule="pipelined")

@@ -7,13 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from tests.fakes import FakeModel, FixedController, copy_model, peaked_dist, random_dist, scripted
-
 from edge_spec.core.controller import INITIAL_BACKOFF, PROBE_LENGTH, Controller
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.core.runtime import Runtime
 from edge_spec.core.sampling import NumpyRandom
 from edge_spec.types import EdgespecError, SamplingParams
+from tests.fakes import FakeModel, FixedController, copy_model, peaked_dist, random_dist, scripted
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 SAMPLED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=16, seed=5)

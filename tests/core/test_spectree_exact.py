@@ -18,18 +18,20 @@ import itertools
 import numpy as np
 import pytest
 
-from tests.fakes import (
-    FakeModel, FixedController, enumerate_outcomes, max_deviation, peaked_dist, random_dist,
-)
-from tests.core.test_verify_exact import TRANSFORMS, pair_cases
-
-from edge_spec.types import Capabilities
-from edge_spec.core.drafters import ModelDrafter, NgramDrafter
-from edge_spec.core.drafters import spectree
+from edge_spec.core.drafters import ModelDrafter, NgramDrafter, spectree
 from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.core.sampling import probs
 from edge_spec.core.tree import ROOT, TokenTree
-from edge_spec.types import EdgespecError, SamplingParams
+from edge_spec.types import Capabilities, EdgespecError, SamplingParams
+from tests.core.test_verify_exact import TRANSFORMS, pair_cases
+from tests.fakes import (
+    FakeModel,
+    FixedController,
+    enumerate_outcomes,
+    max_deviation,
+    peaked_dist,
+    random_dist,
+)
 
 TOL = 1e-9
 V = 4

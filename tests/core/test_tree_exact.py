@@ -10,15 +10,13 @@ independently (the naive multi-draft rule), and recursive rejection on top-k chi
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from tests.fakes import enumerate_outcomes, max_deviation, random_dist, target_joint
-
 from edge_spec.core.sampling import NumpyRandom
 from edge_spec.core.tree import ROOT, TokenTree, TreeVerdict, verify_tree
+from tests.fakes import enumerate_outcomes, max_deviation, random_dist, target_joint
 
 V = 3          # vocabulary of the exhaustive tests
 L = 3          # emitted tokens compared

@@ -5,16 +5,14 @@ must fail the same check (so the check can fail)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-from tests.fakes import FakeModel, FixedController, enumerate_outcomes, max_deviation, random_dist, target_joint
-
-from edge_spec.core.drafters import ModelDrafter
 from edge_spec.backends.trimmed import TrimmedBackend
+from edge_spec.core.drafters import ModelDrafter
 from edge_spec.core.runtime import Runtime
 from edge_spec.types import SamplingParams
+from tests.fakes import FakeModel, FixedController, enumerate_outcomes, max_deviation, random_dist, target_joint
 
 TOL = 1e-9
 PLAIN = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=3)

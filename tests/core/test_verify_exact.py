@@ -7,22 +7,28 @@ Notation as in edge_spec/types.py: p = target distribution, q = draft distributi
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
-from tests.fakes import (
-    FakeModel, FixedController, FunctionDrafter, disjoint_pair, enumerate_outcomes,
-    max_deviation, mixture, peaked_dist, random_dist, target_joint,
-)
 
 import edge_spec.core.runtime
 import edge_spec.core.verify
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.core.runtime import Runtime
 from edge_spec.core.sampling import probs
-from edge_spec.types import Draft, SamplingParams, Verdict
 from edge_spec.core.verify import verify_sampled
+from edge_spec.types import Draft, SamplingParams, Verdict
+from tests.fakes import (
+    FakeModel,
+    FixedController,
+    FunctionDrafter,
+    disjoint_pair,
+    enumerate_outcomes,
+    max_deviation,
+    mixture,
+    peaked_dist,
+    random_dist,
+    target_joint,
+)
 
 TOL = 1e-9
 PLAIN = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=3)

@@ -13,8 +13,8 @@ from scipy.stats import chisquare
 
 import edge_spec.core.verify
 from edge_spec.core.sampling import NumpyRandom
-from edge_spec.types import Verdict
 from edge_spec.core.verify import verify_sampled
+from edge_spec.types import Verdict
 
 VOCAB = 8
 N = 20_000

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_spec.models import discover, gguf_facts, registry as models
+from edge_spec.models import discover, gguf_facts
+from edge_spec.models import registry as models
 from edge_spec.pipeline.resolve import resolve_model
 from edge_spec.types import EdgespecError
 

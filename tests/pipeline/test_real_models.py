@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from edge_spec.models import registry as models
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
-from edge_spec.pipeline.engine import Engine
-from edge_spec.options import EngineOptions
 from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.core.sampling import probs
+from edge_spec.models import registry as models
+from edge_spec.options import EngineOptions
+from edge_spec.pipeline.engine import Engine
 from edge_spec.types import SamplingParams
 from tests.backends.test_llama_backend import AlwaysDraft
 

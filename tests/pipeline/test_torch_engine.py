@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 import edge_spec
-from edge_spec.models import registry as models
 from edge_spec.backends import load as engine  # noqa: E402  (backend choice and loading)
-from edge_spec.surfaces.cli import app
+from edge_spec.models import registry as models
 from edge_spec.options import EngineOptions
+from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError
 
 SMOL = "smollm2-135m-instruct-q4_1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from edge_spec.models.shape import ModelShape
 from edge_spec.plan import profile
 

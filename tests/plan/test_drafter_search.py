@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_spec.plan import drafter_search
-from edge_spec.models import gguf_facts, registry as models
-from edge_spec.plan.drafter_search import Candidate, rank
+from edge_spec.models import gguf_facts
+from edge_spec.models import registry as models
 from edge_spec.models.gguf_facts import VOCAB_BLOCK, Vocab, vocab_problem
+from edge_spec.plan import drafter_search
+from edge_spec.plan.drafter_search import Candidate, rank
 from tests.models.test_discover import hf_model, ollama_model, places  # noqa: F401  (fixture)
 from tests.tiny_gguf import write_llama
 
@@ -103,8 +104,8 @@ def test_no_drafter_is_kept_when_none_pays(tiny):
 def test_ranking_by_the_planner_on_a_reference_profile():
     """The cost model decides: on the desktop reference profile's CPU the 0.5B drafter pays for
     the 1.5B target at acceptance 0.8 and not at 0.2 (on the 2-core CI profile it pays at neither)."""
-    from edge_spec.plan import planner, profile
     from edge_spec.models.shape import model_shape
+    from edge_spec.plan import planner, profile
 
     target_path, draft_path = models.require(models.DEFAULT_TARGET), models.require(models.DEFAULT_DRAFT)
     prof = profile.load("desktop-24gb-gpu")

@@ -69,7 +69,7 @@ def test_a_paged_target_drafts_trees_and_a_resident_one_chains(small_machine):
     """Where a pass reads the disk whatever it verifies, the plan drafts best-first trees
     (drafters/spectree.py) and the engine follows (EngineOptions.tree_budget None = the plan's);
     a resident target is never offered trees."""
-    from edge_spec.core.speculation import tree_expected_tokens, expected_tokens
+    from edge_spec.core.speculation import expected_tokens, tree_expected_tokens
 
     target = shape()
     drafter = shape("small", layers=24, layer_bytes=12 << 20, head=130 << 20, embd=0)

@@ -15,15 +15,14 @@ import gguf
 import pytest
 from typer.testing import CliRunner
 
-from edge_spec.models import registry as models
-from edge_spec.plan import costmodel, planner, profile
 from edge_spec.core.speculation import best_parallel_length
-from edge_spec.surfaces.cli import app
-from edge_spec.models.shape import ModelShape, model_shape
-from edge_spec.plan.costmodel import Placement
+from edge_spec.models import registry as models
 from edge_spec.models.gguf_file import read_header
-from edge_spec.plan import history
+from edge_spec.models.shape import ModelShape, model_shape
+from edge_spec.plan import costmodel, history, planner, profile
+from edge_spec.plan.costmodel import Placement
 from edge_spec.plan.history import History
+from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError, Stats
 from tests.tiny_gguf import truncate_copy, write_llama
 

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edge_spec.core.drafters.model import ModelDrafter
 from edge_spec.core.sampling import Random
 from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
-from edge_spec.core.drafters.model import ModelDrafter
 
 log = logging.getLogger(__name__)
 

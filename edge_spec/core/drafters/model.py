@@ -7,11 +7,11 @@ from typing import Sequence
 
 import numpy as np
 
+from edge_spec.core.drafters import spectree
+from edge_spec.core.drafters.spectree import MAX_DEPTH
 from edge_spec.core.sampling import Random, probs
 from edge_spec.core.tree import TokenTree
 from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
-from edge_spec.core.drafters import spectree
-from edge_spec.core.drafters.spectree import MAX_DEPTH
 
 
 class ModelDrafter:

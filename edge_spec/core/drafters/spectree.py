@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from edge_spec.defaults import TREE_MAX_DEPTH
 from edge_spec.core.tree import ROOT, TokenTree
+from edge_spec.defaults import TREE_MAX_DEPTH
 from edge_spec.types import SamplingParams
 
 PLAIN_SOFTMAX = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)

@@ -8,10 +8,12 @@ from typing import Optional
 
 import typer
 
+from edge_spec import __version__ as version
 from edge_spec.options import EngineOptions
 from edge_spec.surfaces import benchmark
 from edge_spec.surfaces.benchmark import QUICK, Settings
 from edge_spec.surfaces.cli.common import engine_command
+from edge_spec.types import EdgespecError
 
 S = Settings()
 
@@ -56,7 +58,6 @@ def bench_command(
 def _check_matplotlib() -> None:
     import importlib.util
 
-    from edge_spec.types import EdgespecError
 
     if importlib.util.find_spec("matplotlib") is None:
         raise EdgespecError("--plot needs matplotlib, which is not installed: pip install 'edgespec[plot]'")
@@ -66,7 +67,6 @@ def _settings(quick: bool, categories: str | None, per_category: int | None, n: 
               temps: str, reps: int) -> Settings:
     import dataclasses
 
-    from edge_spec.types import EdgespecError
 
     base = QUICK if quick else Settings()
     try:
@@ -117,7 +117,6 @@ def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool
 def _measure(engine, prompts, settings: Settings, console) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge_spec.surfaces import benchmark
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -135,7 +134,7 @@ def _describe(engine, settings: Settings) -> dict:
     import platform
     from datetime import datetime, timezone
 
-    from edge_spec import __version__ as version
+    # reading the GGUF header brings numpy: imported when a bench reports
     from edge_spec.models.gguf_facts import facts
 
     target = facts(engine.target.facts.path)

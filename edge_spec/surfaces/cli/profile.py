@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from edge_spec.backends import rpc as workers
+from edge_spec.models import registry as models
+from edge_spec.surfaces.cli.common import run
 from edge_spec.types import EdgespecError
 
 
@@ -42,15 +45,13 @@ def profile_command(
     what one decode step and one pass over k tokens of a model cost. About 15 s, plus 5-10 s per
     calibrated model on a 2-core machine. With --rpc, the workers too (a second each).
     """
-    from edge_spec.surfaces.cli.common import run
-
     run(lambda: _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick, rpc))
 
 
 def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick, rpc=None) -> None:
     from rich.console import Console
 
-    from edge_spec.backends import rpc as workers
+    # profiles are pydantic models: imported when a profile is made or shown, not for --help
     from edge_spec.plan import profile as profiles
 
     stdout, stderr = Console(), Console(stderr=True)
@@ -86,7 +87,7 @@ def _profile(name, calibrate, draft, threads, as_json, plot, out, show, quick, r
 def _measure(name: str, calibrate, draft, threads, quick: bool, console):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge_spec.models import registry as models
+    # measuring loads llama.cpp (and torch where a GPU is): imported when a profile is measured
     from edge_spec.plan import hardware
 
     if not name or Path(name).name != name or name.startswith("."):

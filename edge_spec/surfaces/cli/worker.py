@@ -9,7 +9,10 @@ from typing import Annotated
 
 import typer
 
+from edge_spec.backends.rpc import Worker
 from edge_spec.options import DEFAULT_PORT
+from edge_spec.surfaces.cli.common import run
+from edge_spec.surfaces.server_config import is_loopback
 
 LOOPBACK = "127.0.0.1"
 
@@ -32,16 +35,12 @@ def worker_command(
     The other machine gives `--rpc ADDRESS:PORT` to chat, generate, serve, plan or profile and
     places target layers here. Exit code: 130 after Ctrl-C, 143 after SIGTERM, the server's own
     (or 1) if it dies."""
-    from edge_spec.surfaces.cli.common import run
-
     run(lambda: _serve(host, port, threads, cache))
 
 
 def _serve(host: str, port: int, threads: int | None, cache: bool) -> None:
     from rich.console import Console
 
-    from edge_spec.backends.rpc import Worker
-    from edge_spec.surfaces.server_config import is_loopback
 
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
     host = LOOPBACK if host.lower() == "localhost" else host
