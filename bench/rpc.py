@@ -127,7 +127,7 @@ def _ngl(text: str) -> int | str | None:
 @contextlib.contextmanager
 def rig(workers: int, delay_ms: float, threads: int | None):
     """`workers` rpc-server workers on 127.0.0.1, each behind a LatencyProxy of its own: yields
-    the proxies' endpoints, for EngineOptions.rpc."""
+    the proxies' endpoints, for the rpc option."""
     from edge_spec.backends.rpc import Worker
 
     with contextlib.ExitStack() as stack:

@@ -1,4 +1,4 @@
-"""How long a drafter takes to grow a best-first tree (drafters/spectree.py): kept in its cache
+"""How long a drafter takes to grow a best-first tree (core/drafters/spectree.py): kept in its cache
 as it grows (extend_tree: each node evaluated once) vs evaluated again from the root at each pass
 (forward_tree over the new nodes' paths), interleaved in one process, on Spec-Bench prompts.
 

@@ -29,7 +29,7 @@ SUGGESTED_K, SUGGESTED_COVERAGE = 49152, 0.95
 # a model stored with fewer bits per weight than this gains too little from a 4-bit self-drafter
 MIN_SOURCE_BITS = 6.0
 
-# Best-first token trees (drafters/spectree.py), weighed by the planner where a target pass costs
+# Best-first token trees (core/drafters/spectree.py), weighed by the planner where a target pass costs
 # about the same for 1 or 100 tokens (a paged target). Budgets tried, and the prior for how much a
 # node's extra children catch: each further sibling is taken to catch TREE_SIBLING_CATCH of what
 # the ones before it missed. 0.2: with the 0.70 acceptance prior a 64-node tree is predicted 6.1

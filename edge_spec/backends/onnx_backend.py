@@ -27,22 +27,18 @@ Weights (`OnnxOptions.weights`), quantized from the float32 export and cached ne
     "int8"          onnxruntime.quantization's MatMulNBitsQuantizer: every weight MatMul (the LM
                     head included) becomes MatMulNBits with 8-bit symmetric weights in blocks of
                     32 along the input dimension, accuracy_level 4 (activations quantized to int8
-                    per row and block on the fly, int8 dot products). Measured on SmolLM2-135M,
-                    the code text of the tests: 99.2% argmax agreement with float32 (128 tokens).
-                    Without accuracy_level 4 (float compute) onnxruntime 1.31 ran it 25x slower
-                    than float32 here.
+                    per row and block on the fly, int8 dot products; without it, onnxruntime
+                    computes in float and runs far slower than float32).
     "int8-dynamic"  onnxruntime.quantization.quantize_dynamic: MatMul weights QUInt8 per tensor,
                     activations quantized per tensor at run time (MatMulInteger). The fastest, but
                     per-tensor activation scales meet the outlier channels of LLM activations
-                    (worst at the FFN down projections; left in float32: 95%, float32's speed):
-                    70% argmax agreement with float32. Measured alternatives: QInt8 weights 71%,
-                    about as fast; per-channel QUInt8 78%, 1.2x slower; per-channel QInt8 0%
-                    (garbage: the u8s8 kernels saturate on AVX2 without VNNI; reduce_range=True
-                    avoids it, 75%). A scale spans the whole pass, so a token's logits depend on
-                    the other tokens of its pass (batched vs one at a time: 80% argmax agreement;
-                    int8: 100%, float32: 100%): meant for drafters, not targets.
+                    (worst at the FFN down projections), and per-channel QInt8 garbles (the u8s8
+                    kernels saturate on AVX2 without VNNI). A scale spans the whole pass, so a
+                    token's logits depend on the other tokens of its pass: meant for drafters, not
+                    targets.
 
-Speeds: bench/backends.py, and the README's table.
+Agreement with float32 and speeds: tests/backends/test_onnx_backend.py, bench/backends.py and the
+README's table.
 
 The weights of the exported graph are Constant nodes (the traced module closes over tensors);
 both quantizers only see initializers, so the 2-D float Constants are moved to initializers first.

@@ -55,9 +55,7 @@ TREE_ROW_SLOPE = 0.3  # a drafter pass over n nodes costs 1 + TREE_ROW_SLOPE * (
 def tree_draft_cost(budget: int, step_cost: float, max_depth: int, slope: float = TREE_ROW_SLOPE) -> float:
     """Seconds the drafter spends growing a tree of `budget` nodes in its cache (extend_tree):
     up to max_depth passes, each evaluating its budget / max_depth new nodes, a pass over n
-    tokens costing step_cost * (1 + slope * (n - 1)). Qwen2.5-Coder-0.5B on 2 busy cores grew
-    16 / 32 / 64 nodes in 1.15 / 1.22 / 1.60 s, about 16 / 21 / 30 steps of ~60 ms
-    (bench/tree_growth.py)."""
+    tokens costing step_cost * (1 + slope * (n - 1)) (the slope: bench/tree_growth.py)."""
     passes = min(budget, max_depth)
     per_pass = -(-budget // max_depth)
     return passes * step_cost * (1 + slope * (per_pass - 1))

@@ -9,11 +9,10 @@ in the pass adds its compute:
 
 with the bandwidth and throughput a profile measured (STREAM triad, BLAS f32 GEMM) scaled by how
 much of them llama.cpp's quantized kernels reach. The efficiencies were fitted on this project's
-CI machine against the calibrations in its profile, taken in the same hour (profiles/ci-2core.json:
-2-core AMD EPYC, AVX2, triad 29 GB/s, GEMM 192 GFLOP/s; Qwen2.5-Coder 1.5B Q4_K_M decode 58 ms,
-k = 2..16 within 22%; 0.5B Q8_0 decode 29 ms, predicted 24). The real curve has steps where
-llama.cpp switches kernels, so calibrated measurements replace this formula whenever they exist. A split placement (n layers on the GPU, the rest on the CPU)
-costs the sum of both parts.
+CI machine against the calibrations in its profile, taken in the same hour (profiles/ci-2core.json;
+the README's "Planning" section gives the fit and its error). The real curve has steps where
+llama.cpp switches kernels, so calibrated measurements replace this formula whenever they exist.
+A split placement (n layers on the GPU, the rest on the CPU) costs the sum of both parts.
 
 An offloaded target (SpecExec; the torch backend, backends/offload.py) computes every layer on
 the GPU and streams the layers that are not resident from host memory at every pass; copying

@@ -22,9 +22,9 @@ made during the verification t_v = t_target(k + 1), so the cycle costs the longe
 after any rejection it costs what the sequential cycle does. It is weighed where drafter and
 target compute on different devices (all of the target on a GPU and the drafter on the CPU, or
 the reverse), and on a CPU alone with the cores split between them: each pass then costs its
-all-threads cost times all threads / its threads. That is compute-bound scaling: on the 2-core
-CI machine one thread instead of two made passes 1.6-1.8x slower (bench/threads.py), more than
-the roofline predicts, because the two models also share the memory bandwidth.
+all-threads cost times all threads / its threads. That is compute-bound scaling, and the
+measured slow-down of fewer threads is larger still (bench/threads.py), because the two models
+also share the memory bandwidth.
 
 Offloading (SpecExec): where torch is installed (`offload=True`), a GPU torch can drive (CUDA or
 ROCm) exists and the target does not fit in its VRAM, the target may also run on the torch
@@ -355,7 +355,7 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
 
 
 def _tree_alternatives(target, drafter, profile, tp, dp, a, d_cost, knowledge, common, costs):
-    """Best-first trees (drafters/spectree.py) of each budget in TREE_BUDGETS, the best one kept:
+    """Best-first trees (core/drafters/spectree.py) of each budget in TREE_BUDGETS, the best one kept:
     E from speculation.tree_expected_tokens, cost one target pass over the tree plus growing it."""
     sizes = [b + 1 for b in TREE_BUDGETS]
     t_costs, _ = costmodel.pass_costs(target, profile, tp, sizes)

@@ -4,9 +4,9 @@ of the developers' bench/speculative.py.
 Same target weights, same threads, same prompts. The two generations run *interleaved*: plain
 decoding on one llama.cpp context and edgespec on another context of the same loaded model,
 advancing whichever has used less time so far, one step at a time. Both therefore see the same
-machine at the same moments, and the drift of a shared machine (±10% between runs on a busy
-2-core one) cancels out of the ratio. Each edgespec run starts from the controller state right
-after calibration (nothing learned from earlier prompts).
+machine at the same moments, and the drift of a shared machine cancels out of the ratio. Each
+edgespec run is a fork of the engine's runtime (its drafters, decoding and schedule) from the
+controller state right after calibration (nothing learned from earlier prompts).
 
 The prompts (data/prompts.jsonl, see data/PROMPTS.md) are Spec-Bench's questions by category
 (Apache-2.0) and the three prompts edgespec was first benchmarked with (category "fixed").

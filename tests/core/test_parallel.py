@@ -99,6 +99,38 @@ def test_drafting_ahead_with_four_token_replies():
     assert_exact(parallel_deviations([CASES[0], CASES[12]], 2, lambda i: 1, sp))
 
 
+LONG = PLAIN.with_(max_tokens=5)  # a drafted-ahead buffer kept over a verdict is verified too
+KEPT = [CASES[0], CASES[3]]
+
+
+def test_a_buffer_kept_across_steps_keeps_the_target_distribution_over_five_tokens():
+    assert_exact(parallel_deviations(KEPT, 1, lambda i: 3, LONG))
+
+
+def _post_with_the_q_rows_one_off(self, context):
+    """AheadDrafter._post keeping the buffer's tokens, each with the q of the token before it."""
+    with self._cond:
+        n, b = len(context), len(self._base)
+        if n == b and list(context) == self._base:
+            return
+        if b <= n <= b + len(self._drafts) and list(context[:b]) == self._base \
+                and list(context[b:]) == self._tokens()[: n - b]:
+            kept = self._drafts[n - b:]
+            self._drafts = [(x, q) for (x, _), (_, q) in zip(kept, self._drafts[max(n - b - 1, 0):])]
+        else:
+            self._drafts, self._epoch = [], self._epoch + 1
+        self._base = list(context)
+        self._cond.notify_all()
+
+
+def test_a_kept_buffer_with_its_q_rows_one_off_fails_at_five_tokens_not_before(monkeypatch):
+    """The bug a 3- or 4-token enumeration cannot see: a buffer kept across a verdict is only
+    verified from the fifth token on."""
+    monkeypatch.setattr(AheadDrafter, "_post", _post_with_the_q_rows_one_off)
+    assert max(parallel_deviations(KEPT, 1, lambda i: 3, PLAIN.with_(max_tokens=4)).values()) < 1e-12
+    assert max(parallel_deviations(KEPT, 1, lambda i: 3, LONG).values()) > 1e-3
+
+
 def test_drafts_made_ahead_are_really_used():
     """Drafter = target at T = 0: every draft and the token after it are the drafter's, so what
     was drafted ahead is kept: 2 of each 2-token draft after the first."""

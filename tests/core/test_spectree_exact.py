@@ -1,4 +1,4 @@
-"""Best-first token trees (SpecExec, edge_spec/drafters/spectree.py) keep the target distribution,
+"""Best-first token trees (SpecExec, edge_spec/core/drafters/spectree.py) keep the target distribution,
 checked exactly: every random path of the whole runtime step (the tree grown by the drafter, the
 n-gram trie merged in, one target pass, verify_tree, the cache cut back) is enumerated with its
 probability (tests/fakes.py: Enumerator), and the distribution of the emitted tokens must equal

@@ -7,6 +7,8 @@ Notation as in edge_spec/types.py: p = target distribution, q = draft distributi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -262,6 +264,61 @@ def test_greedy_equals_plain_greedy_decoding(k):
             assert got == want, (s, name)
             accepted += steps[-1].stats.n_accepted
     assert accepted > 0
+
+
+def tied_dist(seed: int, vocab: int) -> Callable:
+    """A Markov chain whose two most probable next tokens are exactly tied after every token:
+    greedy decoding's tie-break decides (the lower id, as numpy's argmax and plain decoding)."""
+    def dist(prefix):
+        g = np.random.default_rng([seed, prefix[-1]])
+        p = g.dirichlet(np.ones(vocab))
+        a, b = g.choice(vocab, 2, replace=False)
+        p[a] = p[b] = p.max() + 0.1
+        return p / p.sum()
+    return dist
+
+
+def other_tie(p, context: tuple[int, ...], k: int) -> list[int]:
+    """k tokens, each the tied token greedy decoding does not pick (the higher id)."""
+    out = list(context)
+    for _ in range(k):
+        row = p(tuple(out))
+        out.append(int(np.flatnonzero(row == row.max())[-1]))
+    return out[len(context):]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_breaks_exact_ties_as_plain_decoding_does(k):
+    """Drafts of the tied token plain decoding does not pick are rejected, and drafts of the one
+    it picks accepted: the output is plain greedy decoding's, tie for tie."""
+    vocab, accepted, rejected = 5, 0, 0
+    for s in range(4):
+        p = tied_dist(s, vocab)
+        prompt = [s % vocab, (s + 2) % vocab]
+        want = greedy_decode(p, prompt, GREEDY.max_tokens)
+        drafters = {"self": ModelDrafter(FakeModel(p, vocab)),
+                    "other-tie": FunctionDrafter(lambda ctx, n, p=p: other_tie(p, ctx, n), source="model")}
+        for name, drafter in drafters.items():
+            steps = list(Runtime(FakeModel(p, vocab), [drafter], FixedController(k)).generate(prompt, GREEDY))
+            assert tuple(t for step in steps for t in step.tokens) == want, (s, name)
+            stats = steps[-1].stats
+            accepted += stats.n_accepted if name == "self" else 0
+            rejected += stats.n_drafted - stats.n_accepted if name == "other-tie" else 0
+    assert accepted > 0 and rejected > 0
+
+
+def _ties_accepted(draft: Draft, logits, sp, rng) -> Verdict:
+    """Broken greedy rule: a draft token tied with the most probable one is accepted."""
+    n = 0
+    while n < len(draft) and logits[n, draft.tokens[n]] == logits[n].max():
+        n += 1
+    return Verdict(n, int(np.argmax(logits[n])))
+
+
+def test_a_greedy_rule_that_breaks_ties_otherwise_fails_the_tie_test(monkeypatch):
+    monkeypatch.setattr(edge_spec.core.runtime, "verify", _ties_accepted)
+    with pytest.raises(AssertionError):
+        test_greedy_breaks_exact_ties_as_plain_decoding_does(1)
 
 
 # --- broken verifiers must fail the same tests ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Best-first token trees (SpecExec, edge_spec/drafters/spectree.py) on a real model: SmolLM2-135M
+"""Best-first token trees (SpecExec, edge_spec/core/drafters/spectree.py) on a real model: SmolLM2-135M
 verifies trees grown by a Q4_0 requantization of itself (llama.cpp sequence sets on both sides).
 Greedy output equals plain greedy decoding (near-ties aside), sampling keeps the target's
 distribution (chi-square on the first token), and a tree is worth more than one node per target

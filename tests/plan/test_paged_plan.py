@@ -67,7 +67,7 @@ def test_a_paged_calibration_is_not_taken_for_a_resident_one(small_machine):
 
 def test_a_paged_target_drafts_trees_and_a_resident_one_chains(small_machine):
     """Where a pass reads the disk whatever it verifies, the plan drafts best-first trees
-    (drafters/spectree.py) and the engine follows (EngineOptions.tree_budget None = the plan's);
+    (core/drafters/spectree.py) and the engine follows (tree_budget None = the plan's);
     a resident target is never offered trees."""
     from edge_spec.core.speculation import expected_tokens, tree_expected_tokens
 

@@ -20,7 +20,7 @@ class ModelDrafter:
 
     def __init__(self, backend):
         self.backend = backend
-        # a trimmed drafter (build/trim.py, run by drafters/trimmed.py) has logits over its kept tokens only: row i is
+        # a trimmed drafter (build/trim.py, run by backends/trimmed.py) has logits over its kept tokens only: row i is
         # target token kept[i], and q is zero for every other target token
         self.kept = getattr(backend, "kept", None)
 
@@ -98,7 +98,7 @@ class ModelDrafter:
                            seed: TokenTree | None = None, seed_accept: float = 0.0,
                            costs: tuple[float, float] | None = None) -> TokenTree | None:
         """The drafter's `budget` most probable continuations as one tree (SpecExec; see
-        drafters/spectree.py), starting from `seed`'s nodes (n-gram continuations). Uses no
+        core/drafters/spectree.py), starting from `seed`'s nodes (n-gram continuations). Uses no
         randomness: verify_tree samples and compares. `seed_accept`, `costs`: see spectree.grow."""
         return spectree.grow(self, context, budget, sp, max_depth=max_depth, max_leaves=max_leaves, seed=seed,
                              seed_accept=seed_accept, costs=costs)
