@@ -126,3 +126,28 @@ def test_quick_bench_on_the_small_model_writes_json_and_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot written to" in r.stderr and "bench took" in r.stderr
     print(f"edgespec bench --quick on {smol}: {seconds:.0f} s")
+
+
+def test_the_bench_runs_what_the_engine_runs_trees_included(tmp_path, monkeypatch):
+    """The edgespec side of the bench is a fork of the engine's runtime: with trees planned (here
+    asked for), the target verifies trees in the bench too (it ran chains before `Runtime.fork`)."""
+    from edge_spec.options import EngineOptions
+    from edge_spec.pipeline.engine import Engine
+    from tests.tiny_gguf import write_llama
+
+    monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))
+    target = write_llama(tmp_path / "t.gguf", seed=1, chat_template="{{ messages[0]['content'] }}")
+    draft = write_llama(tmp_path / "d.gguf", seed=1)  # the target's very weights: drafts are accepted
+    options = EngineOptions.of(model=str(target), draft=str(draft), tree_budget=4, draft_length=2, n_ctx=256,
+                               n_threads=1, plan=False, history=False)
+    with Engine.load(options) as engine:
+        bench = benchmark.Bench(engine)
+        trees = []
+        forward_tree = engine.target.forward_tree
+        monkeypatch.setattr(engine.target, "forward_tree", lambda *a: trees.append(len(a[1])) or forward_tree(*a))
+        try:
+            row = bench.measure("t", "1 2 3 4 5 6 7 8", 0.0, 12, 1)
+        finally:
+            bench.close()
+    assert trees and max(trees) <= 4 and row["drafted"] > 0
+    assert engine.runtime.decoding.tree_budget == 4
