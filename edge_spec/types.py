@@ -96,6 +96,7 @@ class Draft:
     probs: np.ndarray | None  # [k, vocab] or None
     source: str  # the acceptance-statistics key, e.g. "model", "ngram" or "ngram:long"
     seconds_per_token: float | None = None  # drafter's steady-state cost; None = free or unknown
+    catch_up: tuple[int, float] | None = None  # (tokens, seconds) the drafter read first, unseen before
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -58,6 +58,20 @@ def _real_models_only_when_marked(request, monkeypatch):
         monkeypatch.setattr(cls, "__init__", guarded(cls))
 
 
+@pytest.fixture(autouse=True)
+def _drafters_do_not_fail_unless_expected(request, monkeypatch):
+    """A drafter that raises is dropped and the reply goes on, still lossless: an exact test would
+    then pass with nothing drafted. Outside tests marked `drafter_failures`, a drop fails the test."""
+    if "drafter_failures" in request.node.keywords:
+        return
+    from edge_spec.core.runtime import Runtime
+
+    def drop(drafters, drafter, exc, c):
+        pytest.fail(f"drafter {drafter.source} failed: {type(exc).__name__}: {exc}")
+
+    monkeypatch.setattr(Runtime, "_drop", staticmethod(drop))
+
+
 # --- the real models ------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smol_path() -> Path:

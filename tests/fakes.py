@@ -239,7 +239,7 @@ class FixedController(Controller):
         super().__init__()
         self.k = k
 
-    def draft_length(self, source: str, cap: int) -> int:
+    def draft_length(self, source: str, cap: int, behind: int = 0) -> int:
         return max(0, min(self.k, cap))
 
     def could_pay(self, source: str) -> bool:
@@ -248,7 +248,8 @@ class FixedController(Controller):
     def observe_verify(self, n_tokens: int, seconds: float) -> None:
         pass
 
-    def observe_draft(self, source: str, k: int, n_accepted: int, seconds_per_token: float | None) -> None:
+    def observe_draft(self, source: str, k: int, n_accepted: int, seconds_per_token: float | None,
+                      catch_up=None) -> None:
         pass
 
 
@@ -261,6 +262,9 @@ class FunctionDrafter:
     def __init__(self, propose_fn: Callable[[tuple[int, ...], int], Sequence[int]], source: str = "ngram"):
         self.propose_fn = propose_fn
         self.source = source
+
+    def behind(self, context) -> int:
+        return 0
 
     def prefill(self, context) -> None:
         pass

@@ -222,7 +222,7 @@ class Runtime:
                 key = drafter.ready(context)
                 if key is None:
                     continue
-                k = self.controller.draft_length(key, cap)
+                k = self.controller.draft_length(key, cap, drafter.behind(context))
                 if k > 0:
                     draft = drafter.propose(context, k, sp, rng)
                     if draft:
@@ -246,7 +246,7 @@ class Runtime:
                 continue
             try:
                 key = drafter.ready(context)
-                if key is None or self.controller.draft_length(key, min(room - 1, left - 1)) <= 0:
+                if key is None or self.controller.draft_length(key, min(room - 1, left - 1), drafter.behind(context)) <= 0:
                     continue
                 seed_accept = self.controller.acceptance(trie_key) if trie_key else 0.0
                 tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
@@ -292,7 +292,7 @@ class Runtime:
         if draft:
             verdict = verify(draft, logits, sp, rng)
             self.target.truncate(n_past + 1 + verdict.n_accepted)
-            self.controller.observe_draft(draft.source, k, verdict.n_accepted, draft.seconds_per_token)
+            self.controller.observe_draft(draft.source, k, verdict.n_accepted, draft.seconds_per_token, draft.catch_up)
             c.drafted[draft.source] += k
             c.accepted[draft.source] += verdict.n_accepted
             c.rejected[draft.source] += verdict.n_accepted < k

@@ -2,8 +2,8 @@
 the server talk to. `Engine.load` runs the pipeline's five stages (see pipeline/__init__.py).
 
 While it runs, the Controller corrects costs and acceptance; at close the acceptance measured goes
-to the history (plan/history.py) and a calibration this session contradicts is dropped, so the
-next plan starts from what this one learned.
+to the history (plan/history.py) and the target passes it timed are blended into the cached
+calibration (plan/calibrate.py: `learn`), so the next plan starts from what this one learned.
 """
 
 from __future__ import annotations
@@ -19,15 +19,10 @@ from edge_spec.pipeline.calibration import calibrate
 from edge_spec.pipeline.loading import load
 from edge_spec.pipeline.planning import plan
 from edge_spec.pipeline.resolve import resolve
-from edge_spec.plan.calibrate import calibration_file
+from edge_spec.plan.calibrate import learn
 from edge_spec.plan.history import History
 from edge_spec.plan.planner import Plan
 from edge_spec.types import SamplingParams, Step
-
-# a session's plain steps this far from the calibrated step (over at least this many) mark the
-# cached calibration stale; a calibration taken while other work ran was seen 3x too slow here
-STALE_CALIBRATION = 0.3
-STALE_MIN_STEPS = 32
 
 
 def _silent(what: str, fraction: float) -> None:
@@ -36,13 +31,12 @@ def _silent(what: str, fraction: float) -> None:
 
 class Engine:
     def __init__(self, target, draft_backend, runtime: Runtime, options: EngineOptions,
-                 plan: Plan | None = None, notes: tuple[str, ...] = (), calibrated_step: float | None = None):
+                 plan: Plan | None = None, notes: tuple[str, ...] = ()):
         self.target, self.draft_backend = target, draft_backend
         self.runtime, self.options = runtime, options
         self.plan = plan      # the planner's Plan (None when planning was off)
         self.notes = notes    # what the engine decided on its own, for the user to see
         self._history = History() if options.planning.history and plan is not None else None
-        self._calibrated_step = calibrated_step  # seconds of one step, as calibrated at load
         self._templates: TemplateRenderer | None = None  # the chat template's renderer (a child process)
 
     @property
@@ -71,10 +65,8 @@ class Engine:
         except BaseException:
             loaded.close()
             raise
-        measured = calibrated.measured
         engine = cls(loaded.target, calibrated.drafter, runtime, options, calibrated.plan,
-                     tuple(dict.fromkeys((*planned.notes, *loaded.notes, *calibrated.notes, *notes))),
-                     calibrated_step=measured.target[1] if measured is not None else None)
+                     tuple(dict.fromkeys((*planned.notes, *loaded.notes, *calibrated.notes, *notes))))
         problem = engine.templates.check()  # a template that fails or spends its budget: said at load
         if problem is not None:
             engine.notes = (*engine.notes, problem)
@@ -108,7 +100,8 @@ class Engine:
     def close(self) -> None:
         if self._templates is not None:
             self._templates.close()
-        self._check_calibration()
+        if self.options.planning.calibrate:
+            learn(self.target, {n: (count, seconds) for n, (count, seconds) in self.runtime.controller.observed.items()})
         if self._history is not None:
             try:
                 self._history.save()
@@ -117,19 +110,6 @@ class Engine:
         self.target.close()
         if self.draft_backend is not None:
             self.draft_backend.close()
-
-    def _check_calibration(self) -> None:
-        """Online correction of the cached calibration: when this session's plain steps cost
-        clearly more or less than the calibration said (it was taken while the machine was busy,
-        or the machine changed), drop the cached curve so the next load measures it again."""
-        count, total = self.runtime.controller._plain
-        if count < STALE_MIN_STEPS or self._calibrated_step is None:
-            return
-        if abs(total / count / self._calibrated_step - 1) > STALE_CALIBRATION:
-            try:
-                calibration_file(self.target).unlink(missing_ok=True)
-            except OSError:
-                pass
 
     def __enter__(self):
         return self

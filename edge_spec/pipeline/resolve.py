@@ -22,7 +22,7 @@ class Resolved:
 def resolve(options: EngineOptions) -> Resolved:
     target_path, draft_path = model_paths(options)
     target = ModelFile.open(target_path)
-    draft = ModelFile.open(draft_path) if draft_path is not None else None
+    draft = ModelFile.find(draft_path) if draft_path is not None else None  # read when it loads
     check_backends(options.model, target, draft)  # before anything is planned or loaded
     return Resolved(target, draft)
 

@@ -102,13 +102,55 @@ def verify_costs(backend, max_n: int, reps: int = 2,
             known = _read(path)
         except OSError:
             known = None
-        if known and all(n in known for n in sizes_for(backend, max_n)):
+        if known and 1 in known:  # what it lacks the Controller's curve extrapolates, and learns
             return known
     costs = measure(backend, max_n, reps, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"schema": SCHEMA, "model": backend.facts.path,
-                                "threads": backend.n_threads, "seconds": costs}, indent=1))
+    _write(path, backend, costs)
     return costs
+
+
+def _write(path: Path, backend, seconds: dict[int, float]) -> None:
+    """Atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"schema": SCHEMA, "model": backend.facts.path, "threads": backend.n_threads,
+                               "seconds": {int(n): s for n, s in sorted(seconds.items())}}, indent=1))
+    os.replace(tmp, path)
+
+
+# a session's passes move the cached curve by count / (count + CACHED_WEIGHT) of their difference:
+# one session on a busy machine moves it part of the way, many sessions all of it
+CACHED_WEIGHT = 16
+MIN_PASSES = 3  # passes of a size a session must have made to say anything about it
+
+
+def learn(backend, observed: dict[int, tuple[int, float]]) -> dict[int, float] | None:
+    """Blend the passes a session made (n -> (count, total seconds)) into the backend's cached
+    calibration, which is never deleted: every verified pass in normal use is a measurement.
+    Returns the updated seconds by n (None when nothing was cached or learned, or the state
+    folder is read-only)."""
+    path = calibration_file(backend)
+    try:
+        known = _read(path)
+    except OSError:
+        return None
+    if not known or 1 not in known:
+        return None
+    changed = False
+    for n, (count, total) in observed.items():
+        if count < MIN_PASSES:
+            continue
+        mean = total / count
+        old = known.get(n)
+        known[n] = mean if old is None else old + count / (count + CACHED_WEIGHT) * (mean - old)
+        changed = True
+    if not changed:
+        return None
+    try:
+        _write(path, backend, known)
+    except OSError:
+        return None
+    return known
 
 
 def sizes(max_n: int) -> list[int]:

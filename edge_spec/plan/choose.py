@@ -85,8 +85,8 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     `calibration` just measured (edge_spec.plan.calibrate.measure_pair). `target` and `draft`:
     opened model files (a path is opened here: a missing or foreign file is the usual one-line
     error, before any planning). `workers`: options.model.rpc probed (rpc_workers), else probed here."""
-    target = ModelFile.open(target)
-    draft = ModelFile.open(draft) if draft is not None else None
+    target = ModelFile.find(target)
+    draft = ModelFile.find(draft) if draft is not None else None
     report("planning", 0.0)
     prof = prof or with_memory_budget(options, machine_profile(options.planning.profile, report), notes)
     threads = threads or options.model.n_threads or prof.cpu.physical_cores
@@ -114,7 +114,8 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
         return planner.plan(target.shape, prof, draft.shape if draft else None,
                             n_ctx=options.memory.n_ctx, knowledge=knowledge, calibrations=tuple(cals),
                             max_draft=options.drafting.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
-                            offload=torch_offload_possible(options.model.backend, target), workers=workers,
+                            offload=bool(prof.gpus) and torch_offload_possible(options.model.backend, target),
+                            workers=workers,
                             rpc_layers=options.model.n_gpu_layers if options.model.rpc else None)
 
     result = planned(cals)
@@ -134,13 +135,13 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
     model files (ModelFile) or paths; `opened` (if given) receives every drafter file opened here,
     by its path as the plan names it, so the caller need not open the chosen one again."""
     report = report or _silent
-    target = ModelFile.open(target)
+    target = ModelFile.find(target)
     prof = with_memory_budget(options, machine_profile(options.planning.profile, report), notes)
     workers = rpc_workers(options)
     if options.model.draft is None and options.drafting.draft_model and not options.drafting.plain:
         best, weighed = _plan_with_search(options, target, notes, report, prof, workers)
     else:
-        weighed = [ModelFile.open(draft)] if draft is not None else []
+        weighed = [ModelFile.find(draft)] if draft is not None else []
         best = plan_with(options, target, weighed[0] if weighed else None, notes, report, prof=prof, workers=workers)
     if opened is not None:
         opened.update({c.shape.path: c for c in weighed})
@@ -162,7 +163,7 @@ def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, re
 
     def predict(path):
         if path not in plans:
-            files[path] = ModelFile.open(path) if path is not None else None
+            files[path] = ModelFile.find(path) if path is not None else None
             plans[path] = plan_with(options, target, files[path], notes, report, prof=prof, workers=workers)
         return drafter_search.draft_rate(plans[path])
 
@@ -214,7 +215,7 @@ def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, ca
     default = models.installed_path(models.DEFAULT_DRAFT)
     if default is None or default not in candidates or any(str(c).endswith(".trim.gguf") for c in candidates if c):
         return
-    shape = ModelFile.open(default).shape
+    shape = ModelFile.find(default).shape
     if shape.vocab_size <= SUGGESTED_K:
         return
     hypothetical = trimmed_shape(shape, SUGGESTED_K, min(1.0, BITS["q4_0"] / source_bits(shape)))
@@ -238,7 +239,7 @@ def check_memory(target_path, draft_path, t_opts, d_opts, memory_budget: int | N
     for path, opts in ((target_path, t_opts), (draft_path, d_opts)):
         if path is None:
             continue
-        shape = ModelFile.open(path).shape
+        shape = ModelFile.find(path).shape
         if opts.kind == "onnx":
             ram = costmodel.onnx_memory_need(shape, opts.n_ctx, opts.weights)
         elif opts.kind == "torch":
@@ -263,7 +264,7 @@ def cached_calibrations(options: EngineOptions, model: ModelFile, threads: int, 
     """Cached measurements of a model on the CPU and, where llama.cpp can offload, all on the GPU;
     with `disk_bytes`, of it paged so (calibrate.paged_key)."""
     out = []
-    for ngl in (0, ModelFile.open(model).shape.n_layers + 1) if gpu else (0,):
+    for ngl in (0, ModelFile.find(model).shape.n_layers + 1) if gpu else (0,):
         cal = calibrate.cached(model, threads, LlamaOptions(
             n_ctx=options.memory.n_ctx, n_threads=threads, n_gpu_layers=ngl,
             type_k=options.memory.type_k or "f16", type_v=options.memory.type_v or "f16", disk_bytes=disk_bytes))

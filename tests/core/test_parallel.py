@@ -260,6 +260,7 @@ def test_every_verified_draft_token_carries_the_q_it_was_drawn_from(monkeypatch)
     assert not drafting_threads()
 
 
+@pytest.mark.drafter_failures
 def test_a_failing_drafting_thread_hands_the_reply_to_plain_decoding():
     p = peaked_dist(7, 16, order=2)
     plain = generated(Runtime(FakeModel(p, 16, n_ctx=256), []), [1, 2], GREEDY)
@@ -271,6 +272,7 @@ def test_a_failing_drafting_thread_hands_the_reply_to_plain_decoding():
     assert not drafting_threads()
 
 
+@pytest.mark.drafter_failures
 def test_a_failing_drafting_thread_hands_over_to_the_ngram_drafter():
     p = peaked_dist(8, 16, order=1)
     plain = generated(Runtime(FakeModel(p, 16, n_ctx=256), []), [1, 2, 1, 2], GREEDY)

@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from edge_spec.core.controller import INITIAL_BACKOFF, PROBE_LENGTH, Controller
 from edge_spec.core.drafters import ModelDrafter, NgramDrafter
 from edge_spec.core.runtime import Runtime
 from edge_spec.core.sampling import NumpyRandom
@@ -278,57 +277,6 @@ def test_plain_second_generation_evaluates_only_the_pending_token():
     assert target.n_evaluated - before == 1
 
 
-# --- controller ----------------------------------------------------------------------------
-def test_controller_decodes_plainly_until_a_plain_step_is_measured():
-    c = Controller()
-    assert c.draft_length("model", 8) == 0
-    assert c.draft_length("ngram", 8) == 0
-    c.observe_verify(1, 0.01)
-    assert c.draft_length("ngram", 8) > 0
-
-
-def test_controller_backs_off_when_drafting_cannot_pay_then_probes():
-    c = Controller()
-    c.observe_verify(1, 0.010)
-    c.observe_verify(3, 0.030)  # verification grows fast with length: 10 ms per extra token
-    for _ in range(5):
-        c.observe_draft("model", 2, 0, 0.010)  # every draft rejected, and drafting is not cheap
-    decisions = [c.draft_length("model", 8) for _ in range(1 + INITIAL_BACKOFF + 1)]
-    assert decisions == [0] * (1 + INITIAL_BACKOFF) + [PROBE_LENGTH]
-    c.observe_draft("model", PROBE_LENGTH, 0, 0.010)  # the probe is rejected too
-    decisions = [c.draft_length("model", 8) for _ in range(1 + 2 * INITIAL_BACKOFF + 1)]
-    assert decisions == [0] * (1 + 2 * INITIAL_BACKOFF) + [PROBE_LENGTH]  # the cool-down doubled
-
-
-def test_controller_drafts_long_from_a_free_source_with_high_acceptance():
-    c = Controller()
-    c.observe_verify(1, 0.010)
-    c.observe_verify(17, 0.012)  # verifying 17 tokens costs little more than one
-    for _ in range(20):
-        c.observe_draft("ngram", 8, 8, None)
-    assert c.draft_length("ngram", 16) == 16
-    assert c.draft_length("ngram", 5) == 5  # bounded by the cap
-    low = Controller()
-    low.observe_verify(1, 0.010)
-    low.observe_verify(17, 0.012)
-    for _ in range(20):
-        low.observe_draft("ngram", 8, 0, None)
-    assert low.draft_length("ngram", 16) < c.draft_length("ngram", 16)
-
-
-@pytest.mark.parametrize("costs,want", [
-    ({1: 0.010, 9: 0.040, 17: 0.020}, 16),  # 16 drafts verify cheaply per token, 8 do not
-    ({1: 0.010, 9: 0.011, 17: 0.050}, 8),   # the other way round
-])
-def test_controller_prefers_the_length_the_cost_table_favours(costs, want):
-    c = Controller()
-    for n, seconds in costs.items():
-        c.observe_verify(n, seconds)
-    for _ in range(30):
-        c.observe_draft("ngram", 9, 8, None)  # acceptance about 8/9
-    assert c.draft_length("ngram", 16) == want
-
-
 def test_seeded_ngram_speculation_emits_what_plain_decoding_with_that_seed_does():
     """n-gram drafts are checked by sampling p and comparing (verify.py), one draw per emitted
     token as in plain sampling: same seed, same tokens, however many drafts were made."""
@@ -364,6 +312,7 @@ class FailingDrafter(ModelDrafter):
         return super().propose(context, budget, sp, rng)
 
 
+@pytest.mark.drafter_failures
 @pytest.mark.parametrize("where,fail_at", [("propose", 1), ("propose", 3), ("prefill", 1)])
 @pytest.mark.parametrize("sp", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_a_failing_drafter_leaves_the_reply_to_the_others_and_says_so(sp, where, fail_at):
@@ -385,6 +334,7 @@ def test_a_failing_drafter_leaves_the_reply_to_the_others_and_says_so(sp, where,
     assert steps[-1].stats.notes == () and steps[-1].stats.n_drafted > 0
 
 
+@pytest.mark.drafter_failures
 def test_a_failing_drafter_hands_over_to_the_next_one():
     target = FakeModel(peaked_dist(11, 6), 6)
     failing = FailingDrafter(FakeModel(peaked_dist(12, 6), 6), "propose", 2)

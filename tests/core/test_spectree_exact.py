@@ -237,6 +237,7 @@ def test_limits_hold_and_the_chain_fallback_builds_the_same_tree():
             assert not tree.sampled and tree.q is None  # verified by sample-and-compare
 
 
+@pytest.mark.drafter_failures
 def test_the_drafter_cache_is_restored_when_a_pass_fails():
     """Nothing of the tree stays in the cache (only a prefix of the context), and the next tree
     is the one a fresh drafter grows."""

@@ -1,9 +1,11 @@
 """Drafters propose tokens for the target to verify.
 
-A drafter names its statistics `source` and has three methods: `prefill(context)` readies it with
+A drafter names its statistics `source` and has four methods: `prefill(context)` readies it with
 the prompt; `ready(context)` names the statistics key of the draft it would make now, or None when
-it has nothing to offer (an n-gram drafter without a match); `propose(context, k, sp, rng)`
-returns a Draft of at most k tokens (k: the draft length the Controller chose). What else it can
+it has nothing to offer (an n-gram drafter without a match); `behind(context)` says how many
+tokens it would read before drafting (a draft model left idle catches up; the Controller counts
+that cost); `propose(context, k, sp, rng)` returns a Draft of at most k tokens (k: the draft
+length the Controller chose). What else it can
 do is data, its `capabilities` (edge_spec.types.DrafterCapabilities), as whether a draft carries
 probabilities is (`Draft.probs`): never a class or hasattr check.
 
@@ -28,6 +30,8 @@ class Drafter(Protocol):
     def prefill(self, context: Sequence[int]) -> None: ...  # with the prompt, outside decode time
 
     def ready(self, context: Sequence[int]) -> str | None: ...
+
+    def behind(self, context: Sequence[int]) -> int: ...  # tokens it must read before drafting (its catch-up)
 
     def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
 

@@ -73,6 +73,9 @@ class AheadDrafter:
             self._thread = threading.Thread(target=self._run, name="edgespec-drafter", daemon=True)
             self._thread.start()
 
+    def behind(self, context: Sequence[int]) -> int:
+        return 0  # its thread follows the context
+
     def ready(self, context: Sequence[int]) -> str | None:
         """Called at every step with the context: this is where the verdict reaches the worker."""
         self._post(context)

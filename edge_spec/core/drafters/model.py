@@ -37,6 +37,10 @@ class ModelDrafter:
     def ready(self, context: Sequence[int]) -> str | None:
         return self.source
 
+    def behind(self, context: Sequence[int]) -> int:
+        """Context tokens its cache lacks, the last one aside (a draft starts by evaluating it)."""
+        return len(context) - 1 - min(common_prefix(self.backend.tokens, context), len(context) - 1)
+
     def prefill(self, context: Sequence[int]) -> None:
         """Bring the cache up to context[:-1] (done with the prompt, before drafting starts)."""
         held = common_prefix(self.backend.tokens, context[:-1])
@@ -63,13 +67,15 @@ class ModelDrafter:
             if i + 1 < k:
                 logits = self.backend.forward([x], logits="last")[-1]
         t2 = time.perf_counter()
-        # steady-state cost of one drafted token: one drafter step each. A long catch-up after
-        # plain decoding is a one-off and would make the drafter look slower than it is.
+        # steady-state cost of one drafted token: one drafter step each. A catch-up over tokens
+        # it had not seen is reported apart (the Controller counts it when it decides to draft).
         steps, seconds = k - 1, t2 - t1
-        if len(context) - held <= 2:
+        caught = len(context) - held - 1
+        if caught <= 1:
             steps, seconds = steps + 1, seconds + (t1 - t0)
         cost = seconds / steps if steps else None
-        return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost)
+        catch_up = (caught, t1 - t0) if caught > 1 else None
+        return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost, catch_up)
 
     def sample(self, logits: np.ndarray, sp: SamplingParams, rng: Random) -> tuple[int, np.ndarray | None]:
         """One drafted token from the drafter's logits, as a target token, with q over the

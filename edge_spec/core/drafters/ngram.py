@@ -34,6 +34,9 @@ class NgramDrafter:
         match = self._match(context)
         return None if match is None else self._key(match[0])
 
+    def behind(self, context: Sequence[int]) -> int:
+        return 0  # indexing new tokens costs nothing measurable
+
     def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None:
         match = self._match(context)
         if match is None or k <= 0:
