@@ -10,14 +10,19 @@
 #   PYTHON=python3.11      interpreter for the venv (default: python3)
 #   EDGESPEC_HOME=DIR      where models and calibrations go (default: ~/.cache/edgespec)
 #   EDGESPEC_LLAMA_VARIANT=native|noamx   override the CPU check below
+#   EDGESPEC_CPUINFO=FILE  read the CPU's flags from FILE instead of /proc/cpuinfo (tests)
+#
+#   bash scripts/setup.sh --print-wheel-key   print the key the llama-cpp-python build is cached under
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 want_tests=0
+print_key=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_tests=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --print-wheel-key) print_key=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (use --test or --help)" >&2; exit 2 ;;
   esac
 done
@@ -27,20 +32,15 @@ PYTHON=${PYTHON:-python3}
 home=${EDGESPEC_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/edgespec}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-if [ ! -x .venv/bin/python ]; then
-  say "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
-fi
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
-
 # --- llama-cpp-python ---------------------------------------------------------------------------
 # llama.cpp 0.3.36 built natively on a CPU with AMX crashes (ggml_backend_amx_mul_mat) as soon as a
 # quantized model evaluates a batch of more than one token, i.e. at every verification. On such CPUs
 # build without AMX but with every other x86 extension, which keeps the fast repacked weights;
 # everywhere else keep llama.cpp's native build.
+cpuinfo=${EDGESPEC_CPUINFO:-/proc/cpuinfo}
 if [ -n "${EDGESPEC_LLAMA_VARIANT:-}" ]; then
   variant=$EDGESPEC_LLAMA_VARIANT
-elif grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+elif grep -qw amx_int8 "$cpuinfo" 2>/dev/null; then
   variant=noamx
 else
   variant=native
@@ -51,8 +51,29 @@ case "$variant" in
   native) cmake_args="-DGGML_RPC=ON ${CMAKE_ARGS:-}" ;;
   *) echo "setup.sh: EDGESPEC_LLAMA_VARIANT must be native or noamx" >&2; exit 2 ;;
 esac
-marker=.venv/.edgespec-llama-$LLAMA_VERSION-$variant-rpc
-wheels="$home/wheels/llama_cpp_python-$LLAMA_VERSION-$variant-rpc"
+# A native build uses every instruction this CPU has: a wheel built on another CPU (a home folder
+# shared by an Intel machine with AVX-VNNI and an AMD one without) can die with SIGILL here. The
+# cached wheel is keyed by the CPU's instruction-set flags (x86: /proc/cpuinfo's flags line;
+# elsewhere the machine type and, on macOS, sysctl's CPU features).
+cpu_flags() {
+  if [ -r "$cpuinfo" ]; then
+    grep -m1 -E '^(flags|Features)' "$cpuinfo" | cut -d: -f2 | tr ' ' '\n' | grep -v '^$' | sort -u | tr '\n' ' '
+  fi
+  uname -m
+  if command -v sysctl >/dev/null 2>&1; then sysctl -n machdep.cpu.features machdep.cpu.leaf7_features 2>/dev/null || true; fi
+}
+cpu_key=$(cpu_flags | sha256sum | cut -c1-12)
+key="$LLAMA_VERSION-$variant-rpc-cpu$cpu_key"
+if [ "$print_key" = 1 ]; then echo "$key"; exit 0; fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+marker=.venv/.edgespec-llama-$key
+wheels="$home/wheels/llama_cpp_python-$key"
 if [ ! -f "$marker" ] || ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     say "building llama-cpp-python $LLAMA_VERSION ($variant build with RPC; takes about 5 minutes on 2 cores)"
