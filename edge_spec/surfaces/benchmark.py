@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edge_spec.types import EdgespecError, SamplingParams
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
@@ -104,6 +106,7 @@ def interleaved(runtimes: dict, prompt: list[int], sp) -> dict[str, dict]:
     gens = {label: rt.generate(prompt, sp) for label, rt in runtimes.items()}
     busy = dict.fromkeys(gens, 0.0)
     trace = {label: [] for label in gens}  # (tokens so far, decode seconds so far)
+    tokens = {label: [] for label in gens}
     last = {}
     while gens:
         label = min(gens, key=busy.get)
@@ -114,14 +117,38 @@ def interleaved(runtimes: dict, prompt: list[int], sp) -> dict[str, dict]:
             del gens[label]
         if step is not None:
             last[label] = step
+            tokens[label].extend(step.tokens)
             trace[label].append((step.stats.n_tokens, busy[label] - step.stats.prompt_seconds))
     out = {}
     for label, step in last.items():
         stats = step.stats.as_dict()
         # decode time = time inside this generator minus its prompt evaluation
         stats["decode_seconds"] = busy[label] - step.stats.prompt_seconds
-        out[label] = stats | {"finish": step.finish_reason, "trace": trace[label]}
+        out[label] = stats | {"finish": step.finish_reason, "trace": trace[label], "token_ids": tokens[label]}
     return out
+
+
+# Batched verification is not bit-exact against one-token decoding: llama.cpp's quantized kernels
+# take another path for several tokens (bench/greedy.py measures how far logits move), so greedy
+# speculation may pick the other token where plain decoding's top two logits nearly tie. A flip
+# needs a top-2 margin below twice the largest move: bench/greedy.py measured moves of up to 0.84
+# logits for the default target on this project's CI machine kind (batches of 2 to 17 tokens).
+NEAR_TIE = 1.7
+
+
+def greedy_divergence(context, prompt: list[int], plain: list[int], spec: list[int]) -> dict | None:
+    """Where a greedy speculative reply first departs from plain decoding's, and the target's
+    top-2 logit margin there as plain decoding saw it (replayed one token at a time on
+    `context`, a backend of the target): {"at": token index, "margin": logits}; None when equal."""
+    at = next((i for i, (a, b) in enumerate(zip(plain, spec)) if a != b), None)
+    if at is None:
+        return None
+    context.truncate(0)
+    context.forward(prompt[:-1], logits="none")
+    for token in [prompt[-1], *plain[:at]]:
+        logits = context.forward([token], logits="last")[-1]
+    top2 = np.partition(logits, -2)[-2:]
+    return {"at": at, "margin": round(float(top2[1] - top2[0]), 4)}
 
 
 def seconds_for(trace: list, n: int) -> float:
@@ -134,7 +161,7 @@ def seconds_for(trace: list, n: int) -> float:
     return prev_seconds
 
 
-def summarize(name: str, temp: float, runs: dict) -> dict:
+def summarize(name: str, temp: float, runs: dict, divergences: list | None = None) -> dict:
     """Rates over the tokens both runs of a pair produced, pooled over repetitions; keeps the
     seconds compared so that rows can be pooled again (by category)."""
     pairs = list(zip(runs["plain"], runs["edgespec"]))
@@ -144,7 +171,7 @@ def summarize(name: str, temp: float, runs: dict) -> dict:
     spec = runs["edgespec"]
     drafted = sum(r["drafted"] for r in spec)
     for r in runs["plain"] + spec:
-        del r["trace"]
+        del r["trace"], r["token_ids"]
     return {
         "prompt": name, "temperature": temp, "compared_tokens": common,
         "plain_seconds": sum(plain_s), "edgespec_seconds": sum(spec_s),
@@ -154,6 +181,7 @@ def summarize(name: str, temp: float, runs: dict) -> dict:
         "drafted": drafted, "accepted": sum(r["accepted"] for r in spec),
         "acceptance": round(sum(r["accepted"] for r in spec) / drafted, 3) if drafted else 0.0,
         "tokens_per_pass": round(statistics.mean(r["mean_accepted_length"] for r in spec), 3),
+        "divergences": [d for d in divergences or () if d is not None],  # T = 0: where spec left plain
         "runs": runs,
     }
 
@@ -184,12 +212,17 @@ class Bench:
         engine = self.engine
         prompt = engine.chat_tokens([{"role": "user", "content": text}])
         runs = {"plain": [], "edgespec": []}
+        divergences = []
         for rep in range(reps):
             sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + rep)
             spec = engine.runtime.fork(controller=self.calibrated, interleaved=True)
-            for label, stats in interleaved({"plain": self.plain, "edgespec": spec}, prompt, sp).items():
+            result = interleaved({"plain": self.plain, "edgespec": spec}, prompt, sp)
+            if sp.greedy:
+                divergences.append(greedy_divergence(self.plain_context, prompt, result["plain"]["token_ids"],
+                                                     result["edgespec"]["token_ids"]))
+            for label, stats in result.items():
                 runs[label].append(stats)
-        return summarize(name, temperature, runs)
+        return summarize(name, temperature, runs, divergences)
 
     def close(self) -> None:
         self.plain_context.close()

@@ -111,6 +111,8 @@ def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool
     if plot is not None:
         draw(plot, facts, table)
         err.print(f"edgespec: plot written to {plot}", markup=False)
+    for line in divergence_lines(rows):
+        err.print(line, markup=False, soft_wrap=True)
     err.print(f"edgespec: bench took {time.time() - started:.0f} s", markup=False)
 
 
@@ -161,7 +163,7 @@ def _records(facts: dict, table: list[dict], rows: list[dict]) -> list[dict]:
     for r in rows:
         per_prompt.setdefault(r["category"], []).append(
             {k: r[k] for k in ("prompt", "temperature", "compared_tokens", "plain_tps", "edgespec_tps", "ratio",
-                               "acceptance", "tokens_per_pass")})
+                               "acceptance", "tokens_per_pass", "divergences")})
     return [facts | c | {"samples": per_prompt.get(c["category"], [])} for c in table]
 
 
@@ -203,3 +205,17 @@ def draw(path: Path, facts: dict, table: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def divergence_lines(rows: list[dict]) -> list[str]:
+    """At T = 0, where edgespec's reply left plain decoding's, and whether each was a near-tie."""
+    found = [(r["prompt"], d) for r in rows for d in r.get("divergences", ())]
+    if not found:
+        return []
+    far = [(name, d) for name, d in found if d["margin"] >= benchmark.NEAR_TIE]
+    head = (f"edgespec: greedy: {len(found)} repl{'y' if len(found) == 1 else 'ies'} left plain decoding's text, "
+            f"at a top-2 margin of at most {max(d['margin'] for _, d in found):.3f} logits")
+    if not far:
+        return [head + f" (near-ties: below {benchmark.NEAR_TIE}, the noise of batched verification)"]
+    return [head] + [f"edgespec: warning: {name} left plain decoding's text at token {d['at']} with a top-2 margin "
+                     f"of {d['margin']:.3f}: not a near-tie, please report it" for name, d in far]
