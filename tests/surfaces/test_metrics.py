@@ -69,7 +69,8 @@ def test_metrics_parse_and_move_with_each_answer(smol_path):
         before = samples(httpx.get(url + "/metrics").text)
         assert before[("generation_tokens_total", ())] == 0
         answers = []
-        for path, body in (("/v1/completions", {"prompt": REPEATS}), ("/api/generate", {"prompt": REPEATS, "raw": True})):
+        for path, body in (("/v1/completions", {"prompt": REPEATS}),
+                           ("/api/generate", {"prompt": REPEATS, "raw": True})):
             r = httpx.post(url + path, json=body | {"temperature": 0, "max_tokens": 40, "stream": False,
                                                    "options": {"temperature": 0, "num_predict": 40}}, timeout=60)
             assert r.status_code == 200, r.text
@@ -85,10 +86,12 @@ def test_metrics_parse_and_move_with_each_answer(smol_path):
     assert moved("prompt_tokens_total") == sum(a["prompt_tokens"] for a in answers)
     assert moved("spec_decode_num_draft_tokens_total") == sum(a["drafted"] for a in answers) > 0
     assert moved("spec_decode_num_accepted_tokens_total") == sum(a["accepted"] for a in answers) > 0
-    per_pos = [moved("spec_decode_num_accepted_tokens_per_pos_total", (("position", str(p)),))
-               for p in range(64) if ("spec_decode_num_accepted_tokens_per_pos_total", (("position", str(p)),)) in after]
+    positions = [(("position", str(p)),) for p in range(64)]
+    per_pos = [moved("spec_decode_num_accepted_tokens_per_pos_total", p) for p in positions
+               if ("spec_decode_num_accepted_tokens_per_pos_total", p) in after]
     assert sum(per_pos) == moved("spec_decode_num_accepted_tokens_total")
     assert per_pos == sorted(per_pos, reverse=True)  # a pass that accepts position p accepted every one before it
     assert moved("request_success_total", (("finished_reason", "length"),)) == 2
-    assert moved("request_decode_time_seconds_sum") == pytest.approx(sum(a["decode_seconds"] for a in answers), abs=1e-3)
+    decode_seconds = sum(a["decode_seconds"] for a in answers)
+    assert moved("request_decode_time_seconds_sum") == pytest.approx(decode_seconds, abs=1e-3)
     assert after[("num_requests_running", ())] == 0 and after[("num_requests_waiting", ())] == 0

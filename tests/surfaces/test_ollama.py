@@ -78,8 +78,8 @@ def test_chat_equals_the_library_streamed_and_not(session, client):
 
 
 def test_generate_equals_the_library_streamed_and_not(session, client):
-    expected = session.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
-                                temperature=0, max_tokens=24)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    expected = session.generate(messages, temperature=0, max_tokens=24)
     whole = client.generate(model=NAME, prompt="Why is the sky blue?", system="Be brief.", options=GREEDY)
     assert whole.response == expected.text
     _done(whole, expected)
@@ -129,7 +129,8 @@ def test_the_key_json_and_numbers_are_required(url):
     assert e.value.status_code == 401 and "API key" in e.value.error
     r = httpx.post(url + "/api/chat", json={"model": NAME, "messages": CHAT}, headers={"Authorization": "Bearer x" * 3})
     assert r.status_code == 401 and r.json() == {"error": "missing or wrong API key: send 'Authorization: Bearer KEY'"}
-    r = httpx.post(url + "/api/chat", content=json.dumps({"messages": CHAT}), headers=AUTH | {"Content-Type": "text/plain"})
+    r = httpx.post(url + "/api/chat", content=json.dumps({"messages": CHAT}),
+                   headers=AUTH | {"Content-Type": "text/plain"})
     assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
     nan = json.dumps({"model": NAME, "prompt": "hi", "options": {"top_p": float("nan")}})  # the client cannot send it
     r = httpx.post(url + "/api/generate", content=nan, headers=AUTH | {"Content-Type": "application/json"})

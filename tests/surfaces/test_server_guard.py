@@ -133,8 +133,8 @@ def test_cli_refuses_wildcards_without_a_key_before_loading(tmp_path):
 ])
 def test_wrong_fields_are_named_as_sent(session, body, message):
     with running(session, max_tokens_limit=64) as (url, _):
-        r = httpx.post(url + "/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": "hi"}]}
-                                                                        | body),
-                       headers={"Content-Type": "application/json"}, timeout=30)
+        sent = json.dumps({"messages": [{"role": "user", "content": "hi"}]} | body)  # NaN as JSON's NaN
+        r = httpx.post(url + "/v1/chat/completions", content=sent, headers={"Content-Type": "application/json"},
+                       timeout=30)
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"]

@@ -178,6 +178,6 @@ def serve(session: Session, config: ServerConfig = ServerConfig(),
 def uvicorn_server(app: FastAPI, config: ServerConfig) -> uvicorn.Server:
     """The uvicorn server `serve` runs `app` with (the request headers' time limit, the
     generations cancelled on SIGTERM or Ctrl-C); `.run(sockets=[...])` serves."""
-    return _Server(uvicorn.Config(app, http=timed_protocol(config.read_timeout), log_level="warning",
-                                  server_header=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=5),
-                   on_exit=app.state.service.shutdown)
+    settings = uvicorn.Config(app, http=timed_protocol(config.read_timeout), log_level="warning", server_header=False,
+                              proxy_headers=False, lifespan="off", timeout_graceful_shutdown=5)
+    return _Server(settings, on_exit=app.state.service.shutdown)

@@ -101,7 +101,8 @@ class Gate:
 
     def __init__(self, app: ASGIApp, api_key: str | None, open_on_loopback: bool, max_body_bytes: int,
                  read_timeout: float):
-        self.app, self.open_on_loopback, self.limit, self.read_timeout = app, open_on_loopback, max_body_bytes, read_timeout
+        self.app, self.open_on_loopback = app, open_on_loopback
+        self.limit, self.read_timeout = max_body_bytes, read_timeout
         self.key = api_key.encode() if api_key is not None else None
 
     def _authorized(self, scope: Scope) -> bool:

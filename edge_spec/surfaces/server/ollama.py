@@ -255,14 +255,16 @@ class OllamaRoutes:
             tokenize = functools.partial(self.service.session.tokens, body.prompt, raw=True)
         else:
             system = [{"role": "system", "content": body.system}] if body.system else []
-            tokenize = functools.partial(self.service.session.tokens, [*system, {"role": "user", "content": body.prompt}])
+            messages = [*system, {"role": "user", "content": body.prompt}]
+            tokenize = functools.partial(self.service.session.tokens, messages)
         return await self._complete(request, body, tokenize, False, started)
 
     def _loaded(self, body: _Body, chat: bool) -> Response:
         """Ollama's answer to a request with nothing to generate: the model is loaded."""
         text = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
         line = {"model": body.model or self.name, "created_at": _now()} | text | {"done": True, "done_reason": "load"}
-        return Response(json_line(line) + "\n", media_type="application/x-ndjson" if body.stream else "application/json")
+        media_type = "application/x-ndjson" if body.stream else "application/json"
+        return Response(json_line(line) + "\n", media_type=media_type)
 
     async def _complete(self, request: Request, body: _Body, tokenize, chat: bool, started: int) -> Response:
         sp = self.service.sampling(body.options, body.options.max_tokens(), "options.num_predict")

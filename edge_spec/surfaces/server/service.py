@@ -72,7 +72,8 @@ async def parse(request: Request, model: type[Body]) -> Body:
     """The JSON body as `model`, or a 415/400 whose message names each wrong field."""
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if content_type != "application/json":
-        raise ApiError(415, "send the body as JSON, with 'Content-Type: application/json'", code="unsupported_media_type")
+        raise ApiError(415, "send the body as JSON, with 'Content-Type: application/json'",
+                       code="unsupported_media_type")
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as e:
