@@ -90,6 +90,15 @@ def test_a_trickle_of_header_bytes_does_not_keep_a_connection(session):
     assert after < 1.5, after
 
 
+def test_health_and_metrics_are_open_on_loopback_only(session):
+    with running(session, api_key=KEY) as (url, _):
+        assert httpx.get(url + "/metrics").status_code == httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/v1/models").status_code == httpx.get(url + "/api/tags").status_code == 401
+    with running(session, api_key=KEY, host="0.0.0.0") as (url, _):  # bound to loopback here, configured as public
+        assert httpx.get(url + "/metrics").status_code == httpx.get(url + "/health").status_code == 401
+        assert httpx.get(url + "/metrics", headers=AUTH).status_code == 200
+
+
 # --- '*' ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("settings, says", [
     ({"cors_origins": ("*",)}, "--cors-origin '\\*' without an API key"),
