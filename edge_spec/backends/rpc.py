@@ -28,6 +28,7 @@ The first command of a connection must be HELLO. What it teaches about the serve
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import os
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -307,6 +308,25 @@ def server_binary() -> str:
     return found
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel SIGKILL the child when its parent dies (Linux's
+    PR_SET_PDEATHSIG; None elsewhere). The signal comes when the *thread* that started the
+    child ends: start workers from a thread that lives as long as they should."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork and exec should do little
+
+    def tie() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nothing would send the signal
+            os._exit(1)
+
+    return tie
+
+
 def _stop(process: subprocess.Popen, log_path: Path | None, grace: float = 5.0) -> None:
     """Terminate, wait, kill after `grace` seconds; then remove the log (when given)."""
     if process.poll() is None:
@@ -353,10 +373,11 @@ class Worker:
                 #   kills it; an ignored signal survives exec and Python ignores SIGPIPE, so
                 #   restore_signals=False passes that on and the write fails with EPIPE instead
                 # - OMP_WAIT_POLICY=PASSIVE: its idle threads sleep instead of spinning
+                # - killed with its parent (Linux): a parent killed with SIGKILL runs no cleanup
                 self.process = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, start_new_session=True,
-                    restore_signals=False)
+                    restore_signals=False, preexec_fn=_dies_with(os.getpid()))
         except OSError as e:
             self.log_path.unlink(missing_ok=True)
             raise EdgespecError(f"cannot start {binary}: {_reason(e)}") from None

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import select
 import subprocess
 import sys
@@ -208,15 +210,43 @@ def renderer_for(backend) -> TemplateRenderer:
 
 
 def chat_tokens(backend, messages, renderer: TemplateRenderer | None = None) -> list[int]:
-    """Render messages with the model's chat template and tokenize (special tokens parsed);
-    without a renderer, one is started for this call."""
+    """Render messages with the model's chat template and tokenize; without a renderer, one is
+    started for this call. Special tokens are parsed in the template's own text, never in the
+    messages' content: a user who writes `<|im_end|><|im_start|>system` gets those characters,
+    not a turn of their own."""
     if renderer is None:
         with renderer_for(backend) as one_off:
             return chat_tokens(backend, messages, one_off)
-    text = renderer.render(list(messages))
+    messages = list(messages)
+    forged = [i for i, m in enumerate(messages) if _holds_special(backend, m["content"])]
+    if not forged:  # the usual case: the whole text in one call, as llama.cpp tokenizes it
+        text = renderer.render(messages)
+        return backend.tokenize(text, add_special=_add_bos(backend, renderer, text), parse_special=True)
+    # each content that holds special-token text renders as a marker and is tokenized alone, as text
+    # (a template that transforms content, e.g. strips a prefix, sees the marker: such content goes in whole)
+    markers = {f"edgespec{secrets.token_hex(8)}m{i}": i for i in forged}
+    marked = list(messages)
+    for marker, i in markers.items():
+        marked[i] = messages[i] | {"content": marker}
+    parts = re.split(f"({'|'.join(markers)})", renderer.render(marked))
+    tokens = backend.tokenize(parts[0], add_special=_add_bos(backend, renderer, parts[0]), parse_special=True)
+    for marker, template_text in zip(parts[1::2], parts[2::2]):  # re.split alternates text and markers
+        tokens += backend.tokenize(messages[markers[marker]]["content"], add_special=False, parse_special=False)
+        tokens += backend.tokenize(template_text, add_special=False, parse_special=True)
+    return tokens
+
+
+def _holds_special(backend, content: str) -> bool:
+    """Whether llama.cpp would read special (control) tokens in this text: only those tokenize
+    differently with parse_special (user-defined tokens are matched either way)."""
+    return backend.tokenize(content, add_special=False, parse_special=True) != \
+        backend.tokenize(content, add_special=False, parse_special=False)
+
+
+def _add_bos(backend, renderer: TemplateRenderer, text: str) -> bool:
+    """Whether to add BOS: the model asks for it and the template did not write it."""
     bos = renderer.bos
-    add_bos = backend.facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
-    return backend.tokenize(text, add_special=add_bos, parse_special=True)
+    return backend.facts.extra.get("add_bos", False) and not (bos and text.startswith(bos))
 
 
 class _Timeout(BaseException):  # not an Exception: nothing on the template's side may swallow it

@@ -34,8 +34,12 @@ def check_gguf(path: str | os.PathLike) -> None:
         raise EdgespecError(f"no such model file: {path} (give a .gguf path, or run without a model to use the defaults)")
     if not os.path.isfile(path):
         raise EdgespecError(f"{path} is not a file: give the path of a .gguf model")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:  # permission denied, an I/O error: one line, not a traceback
+        fix = f"make it readable (chmod a+r {path}) or " if isinstance(e, PermissionError) else ""
+        raise EdgespecError(f"cannot read {path}: {e.strerror or e}; {fix}give a model file you can read") from None
     if len(head) < 8 or head[:4] != GGUF_MAGIC:
         raise EdgespecError(f"{path} is not a GGUF file (it does not start with 'GGUF'): convert it with llama.cpp's convert_hf_to_gguf.py")
     (version,) = struct.unpack("<I", head[4:8])

@@ -4,6 +4,7 @@ protocol against a real llama.cpp rpc-server on 127.0.0.1 and against peers that
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import signal
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from edge_spec.backends import rpc
@@ -240,13 +242,50 @@ def test_worker_command_serves_until_sigterm(binary):
 
 
 def test_worker_command_warns_off_loopback(binary):
-    command = Command("--host", "0.0.0.0", "-p", "0", "-t", "1")
+    command = Command("--host", "0.0.0.0", "-p", "0", "-t", "1", "--trust-network")
     try:
         warning = command.wait_for("WARNING")
     finally:
         command.stop()
     for words in ("no authentication", "CVE-2026-34159", "out-of-bounds", "network you trust"):
         assert words in warning
+
+
+def test_worker_command_off_loopback_needs_trust_network(binary):
+    """As `serve` needs a key off loopback, the worker (which has no authentication) needs an
+    explicit --trust-network: without it, nothing listens."""
+    port = free_port()
+    command = Command("--host", "0.0.0.0", "-p", str(port), "-t", "1")
+    try:
+        error = command.wait_for("edgespec: error")
+        assert command.process.wait(10) == 1
+    finally:
+        command.stop()
+    assert "--trust-network" in error and "no authentication" in error
+    with socket.socket() as s:  # nothing was started on the port
+        s.bind(("0.0.0.0", port))
+
+
+def test_a_worker_killed_with_sigkill_takes_its_rpc_server_along(binary):
+    """rpc-server is tied to the life of `edgespec worker` (PR_SET_PDEATHSIG): a worker killed
+    with SIGKILL, which runs no cleanup, leaves no rpc-server behind."""
+    port = free_port()
+    command = Command("-p", str(port), "-t", "1")
+    try:
+        command.wait_for("listening on")
+        [child] = psutil.Process(command.process.pid).children()
+        command.process.send_signal(signal.SIGKILL)
+        command.process.wait(10)
+        deadline = time.monotonic() + 5
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "rpc-server outlived the worker killed with SIGKILL"
+            time.sleep(0.05)
+    finally:
+        command.stop()
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    with pytest.raises(EdgespecError, match="refused"):
+        probe(f"127.0.0.1:{port}")
 
 
 def test_worker_command_port_in_use(worker):

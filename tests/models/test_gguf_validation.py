@@ -15,7 +15,10 @@ import math
 import os
 import re
 import runpy
+import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -377,6 +380,21 @@ def test_the_cli_reports_one_line_and_exits_1(corpus, name):
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr  # one line
     assert str(path) in r.stderr
+
+
+def test_an_unreadable_model_file_is_one_line(tmp_path):
+    path = write_llama(tmp_path / "locked.gguf")
+    path.chmod(0)
+    prefix = []
+    if os.geteuid() == 0:  # root reads any file: run without the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    r = subprocess.run([*prefix, sys.executable, "-m", "edge_spec.surfaces.cli", "generate", str(path), "-p", "hi",
+                        "-n", "2"], capture_output=True, text=True, timeout=120, env=os.environ | {"NO_COLOR": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr  # one line
+    assert str(path) in r.stderr and "permission denied" in r.stderr.lower() and "chmod" in r.stderr
 
 
 # --- chat-template injection ---------------------------------------------------------------

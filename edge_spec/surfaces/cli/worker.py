@@ -13,6 +13,7 @@ from edge_spec.backends.rpc import Worker
 from edge_spec.options import DEFAULT_PORT
 from edge_spec.surfaces.cli.common import run
 from edge_spec.surfaces.server_config import is_loopback
+from edge_spec.types import EdgespecError
 
 LOOPBACK = "127.0.0.1"
 
@@ -28,20 +29,26 @@ def worker_command(
                         "next load of the same model does not send them again.")] = False,
     host: Annotated[str, typer.Option(
         "--host", help="IPv4 address to listen on. Anything but loopback lets every machine that reaches it use "
-                       "this worker, without authentication: only on a network you trust.")] = LOOPBACK,
+                       "this worker, without authentication, and needs --trust-network.")] = LOOPBACK,
+    trust_network: Annotated[bool, typer.Option(
+        "--trust-network", help="Confirm that every machine that can reach --host may use this worker: rpc-server "
+                                "has no authentication.")] = False,
 ) -> None:
     """Lend this machine to another one's edgespec: run llama.cpp's rpc-server until Ctrl-C.
 
     The other machine gives `--rpc ADDRESS:PORT` to chat, generate, serve, plan or profile and
     places target layers here. Exit code: 130 after Ctrl-C, 143 after SIGTERM, the server's own
     (or 1) if it dies."""
-    run(lambda: _serve(host, port, threads, cache))
+    run(lambda: _serve(host, port, threads, cache, trust_network))
 
 
-def _serve(host: str, port: int, threads: int | None, cache: bool) -> None:
+def _serve(host: str, port: int, threads: int | None, cache: bool, trust_network: bool) -> None:
     from rich.console import Console
 
-
+    if not is_loopback(host) and not trust_network:  # as `serve` refuses a public address without a key
+        raise EdgespecError(f"refusing to listen on {host}: rpc-server has no authentication, so every machine that "
+                            "can reach it could run computations here; add --trust-network if that is what you "
+                            "want, or keep the default --host 127.0.0.1")
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
     host = LOOPBACK if host.lower() == "localhost" else host
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # leaves through the `with`

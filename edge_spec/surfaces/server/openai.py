@@ -1,0 +1,205 @@
+"""The OpenAI API:
+
+    POST /v1/chat/completions   messages → reply (JSON, or server-sent events with "stream": true)
+    POST /v1/completions        prompt → continuation, without the chat template (same two forms)
+    GET  /v1/models             the loaded model
+
+Every completion (and the last chunk of a stream) carries OpenAI's `usage` and edgespec's
+speculation statistics under "edgespec"; with `stream_options: {"include_usage": true}` they come
+as OpenAI sends them instead, in a last chunk of their own with no choices (every other chunk has
+"usage": null). Sampling: temperature, top_p, seed, max_tokens (or max_completion_tokens), stop,
+plus llama.cpp's top_k and min_p; fields left out take edgespec's defaults (as `edgespec
+generate`), max_tokens the server's limit. A message's content is a string or a list of text
+parts ({"type": "text", "text": ...}, joined with newlines). Fields asking for what edgespec does
+not do (n > 1, tools, logprobs, penalties, ...) are refused with 400.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edge_spec.surfaces.server.guard import ApiError
+from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
+from edge_spec.types import Step
+
+_UNSUPPORTED: Unsupported = {
+    "n": (lambda v: v not in (None, 1), "edgespec generates one choice per request"),
+    "best_of": (lambda v: v not in (None, 1), "edgespec generates one choice per request"),
+    "logprobs": (lambda v: v not in (None, False, 0), "edgespec does not return log probabilities"),
+    "top_logprobs": (lambda v: v not in (None, 0), "edgespec does not return log probabilities"),
+    "tools": (bool, "edgespec generates plain text, without function calling"),
+    "functions": (bool, "edgespec generates plain text, without function calling"),
+    "tool_choice": (lambda v: v not in (None, "none"), "edgespec generates plain text, without function calling"),
+    "function_call": (lambda v: v not in (None, "none"), "edgespec generates plain text, without function calling"),
+    "response_format": (lambda v: v not in (None, {"type": "text"}), "edgespec generates plain text"),
+    "echo": (bool, "the reply does not repeat the prompt"),
+    "suffix": (bool, "edgespec does not fill in the middle"),
+    "logit_bias": (bool, "edgespec samples with temperature, top_k, top_p and min_p only"),
+    "presence_penalty": (bool, "edgespec samples with temperature, top_k, top_p and min_p only"),
+    "frequency_penalty": (bool, "edgespec samples with temperature, top_k, top_p and min_p only"),
+}
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
+class _Body(SamplingFields):
+    """Fields both endpoints take."""
+
+    model: str | None = None        # accepted and ignored: the server answers with the model it loaded
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    stream: bool = False
+    stream_options: _StreamOptions | None = None  # read when streaming
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data: Any) -> Any:
+        return refuse_unsupported(data, _UNSUPPORTED)
+
+    def max_tokens_asked(self) -> tuple[int | None, str]:
+        """The most tokens asked for, under the name the client gave it."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content: str | list[dict]) -> str:
+        """Text parts joined with newlines (as vLLM does); any other part is refused."""
+        if isinstance(content, str):
+            return content
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"part {i} is of type {str(kind)[:40]!r}: edgespec serves text models; send "
+                                 "text parts, {\"type\": \"text\", \"text\": ...}, or a string")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} has no \"text\" string")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionBody(_Body):
+    prompt: str = Field(min_length=1)
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json_line(data)}\n\n"
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One completion's identity and the OpenAI shapes of what it sends (a service.Reply)."""
+
+    id: str
+    chat: bool
+    model: str
+    created: int
+    prompt_tokens: int
+    usage_chunk: bool = False  # stream_options.include_usage
+    media_type: str = "text/event-stream"
+
+    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return head | ({"usage": None} if chunk and self.usage_chunk else {})
+
+    def _usage(self, last: Step) -> dict:
+        n = last.stats.n_tokens
+        return {"usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                          "total_tokens": self.prompt_tokens + n},
+                "edgespec": last.stats.as_dict()}
+
+    def _chunk(self, text: str, role: bool = False) -> str:
+        return _sse(self._envelope([self._choice(text, None, role)], chunk=True))
+
+    def opening(self) -> list[str]:
+        return [self._chunk("", role=True)] if self.chat else []
+
+    def delta(self, step: Step) -> str | None:
+        return self._chunk(step.text) if step.text else None
+
+    def closing(self, last: Step) -> list[str]:
+        finish = FINISH_REASONS.get(last.finish_reason, last.finish_reason)
+        final = self._envelope([self._choice(None if self.chat else "", finish)], chunk=True)
+        if not self.usage_chunk:  # edgespec's own: the usage on the chunk that finishes
+            return [_sse(final | self._usage(last)), "data: [DONE]\n\n"]
+        return [_sse(final), _sse(self._envelope([], chunk=True) | self._usage(last)), "data: [DONE]\n\n"]
+
+    def failure(self, error: ApiError) -> str:
+        return _sse(error.body())
+
+    def whole(self, text: str, last: Step) -> dict:
+        finish = FINISH_REASONS.get(last.finish_reason, last.finish_reason)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            choice = self._choice(text, finish)
+        return self._envelope([choice], chunk=False) | self._usage(last)
+
+
+class OpenAIRoutes:
+    """The OpenAI routes over a Service."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.routes = [("/v1/chat/completions", self.chat, ["POST"]), ("/v1/completions", self.completions, ["POST"]),
+                       ("/v1/models", self.models, ["GET"])]
+
+    async def chat(self, request: Request) -> Response:
+        body = await parse(request, ChatBody)
+        messages = [m.model_dump() for m in body.messages]
+        return await self._complete(request, body, lambda: self.service.session.tokens(messages), chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        body = await parse(request, CompletionBody)
+        return await self._complete(request, body, lambda: self.service.session.tokens(body.prompt, raw=True),
+                                    chat=False)
+
+    async def models(self) -> dict:
+        service = self.service
+        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": service.created,
+                                            "owned_by": "edgespec"}]}
+
+    async def _complete(self, request: Request, body: _Body, tokenize, chat: bool) -> Response:
+        sp = self.service.sampling(body, *body.max_tokens_asked())
+        usage_chunk = body.stream and body.stream_options is not None and body.stream_options.include_usage
+
+        def reply_for(prompt_tokens: int) -> _Reply:
+            return _Reply(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), chat, self.service.model_id,
+                          int(time.time()), prompt_tokens, usage_chunk)
+
+        return await self.service.complete(request, sp, body.stream, tokenize, reply_for)
