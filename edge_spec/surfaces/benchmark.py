@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -265,3 +268,70 @@ def _pool(name: str, rows: list[dict]) -> dict:
         "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
         "ratio_per_prompt": [r["ratio"] for r in rows],
     }
+
+
+# --- whole processes: what a user waits for, start-up included ---------------------------------
+
+def whole_process(flags: list[str], prompt_file: Path, temperature: float, max_tokens: int, seed: int) -> dict:
+    """One `edgespec generate` process on the prompt in `prompt_file`: its stats, with the seconds
+    from its start to its last token (`elapsed_seconds`)."""
+    done = subprocess.run([sys.executable, "-m", "edge_spec.surfaces.cli", "generate", *flags, "-f", str(prompt_file),
+                           "-n", str(max_tokens), "--temp", str(temperature), "--seed", str(seed), "--stats", "json"],
+                          capture_output=True, text=True)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise EdgespecError(f"edgespec generate {' '.join(flags)} failed: {done.stderr.strip()[-600:]}")
+    return json.loads(lines[-1])
+
+
+def end_to_end(flags: list[str], prompts: list[Prompt], settings: Settings, reps: int,
+               done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Whole processes of edgespec (with `flags`) and of `--plain` (the same flags), interleaved
+    ABAB, `reps` pairs per prompt and temperature, each pair with its own seed (the same for both,
+    so n-gram drafts give plain decoding's very text). A row per prompt and temperature: the
+    median seconds from process start to last token of each, and their ratio."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgespec-bench-") as tmp:
+        for p in prompts:
+            prompt_file = Path(tmp) / f"{p.id}.txt"
+            prompt_file.write_text(p.text, encoding="utf-8")
+            for temp in settings.temperatures:
+                runs = {"edgespec": [], "plain": []}
+                for rep in range(reps):
+                    for label in runs:
+                        runs[label].append(whole_process(flags + ["--plain"] * (label == "plain"), prompt_file, temp,
+                                                         settings.max_tokens, 2000 + rep))
+                row = e2e_row(p.id, temp, runs) | {"category": p.category}
+                rows.append(row)
+                if done:
+                    done(row)
+    return rows
+
+
+def e2e_row(name: str, temp: float, runs: dict) -> dict:
+    seconds = {label: [r["elapsed_seconds"] for r in rs] for label, rs in runs.items()}
+    tokens = {label: [r["n_tokens"] for r in rs] for label, rs in runs.items()}
+    pair_ratios = [p / s for p, s in zip(seconds["plain"], seconds["edgespec"])]
+    return {
+        "prompt": name, "temperature": temp,
+        "plain_seconds": statistics.median(seconds["plain"]), "edgespec_seconds": statistics.median(seconds["edgespec"]),
+        "plain_tokens": statistics.median(tokens["plain"]), "edgespec_tokens": statistics.median(tokens["edgespec"]),
+        "ratio": round(statistics.median(seconds["plain"]) / statistics.median(seconds["edgespec"]), 3),
+        "ratio_spread": (round(min(pair_ratios), 3), round(max(pair_ratios), 3)),
+        "seconds": seconds,
+    }
+
+
+def e2e_by_category(rows: list[dict]) -> list[dict]:
+    """Rows pooled per category (median seconds summed: long replies weigh more), then "all":
+    the time-weighted ratio of plain's seconds to edgespec's."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["category"], []).append(r)
+    out = []
+    for name, group in [*groups.items(), *((("all", rows),) if len(groups) > 1 else ())]:
+        plain, spec = sum(r["plain_seconds"] for r in group), sum(r["edgespec_seconds"] for r in group)
+        out.append({"category": name, "prompts": len({r["prompt"] for r in group}), "plain_seconds": round(plain, 2),
+                    "edgespec_seconds": round(spec, 2), "ratio": round(plain / spec, 3) if spec else 0.0,
+                    "ratio_range": (min(r["ratio"] for r in group), max(r["ratio"] for r in group))})
+    return out

@@ -151,3 +151,40 @@ def test_the_bench_runs_what_the_engine_runs_trees_included(tmp_path, monkeypatc
             bench.close()
     assert trees and max(trees) <= 4 and row["drafted"] > 0
     assert engine.runtime.decoding.tree_budget == 4
+
+
+@pytest.mark.real
+def test_end_to_end_rows_time_whole_processes_abab(tmp_path):
+    """--e2e: whole `edgespec generate` processes, the options the bench ran with and --plain,
+    their medians per prompt and category next to the decode rates (the old fields stay)."""
+    smol = "smollm2-135m-instruct-q4_1"
+    r = edgespec("bench", smol, "-c", "512", "--categories", "writing", "--per-category", "1", "-n", "8",
+                 "--e2e", "--e2e-reps", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    (record,) = json.loads(r.stdout)
+    assert record["plain_tps"] > 0 and record["ratio"] > 0  # the decode rows as before
+    e2e = record["end_to_end"]
+    assert e2e["plain_seconds"] > 0 and e2e["edgespec_seconds"] > 0 and e2e["ratio"] > 0
+    (sample,) = e2e["samples"]
+    assert len(sample["seconds"]["plain"]) == len(sample["seconds"]["edgespec"]) == 2
+    assert all(s > 1 for s in sample["seconds"]["plain"])  # a whole process: start-up included
+    lo, hi = sample["ratio_spread"]
+    assert 0 < lo <= hi
+
+
+@pytest.mark.parametrize("argv", [[], ["-m", "x.gguf", "-md", "d.gguf", "-c", "512", "-t", "1", "--tree-budget", "8"],
+                                  ["--ngram", "--mem-budget", "1073741824", "--schedule", "sequential"],
+                                  ["--plain", "--no-ngram", "--rpc", "127.0.0.1:5,127.0.0.1:6", "-ngl", "3"]])
+def test_the_flags_of_options_ask_for_the_same_options(argv, monkeypatch):
+    """What `edgespec bench --e2e` hands its whole processes: the options it measured in one."""
+    from typer.testing import CliRunner
+
+    import edge_spec.surfaces.cli.bench as bench_cli
+    from edge_spec.surfaces.cli import app, common
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "run_bench", lambda options, *a, **k: seen.append(options))
+    for args in (argv, None):
+        result = CliRunner().invoke(app, ["bench", *(args if args is not None else common.cli_flags(seen[0]))])
+        assert result.exit_code == 0, result.output
+    assert seen[1] == seen[0]

@@ -12,7 +12,7 @@ from edge_spec import __version__ as version
 from edge_spec.options import EngineOptions
 from edge_spec.surfaces import benchmark
 from edge_spec.surfaces.benchmark import QUICK, Settings
-from edge_spec.surfaces.cli.common import engine_command
+from edge_spec.surfaces.cli.common import cli_flags, engine_command
 from edge_spec.types import EdgespecError
 
 S = Settings()
@@ -37,6 +37,9 @@ def bench_command(
                                         help="Also draw a bar chart per category (needs matplotlib: "
                                              "pip install 'edgespec\\[plot]')."),
     list_categories: bool = typer.Option(False, "--list-categories", help="List the prompt categories and exit."),
+    e2e: bool = typer.Option(False, "--e2e", help="Also time whole processes, `edgespec generate` against "
+                             "`edgespec generate --plain` with the same options, start-up included (ABAB)."),
+    e2e_reps: int = typer.Option(3, "--e2e-reps", help="Pairs of whole processes per prompt with --e2e."),
 ) -> None:
     """Measure plain decoding against edgespec on your machine, per kind of prompt.
 
@@ -52,12 +55,13 @@ def bench_command(
     if plot is not None:
         _check_matplotlib()
     settings = _settings(quick, categories, per_category, n, temps, reps)
-    run_bench(options, settings, benchmark.select(prompts, settings), as_json, plot)
+    if e2e_reps < 1:
+        raise EdgespecError("--e2e-reps must be >= 1")
+    run_bench(options, settings, benchmark.select(prompts, settings), as_json, plot, e2e_reps if e2e else 0)
 
 
 def _check_matplotlib() -> None:
     import importlib.util
-
 
     if importlib.util.find_spec("matplotlib") is None:
         raise EdgespecError("--plot needs matplotlib, which is not installed: pip install 'edgespec[plot]'")
@@ -66,7 +70,6 @@ def _check_matplotlib() -> None:
 def _settings(quick: bool, categories: str | None, per_category: int | None, n: int | None,
               temps: str, reps: int) -> Settings:
     import dataclasses
-
 
     base = QUICK if quick else Settings()
     try:
@@ -85,7 +88,8 @@ def _settings(quick: bool, categories: str | None, per_category: int | None, n: 
     return dataclasses.replace(base, **changes)
 
 
-def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool, plot: Path | None) -> None:
+def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool, plot: Path | None,
+              e2e_reps: int = 0) -> None:
     from rich.console import Console
 
     # the engine is heavy (llama.cpp): imported when a bench runs, not for --help
@@ -101,13 +105,17 @@ def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool
         facts = _describe(engine, settings)
     finally:
         engine.close()
+    e2e_rows = _measure_e2e(options, prompts, settings, e2e_reps, err) if e2e_reps else []
     table = benchmark.by_category(rows)
+    e2e_table = benchmark.e2e_by_category(e2e_rows) if e2e_rows else []
     if as_json:
         import json
 
-        typer.echo(json.dumps(_records(facts, table, rows), indent=1))
+        typer.echo(json.dumps(_records(facts, table, rows, e2e_table, e2e_rows), indent=1))
     else:
         print_table(Console(highlight=False), facts, table)
+        if e2e_table:
+            print_e2e_table(Console(highlight=False), e2e_table, e2e_reps)
     if plot is not None:
         draw(plot, facts, table)
         err.print(f"edgespec: plot written to {plot}", markup=False)
@@ -118,7 +126,6 @@ def run_bench(options: EngineOptions, settings: Settings, prompts, as_json: bool
 
 def _measure(engine, prompts, settings: Settings, console) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -157,14 +164,49 @@ def _describe(engine, settings: Settings) -> dict:
     }
 
 
-def _records(facts: dict, table: list[dict], rows: list[dict]) -> list[dict]:
-    """One self-contained record per category, as llama-bench -o json prints one per test."""
-    per_prompt = {}
+def _records(facts: dict, table: list[dict], rows: list[dict], e2e_table: list[dict] = (),
+             e2e_rows: list[dict] = ()) -> list[dict]:
+    """One self-contained record per category, as llama-bench -o json prints one per test; with
+    --e2e each also has an `end_to_end` record (whole processes) and its samples."""
+    per_prompt, e2e, e2e_samples = {}, {c["category"]: c for c in e2e_table}, {}
     for r in rows:
         per_prompt.setdefault(r["category"], []).append(
             {k: r[k] for k in ("prompt", "temperature", "compared_tokens", "plain_tps", "edgespec_tps", "ratio",
                                "acceptance", "tokens_per_pass", "divergences")})
-    return [facts | c | {"samples": per_prompt.get(c["category"], [])} for c in table]
+    for r in e2e_rows:
+        e2e_samples.setdefault(r["category"], []).append(r)
+    return [facts | c | {"samples": per_prompt.get(c["category"], [])}
+            | ({"end_to_end": e2e[c["category"]] | {"samples": e2e_samples.get(c["category"], [])}}
+               if c["category"] in e2e else {})
+            for c in table]
+
+
+def _measure_e2e(options: EngineOptions, prompts, settings: Settings, reps: int, console) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("whole processes", total=len(prompts) * len(settings.temperatures))
+
+        def done(row: dict) -> None:
+            bar.update(task, advance=1, description=f"{row['category']}: {row['prompt']} end to end {row['ratio']:.2f}")
+
+        return benchmark.end_to_end(cli_flags(options), prompts, settings, reps, done)
+
+
+def print_e2e_table(console, table: list[dict], reps: int) -> None:
+    from rich.table import Table
+
+    out = Table(title=f"end to end: process start to last token, median of {reps} ABAB pairs",
+                title_justify="left")
+    for col in ("category", "prompts", "plain s", "edgespec s", "ratio", "range"):
+        out.add_column(col, justify="left" if col == "category" else "right", no_wrap=col == "category")
+    for c in table:
+        lo, hi = c["ratio_range"]
+        out.add_row(c["category"], str(c["prompts"]), f"{c['plain_seconds']:.1f}", f"{c['edgespec_seconds']:.1f}",
+                    f"{c['ratio']:.2f}x", f"{lo:.2f}-{hi:.2f}", style="bold" if c["category"] == "all" else None,
+                    end_section=c is table[-2] and len(table) > 1)
+    console.print(out)
 
 
 def print_table(console, facts: dict, table: list[dict]) -> None:

@@ -7,7 +7,10 @@ import json
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, fields
+
+import psutil
 
 from edge_spec.options import EngineOptions
 from edge_spec.pipeline.engine import Engine
@@ -34,13 +37,15 @@ def load_engine(options: EngineOptions) -> Engine:
         return Engine.load(options, report)
 
 
-def stats_line(stats: Stats, fmt: str, predicted: float | None = None) -> str | None:
-    """One line of statistics; `predicted` is the plan's tokens/s, shown next to the measured."""
+def stats_line(stats: Stats, fmt: str, predicted: float | None = None, elapsed: float | None = None) -> str | None:
+    """One line of statistics; `predicted` is the plan's tokens/s, shown next to the measured;
+    `elapsed` (JSON only): seconds from the process's start to the last token."""
     if fmt == "none":
         return None
     if fmt == "json":
         return json.dumps({**stats.as_dict(), "predicted_tokens_per_second":
-                           None if predicted is None else round(predicted, 3)})
+                           None if predicted is None else round(predicted, 3),
+                           **({} if elapsed is None else {"elapsed_seconds": round(elapsed, 3)})})
     parts = [f"{stats.n_tokens} tokens", f"{stats.tokens_per_second:.1f} tok/s"
              + (f" (plan: {predicted:.1f})" if predicted else "")]
     if stats.n_drafted:
@@ -92,8 +97,9 @@ def plan_lines(engine: Engine) -> list[str]:
     return lines
 
 
-def _report(stats: Stats, reason: str | None, fmt: str, predicted: float | None = None) -> None:
-    line = stats_line(stats, fmt, predicted)
+def _report(stats: Stats, reason: str | None, fmt: str, predicted: float | None = None,
+            elapsed: float | None = None) -> None:
+    line = stats_line(stats, fmt, predicted, elapsed)
     if line:
         print(line, file=sys.stderr)
     for note in stats.notes:
@@ -114,7 +120,8 @@ def run_generate(options: EngineOptions, sp: SamplingParams, text: str, system: 
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             prompt = engine.chat_tokens(messages)
         _, stats, reason = stream_reply(engine, prompt, sp)
-        _report(stats, reason, stats_fmt, engine.predicted_tokens_per_second)
+        elapsed = time.time() - psutil.Process().create_time()  # process start to the last token
+        _report(stats, reason, stats_fmt, engine.predicted_tokens_per_second, elapsed)
 
 
 @dataclass

@@ -98,6 +98,21 @@ def engine_options(model=None, model_opt=None, draft=None, ngram=False, no_ngram
         rpc=rpc or ())
 
 
+def cli_flags(options: EngineOptions) -> list[str]:
+    """The flags of `edgespec generate` that ask for these options (the defaults left out): how
+    `edgespec bench --e2e` starts whole processes that run what it measured in one."""
+    m, d, mem = options.model, options.drafting, options.memory
+    pairs = [("-m", m.target), ("-md", m.draft), ("-c", mem.n_ctx if mem.n_ctx != E.memory.n_ctx else None),
+             ("-t", m.n_threads), ("-td", m.n_threads_draft), ("-ngl", m.n_gpu_layers), ("-ngld", m.n_gpu_layers_draft),
+             ("--max-draft", d.max_draft), ("--draft-length", d.draft_length), ("--tree-budget", d.tree_budget),
+             ("--backend", m.backend if m.backend != E.model.backend else None),
+             ("--draft-backend", m.draft_backend if m.draft_backend != E.model.draft_backend else None),
+             ("--schedule", d.schedule if d.schedule != E.drafting.schedule else None),
+             ("--mem-budget", mem.budget), ("--rpc", ",".join(m.rpc) or None)]
+    flags = [x for flag, value in pairs if value is not None for x in (flag, str(value))]
+    return flags + ["--no-ngram"] * (not d.ngram) + ["--ngram"] * (not d.draft_model) + ["--plain"] * d.plain
+
+
 def sampling_params(temp=S.temperature, top_k=S.top_k, top_p=S.top_p, min_p=S.min_p, seed=None, n=S.max_tokens,
                     stop=None) -> SamplingParams:
     return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=n,
