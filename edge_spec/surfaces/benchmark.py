@@ -310,7 +310,7 @@ def end_to_end(flags: list[str], prompts: list[Prompt], settings: Settings, reps
 
 def e2e_row(name: str, temp: float, runs: dict) -> dict:
     seconds = {label: [r["elapsed_seconds"] for r in rs] for label, rs in runs.items()}
-    tokens = {label: [r["n_tokens"] for r in rs] for label, rs in runs.items()}
+    tokens = {label: [r["tokens"] for r in rs] for label, rs in runs.items()}
     pair_ratios = [p / s for p, s in zip(seconds["plain"], seconds["edgespec"])]
     return {
         "prompt": name, "temperature": temp,
