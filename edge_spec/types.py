@@ -27,6 +27,9 @@ class WorkerLost(EdgespecError):
     engine cannot generate again; the process, the session and the server go on."""
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 are off.
@@ -42,6 +45,9 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
+    # per emitted token, the target's log-probability and this many most probable alternatives
+    # (Step.logprobs); None: none (nothing computed)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -51,6 +57,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "--top-p must be in (0, 1] (1 = off)"),
             (0 <= self.min_p < 1, "--min-p must be in [0, 1) (0 = off)"),
             (self.max_tokens >= 1, "-n/--max-tokens must be >= 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS} alternatives"),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,6 +73,8 @@ class SamplingParams:
         wrong = [name for name, integral in (("temperature", False), ("top_p", False), ("min_p", False),
                                              ("top_k", True), ("max_tokens", True))
                  if not number(getattr(self, name), integral)]
+        if self.logprobs is not None and not number(self.logprobs, True):
+            wrong.append("logprobs (an integer, or None)")
         if self.seed is not None and not (number(self.seed, True) and self.seed >= 0):
             wrong.append("seed (an integer >= 0, or None)")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -174,6 +184,18 @@ class Step:
     text: str
     stats: Stats
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "context", "cancelled"
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when SamplingParams.logprobs asked for them
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of an emitted token, from its raw logits (log-softmax before
+    temperature and the filters: the model's own distribution), and the most probable tokens at
+    that position with theirs, most probable first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from edge_spec.core.controller import Controller
 from edge_spec.core.drafters.ahead import AheadDrafter
 from edge_spec.core.drafters.model import ModelDrafter, common_prefix
@@ -29,7 +31,7 @@ from edge_spec.core.textstream import TextStream
 from edge_spec.core.tree import TokenTree, verify_tree
 from edge_spec.core.verify import verify
 from edge_spec.defaults import MAX_DRAFT, MAX_SEQUENCES, SCHEDULES
-from edge_spec.types import Costs, Draft, EdgespecError, SamplingParams, Stats, Step
+from edge_spec.types import Costs, Draft, EdgespecError, SamplingParams, Stats, Step, TokenLogprob
 
 log = logging.getLogger(__name__)
 NGRAM_BRANCHES = 3  # earlier occurrences whose continuations join a best-first tree
@@ -94,6 +96,18 @@ class _Counters:
             by_source=tuple((s, self.drafted[s], self.accepted[s], self.rejected[s]) for s in sorted(self.drafted)),
             notes=tuple(self.notes), drafted_ahead=sum(w.kept for w in self.workers),
         )
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The target's log-probability of `token` under its raw logits [vocab] (log-softmax, before
+    temperature and the filters: the model's own distribution), and its `top` most probable
+    tokens with theirs, most probable first."""
+    row = logits.astype(np.float64)
+    peak = row.max()
+    logp = row - (peak + np.log(np.exp(row - peak).sum()))
+    best = np.argpartition(-logp, top)[:top] if 0 < top < len(logp) else np.arange(len(logp) if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return TokenLogprob(int(token), float(logp[token]), tuple((int(t), float(logp[t])) for t in best))
 
 
 class Runtime:
@@ -201,8 +215,8 @@ class Runtime:
                 draft = self._draft_best_first(drafters, context, room, left, sp, c)
             if draft is None:
                 draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
-            new = self._verify_step(context, draft, sp, rng, c)
-            step = self._emit(new, text, sp, c)
+            new, rows = self._verify_step(context, draft, sp, rng, c)
+            step = self._emit(new, rows, text, sp, c)
             if self.decoding.interleaved:
                 for w in workers:
                     w.hold()
@@ -280,7 +294,9 @@ class Runtime:
         c.notes.append(note)
         log.warning("%s", note, exc_info=exc)
 
-    def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters) -> tuple[int, ...]:
+    def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters) -> tuple[tuple[int, ...], np.ndarray]:
+        """The tokens this step emits, and the target's logits row each was chosen from
+        [len(new), vocab] (row j of a chain pass predicts its token j)."""
         if isinstance(draft, TreeDraft):
             return self._verify_tree_step(context, draft, sp, rng, c)
         k = len(draft) if draft else 0
@@ -303,9 +319,10 @@ class Runtime:
             new = (self._sample_plain(logits[0], sp, rng),)
         c.n_steps += 1
         context.extend(new)
-        return new
+        return new, logits[: len(new)]
 
-    def _verify_tree_step(self, context, draft: "TreeDraft", sp, rng, c: _Counters) -> tuple[int, ...]:
+    def _verify_tree_step(self, context, draft: "TreeDraft", sp, rng,
+                          c: _Counters) -> tuple[tuple[int, ...], np.ndarray]:
         """One pass over the pending token and the tree, a walk down it (edge_spec.core.tree), and the
         target's cache cut back to the accepted branch."""
         tree = draft.tree
@@ -325,14 +342,16 @@ class Runtime:
         c.n_steps += 1
         new = (*(tree.tokens[i] for i in verdict.path), verdict.token)
         context.extend(new)
-        return new
+        # the pending token's row chose the first, each accepted node's row the token after it
+        return new, logits[[0, *(node + 1 for node in verdict.path)]]
 
     @staticmethod
     def _sample_plain(logits, sp: SamplingParams, rng: Random) -> int:
         return int(logits.argmax()) if sp.greedy else rng.categorical(probs(logits, sp))
 
-    def _emit(self, new: tuple[int, ...], text: TextStream, sp, c: _Counters) -> Step:
-        """Turn a step's tokens into a Step, cutting at EOS, a stop string or max_tokens."""
+    def _emit(self, new: tuple[int, ...], rows: np.ndarray, text: TextStream, sp, c: _Counters) -> Step:
+        """Turn a step's tokens into a Step, cutting at EOS, a stop string or max_tokens; with
+        sp.logprobs, the target's log-probability of each (rows: [len(new), vocab] logits)."""
         out, pieces, reason = [], [], None
         for i, token in enumerate(new):
             if self.target.is_eog(token):
@@ -350,7 +369,10 @@ class Runtime:
         if reason is not None:
             pieces.append(text.flush())
         from_draft = tuple(i < len(new) - 1 for i in range(len(out)))
-        return Step(tuple(out), from_draft, "".join(pieces), c.snapshot(self.controller.plain_step_seconds), reason)
+        logprobs = () if sp.logprobs is None else tuple(
+            token_logprob(row, token, sp.logprobs) for row, token in zip(rows, out))
+        return Step(tuple(out), from_draft, "".join(pieces), c.snapshot(self.controller.plain_step_seconds), reason,
+                    logprobs)
 
     def _prefill(self, prompt: Sequence[int], drafters: list, c: _Counters) -> None:
         """Evaluate prompt[:-1] into every cache, reusing the common prefix already held."""

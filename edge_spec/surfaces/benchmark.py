@@ -319,6 +319,7 @@ def e2e_row(name: str, temp: float, runs: dict) -> dict:
         "ratio": round(statistics.median(seconds["plain"]) / statistics.median(seconds["edgespec"]), 3),
         "ratio_spread": (round(min(pair_ratios), 3), round(max(pair_ratios), 3)),
         "seconds": seconds,
+        "runs": runs,  # each process's stats: load and prompt time can be told from decode time
     }
 
 

@@ -10,14 +10,18 @@ as OpenAI sends them instead, in a last chunk of their own with no choices (ever
 "usage": null). Sampling: temperature, top_p, seed, max_tokens (or max_completion_tokens), stop,
 plus llama.cpp's top_k and min_p; fields left out take edgespec's defaults (as `edgespec
 generate`), max_tokens the server's limit. A message's content is a string or a list of text
-parts ({"type": "text", "text": ...}, joined with newlines). Fields asking for what edgespec does
-not do (n > 1, tools, logprobs, penalties, ...) are refused with 400.
+parts ({"type": "text", "text": ...}, joined with newlines). Log probabilities: `logprobs: true`
+and `top_logprobs` (0-20) on chat, `logprobs` (0-20 alternatives) on completions, in OpenAI's
+shapes; they are the target's own (log-softmax of its logits, before temperature and the
+filters) at each emitted token, whatever drafted it. Fields asking for what edgespec does not do
+(n > 1, tools, penalties, ...) are refused with 400.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,13 +31,11 @@ from starlette.responses import Response
 
 from edge_spec.surfaces.server.guard import ApiError
 from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
-from edge_spec.types import Step
+from edge_spec.types import MAX_TOP_LOGPROBS, Step, TokenLogprob
 
 _UNSUPPORTED: Unsupported = {
     "n": (lambda v: v not in (None, 1), "edgespec generates one choice per request"),
     "best_of": (lambda v: v not in (None, 1), "edgespec generates one choice per request"),
-    "logprobs": (lambda v: v not in (None, False, 0), "edgespec does not return log probabilities"),
-    "top_logprobs": (lambda v: v not in (None, 0), "edgespec does not return log probabilities"),
     "tools": (bool, "edgespec generates plain text, without function calling"),
     "functions": (bool, "edgespec generates plain text, without function calling"),
     "tool_choice": (lambda v: v not in (None, "none"), "edgespec generates plain text, without function calling"),
@@ -61,6 +63,10 @@ class _Body(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     stream: bool = False
     stream_options: _StreamOptions | None = None  # read when streaming
+
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives to each token's log-probability were asked for; None: no logprobs."""
+        return None
 
     @model_validator(mode="before")
     @classmethod
@@ -100,10 +106,25 @@ class _Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[_Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_Body):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API's: alternatives per token
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
@@ -123,13 +144,33 @@ class _Reply:
     created: int
     prompt_tokens: int
     usage_chunk: bool = False  # stream_options.include_usage
+    piece: Callable[[int], bytes] | None = None  # a token's bytes, when logprobs were asked for
     media_type: str = "text/event-stream"
 
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def _logprobs(self, logprobs: tuple[TokenLogprob, ...], offset: int = 0) -> dict | None:
+        """OpenAI's shape of these tokens' logprobs (chat: "content"; completions: the legacy
+        lists, text offsets counted from `offset`); None when none were asked for."""
+        if self.piece is None:
+            return None
+        text = lambda t: self.piece(t).decode("utf-8", "replace")  # noqa: E731
+        if self.chat:
+            entry = lambda t, lp: {"token": text(t), "logprob": lp, "bytes": list(self.piece(t))}  # noqa: E731
+            return {"content": [entry(x.token, x.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in x.top]}
+                                for x in logprobs], "refusal": None}
+        offsets, at = [], offset
+        for x in logprobs:
+            offsets.append(at)
+            at += len(text(x.token))
+        return {"tokens": [text(x.token) for x in logprobs], "token_logprobs": [x.logprob for x in logprobs],
+                "top_logprobs": [{text(t): lp for t, lp in x.top} for x in logprobs], "text_offset": offsets}
+
+    def _choice(self, text: str | None, finish: str | None, role: bool = False,
+                logprobs: tuple[TokenLogprob, ...] = ()) -> dict:
+        shaped = self._logprobs(logprobs) if logprobs else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": shaped, "finish_reason": finish}
         delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": finish}
 
     def _envelope(self, choices: list[dict], chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -142,14 +183,14 @@ class _Reply:
                           "total_tokens": self.prompt_tokens + n},
                 "edgespec": last.stats.as_dict()}
 
-    def _chunk(self, text: str, role: bool = False) -> str:
-        return _sse(self._envelope([self._choice(text, None, role)], chunk=True))
+    def _chunk(self, text: str, role: bool = False, logprobs: tuple[TokenLogprob, ...] = ()) -> str:
+        return _sse(self._envelope([self._choice(text, None, role, logprobs)], chunk=True))
 
     def opening(self) -> list[str]:
         return [self._chunk("", role=True)] if self.chat else []
 
     def delta(self, step: Step) -> str | None:
-        return self._chunk(step.text) if step.text else None
+        return self._chunk(step.text, logprobs=step.logprobs) if step.text or step.logprobs else None
 
     def closing(self, last: Step) -> list[str]:
         finish = FINISH_REASONS.get(last.finish_reason, last.finish_reason)
@@ -164,10 +205,10 @@ class _Reply:
     def whole(self, text: str, last: Step) -> dict:
         finish = FINISH_REASONS.get(last.finish_reason, last.finish_reason)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self._logprobs(last.logprobs), "finish_reason": finish}
         else:
-            choice = self._choice(text, finish)
+            choice = self._choice(text, finish, logprobs=last.logprobs)
         return self._envelope([choice], chunk=False) | self._usage(last)
 
 
@@ -195,11 +236,12 @@ class OpenAIRoutes:
                                             "owned_by": "edgespec"}]}
 
     async def _complete(self, request: Request, body: _Body, tokenize, chat: bool) -> Response:
-        sp = self.service.sampling(body, *body.max_tokens_asked())
+        sp = self.service.sampling(body, *body.max_tokens_asked()).with_(logprobs=body.logprobs_asked())
         usage_chunk = body.stream and body.stream_options is not None and body.stream_options.include_usage
+        piece = self.service.engine.target.piece if sp.logprobs is not None else None
 
         def reply_for(prompt_tokens: int) -> _Reply:
             return _Reply(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), chat, self.service.model_id,
-                          int(time.time()), prompt_tokens, usage_chunk)
+                          int(time.time()), prompt_tokens, usage_chunk, piece)
 
         return await self.service.complete(request, sp, body.stream, tokenize, reply_for)

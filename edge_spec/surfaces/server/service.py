@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -105,7 +106,7 @@ class Reply(Protocol):
     def delta(self, step: Step) -> str | None: ...         # a stream line for a step (None: nothing to send)
     def closing(self, last: Step) -> Iterable[str]: ...     # stream lines after the last step
     def failure(self, error: ApiError) -> str: ...          # the stream's last line, when it fails
-    def whole(self, text: str, last: Step) -> dict: ...     # the answer not streamed
+    def whole(self, text: str, last: Step) -> dict: ...     # the answer not streamed (last.logprobs: all of them)
 
 
 def error_for(e: Exception) -> ApiError:
@@ -233,12 +234,14 @@ class Service:
             self.metrics.ended(last, reason)
 
     async def _collect(self, reply: Reply, tokens: list[int], sp: SamplingParams) -> tuple[str, Step]:
-        text, last = [], None
+        """The whole text, and the last step with the logprobs of every step."""
+        text, logprobs, last = [], [], None
         async with contextlib.aclosing(self._steps(reply, tokens, sp)) as steps:
             async for step in steps:
                 text.append(step.text)
+                logprobs.extend(step.logprobs)
                 last = step
-        return "".join(text), last
+        return "".join(text), dataclasses.replace(last, logprobs=tuple(logprobs))
 
     async def _lines(self, reply: Reply, tokens: list[int], sp: SamplingParams) -> AsyncIterator[str]:
         try:
