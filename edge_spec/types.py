@@ -11,6 +11,7 @@ all k drafts were accepted).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,70 @@ class WorkerLost(EdgespecError):
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+GRAMMAR_KINDS = ("json_schema", "lark", "regex")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What a reply must match, as data: a JSON schema (as JSON text), a Lark grammar (GBNF, as
+    llama.cpp's `grammar`, is converted to Lark) or a regular expression. The engine compiles it
+    for the target's vocabulary (core/llg.py, with llguidance) and masks p and q with it
+    (core/grammar.py). Make one with the constructors:
+
+        Grammar.json_schema({"type": "object", ...}, strict=True)   # OpenAI's json_schema
+        Grammar.json()                                              # any JSON object (json_object)
+        Grammar.lark('start: "yes" | "no"')                          # or a GBNF grammar
+        Grammar.regex(r"[0-9]{3}-[0-9]{4}")
+    """
+
+    kind: str    # GRAMMAR_KINDS
+    source: str  # the schema's JSON text, the grammar, the pattern
+
+    def __post_init__(self):
+        if self.kind not in GRAMMAR_KINDS or not isinstance(self.source, str):
+            raise EdgespecError(f"a grammar is one of {', '.join(GRAMMAR_KINDS)} given as text: make one with "
+                                "Grammar.json_schema(schema), Grammar.json(), Grammar.lark(text) or Grammar.regex(text)")
+
+    @classmethod
+    def json_schema(cls, schema: dict | str, strict: bool = False) -> "Grammar":
+        """A JSON schema (a dict, or its JSON text). strict=True (OpenAI's strict mode): objects
+        that do not say otherwise allow no properties beyond those they name, as OpenAI's strict
+        outputs never hold keys the schema does not name; without it JSON Schema's own default
+        holds (extra properties allowed). Either way the reply validates against the schema."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise EdgespecError(f"the JSON schema is not valid JSON ({e})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise EdgespecError(f"a JSON schema is an object, not {type(schema).__name__}")
+        return cls("json_schema", json.dumps(_closed(schema) if strict else schema, sort_keys=False))
+
+    @classmethod
+    def json(cls) -> "Grammar":
+        """Any JSON object (OpenAI's json_object, Ollama's format "json")."""
+        return cls("json_schema", '{"type": "object"}')
+
+    @classmethod
+    def lark(cls, text: str) -> "Grammar":
+        return cls("lark", text)
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Grammar":
+        return cls("regex", pattern)
+
+
+def _closed(schema):
+    """The schema with additionalProperties false wherever an object schema names properties and
+    does not say otherwise (strict mode)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 @dataclass(frozen=True)
@@ -48,6 +113,8 @@ class SamplingParams:
     # per emitted token, the target's log-probability and this many most probable alternatives
     # (Step.logprobs); None: none (nothing computed)
     logprobs: int | None = None
+    # what the reply must match (a JSON schema, a grammar): p and q masked to it; None: free text
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -77,6 +144,8 @@ class SamplingParams:
             wrong.append("logprobs (an integer, or None)")
         if self.seed is not None and not (number(self.seed, True) and self.seed >= 0):
             wrong.append("seed (an integer >= 0, or None)")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            wrong.append("grammar (an edge_spec.Grammar, e.g. Grammar.json_schema(schema), or None)")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             wrong.append("stop (a string or a list of strings)")
@@ -99,14 +168,17 @@ class Draft:
 
     probs is q for each drafted position ([k, vocab], rows sum to 1), or None when the drafter
     has no distribution (n-gram lookup, or any greedy draft); the verifier then treats each
-    token as drawn from a one-hot q, which keeps the rule lossless.
+    token as drawn from a one-hot q, which keeps the rule lossless. A draft that mixes the two
+    (a model's tokens and the spans a grammar forces, core/grammar.py) gives k rows, None for
+    each token proposed without a distribution; `forced` marks the grammar's tokens.
     """
 
     tokens: tuple[int, ...]
-    probs: np.ndarray | None  # [k, vocab] or None
+    probs: np.ndarray | tuple[np.ndarray | None, ...] | None  # [k, vocab], k rows, or None
     source: str  # the acceptance-statistics key, e.g. "model", "ngram" or "ngram:long"
     seconds_per_token: float | None = None  # drafter's steady-state cost; None = free or unknown
     catch_up: tuple[int, float] | None = None  # (tokens, seconds) the drafter read first, unseen before
+    forced: tuple[bool, ...] = ()  # per token: forced by a grammar (statistics key "grammar"); () = none
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -183,7 +255,9 @@ class Step:
     from_draft: tuple[bool, ...]
     text: str
     stats: Stats
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "context", "cancelled"
+    # "stop" (EOS or stop string), "length", "context", "cancelled", "no_legal_token" (a grammar
+    # allowed no token: core/grammar.py)
+    finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when SamplingParams.logprobs asked for them
 
 
@@ -242,6 +316,9 @@ class DrafterCapabilities:
     drafts_ahead: bool = False      # extend(seq, sp, rng): one token at a time, for the parallel schedule's thread
     grows_trees: bool = False       # propose_best_first(): best-first token trees (core/drafters/spectree.py)
     tries: bool = False             # trie(context, budget, branches): its candidate continuations as a token trie
+    # propose(..., grammar=GrammarView): masks its q with the grammar and drafts the spans it forces
+    # (core/grammar.py); the runtime cuts any other drafter's draft at its first illegal token
+    follows_grammar: bool = False
 
 
 @dataclass(frozen=True)

@@ -347,3 +347,79 @@ def enumerate_outcomes(fn: Callable[[Enumerator], Hashable], max_paths: int = 20
                 raise AssertionError(f"enumerated paths hold probability {total}, not 1")
             return dist
     raise AssertionError(f"more than {max_paths} random paths")
+
+
+# --- grammars ------------------------------------------------------------------------------------
+class FakeMatcher:
+    """A grammar over a small vocabulary as a table (the Matcher of edge_spec/core/grammar.py):
+    `table[state]` maps each allowed token to the next state; `accepting` states also allow the
+    end tokens; `forced[state]` is what the grammar proposes as forced there: legal tokens, not
+    necessarily the only way on (as a forced text whose tokenization the target may not take)."""
+
+    def __init__(self, table: dict, accepting: set, end_tokens: set, vocab: int, forced: dict | None = None):
+        self.table, self.accepting, self.vocab_size = table, set(accepting), vocab
+        self.end_tokens = frozenset(end_tokens)
+        self.forced_table = forced or {}
+        self.states = [0]
+        self.masks_computed = 0
+
+    def allowed(self, state) -> set[int]:
+        out = set(self.table.get(state, {}))
+        return out | self.end_tokens if state in self.accepting else out
+
+    def mask(self) -> np.ndarray:
+        self.masks_computed += 1
+        out = np.zeros(self.vocab_size, dtype=bool)
+        out[sorted(self.allowed(self.states[-1]))] = True
+        return out
+
+    def consume(self, token: int) -> None:
+        state = self.states[-1]
+        assert token in self.allowed(state), f"token {token} is not allowed in state {state}"
+        self.states.append(self.table.get(state, {}).get(token, "end"))
+
+    def rollback(self, n: int) -> None:
+        assert 0 <= n < len(self.states)
+        del self.states[len(self.states) - n:]
+
+    def forced(self) -> tuple[int, ...]:
+        return tuple(self.forced_table.get(self.states[-1], ()))
+
+    def copy(self) -> FakeMatcher:
+        other = FakeMatcher(self.table, self.accepting, self.end_tokens, self.vocab_size, self.forced_table)
+        other.states = list(self.states)
+        return other
+
+
+def masked_joint(dist_fn: DistFn, matcher: FakeMatcher, prompt: Sequence[int], n: int,
+                 transform: Callable[[np.ndarray], np.ndarray]) -> dict[tuple, float]:
+    """Exact distribution of (emitted tokens, finish reason) under the masked target: at each
+    position p after `transform` of the logits with the grammar's forbidden tokens at -inf; an
+    end token stops ("stop", not emitted), as does a state allowing only end tokens; a state
+    allowing nothing ends with "no_legal_token"; n tokens with "length"."""
+    out: dict[tuple, float] = {}
+
+    def add(key, weight):
+        out[key] = out.get(key, 0.0) + weight
+
+    def walk(seq, state, weight):
+        if len(seq) == n:
+            return add((seq, "length"), weight)
+        allowed = matcher.allowed(state)
+        if not allowed:
+            return add((seq, "no_legal_token"), weight)
+        if allowed <= matcher.end_tokens:
+            return add((seq, "stop"), weight)
+        with np.errstate(divide="ignore"):
+            logits = np.log(np.asarray(dist_fn(tuple(prompt) + seq), dtype=np.float64))
+        logits[[t for t in range(len(logits)) if t not in allowed]] = -np.inf
+        p = transform(logits)
+        for x in range(len(p)):
+            if p[x] > 0:
+                if x in matcher.end_tokens:
+                    add((seq, "stop"), weight * p[x])
+                else:
+                    walk(seq + (x,), matcher.table[state][x], weight * p[x])
+
+    walk((), 0, 1.0)
+    return out

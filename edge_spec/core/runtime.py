@@ -26,12 +26,23 @@ from edge_spec.core.drafters.ahead import AheadDrafter
 from edge_spec.core.drafters.model import ModelDrafter, common_prefix
 from edge_spec.core.drafters.ngram import NgramDrafter
 from edge_spec.core.drafters.spectree import MAX_DEPTH
+from edge_spec.core.grammar import (
+    GRAMMAR,
+    NO_LEGAL_TOKEN,
+    GrammarState,
+    GrammarView,
+    Matcher,
+    NoLegalToken,
+    legal_draft,
+    legal_tree,
+    with_forced,
+)
 from edge_spec.core.sampling import NumpyRandom, Random, check_logits, probs
 from edge_spec.core.textstream import TextStream
-from edge_spec.core.tree import TokenTree, verify_tree
-from edge_spec.core.verify import verify
+from edge_spec.core.tree import ROOT, TokenTree, TreeVerdict, verify_tree
+from edge_spec.core.verify import verify, verify_rows
 from edge_spec.defaults import MAX_DRAFT, MAX_SEQUENCES, SCHEDULES
-from edge_spec.types import Costs, Draft, EdgespecError, SamplingParams, Stats, Step, TokenLogprob
+from edge_spec.types import Costs, Draft, EdgespecError, SamplingParams, Stats, Step, TokenLogprob, Verdict
 
 log = logging.getLogger(__name__)
 NGRAM_BRANCHES = 3  # earlier occurrences whose continuations join a best-first tree
@@ -154,8 +165,11 @@ class Runtime:
         sp: SamplingParams = SamplingParams(),
         cancel: threading.Event | None = None,
         rng: Random | None = None,
+        grammar: Matcher | None = None,
     ) -> Iterator[Step]:
-        """Yield Steps until EOS, a stop string, max_tokens, the context limit or `cancel`."""
+        """Yield Steps until EOS, a stop string, max_tokens, the context limit or `cancel`.
+        `grammar`: a matcher at its start (compiled from sp.grammar for the target's vocabulary,
+        core/llg.py): p and q are masked to it at every position (core/grammar.py); None: free text."""
         if not prompt:
             raise EdgespecError("the prompt is empty: give some text to continue")
         n_ctx = self.target.n_ctx
@@ -169,31 +183,34 @@ class Runtime:
         # it in later would cost a catch-up over the whole context
         drafters = [d for d in self.drafters if self.controller.could_pay(d.source)]
         workers = c.workers
+        state = None if grammar is None else GrammarState(grammar)
         if self.decoding.schedule == "parallel":
-            drafters = [self._ahead(d, sp, rng, workers) for d in drafters]
+            drafters = [self._ahead(d, sp, rng, workers, state) for d in drafters]
         try:
-            yield from self._loop(prompt, drafters, workers, sp, cancel, rng, c)
+            yield from self._loop(prompt, drafters, workers, sp, cancel, rng, c, state)
         finally:  # the reply ended, was cancelled or abandoned: no drafting thread outlives it
             for w in workers:
                 w.close()
 
-    def _ahead(self, drafter, sp: SamplingParams, rng: Random, workers: list):
+    def _ahead(self, drafter, sp: SamplingParams, rng: Random, workers: list, grammar: GrammarState | None):
         """The parallel schedule: a draft model drafts ahead (ahead_drafter); n-gram lookups cost
-        nothing and are not wrapped."""
+        nothing and are not wrapped. Under a grammar the thread follows a copy of it."""
         if not drafter.capabilities.drafts_ahead:
             return drafter
-        w = self.ahead_drafter(drafter, sp, rng)
+        w = self.ahead_drafter(drafter, sp, rng, None if grammar is None else grammar.copy())
         workers.append(w)
         return w
 
-    def ahead_drafter(self, drafter, sp: SamplingParams, rng: Random) -> AheadDrafter:
+    def ahead_drafter(self, drafter, sp: SamplingParams, rng: Random,
+                      grammar: GrammarState | None = None) -> AheadDrafter:
         """A drafting thread around `drafter` for one reply, with randomness of its own: the two
         threads never share a generator (`rng`, the runtime's, is for drafting in this thread:
-        the exact tests of the parallel schedule draft inline, tests/core/test_parallel.py)."""
-        return AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1))
+        the exact tests of the parallel schedule draft inline, tests/core/test_parallel.py),
+        nor a grammar state (`grammar`: the thread's own)."""
+        return AheadDrafter(drafter, sp, NumpyRandom(None if sp.seed is None else sp.seed + 1), grammar=grammar)
 
     def _loop(self, prompt, drafters: list, workers: list, sp: SamplingParams, cancel, rng: Random,
-              c: _Counters) -> Iterator[Step]:
+              c: _Counters, grammar: GrammarState | None) -> Iterator[Step]:
         n_ctx = self.target.n_ctx
         t0 = time.perf_counter()
         self._prefill(prompt, drafters, c)
@@ -210,13 +227,20 @@ class Runtime:
             if room < 1:
                 yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "context")
                 return
+            if grammar is not None and grammar.only_ends():  # any end token ends it alike: no pass needed
+                yield Step((), (), text.flush(), c.snapshot(self.controller.plain_step_seconds), "stop")
+                return
             draft = None
             if self.decoding.tree_budget > 0:
-                draft = self._draft_best_first(drafters, context, room, left, sp, c)
+                draft = self._draft_best_first(drafters, context, room, left, sp, c, grammar)
             if draft is None:
-                draft = self._draft(drafters, context, min(room - 1, left - 1), sp, rng, c)
-            new, rows = self._verify_step(context, draft, sp, rng, c)
-            step = self._emit(new, rows, text, sp, c)
+                cap = min(room - 1, left - 1)
+                draft = (self._draft(drafters, context, cap, sp, rng, c) if grammar is None else
+                         self._draft_constrained(drafters, context, cap, sp, rng, c, grammar))
+            new, rows, end = self._verify_step(context, draft, sp, rng, c, grammar)
+            if grammar is not None:
+                grammar.commit(new)
+            step = self._emit(new, rows, text, sp, c, end)
             if self.decoding.interleaved:
                 for w in workers:
                     w.hold()
@@ -229,8 +253,9 @@ class Runtime:
 
     # --- one step ------------------------------------------------------------------------
     def _draft(self, drafters: list, context: list[int], cap: int, sp: SamplingParams, rng: Random,
-               c: _Counters) -> Draft | None:
-        """Ask drafters in order; the controller decides whether and how far each drafts."""
+               c: _Counters, grammar: GrammarView | None = None) -> Draft | None:
+        """Ask drafters in order; the controller decides whether and how far each drafts. Under a
+        grammar every draft is legal (_propose_legal)."""
         for drafter in list(drafters):
             try:
                 key = drafter.ready(context)
@@ -238,23 +263,47 @@ class Runtime:
                     continue
                 k = self.controller.draft_length(key, cap, drafter.behind(context))
                 if k > 0:
-                    draft = drafter.propose(context, k, sp, rng)
+                    draft = (drafter.propose(context, k, sp, rng) if grammar is None else
+                             self._propose_legal(drafter, context, k, sp, rng, grammar))
                     if draft:
                         return draft
             except Exception as exc:  # noqa: BLE001 (a drafter or its device failing must not end the reply)
                 self._drop(drafters, drafter, exc, c)
         return None
 
+    def _draft_constrained(self, drafters: list, context: list[int], cap: int, sp: SamplingParams, rng: Random,
+                           c: _Counters, grammar: GrammarState) -> Draft | None:
+        """A draft under a grammar: the span it forces now (free: no drafter pass), then a
+        drafter's legal tokens after it, at most `cap` in all."""
+        forced = grammar.forced((), cap)
+        draft = None
+        if cap > len(forced):
+            draft = self._draft(drafters, [*context, *forced], cap - len(forced), sp, rng, c, grammar.view(forced))
+        return with_forced(forced, draft, cap)
+
+    @staticmethod
+    def _propose_legal(drafter, context: list[int], k: int, sp: SamplingParams, rng: Random,
+                       grammar: GrammarView) -> Draft | None:
+        """A drafter's draft under a grammar: one that follows it masks its own q; any other's is
+        cut at its first illegal token, and the span the grammar forces after it added."""
+        if drafter.capabilities.follows_grammar:
+            return drafter.propose(context, k, sp, rng, grammar=grammar)
+        return legal_draft(drafter.propose(context, k, sp, rng), grammar)
+
     def _draft_best_first(self, drafters: list, context: list[int], room: int, left: int, sp: SamplingParams,
-                          c: _Counters) -> TreeDraft | None:
+                          c: _Counters, grammar: GrammarState | None = None) -> TreeDraft | None:
         """A draft model's best-first tree (when the controller wants a draft from it), with the
         n-gram drafter's trie merged in. The tree takes at most room - 1 nodes (the pass also
         evaluates the pending token) and is no deeper than the tokens still wanted, less the one
-        the target adds. None: no draft model drafts now; the usual drafts follow."""
+        the target adds. None: no draft model drafts now; the usual drafts follow. Under a
+        grammar every node is legal, and a span the grammar forces goes to a chain instead."""
         budget, depth = min(self.decoding.tree_budget, room - 1), left - 1
-        if budget < 1 or depth < 1:
+        if budget < 1 or depth < 1 or (grammar is not None and grammar.forced()):
             return None
+        view = None if grammar is None else grammar.view(())
         trie, trie_key = self._ngram_trie(drafters, context, budget // 2, sp)
+        if view is not None:
+            trie = legal_tree(trie, view)
         for drafter in list(drafters):
             if not drafter.capabilities.grows_trees:  # n-grams: tries, seeds of the model's trees
                 continue
@@ -265,7 +314,8 @@ class Runtime:
                 seed_accept = self.controller.acceptance(trie_key) if trie_key else 0.0
                 tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
                                                   max_leaves=self.decoding.max_leaves, seed=trie, seed_accept=seed_accept,
-                                                  costs=self.controller.tree_costs(drafter.source, budget, MAX_DEPTH))
+                                                  costs=self.controller.tree_costs(drafter.source, budget, MAX_DEPTH),
+                                                  **({} if view is None else {"grammar": view}))
                 if tree:
                     return TreeDraft(tree, key)
             except Exception as exc:  # noqa: BLE001 (as in _draft)
@@ -294,43 +344,78 @@ class Runtime:
         c.notes.append(note)
         log.warning("%s", note, exc_info=exc)
 
-    def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters) -> tuple[tuple[int, ...], np.ndarray]:
-        """The tokens this step emits, and the target's logits row each was chosen from
-        [len(new), vocab] (row j of a chain pass predicts its token j)."""
+    def _verify_step(self, context, draft: Draft | None, sp, rng, c: _Counters, grammar: GrammarState | None = None
+                     ) -> tuple[tuple[int, ...], np.ndarray, str | None]:
+        """The tokens this step emits, the target's logits row each was chosen from
+        [len(new), vocab] (row j of a chain pass predicts its token j), and NO_LEGAL_TOKEN when
+        the grammar allowed no token after them (else None)."""
         if isinstance(draft, TreeDraft):
-            return self._verify_tree_step(context, draft, sp, rng, c)
+            return self._verify_tree_step(context, draft, sp, rng, c, grammar)
         k = len(draft) if draft else 0
         n_past = len(self.target.tokens)
         t0 = time.perf_counter()
         logits = self.target.forward([context[-1], *(draft.tokens if draft else ())])  # [k + 1, vocab]
         check_logits(logits, self.target)
         self.controller.observe_verify(k + 1, time.perf_counter() - t0)
+        tokens = draft.tokens if draft else ()
+        if grammar is None:
+            verdict = verify(draft, logits, sp, rng) if draft else Verdict(0, self._sample_plain(logits[0], sp, rng))
+            dead = False
+        else:  # every row masked, as far as the walk goes
+            verdict, dead = self._masked_verdict(Draft(tokens, draft.probs if draft else None, ""), logits, sp, rng,
+                                                 grammar)
         if draft:
-            verdict = verify(draft, logits, sp, rng)
             self.target.truncate(n_past + 1 + verdict.n_accepted)
-            self.controller.observe_draft(draft.source, k, verdict.n_accepted, draft.seconds_per_token, draft.catch_up)
-            c.drafted[draft.source] += k
-            c.accepted[draft.source] += verdict.n_accepted
-            c.rejected[draft.source] += verdict.n_accepted < k
-            c.n_drafted += k
-            c.n_accepted += verdict.n_accepted
-            new = (*draft.tokens[: verdict.n_accepted], verdict.token)
-        else:
-            new = (self._sample_plain(logits[0], sp, rng),)
+            self._count_draft(draft, verdict.n_accepted, c)
+        new = (*tokens[: verdict.n_accepted], *(() if dead else (verdict.token,)))
         c.n_steps += 1
         context.extend(new)
-        return new, logits[: len(new)]
+        return new, logits[: len(new)], NO_LEGAL_TOKEN if dead else None
 
-    def _verify_tree_step(self, context, draft: "TreeDraft", sp, rng,
-                          c: _Counters) -> tuple[tuple[int, ...], np.ndarray]:
+    @staticmethod
+    def _masked_verdict(draft: Draft, logits: np.ndarray, sp: SamplingParams, rng: Random,
+                        grammar: GrammarState) -> tuple[Verdict, bool]:
+        """verify() with each row of `logits` [k + 1, vocab] masked by the grammar after the
+        draft's tokens before it; (the tokens accepted before a dead end, True) at a dead end."""
+        try:
+            return verify_rows(draft, lambda i: grammar.masked(logits[i], draft.tokens[:i]), sp, rng), False
+        except NoLegalToken as e:
+            return Verdict(len(e.path), -1), True
+
+    def _count_draft(self, draft: Draft, n_accepted: int, c: _Counters) -> None:
+        """A verified chain draft in the statistics and the controller: the grammar's forced
+        tokens under GRAMMAR (free: the controller does not size them), the drafter's own under
+        its source (those after a rejected forced token were never looked at: left out)."""
+        k = len(draft)
+        c.n_drafted += k
+        c.n_accepted += n_accepted
+        forced = draft.forced or (False,) * k
+        looked_at = forced[:n_accepted] if n_accepted < k and forced[n_accepted] else forced
+        own_k, own_accepted = looked_at.count(False), forced[:n_accepted].count(False)
+        if own_k:
+            self.controller.observe_draft(draft.source, own_k, own_accepted, draft.seconds_per_token, draft.catch_up)
+        for source, mine in ((draft.source, False), (GRAMMAR, True)):
+            drafted = forced.count(mine)
+            if drafted:
+                c.drafted[source] += drafted
+                c.accepted[source] += forced[:n_accepted].count(mine)
+                c.rejected[source] += n_accepted < k and forced[n_accepted] == mine
+
+    def _verify_tree_step(self, context, draft: "TreeDraft", sp, rng, c: _Counters,
+                          grammar: GrammarState | None = None) -> tuple[tuple[int, ...], np.ndarray, str | None]:
         """One pass over the pending token and the tree, a walk down it (edge_spec.core.tree), and the
-        target's cache cut back to the accepted branch."""
+        target's cache cut back to the accepted branch. Under a grammar each node's row is masked
+        after its branch."""
         tree = draft.tree
         t0 = time.perf_counter()
         logits = self.target.forward_tree(context[-1], tree)  # [1 + n, vocab]
         check_logits(logits, self.target)
         self.controller.observe_verify(len(tree) + 1, time.perf_counter() - t0)
-        verdict = verify_tree(tree, lambda node: probs(logits[node + 1], sp), rng, greedy=sp.greedy)
+        dead = False
+        if grammar is None:
+            verdict = verify_tree(tree, lambda node: probs(logits[node + 1], sp), rng, greedy=sp.greedy)
+        else:
+            verdict, dead = self._masked_tree_verdict(tree, logits, sp, rng, grammar)
         self.target.keep_path(verdict.path)
         depth = max(tree.depth(i) for i in range(len(tree)))
         self.controller.observe_draft(draft.source, depth, verdict.n_accepted, None)
@@ -340,18 +425,37 @@ class Runtime:
         c.n_drafted += len(tree)
         c.n_accepted += verdict.n_accepted
         c.n_steps += 1
-        new = (*(tree.tokens[i] for i in verdict.path), verdict.token)
+        new = (*(tree.tokens[i] for i in verdict.path), *(() if dead else (verdict.token,)))
         context.extend(new)
         # the pending token's row chose the first, each accepted node's row the token after it
-        return new, logits[[0, *(node + 1 for node in verdict.path)]]
+        return new, logits[[0, *(node + 1 for node in verdict.path)]][: len(new)], NO_LEGAL_TOKEN if dead else None
+
+    @staticmethod
+    def _masked_tree_verdict(tree: TokenTree, logits: np.ndarray, sp: SamplingParams, rng: Random,
+                             grammar: GrammarState) -> tuple[TreeVerdict, bool]:
+        """verify_tree with each node's row masked after its branch; at a dead end, the branch
+        walked to it and True."""
+        walked = [ROOT]
+
+        def p_row(node: int) -> np.ndarray:
+            walked[0] = node
+            path = [] if node == ROOT else [tree.tokens[i] for i in tree.path(node)]
+            return probs(grammar.masked(logits[node + 1], path), sp)
+
+        try:
+            return verify_tree(tree, p_row, rng, greedy=sp.greedy), False
+        except NoLegalToken:
+            return TreeVerdict(tuple(tree.path(walked[0])) if walked[0] != ROOT else (), -1), True
 
     @staticmethod
     def _sample_plain(logits, sp: SamplingParams, rng: Random) -> int:
         return int(logits.argmax()) if sp.greedy else rng.categorical(probs(logits, sp))
 
-    def _emit(self, new: tuple[int, ...], rows: np.ndarray, text: TextStream, sp, c: _Counters) -> Step:
-        """Turn a step's tokens into a Step, cutting at EOS, a stop string or max_tokens; with
-        sp.logprobs, the target's log-probability of each (rows: [len(new), vocab] logits)."""
+    def _emit(self, new: tuple[int, ...], rows: np.ndarray, text: TextStream, sp, c: _Counters,
+              end: str | None = None) -> Step:
+        """Turn a step's tokens into a Step, cutting at EOS, a stop string or max_tokens, or
+        ending with `end` after them (a grammar's dead end); with sp.logprobs, the target's
+        log-probability of each (rows: [len(new), vocab] logits)."""
         out, pieces, reason = [], [], None
         for i, token in enumerate(new):
             if self.target.is_eog(token):
@@ -366,6 +470,7 @@ class Runtime:
                 reason = "length"
                 break
         c.n_tokens += len(out)
+        reason = reason or end
         if reason is not None:
             pieces.append(text.flush())
         from_draft = tuple(i < len(new) - 1 for i in range(len(out)))

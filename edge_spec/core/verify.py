@@ -21,6 +21,8 @@ position of draft token i, row k is p for the bonus position after the last draf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from edge_spec.core.sampling import Random, probs
@@ -34,6 +36,20 @@ def verify(draft: Draft, target_logits: np.ndarray, sp: SamplingParams, rng: Ran
     return verify_sampled(draft.tokens, draft.probs, lambda i: probs(target_logits[i], sp), rng)
 
 
+def verify_rows(draft: Draft, row: Callable[[int], np.ndarray], sp: SamplingParams, rng: Random) -> Verdict:
+    """verify() with the target's logits a row at a time: row(i) -> logits [vocab] at position i,
+    asked for lazily and in order, only as far as the walk goes (a grammar masks each row:
+    core/grammar.py)."""
+    if sp.greedy:
+        n = 0
+        while True:
+            best = int(np.argmax(row(n)))
+            if n == len(draft.tokens) or best != draft.tokens[n]:
+                return Verdict(n, best)
+            n += 1
+    return verify_sampled(draft.tokens, draft.probs, lambda i: probs(row(i), sp), rng)
+
+
 def verify_greedy(tokens: tuple[int, ...], target_logits: np.ndarray) -> Verdict:
     best = np.argmax(target_logits[: len(tokens) + 1], axis=-1)  # [k + 1]
     n = 0
@@ -43,22 +59,25 @@ def verify_greedy(tokens: tuple[int, ...], target_logits: np.ndarray) -> Verdict
 
 
 def verify_sampled(tokens, q: np.ndarray | None, p_row, rng: Random) -> Verdict:
-    """tokens: k draft tokens; q: [k, vocab] or None (one-hot q); p_row(i) -> p_i [vocab].
+    """tokens: k draft tokens; q: [k, vocab], or k rows each [vocab] or None (one-hot q: a
+    token proposed without a distribution, as a span a grammar forces), or None (all one-hot);
+    p_row(i) -> p_i [vocab].
 
     p rows are computed lazily: after a rejection at i, rows i+1.. are never needed.
     """
     for i, x in enumerate(tokens):
         p = p_row(i)
-        if q is None:  # one-hot q: sample p and compare (see the module docstring)
+        q_i = None if q is None else q[i]
+        if q_i is None:  # one-hot q: sample p and compare (see the module docstring)
             t = rng.categorical(p)
             if t == x:
                 continue
             return Verdict(i, t)
-        q_x = float(q[i, x])
+        q_x = float(q_i[x])
         # Algorithm 1: keep x if r < p(x) / q(x), r ~ U(0, 1)
         if q_x > 0 and rng.bernoulli(min(1.0, p[x] / q_x)):
             continue
-        return Verdict(i, rng.categorical(residual(p, q[i], x)))
+        return Verdict(i, rng.categorical(residual(p, q_i, x)))
     return Verdict(len(tokens), rng.categorical(p_row(len(tokens))))  # bonus token
 
 

@@ -58,8 +58,8 @@ class InlineAhead(Runtime):
         super().__init__(*args, **kwargs)
         self.schedule_ahead = ahead
 
-    def ahead_drafter(self, drafter, sp, rng):
-        return AheadDrafter(drafter, sp, rng, threaded=False, ahead=self.schedule_ahead)
+    def ahead_drafter(self, drafter, sp, rng, grammar=None):
+        return AheadDrafter(drafter, sp, rng, threaded=False, ahead=self.schedule_ahead, grammar=grammar)
 
 
 PARALLEL = Decoding(schedule="parallel")
@@ -116,7 +116,7 @@ def _post_with_the_q_rows_one_off(self, context):
         if b <= n <= b + len(self._drafts) and list(context[:b]) == self._base \
                 and list(context[b:]) == self._tokens()[: n - b]:
             kept = self._drafts[n - b:]
-            self._drafts = [(x, q) for (x, _), (_, q) in zip(kept, self._drafts[max(n - b - 1, 0):])]
+            self._drafts = [(x, q, f) for (x, _, f), (_, q, _) in zip(kept, self._drafts[max(n - b - 1, 0):])]
         else:
             self._drafts, self._epoch = [], self._epoch + 1
         self._base = list(context)

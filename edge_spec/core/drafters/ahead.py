@@ -19,6 +19,11 @@ their q is then the drafter's q for the real context, so they are accepted as of
 
 Llama.cpp releases the GIL in its calls: the drafter's passes run beside the target's, on other
 cores or another device. Only the worker touches the draft model while it runs.
+
+Under a grammar the worker follows a GrammarState of its own (a copy of the runtime's: a matcher
+is not shared between threads): q masked after base + buffer, and each drafted token followed in
+the buffer by the span the grammar forces after it (one-hot q). Its paths are counted from the
+reply's start, since a posted context may take back a forced token the runtime proposed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge_spec.core.drafters.model import ModelDrafter
+from edge_spec.core.grammar import GrammarState, draft_rows
 from edge_spec.core.sampling import Random
 from edge_spec.types import Draft, DrafterCapabilities, SamplingParams
 
@@ -43,18 +49,23 @@ class AheadDrafter:
     """Wraps a ModelDrafter for one reply. threaded=False drafts ahead inline instead: at each
     propose, `ahead(step)` tokens past the draft, a fixed schedule the exact tests enumerate."""
 
-    capabilities = DrafterCapabilities()  # it drafts chains; what it wraps drafts ahead
+    # it drafts chains; what it wraps drafts ahead. It follows its own grammar, not the runtime's view
+    capabilities = DrafterCapabilities(follows_grammar=True)
 
     def __init__(self, inner: ModelDrafter, sp: SamplingParams, rng: Random, *, lookahead: int = LOOKAHEAD,
-                 threaded: bool = True, ahead: Callable[[int], int] | None = None):
+                 threaded: bool = True, ahead: Callable[[int], int] | None = None,
+                 grammar: GrammarState | None = None):
         self.inner, self.sp, self.rng = inner, sp, rng
+        self.grammar = grammar     # the worker's own, at the reply's start
         self.source = inner.source
         self.lookahead = lookahead
         self.threaded = threaded
         self.ahead = ahead or (lambda step: 0)
         self._cond = threading.Condition()
         self._base: list[int] = []
-        self._drafts: list[tuple[int, np.ndarray | None]] = []
+        self._start = 0            # the prompt's length: grammar paths count from there
+        self._drafts: list[tuple[int, np.ndarray | None, bool]] = []  # (token, q, forced by the grammar)
+        self._exhausted = False    # nothing more can follow the buffer (a dead end, an end token)
         self._epoch = 0            # bumped when the buffer is thrown away: a token in flight for it is dropped
         self._error: BaseException | None = None
         self._stop = False
@@ -69,6 +80,7 @@ class AheadDrafter:
         self.inner.prefill(context)
         with self._cond:
             self._base = list(context)
+            self._start = len(context)
         if self.threaded and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="edgespec-drafter", daemon=True)
             self._thread.start()
@@ -81,7 +93,10 @@ class AheadDrafter:
         self._post(context)
         return self.source
 
-    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None:
+    def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random,
+                grammar=None) -> Draft | None:
+        """k tokens from the buffer (waiting for them). `grammar`: the runtime's view, unused: the
+        worker follows its own state."""
         if k <= 0:
             return None
         self._post(context)
@@ -92,27 +107,51 @@ class AheadDrafter:
                 if k > self.lookahead:  # a long draft (--max-draft above the lookahead)
                     self.lookahead = k
                     self._cond.notify_all()
-                while len(self._drafts) < k and self._error is None and not self._stop:
+                while len(self._drafts) < k and self._error is None and not self._stop and not self._exhausted:
                     self._cond.wait()
                 self._raise()
                 taken = self._drafts[:k]
         else:
             self.kept += min(len(self._drafts), k)
             want = k + max(self.ahead(self._steps), 0)
-            while len(self._drafts) < want:
-                self._drafts.append(self.inner.extend(self._base + self._tokens(), self.sp, self.rng))
+            while len(self._drafts) < want and not self._exhausted:
+                self._add(self._draft(self._base + self._tokens()))
             taken = self._drafts[:k]
         self._steps += 1
+        if not taken:
+            return None
         waited = time.perf_counter() - t0
-        tokens = tuple(x for x, _ in taken)
-        qs = None if self.sp.greedy else np.stack([q for _, q in taken])
+        tokens = tuple(x for x, _, _ in taken)
+        forced = tuple(f for _, _, f in taken)
         # what a drafted token cost the runtime: the wait, not the drafter's pass. The controller
         # sees drafting get cheap when the worker keeps ahead, and sizes drafts by that
-        return Draft(tokens, qs, self.source, waited / k)
+        return Draft(tokens, draft_rows([q for _, q, _ in taken]), self.source, waited / len(taken), None,
+                     forced if any(forced) else ())
 
     # --- the worker ------------------------------------------------------------------------
     def _tokens(self) -> list[int]:
-        return [x for x, _ in self._drafts]
+        return [d[0] for d in self._drafts]
+
+    def _draft(self, seq: list[int]) -> list[tuple[int, np.ndarray | None, bool]]:
+        """What follows `seq`: the drafter's token and (under a grammar) the span forced after it;
+        [] when the grammar allows nothing there (or seq ends the reply)."""
+        if self.grammar is None:
+            return [(*self.inner.extend(seq, self.sp, self.rng), False)]
+        path = seq[self._start:]
+        if path and path[-1] in self.grammar.end_tokens:
+            return []
+        drafted = self.inner.extend(seq, self.sp, self.rng, grammar=self.grammar.view(path))
+        if drafted is None:
+            return []
+        span = self.grammar.forced([*path, drafted[0]])
+        return [(*drafted, False), *((t, None, True) for t in span)]
+
+    def _add(self, drafted: list) -> None:
+        """Into the buffer (the caller holds the lock, or drafts inline)."""
+        if drafted:
+            self._drafts.extend(drafted)
+        else:
+            self._exhausted = True
 
     def _post(self, context: Sequence[int]) -> None:
         """The runtime's context now: keep the buffer's tail when the context is a prefix of
@@ -127,6 +166,7 @@ class AheadDrafter:
             else:
                 self._drafts = []
                 self._epoch += 1
+                self._exhausted = False
             self._base = list(context)
             self._cond.notify_all()
 
@@ -134,21 +174,21 @@ class AheadDrafter:
         try:
             while True:
                 with self._cond:
-                    while not self._stop and (self._held or len(self._drafts) >= self.lookahead):
+                    while not self._stop and (self._held or self._exhausted or len(self._drafts) >= self.lookahead):
                         self._cond.wait()
                     if self._stop:
                         return
                     seq, epoch = self._base + self._tokens(), self._epoch
                     self._busy = True
                 try:
-                    drafted = self.inner.extend(seq, self.sp, self.rng)
+                    drafted = self._draft(seq)
                 finally:
                     with self._cond:
                         self._busy = False
                         self._cond.notify_all()
                 with self._cond:
                     if epoch == self._epoch and len(self._base) + len(self._drafts) == len(seq):
-                        self._drafts.append(drafted)
+                        self._add(drafted)
                         self._cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 (handed to the runtime, which drops this drafter)
             with self._cond:

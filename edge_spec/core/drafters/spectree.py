@@ -135,6 +135,14 @@ class _Growth:
     def tree(self) -> TokenTree:
         return TokenTree(tuple(self.tokens), tuple(self.parents))
 
+    def branch(self, node: int) -> list[int]:
+        """The tokens from the root's child down to `node` (none for the root)."""
+        out = []
+        while node != ROOT:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
     def expected(self) -> float:
         """Tokens a target pass over the tree is expected to yield: its own, and each node's
         score (the probability of reaching and accepting it, as the drafter sees it)."""
@@ -153,7 +161,8 @@ class _Growth:
 
 def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, max_depth: int = MAX_DEPTH,
          max_leaves: int = 255, per_pass: int | None = None, seed: TokenTree | None = None,
-         seed_accept: float = 0.0, costs: tuple[float, float] | None = None) -> TokenTree | None:
+         seed_accept: float = 0.0, costs: tuple[float, float] | None = None,
+         grammar=None) -> TokenTree | None:
     """A best-first tree of at most `budget` nodes below context[-1] (the pending token), at most
     `max_depth` deep and with at most `max_leaves` leaves (the target's sequences less one).
     `drafter`: a ModelDrafter; its backend's cache is back at `context` afterwards, whatever
@@ -164,7 +173,9 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
     the tree, one drafter pass) in any one unit: then a drafter pass is made only while it raises
     the step's expected tokens per unit of time (_Growth.worth_a_pass); the frontier's candidates,
     already scored, still fill the budget for free. The tree depends on these costs, never on a
-    random draw: verification stays exact whatever they are."""
+    random draw: verification stays exact whatever they are. `grammar` (a GrammarView after the
+    context, core/grammar.py): q masked at each node after its branch, so that every child is
+    legal (the seed must be legal already: the runtime prunes it)."""
     backend = drafter.backend
     budget = min(budget, backend.n_ctx - len(context))  # the drafter's cache must hold the tree too
     if budget < 1 or max_depth < 1 or max_leaves < 1:
@@ -180,8 +191,12 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
     if seed is not None:
         g.seed(seed, seed_accept)
     spent = 0.0
+
+    def mask(node: int):
+        return None if grammar is None else grammar.mask(g.branch(node))
+
     try:
-        g.offer(ROOT, drafter.q_of(evaluate.root(), rank))
+        g.offer(ROOT, drafter.q_of(evaluate.root(), rank, mask(ROOT)))
         while g.frontier:
             new = g.take(per_pass)
             if not new:
@@ -195,7 +210,7 @@ def grow(drafter, context: Sequence[int], budget: int, sp: SamplingParams, *, ma
                     continue  # no more drafter passes pay: the frontier's candidates fill the budget
                 spent += costs[1]
             for i, logits in zip(open_, evaluate.nodes(g, open_)):
-                g.offer(i, drafter.q_of(logits, rank))
+                g.offer(i, drafter.q_of(logits, rank, mask(i)))
     finally:
         evaluate.restore()
     return g.tree() if g.tokens else None
