@@ -5,11 +5,11 @@
         print(session.generate("Hello!", temperature=0).text)
 """
 
-from edge_spec.types import Draft, EdgespecError, ModelFacts, SamplingParams, Stats, Step, Verdict
+from edge_spec.types import Draft, EdgespecError, Grammar, ModelFacts, SamplingParams, Stats, Step, Verdict
 
 __version__ = "0.1.0"
-__all__ = ["Completion", "Draft", "EdgespecError", "ModelFacts", "SamplingParams", "Session", "Stats", "Step",
-           "Verdict", "load"]
+__all__ = ["Completion", "Draft", "EdgespecError", "Grammar", "ModelFacts", "SamplingParams", "Session", "Stats",
+           "Step", "Verdict", "load"]
 
 
 def __getattr__(name: str):

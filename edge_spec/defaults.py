@@ -51,3 +51,9 @@ SCHEDULES = ("sequential", "parallel")
 # puts each leaf's branch in a sequence of its own, so trees have at most 255 leaves
 MAX_SEQUENCES = 256
 MAX_TREE_BUDGET = 511  # nodes of a best-first tree: one pass over them and the pending token fits a batch of 512
+
+# --- structured output (core/grammar.py, core/llg.py) ---------------------------------------------
+# the longest a grammar or JSON schema may take to compile before the request is refused (llguidance
+# compiles the schemas of bench/structured_items.json in about 1 ms each)
+GRAMMAR_COMPILE_SECONDS = 5.0
+GRAMMARS_CACHED = 32    # compiled grammars an engine keeps (a client sends the same schema again and again)

@@ -51,7 +51,8 @@ class Grammar:
     def __post_init__(self):
         if self.kind not in GRAMMAR_KINDS or not isinstance(self.source, str):
             raise EdgespecError(f"a grammar is one of {', '.join(GRAMMAR_KINDS)} given as text: make one with "
-                                "Grammar.json_schema(schema), Grammar.json(), Grammar.lark(text) or Grammar.regex(text)")
+                                "Grammar.json_schema(schema), Grammar.json(), Grammar.lark(text) or "
+                                "Grammar.regex(text)")
 
     @classmethod
     def json_schema(cls, schema: dict | str, strict: bool = False) -> "Grammar":

@@ -62,6 +62,9 @@ class Decoding:
     tree_budget: int = 0
     max_leaves: int = MAX_SEQUENCES - 1
     schedule: str = "sequential"     # SCHEDULES
+    # under a grammar, the spans it forces are proposed as drafts (core/grammar.py); off: plain
+    # decoding with the grammar, one token per target pass (the baseline)
+    grammar_drafts: bool = True
     # the runtime is run interleaved with others (benchmarks): the parallel schedule's drafting
     # threads wait while a step is out with the caller, so that they take no core from the others
     interleaved: bool = False
@@ -275,7 +278,7 @@ class Runtime:
                            c: _Counters, grammar: GrammarState) -> Draft | None:
         """A draft under a grammar: the span it forces now (free: no drafter pass), then a
         drafter's legal tokens after it, at most `cap` in all."""
-        forced = grammar.forced((), cap)
+        forced = grammar.forced((), cap) if self.decoding.grammar_drafts else ()
         draft = None
         if cap > len(forced):
             draft = self._draft(drafters, [*context, *forced], cap - len(forced), sp, rng, c, grammar.view(forced))
@@ -298,7 +301,7 @@ class Runtime:
         the target adds. None: no draft model drafts now; the usual drafts follow. Under a
         grammar every node is legal, and a span the grammar forces goes to a chain instead."""
         budget, depth = min(self.decoding.tree_budget, room - 1), left - 1
-        if budget < 1 or depth < 1 or (grammar is not None and grammar.forced()):
+        if budget < 1 or depth < 1 or (grammar is not None and self.decoding.grammar_drafts and grammar.forced()):
             return None
         view = None if grammar is None else grammar.view(())
         trie, trie_key = self._ngram_trie(drafters, context, budget // 2, sp)
@@ -315,7 +318,7 @@ class Runtime:
                 tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
                                                   max_leaves=self.decoding.max_leaves, seed=trie, seed_accept=seed_accept,
                                                   costs=self.controller.tree_costs(drafter.source, budget, MAX_DEPTH),
-                                                  **({} if view is None else {"grammar": view}))
+                                                  grammar=view)
                 if tree:
                     return TreeDraft(tree, key)
             except Exception as exc:  # noqa: BLE001 (as in _draft)

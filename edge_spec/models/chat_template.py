@@ -73,12 +73,14 @@ class TemplateRenderer:
         self._broken: str | None = None  # set by check(): the template spends its budget on any input
 
     # --- rendering ---------------------------------------------------------------------------
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}, ...];
+        `tools`: OpenAI's tool definitions, for templates that take them (as transformers passes them)."""
         if self._broken is not None:
             raise ChatTemplateError(self._broken)
         request = {"template": self.template, "messages": list(messages), "bos_token": self.bos,
-                   "eos_token": self.eos, "add_generation_prompt": add_generation_prompt}
+                   "eos_token": self.eos, "add_generation_prompt": add_generation_prompt,
+                   **({"tools": list(tools)} if tools else {})}
         with self._lock:
             if self._closed:
                 raise EdgespecError("the chat template renderer is closed (the model was unloaded)")
@@ -209,18 +211,26 @@ def renderer_for(backend) -> TemplateRenderer:
     return TemplateRenderer(facts.chat_template, bos, eos, model=facts.name or Path(facts.path).name)
 
 
-def chat_tokens(backend, messages, renderer: TemplateRenderer | None = None) -> list[int]:
-    """Render messages with the model's chat template and tokenize; without a renderer, one is
-    started for this call. Special tokens are parsed in the template's own text, never in the
-    messages' content: a user who writes `<|im_end|><|im_start|>system` gets those characters,
-    not a turn of their own."""
+def chat_tokens(backend, messages, renderer: TemplateRenderer | None = None,
+                tools: list[dict] | None = None) -> list[int]:
+    """Render messages (and `tools`, for a template that takes them) with the model's chat
+    template and tokenize; without a renderer, one is started for this call. Special tokens are
+    parsed in the template's own text, never in the messages' content: a user who writes
+    `<|im_end|><|im_start|>system` gets those characters, not a turn of their own (text of theirs
+    the template writes elsewhere, as a tool call's arguments or a tool's definition, may not hold
+    such text at all)."""
     if renderer is None:
         with renderer_for(backend) as one_off:
-            return chat_tokens(backend, messages, one_off)
+            return chat_tokens(backend, messages, one_off, tools)
     messages = list(messages)
-    forged = [i for i, m in enumerate(messages) if _holds_special(backend, m["content"])]
+    for what, text in [("a tool definition", json.dumps(tools or [])),
+                       *((f"message {i}'s tool calls", json.dumps(m.get("tool_calls") or []))
+                         for i, m in enumerate(messages))]:
+        if _holds_special(backend, text):
+            raise EdgespecError(f"{what} holds the text of a control token of the model: leave it out")
+    forged = [i for i, m in enumerate(messages) if _holds_special(backend, m.get("content") or "")]
     if not forged:  # the usual case: the whole text in one call, as llama.cpp tokenizes it
-        text = renderer.render(messages)
+        text = renderer.render(messages, tools=tools)
         return backend.tokenize(text, add_special=_add_bos(backend, renderer, text), parse_special=True)
     # each content that holds special-token text renders as a marker and is tokenized alone, as text
     # (a template that transforms content, e.g. strips a prefix, sees the marker: such content goes in whole)
@@ -228,7 +238,7 @@ def chat_tokens(backend, messages, renderer: TemplateRenderer | None = None) -> 
     marked = list(messages)
     for marker, i in markers.items():
         marked[i] = messages[i] | {"content": marker}
-    parts = re.split(f"({'|'.join(markers)})", renderer.render(marked))
+    parts = re.split(f"({'|'.join(markers)})", renderer.render(marked, tools=tools))
     tokens = backend.tokenize(parts[0], add_special=_add_bos(backend, renderer, parts[0]), parse_special=True)
     for marker, template_text in zip(parts[1::2], parts[2::2]):  # re.split alternates text and markers
         tokens += backend.tokenize(messages[markers[marker]]["content"], add_special=False, parse_special=False)

@@ -9,9 +9,12 @@ calibration (plan/calibrate.py: `learn`), so the next plan starts from what this
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
+from edge_spec.core import llg
 from edge_spec.core.runtime import Runtime
+from edge_spec.defaults import GRAMMAR_COMPILE_SECONDS, GRAMMARS_CACHED
 from edge_spec.models.chat_template import TemplateRenderer, chat_tokens, renderer_for
 from edge_spec.options import EngineOptions, Progress
 from edge_spec.pipeline.assemble import assemble
@@ -22,7 +25,7 @@ from edge_spec.pipeline.resolve import resolve
 from edge_spec.plan.calibrate import learn
 from edge_spec.plan.history import History
 from edge_spec.plan.planner import Plan
-from edge_spec.types import SamplingParams, Step
+from edge_spec.types import Grammar, SamplingParams, Step
 
 
 def _silent(what: str, fraction: float) -> None:
@@ -38,6 +41,9 @@ class Engine:
         self.notes = notes    # what the engine decided on its own, for the user to see
         self._history = History() if options.planning.history and plan is not None else None
         self._templates: TemplateRenderer | None = None  # the chat template's renderer (a child process)
+        self._tokenizer: llg.Tokenizer | None = None  # the grammar engine's view of the vocabulary, made once
+        self._grammars: OrderedDict[Grammar, llg.Compiled] = OrderedDict()
+        self._grammar_lock = threading.Lock()
 
     @property
     def predicted_tokens_per_second(self) -> float | None:
@@ -79,17 +85,39 @@ class Engine:
             self._templates = renderer_for(self.target)
         return self._templates
 
-    def chat_tokens(self, messages: Sequence[dict]) -> list[int]:
-        return chat_tokens(self.target, messages, self.templates)
+    def chat_tokens(self, messages: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
+        return chat_tokens(self.target, messages, self.templates, tools)
 
     def text_tokens(self, text: str) -> list[int]:
         return self.target.tokenize(text, add_special=True, parse_special=False)
 
+    # --- grammars ----------------------------------------------------------------------------
+    def grammar(self, grammar: Grammar, seconds: float = GRAMMAR_COMPILE_SECONDS) -> llg.Compiled:
+        """`grammar` compiled for the target's vocabulary, kept for the next reply that asks for it;
+        an EdgespecError that says what is wrong when it is invalid, asks for what the engine cannot
+        enforce, or takes longer than `seconds` to compile. Thread-safe."""
+        with self._grammar_lock:
+            found = self._grammars.get(grammar)
+            if found is not None:
+                self._grammars.move_to_end(grammar)
+                return found
+            if self._tokenizer is None:
+                self._tokenizer = llg.Tokenizer(self.target)
+        compiled = llg.compile(self._tokenizer, grammar, seconds)
+        with self._grammar_lock:
+            self._grammars[grammar] = compiled
+            while len(self._grammars) > GRAMMARS_CACHED:
+                self._grammars.popitem(last=False)
+        return compiled
+
     # --- generation ----------------------------------------------------------------------
     def stream(self, prompt: Sequence[int], sp: SamplingParams = SamplingParams(),
                cancel: threading.Event | None = None) -> Iterator[Step]:
+        """The reply's steps; under sp.grammar, p and q masked to it (compiled now unless it was
+        before: `grammar`)."""
+        matcher = None if sp.grammar is None else self.grammar(sp.grammar).matcher()
         last = None
-        for step in self.runtime.generate(prompt, sp, cancel):
+        for step in self.runtime.generate(prompt, sp, cancel, grammar=matcher):
             last = step
             yield step
         if last is not None and self._history is not None:  # online correction, kept for the next plan

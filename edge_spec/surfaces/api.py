@@ -5,6 +5,8 @@
     with edge_spec.load() as session:                      # default pair, planned for this machine
         for step in session.stream("Write a haiku about rain", temperature=0.7):
             print(step.text, end="", flush=True)         # text deltas; step.stats: tok/s, acceptance
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        reply = session.generate("Where is the Louvre? JSON.", grammar=edge_spec.Grammar.json_schema(schema))
 
 A Session serves one generation at a time: concurrent calls from several threads (or tasks) wait
 their turn in arrival order instead of interleaving on the model. `cancel()` from any thread ends
@@ -128,10 +130,11 @@ class Session:
         return self._turns.waiting
 
     # --- prompts ---------------------------------------------------------------------------
-    def tokens(self, prompt: Prompt, raw: bool = False) -> list[int]:
+    def tokens(self, prompt: Prompt, raw: bool = False, tools: list[dict] | None = None) -> list[int]:
         """Prompt → token ids: a string is one user message in the model's chat template (or
-        the text as is with raw=True); a list of {"role", "content"} dicts is a conversation;
-        a list of ints is used as is."""
+        the text as is with raw=True); a list of {"role", "content"} dicts is a conversation
+        (with `tools`, OpenAI's tool definitions, for a template that takes them); a list of
+        ints is used as is."""
         self._check_open()
         if not isinstance(prompt, (str, Sequence)):
             raise EdgespecError(f"a prompt is a string, a non-empty list of {{'role': ..., 'content': ...}} messages, "
@@ -145,9 +148,9 @@ class Session:
             if not all(0 <= t < n_vocab for t in items):
                 raise EdgespecError(f"token ids must be in [0, {n_vocab}) for {self.model_name}")
             return items
-        if all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), (str, type(None)))
                for m in items) and items:
-            return self.engine.chat_tokens(items)
+            return self.engine.chat_tokens(items, tools)
         raise EdgespecError("a prompt is a string, a non-empty list of {'role': ..., 'content': ...} messages, "
                             "or a non-empty list of token ids")
 
@@ -158,13 +161,19 @@ class Session:
         """Steps as they are generated: step.text is the new text, step.stats the running stats.
 
         Sampling settings come from `params` or keywords (temperature, top_k, top_p, min_p, seed,
-        max_tokens, stop). Waits for its turn if another generation is running; `cancel` (or
-        Session.cancel()) ends it early with finish_reason "cancelled". `on_finish(reason)` is
-        called once the generation is over and the model free for the next one, with its finish
-        reason (None: an error, or the iterator closed before the end)."""
+        max_tokens, stop, and grammar: an edge_spec.Grammar the reply must match, compiled here,
+        so that a bad schema raises now). Waits for its turn if another generation is running;
+        `cancel` (or Session.cancel()) ends it early with finish_reason "cancelled".
+        `on_finish(reason)` is called once the generation is over and the model free for the next
+        one, with its finish reason (None: an error, or the iterator closed before the end)."""
         sp = _params(params, sampling)
         tokens = self.tokens(prompt, raw)
+        self._compile(sp)
         return self._stream(tokens, sp, cancel or threading.Event(), on_finish)
+
+    def _compile(self, sp: SamplingParams) -> None:
+        if sp.grammar is not None:
+            self.engine.grammar(sp.grammar)
 
     def _stream(self, tokens: list[int], sp: SamplingParams, cancel: threading.Event,
                 on_finish: Callable[[str | None], None] | None = None) -> Iterator[Step]:
@@ -206,9 +215,11 @@ class Session:
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, raw: bool = False,
                  cancel: threading.Event | None = None, **sampling) -> Completion:
         """The whole reply at once (same arguments as stream)."""
+        sp = _params(params, sampling)
         tokens = self.tokens(prompt, raw)
+        self._compile(sp)
         text, out, last = [], [], None
-        for step in self._stream(tokens, _params(params, sampling), cancel or threading.Event()):
+        for step in self._stream(tokens, sp, cancel or threading.Event()):
             text.append(step.text)
             out.extend(step.tokens)
             last = step

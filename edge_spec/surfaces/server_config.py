@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from edge_spec.defaults import GRAMMAR_COMPILE_SECONDS
 from edge_spec.types import EdgespecError
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")  # Host header names always accepted
@@ -27,6 +28,7 @@ class ServerConfig:
     max_tokens_limit: int = 2048          # the most tokens a request may ask for, and the default
     queue: int = 8                        # requests that may wait behind the running one; more get 503
     retry_after: int = 2                  # seconds a 503 asks the client to wait
+    grammar_seconds: float = GRAMMAR_COMPILE_SECONDS  # a JSON schema or grammar that takes longer to compile: 400
 
     def check(self) -> None:
         """EdgespecError for a value out of range, or for what would let anyone in without a key."""
@@ -41,6 +43,7 @@ class ServerConfig:
             (self.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
             (self.queue >= 0, "--queue must be >= 0"),
             (self.retry_after >= 1, "retry_after must be >= 1 second"),
+            (self.grammar_seconds > 0, "grammar_seconds must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -107,9 +107,18 @@ def test_the_grammar_reaches_a_dead_end_the_end_and_forced_spans():
     assert sum(w for (seq, reason), w in joint.items() if reason == "stop" and seq[-1:] == (2,)) > 0
 
 
-def test_plain_decoding_under_the_grammar_is_the_masked_target():
+@pytest.mark.parametrize("spans", [True, False], ids=["forced-spans-drafted", "plain"])
+def test_decoding_without_drafters_is_the_masked_target(spans):
+    """No drafter: forced spans alone are drafted; with grammar_drafts off (plain decoding, the
+    benchmarks' baseline) nothing is, one target pass per token."""
+    decoding = Decoding(ngram=False, grammar_drafts=spans)
     for name, p, _ in CASES:
-        assert deviation(lambda: Runtime(FakeModel(p, V, eos=END)), p, PLAIN.with_(max_tokens=4), [1]) < TOL, name
+        assert deviation(lambda: Runtime(FakeModel(p, V, eos=END), decoding=decoding), p, PLAIN.with_(max_tokens=4),
+                         [1]) < TOL, name
+    runs = [list(Runtime(FakeModel(CASES[0][1], V, eos=END), decoding=decoding).generate(
+        [1], PLAIN.with_(max_tokens=6, seed=seed), grammar=matcher()))[-1].stats for seed in range(20)]
+    assert any(s.n_drafted for s in runs) == spans
+    assert spans or all(s.n_tokens <= s.n_steps for s in runs)  # one token per target pass at most
 
 
 # --- chains ------------------------------------------------------------------------------------------

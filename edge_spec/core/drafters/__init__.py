@@ -34,6 +34,7 @@ class Drafter(Protocol):
     def behind(self, context: Sequence[int]) -> int: ...  # tokens it must read before drafting (its catch-up)
 
     def propose(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random) -> Draft | None: ...
+    # a drafter with capabilities.follows_grammar takes grammar=GrammarView as well (core/grammar.py)
 
 
 __all__ = ["Drafter", "ModelDrafter", "NgramDrafter"]

@@ -17,8 +17,12 @@ name is served the loaded model (as on the OpenAI routes); /api/show answers for
 Options: temperature, top_k, top_p, min_p, seed, num_predict (-1 or -2: the server's limit), stop.
 Load-time options (num_ctx, num_gpu, num_thread, ...) are the server's own and are ignored;
 penalties, mirostat, typical_p and tfs_z other than their neutral values are refused, as are
-images, suffix, template and context, and (not supported yet) format and tools. Errors are
-{"error": "message"}, with the status codes of the OpenAI routes.
+images, suffix, template and context. Errors are {"error": "message"}, with the status codes of
+the OpenAI routes.
+
+`format` ("json", or a JSON schema) makes the reply match it, as response_format does on the OpenAI
+routes; /api/chat takes `tools` (the model chooses whether to call one, as Ollama does: tools.py)
+and answers calls as Ollama does, in message.tool_calls with the arguments as an object.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -38,12 +43,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from edge_spec.models import gguf_facts
+from edge_spec.surfaces.server import tools
 from edge_spec.surfaces.server.guard import ApiError
 from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
-from edge_spec.types import Step
+from edge_spec.types import Grammar, Step
 
 OLLAMA_VERSION = "0.6.0"  # what /api/version says: the routes speak Ollama's API as of this version
-NOT_YET = "edgespec generates free text; structured output and tool calls are not supported yet"
 NEUTRAL = "edgespec samples with temperature, top_k, top_p and min_p only"
 DONE_REASONS = {"stop": "stop", "length": "length", "context": "length"}
 NS = 1_000_000_000
@@ -57,8 +62,6 @@ _UNSUPPORTED_OPTIONS: Unsupported = {
     "tfs_z": (lambda v: v not in (None, 1), NEUTRAL),
 }
 _UNSUPPORTED: Unsupported = {
-    "format": (lambda v: v not in (None, ""), NOT_YET),
-    "tools": (bool, NOT_YET),
     "images": (bool, "edgespec serves text models"),
     "suffix": (bool, "edgespec does not fill in the middle"),
     "template": (bool, "the model's own chat template is used; send raw=true with a prompt you formatted"),
@@ -86,27 +89,69 @@ class _Body(BaseModel):
     model: str = ""                 # any name: the loaded model answers
     stream: bool = True             # Ollama's default
     options: _Options = _Options()
+    format: Literal["json", ""] | dict[str, Any] | None = None  # "json" or a JSON schema
 
     @model_validator(mode="before")
     @classmethod
     def _refuse(cls, data: Any) -> Any:
         return refuse_unsupported(data, _UNSUPPORTED)
 
+    def grammar(self) -> Grammar | None:
+        if self.format == "json":
+            return Grammar.json()
+        return Grammar.json_schema(self.format) if isinstance(self.format, dict) else None
+
+
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class _Call(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    function: _Function
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[_Call] | None = None  # an assistant's calls, sent back with their results
 
     @model_validator(mode="before")
     @classmethod
     def _refuse(cls, data: Any) -> Any:
-        return refuse_unsupported(data, {"images": _UNSUPPORTED["images"], "tool_calls": (bool, NOT_YET)})
+        return refuse_unsupported(data, {"images": _UNSUPPORTED["images"]})
+
+    def for_template(self) -> dict:
+        out = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "function": c.function.model_dump()} for c in self.tool_calls]
+        return out
+
+
+class _ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class _Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"] = "function"
+    function: _ToolFunction
 
 
 class ChatBody(_Body):
     messages: list[_Message] = []
+    tools: list[_Tool] | None = None
 
 
 class GenerateBody(_Body):
@@ -139,10 +184,15 @@ class _Reply:
     model: str
     prompt_tokens: int
     started_ns: int  # time.monotonic_ns() when the request arrived
+    calls: tools.CallStream | None = None  # with tools: the reply's tool calls, parsed as it streams
     media_type: str = "application/x-ndjson"
 
-    def _text(self, text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
+    def _text(self, text: str, calls: list[dict] = ()) -> dict:
+        if not self.chat:
+            return {"response": text}
+        ollama = [{"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                  for c in calls]
+        return {"message": {"role": "assistant", "content": text} | ({"tool_calls": ollama} if ollama else {})}
 
     def _done(self, last: Step) -> dict:
         stats = last.stats
@@ -159,16 +209,19 @@ class _Reply:
         return []
 
     def delta(self, step: Step) -> str | None:
-        return self._line(self._text(step.text) | {"done": False}) if step.text else None
+        text, done = (step.text, []) if self.calls is None else self.calls.push(step.text)
+        return self._line(self._text(text, done) | {"done": False}) if text or done else None
 
     def closing(self, last: Step) -> list[str]:
-        return [self._line(self._text("") | self._done(last))]
+        rest = self.calls.finish()[0] if self.calls is not None else ""
+        return [self._line(self._text(rest) | self._done(last))]
 
     def failure(self, error: ApiError) -> str:
         return json_line({"error": error.message}) + "\n"
 
     def whole(self, text: str, last: Step) -> dict:
-        return {"model": self.model, "created_at": _now()} | self._text(text) | self._done(last)
+        content, calls = tools.parse(text) if self.calls is not None else (text, [])
+        return {"model": self.model, "created_at": _now()} | self._text(content or "", calls) | self._done(last)
 
 
 class OllamaRoutes:
@@ -210,7 +263,9 @@ class OllamaRoutes:
         arch = facts.architecture
         details = (await asyncio.to_thread(self._model))["details"]
         return {"modelfile": f"# served by edgespec from {facts.path}\nFROM {facts.path}\n", "parameters": "",
-                "template": facts.chat_template or "", "details": details, "capabilities": ["completion"],
+                "template": facts.chat_template or "", "details": details,
+                "capabilities": ["completion", *(["tools"] if await asyncio.to_thread(self.service.tools_work) else
+                                                   [])],
                 "modified_at": self._modified(),
                 "model_info": {"general.architecture": arch, "general.name": facts.name,
                                "general.parameter_count": facts.n_params, f"{arch}.block_count": facts.n_layers,
@@ -243,8 +298,15 @@ class OllamaRoutes:
         body = await parse(request, ChatBody)
         if not body.messages:
             return self._loaded(body, chat=True)
-        messages = [m.model_dump() for m in body.messages]
-        return await self._complete(request, body, lambda: self.service.session.tokens(messages), True, started)
+        messages = tools.template_messages([m.for_template() for m in body.messages])
+        shown = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+
+        def tokenize() -> list[int]:
+            if shown is not None:
+                self.service.check_tools()
+            return self.service.session.tokens(messages, tools=shown)
+
+        return await self._complete(request, body, tokenize, True, started, calls=shown is not None)
 
     async def generate(self, request: Request) -> Response:
         started = time.monotonic_ns()
@@ -266,11 +328,14 @@ class OllamaRoutes:
         media_type = "application/x-ndjson" if body.stream else "application/json"
         return Response(json_line(line) + "\n", media_type=media_type)
 
-    async def _complete(self, request: Request, body: _Body, tokenize, chat: bool, started: int) -> Response:
+    async def _complete(self, request: Request, body: _Body, tokenize, chat: bool, started: int,
+                        calls: bool = False) -> Response:
         sp = self.service.sampling(body.options, body.options.max_tokens(), "options.num_predict")
+        sp = sp.with_(grammar=body.grammar())
 
         def reply_for(prompt_tokens: int) -> _Reply:
-            return _Reply(secrets.token_hex(12), chat, body.model or self.name, prompt_tokens, started)
+            return _Reply(secrets.token_hex(12), chat, body.model or self.name, prompt_tokens, started,
+                          tools.CallStream() if calls else None)
 
         return await self.service.complete(request, sp, body.stream, tokenize, reply_for)
 

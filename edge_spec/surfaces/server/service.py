@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from edge_spec.models.chat_template import ChatTemplateError
+from edge_spec.surfaces.server import tools
 from edge_spec.surfaces.server.guard import ApiError
 from edge_spec.surfaces.server.metrics import Metrics
 from edge_spec.surfaces.server_config import ServerConfig
@@ -147,6 +148,24 @@ class Service:
         # (request id, finish reason or None, time.monotonic() when the model was free again)
         self.finished: deque[tuple[str, str | None, float]] = deque(maxlen=1024)
         self.metrics = Metrics(running=lambda: min(self.busy, 1), waiting=lambda: max(self.busy - 1, 0))
+        self._tools: bool | None = None  # whether the chat template renders tools we can parse (tools_work)
+
+    def tools_work(self) -> bool:
+        """Whether the model's chat template writes tool calls in the format edgespec parses and
+        renders the tools (a probe rendered with and without one differs); checked once."""
+        if self._tools is None:
+            template = self.engine.target.facts.chat_template
+            probe = [{"role": "user", "content": "Hello"}]
+            self._tools = tools.supports(template) and \
+                self.engine.templates.render(probe, tools=[tools.PROBE_TOOL]) != self.engine.templates.render(probe)
+        return self._tools
+
+    def check_tools(self) -> None:
+        """A 400 when tools cannot be used with this model (tools_work: call off the event loop)."""
+        if not self.tools_work():
+            raise ApiError(400, f"{self.model_id}'s chat template does not render tools in a tool-call format "
+                                f"edgespec parses ({tools.OPEN}{{json}}{tools.CLOSE}, as Qwen2.5's): leave out tools, "
+                                "or serve a model whose template has them")
 
     @property
     def busy(self) -> int:
@@ -174,13 +193,21 @@ class Service:
 
     async def complete(self, request: Request, sp: SamplingParams, stream: bool, tokenize: Callable[[], list[int]],
                        reply_for: Callable[[int], Reply]) -> Response:
-        """Admit, tokenize off the event loop, generate; `reply_for(prompt_tokens)` shapes the answer."""
+        """Admit, tokenize and compile sp.grammar off the event loop, generate; `reply_for(prompt_tokens)`
+        shapes the answer."""
         self._admit()
         streaming = False
+
+        def prepare() -> list[int]:
+            tokens = tokenize()
+            if sp.grammar is not None:  # a bad schema is a 400 before the reply starts (compiled once)
+                self.engine.grammar(sp.grammar, self.config.grammar_seconds)
+            return tokens
+
         try:
             # off the event loop (a long prompt, a template that renders within its budget); a
             # client that leaves meanwhile frees its place at once
-            finished, tokens = await _unless_disconnected(request.receive, asyncio.to_thread(tokenize))
+            finished, tokens = await _unless_disconnected(request.receive, asyncio.to_thread(prepare))
             if not finished:
                 return Response(status_code=499)
             if len(tokens) > self.prompt_limit:
