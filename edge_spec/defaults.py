@@ -57,3 +57,6 @@ MAX_TREE_BUDGET = 511  # nodes of a best-first tree: one pass over them and the 
 # compiles the schemas of bench/structured_items.json in about 1 ms each)
 GRAMMAR_COMPILE_SECONDS = 5.0
 GRAMMARS_CACHED = 32    # compiled grammars an engine keeps (a client sends the same schema again and again)
+# JSON replies are written on one line with these separators (json.dumps's): no whitespace for a model
+# to loop on, and the separators join the keys in spans the grammar forces (drafted for free)
+JSON_SEPARATORS = (", ", ": ")

@@ -26,10 +26,11 @@ import threading
 
 import numpy as np
 
+from edge_spec.defaults import JSON_SEPARATORS
 from edge_spec.types import EdgespecError, Grammar
 
 # JSON's layout (a schema's own "x-guidance" may change it); see the module docstring
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0], "key_separator": JSON_SEPARATORS[1]}
 
 
 class Tokenizer:

@@ -99,14 +99,16 @@ def pick(prompts: list[Prompt], names: str) -> list[Prompt]:
 
 # --- the interleaved measurement -------------------------------------------------------------
 
-def interleaved(runtimes: dict, prompt: list[int], sp) -> dict[str, dict]:
+def interleaved(runtimes: dict, prompt: list[int], sp, grammar=None) -> dict[str, dict]:
     """Run generations step by step, next step to whichever has used the least time.
 
     Also records each one's decode time after every step, so that runs of different lengths
     (EOS at different places, as at T > 0) are compared over the same number of tokens: later
     tokens cost more (a longer context), and a short run would look faster per token.
+    `grammar`: a compiled grammar (Engine.grammar) every run follows, each with a matcher of its own.
     """
-    gens = {label: rt.generate(prompt, sp) for label, rt in runtimes.items()}
+    gens = {label: rt.generate(prompt, sp, grammar=None if grammar is None else grammar.matcher())
+            for label, rt in runtimes.items()}
     busy = dict.fromkeys(gens, 0.0)
     trace = {label: [] for label in gens}  # (tokens so far, decode seconds so far)
     tokens = {label: [] for label in gens}
@@ -139,10 +141,11 @@ def interleaved(runtimes: dict, prompt: list[int], sp) -> dict[str, dict]:
 NEAR_TIE = 1.7
 
 
-def greedy_divergence(context, prompt: list[int], plain: list[int], spec: list[int]) -> dict | None:
+def greedy_divergence(context, prompt: list[int], plain: list[int], spec: list[int], grammar=None) -> dict | None:
     """Where a greedy speculative reply first departs from plain decoding's, and the target's
     top-2 logit margin there as plain decoding saw it (replayed one token at a time on
-    `context`, a backend of the target): {"at": token index, "margin": logits}; None when equal."""
+    `context`, a backend of the target; among the tokens `grammar` allows there, when the replies
+    followed one): {"at": token index, "margin": logits}; None when equal."""
     at = next((i for i, (a, b) in enumerate(zip(plain, spec)) if a != b), None)
     if at is None:
         return None
@@ -150,6 +153,11 @@ def greedy_divergence(context, prompt: list[int], plain: list[int], spec: list[i
     context.forward(prompt[:-1], logits="none")
     for token in [prompt[-1], *plain[:at]]:
         logits = context.forward([token], logits="last")[-1]
+    if grammar is not None:
+        matcher = grammar.matcher()
+        for token in plain[:at]:
+            matcher.consume(token)
+        logits = np.where(matcher.mask()[: len(logits)], logits, -np.inf)
     top2 = np.partition(logits, -2)[-2:]
     return {"at": at, "margin": round(float(top2[1] - top2[0]), 4)}
 
@@ -164,7 +172,7 @@ def seconds_for(trace: list, n: int) -> float:
     return prev_seconds
 
 
-def summarize(name: str, temp: float, runs: dict, divergences: list | None = None) -> dict:
+def summarize(name: str, temp: float, runs: dict, divergences: list | None = None, keep_tokens: bool = False) -> dict:
     """Rates over the tokens both runs of a pair produced, pooled over repetitions; keeps the
     seconds compared so that rows can be pooled again (by category)."""
     pairs = list(zip(runs["plain"], runs["edgespec"]))
@@ -174,7 +182,9 @@ def summarize(name: str, temp: float, runs: dict, divergences: list | None = Non
     spec = runs["edgespec"]
     drafted = sum(r["drafted"] for r in spec)
     for r in runs["plain"] + spec:
-        del r["trace"], r["token_ids"]
+        del r["trace"]
+        if not keep_tokens:
+            del r["token_ids"]
     return {
         "prompt": name, "temperature": temp, "compared_tokens": common,
         "plain_seconds": sum(plain_s), "edgespec_seconds": sum(spec_s),
@@ -207,25 +217,32 @@ class Bench:
                                 "the llama.cpp backend has: use --backend llama")
         self.engine = engine
         self.plain_context = engine.target.sibling()
-        self.plain = Runtime.from_plan(Decoding(ngram=False), self.plain_context)
+        # plain decoding drafts nothing, not even a grammar's forced spans: one token per target pass
+        self.plain = Runtime.from_plan(Decoding(ngram=False, grammar_drafts=False), self.plain_context)
         self.calibrated = engine.runtime.controller
 
     def measure(self, name: str, text: str, temperature: float, max_tokens: int, reps: int) -> dict:
         """One prompt at one temperature, `reps` interleaved pairs (seeds 1000, 1001, ...)."""
+        prompt = self.engine.chat_tokens([{"role": "user", "content": text}])
+        return self.measure_tokens(name, prompt, temperature, max_tokens, reps)
+
+    def measure_tokens(self, name: str, prompt: list[int], temperature: float, max_tokens: int, reps: int,
+                       grammar=None, keep_tokens: bool = False) -> dict:
+        """measure() on a prompt's tokens; `grammar` (Engine.grammar's): both runs follow it, plain
+        decoding one token per pass. keep_tokens: the row keeps each run's token ids."""
         engine = self.engine
-        prompt = engine.chat_tokens([{"role": "user", "content": text}])
         runs = {"plain": [], "edgespec": []}
         divergences = []
         for rep in range(reps):
             sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + rep)
             spec = engine.runtime.fork(controller=self.calibrated, interleaved=True)
-            result = interleaved({"plain": self.plain, "edgespec": spec}, prompt, sp)
+            result = interleaved({"plain": self.plain, "edgespec": spec}, prompt, sp, grammar)
             if sp.greedy:
                 divergences.append(greedy_divergence(self.plain_context, prompt, result["plain"]["token_ids"],
-                                                     result["edgespec"]["token_ids"]))
+                                                     result["edgespec"]["token_ids"], grammar))
             for label, stats in result.items():
                 runs[label].append(stats)
-        return summarize(name, temperature, runs, divergences)
+        return summarize(name, temperature, runs, divergences, keep_tokens)
 
     def close(self) -> None:
         self.plain_context.close()

@@ -21,7 +21,7 @@ images, suffix, template and context. Errors are {"error": "message"}, with the 
 the OpenAI routes.
 
 `format` ("json", or a JSON schema) makes the reply match it, as response_format does on the OpenAI
-routes; /api/chat takes `tools` (the model chooses whether to call one, as Ollama does: tools.py)
+routes; /api/chat takes `tools` (the model chooses whether to call one, as Ollama does: models/tool_calls.py)
 and answers calls as Ollama does, in message.tool_calls with the arguments as an object.
 """
 
@@ -42,8 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from edge_spec.models import gguf_facts
-from edge_spec.surfaces.server import tools
+from edge_spec.models import gguf_facts, tool_calls
 from edge_spec.surfaces.server.guard import ApiError
 from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
 from edge_spec.types import Grammar, Step
@@ -184,7 +183,7 @@ class _Reply:
     model: str
     prompt_tokens: int
     started_ns: int  # time.monotonic_ns() when the request arrived
-    calls: tools.CallStream | None = None  # with tools: the reply's tool calls, parsed as it streams
+    calls: tool_calls.CallStream | None = None  # with tools: the reply's tool calls, parsed as it streams
     media_type: str = "application/x-ndjson"
 
     def _text(self, text: str, calls: list[dict] = ()) -> dict:
@@ -220,7 +219,7 @@ class _Reply:
         return json_line({"error": error.message}) + "\n"
 
     def whole(self, text: str, last: Step) -> dict:
-        content, calls = tools.parse(text) if self.calls is not None else (text, [])
+        content, calls = tool_calls.parse(text) if self.calls is not None else (text, [])
         return {"model": self.model, "created_at": _now()} | self._text(content or "", calls) | self._done(last)
 
 
@@ -298,7 +297,7 @@ class OllamaRoutes:
         body = await parse(request, ChatBody)
         if not body.messages:
             return self._loaded(body, chat=True)
-        messages = tools.template_messages([m.for_template() for m in body.messages])
+        messages = tool_calls.template_messages([m.for_template() for m in body.messages])
         shown = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
 
         def tokenize() -> list[int]:
@@ -335,7 +334,7 @@ class OllamaRoutes:
 
         def reply_for(prompt_tokens: int) -> _Reply:
             return _Reply(secrets.token_hex(12), chat, body.model or self.name, prompt_tokens, started,
-                          tools.CallStream() if calls else None)
+                          tool_calls.CallStream() if calls else None)
 
         return await self.service.complete(request, sp, body.stream, tokenize, reply_for)
 

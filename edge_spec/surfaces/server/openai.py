@@ -20,7 +20,7 @@ Structured output (both endpoints): `response_format` {"type": "json_object"} (a
 {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": true}}, and
 edgespec's `grammar`, a Lark or GBNF grammar (as llama.cpp's server takes it): the reply matches
 it, every token drafted and verified under it (core/grammar.py). An invalid or unsupported schema
-is a 400 naming the keyword. Chat also takes `tools` and `tool_choice` (tools.py): calls come back
+is a 400 naming the keyword. Chat also takes `tools` and `tool_choice` (models/tool_calls.py): calls come back
 as `tool_calls` (streamed as deltas, one per call), with finish_reason "tool_calls". A grammar
 that allows no token at some point ends the reply with finish_reason "no_legal_token".
 """
@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.requests import Request
 from starlette.responses import Response
 
-from edge_spec.surfaces.server import tools
+from edge_spec.models import tool_calls
 from edge_spec.surfaces.server.guard import ApiError
 from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
 from edge_spec.types import MAX_TOP_LOGPROBS, EdgespecError, Grammar, Step, TokenLogprob
@@ -226,7 +226,7 @@ class ChatBody(_Body):
             return defined, None
         name = None if choice == "required" else choice.function.name
         try:
-            return defined, tools.call_grammar(defined, name, self.parallel_tool_calls)
+            return defined, tool_calls.call_grammar(defined, name, self.parallel_tool_calls)
         except EdgespecError as e:
             raise ApiError(400, str(e)) from None
 
@@ -261,7 +261,7 @@ class _Reply:
     prompt_tokens: int
     usage_chunk: bool = False  # stream_options.include_usage
     piece: Callable[[int], bytes] | None = None  # a token's bytes, when logprobs were asked for
-    calls: tools.CallStream | None = None  # with tools: the reply's tool calls, parsed as it streams
+    calls: tool_calls.CallStream | None = None  # with tools: the reply's tool calls, parsed as it streams
     media_type: str = "text/event-stream"
 
     def _finish(self, last: Step, called: bool) -> str:
@@ -339,7 +339,7 @@ class _Reply:
         return _sse(error.body())
 
     def whole(self, text: str, last: Step) -> dict:
-        content, calls = tools.parse(text) if self.calls is not None else (text, [])
+        content, calls = tool_calls.parse(text) if self.calls is not None else (text, [])
         finish = self._finish(last, bool(calls))
         if self.chat:
             message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
@@ -364,7 +364,7 @@ class OpenAIRoutes:
         if forced is not None and body.grammar_asked() is not None:
             raise ApiError(400, "a forced tool call (tool_choice) and response_format or grammar cannot both shape "
                                 "the reply: give one")
-        messages = tools.template_messages([m.for_template() for m in body.messages])
+        messages = tool_calls.template_messages([m.for_template() for m in body.messages])
 
         def tokenize() -> list[int]:
             if shown is not None:
@@ -392,6 +392,7 @@ class OpenAIRoutes:
 
         def reply_for(prompt_tokens: int) -> _Reply:
             return _Reply(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), chat, self.service.model_id,
-                          int(time.time()), prompt_tokens, usage_chunk, piece, tools.CallStream() if calls else None)
+                          int(time.time()), prompt_tokens, usage_chunk, piece,
+                          tool_calls.CallStream() if calls else None)
 
         return await self.service.complete(request, sp, body.stream, tokenize, reply_for)

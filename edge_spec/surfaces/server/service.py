@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from edge_spec.models import tool_calls
 from edge_spec.models.chat_template import ChatTemplateError
-from edge_spec.surfaces.server import tools
 from edge_spec.surfaces.server.guard import ApiError
 from edge_spec.surfaces.server.metrics import Metrics
 from edge_spec.surfaces.server_config import ServerConfig
@@ -156,15 +156,15 @@ class Service:
         if self._tools is None:
             template = self.engine.target.facts.chat_template
             probe = [{"role": "user", "content": "Hello"}]
-            self._tools = tools.supports(template) and \
-                self.engine.templates.render(probe, tools=[tools.PROBE_TOOL]) != self.engine.templates.render(probe)
+            self._tools = tool_calls.supports(template) and \
+                self.engine.templates.render(probe, tools=[tool_calls.PROBE_TOOL]) != self.engine.templates.render(probe)
         return self._tools
 
     def check_tools(self) -> None:
         """A 400 when tools cannot be used with this model (tools_work: call off the event loop)."""
         if not self.tools_work():
             raise ApiError(400, f"{self.model_id}'s chat template does not render tools in a tool-call format "
-                                f"edgespec parses ({tools.OPEN}{{json}}{tools.CLOSE}, as Qwen2.5's): leave out tools, "
+                                f"edgespec parses ({tool_calls.OPEN}{{json}}{tool_calls.CLOSE}, as Qwen2.5's): leave out tools, "
                                 "or serve a model whose template has them")
 
     @property

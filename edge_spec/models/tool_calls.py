@@ -1,5 +1,6 @@
-"""Tool calls: the tools go into the prompt through the model's own chat template; the model's
-reply is parsed into calls; where the request forces a call, a grammar constrains it.
+"""Tool calls (the server's tools, tool_choice): the tools go into the prompt through the model's
+own chat template; the model's reply is parsed into calls; where the request forces a call, a
+grammar (llguidance's Lark, core/llg.py) constrains it.
 
 One tool-call format is known: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
 one block per call (Qwen2.5, Hermes, and templates written after them). A template that renders
@@ -21,7 +22,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
-from edge_spec.core.llg import JSON_LAYOUT
+from edge_spec.defaults import JSON_SEPARATORS
 from edge_spec.types import EdgespecError, Grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -43,7 +44,8 @@ def call_grammar(tools: list[dict], name: str | None, parallel: bool) -> Grammar
     calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
                                                 "arguments": f.get("parameters") or {"type": "object"}},
               "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]
-    schema = (calls[0] if len(calls) == 1 else {"anyOf": calls}) | {"x-guidance": JSON_LAYOUT}
+    layout = {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0], "key_separator": JSON_SEPARATORS[1]}
+    schema = (calls[0] if len(calls) == 1 else {"anyOf": calls}) | {"x-guidance": layout}  # llguidance's JSON options
     more = ' ("\\n" call)*' if parallel and name is None else ""
     return Grammar.lark(f'start: call{more}\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\nbody: %json {json.dumps(schema)}')
 
