@@ -308,6 +308,9 @@ class Capabilities:
     workers: tuple[str, ...] = ()   # RPC workers holding its gpu_layers (backends/isolated.py)
     tree_growth: bool = False       # extend_tree/end_tree: a tree grown over passes, each node evaluated once
     siblings: bool = False          # sibling(): a second context on the same weights (benchmarks)
+    # forward(tokens, logits=[bool per token]): logits only for the rows asked (a grammar's
+    # verification skips the rows whose token is the only legal one)
+    row_logits: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ class FakeModel:
     """A backend with the interface the runtime uses: forward appends tokens to `tokens` and
     returns log(dist_fn(prefix)) for the requested positions, float64, -inf where dist is 0."""
 
-    capabilities = Capabilities("llama", trees=True, threads_settable=False)  # a CPU model with token trees
+    # a CPU model with token trees and logits for the rows asked
+    capabilities = Capabilities("llama", trees=True, threads_settable=False, row_logits=True)
 
     def __init__(self, dist_fn: DistFn, vocab: int, n_ctx: int = 64, eos: int | None = None,
                  pieces: Sequence[bytes] | None = None):
@@ -48,8 +49,8 @@ class FakeModel:
                 row = self._rows[prefix] = np.log(p)
         return row
 
-    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
-        if logits not in ("all", "last", "none"):
+    def forward(self, tokens: Sequence[int], logits="all") -> np.ndarray:
+        if isinstance(logits, str) and logits not in ("all", "last", "none"):
             raise ValueError(logits)
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise EdgespecError(f"context full: {len(self.tokens)} + {len(tokens)} > {self.n_ctx}")
@@ -57,6 +58,11 @@ class FakeModel:
         self.tokens.extend(int(t) for t in tokens)
         self.max_len = max(self.max_len, len(self.tokens))
         self.n_evaluated += len(tokens)
+        if not isinstance(logits, str):  # a bool per token
+            assert len(logits) == len(tokens)
+            self.rows_skipped = getattr(self, "rows_skipped", 0) + sum(not w for w in logits)
+            rows = [self.logprobs(tuple(self.tokens[: start + j + 1])) for j, w in enumerate(logits) if w]
+            return np.stack(rows) if rows else np.zeros((0, self.vocab_size))
         if logits == "none" or not tokens:
             return np.zeros((0, self.vocab_size))
         first = start if logits == "all" else len(self.tokens) - 1

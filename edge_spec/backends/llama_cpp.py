@@ -263,7 +263,7 @@ class LlamaCppBackend(VocabMethods, Closing):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities("llama", trees=True, threads_settable=True, gpu_layers=self.options.n_gpu_layers,
-                            tree_growth=True, siblings=True,
+                            tree_growth=True, siblings=True, row_logits=True,
                             disk_bytes=self.pager.stats.streamed_bytes if self.pager is not None else 0)
 
     def evict(self) -> None:
@@ -359,35 +359,38 @@ class LlamaCppBackend(VocabMethods, Closing):
     def n_past(self) -> int:
         return len(self.tokens)
 
-    def forward(self, tokens: Sequence[int], logits: str = "all") -> np.ndarray:
+    def forward(self, tokens: Sequence[int], logits: str | Sequence[bool] = "all") -> np.ndarray:
         """Append tokens to the cache and return logits: "all" → [n, vocab], "last" → [1, vocab],
-        "none" → [0, vocab]. Long inputs are split into n_batch chunks."""
+        "none" → [0, vocab], a bool per token → the rows asked for [sum, vocab]
+        (capabilities.row_logits). Long inputs are split into n_batch chunks."""
         self._check_open()
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise EdgespecError(
                 f"context full: {len(self.tokens)} + {len(tokens)} tokens > {self.n_ctx}; raise -c/--ctx-size")
+        n = len(tokens)
+        wanted = [True] * n if logits == "all" else [i == n - 1 for i in range(n)] if logits == "last" else \
+            [False] * n if logits == "none" else [bool(w) for w in logits]
         rows = []
         step = self.n_batch
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start : start + step]
-            last_chunk = start + step >= len(tokens)
-            want = logits == "all" or (logits == "last" and last_chunk)
-            out = self._decode(chunk, all_rows=logits == "all")
-            if want:
-                rows.append(out if logits == "all" else out[-1:])
+        for start in range(0, n, step):
+            out = self._decode(tokens[start : start + step], wanted[start : start + step])
+            if out.shape[0]:
+                rows.append(out)
         if not rows:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
-    def _decode(self, chunk: Sequence[int], all_rows: bool) -> np.ndarray:
+    def _decode(self, chunk: Sequence[int], wanted: Sequence[bool]) -> np.ndarray:
+        """One llama_decode; the logits of the rows `wanted` [sum(wanted), vocab]."""
         lib, b, n0 = self.lib, self.batch, len(self.tokens)
         n = len(chunk)
+        flags = list(wanted) if any(wanted) else [i == n - 1 for i in range(n)]  # as before: one row at least
         for i, tok in enumerate(chunk):
             b.token[i] = tok
             b.pos[i] = n0 + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = all_rows or i == n - 1
+            b.logits[i] = flags[i]
         b.n_tokens = n
         rc = self._llama_decode(b)
         if rc != 0:
@@ -395,9 +398,10 @@ class LlamaCppBackend(VocabMethods, Closing):
             lib.llama_memory_seq_rm(self.mem, 0, n0, -1)
             raise EdgespecError(f"llama_decode failed (code {rc}): {self._log.last()}")
         self.tokens.extend(int(t) for t in chunk)
-        n_rows = n if all_rows else 1
+        if not any(wanted):
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
         ptr = lib.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.vocab_size)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(sum(flags), self.vocab_size)).copy()
 
     def forward_tree(self, pending: int, tree: TokenTree) -> np.ndarray:
         """One pass over the pending token and a token tree below it; every node attends to the

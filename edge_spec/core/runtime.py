@@ -62,8 +62,9 @@ class Decoding:
     tree_budget: int = 0
     max_leaves: int = MAX_SEQUENCES - 1
     schedule: str = "sequential"     # SCHEDULES
-    # under a grammar, the spans it forces are proposed as drafts (core/grammar.py); off: plain
-    # decoding with the grammar, one token per target pass (the baseline)
+    # grammar-aware decoding (core/grammar.py): the spans a grammar forces are proposed as drafts,
+    # and a pass computes no logits row where the grammar allows one token only; off: plain
+    # decoding with the grammar, one token and one row of logits per target pass (the baseline)
     grammar_drafts: bool = True
     # the runtime is run interleaved with others (benchmarks): the parallel schedule's drafting
     # threads wait while a step is out with the caller, so that they take no core from the others
@@ -122,6 +123,25 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     best = np.argpartition(-logp, top)[:top] if 0 < top < len(logp) else np.arange(len(logp) if top else 0)
     best = best[np.argsort(-logp[best], kind="stable")]
     return TokenLogprob(int(token), float(logp[token]), tuple((int(t), float(logp[t])) for t in best))
+
+
+class _Rows:
+    """A pass's logits by position, when the rows of certain tokens were not computed: such a row
+    reads as logits that allow only its token (the masked target's p there, whatever the model's)."""
+
+    def __init__(self, logits: np.ndarray, certain: list[int | None] | None, vocab: int):
+        self.logits, self.certain, self.vocab = logits, certain, vocab
+        self.index = None if certain is None else np.cumsum([t is None for t in certain]) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:  # [vocab]
+        if self.certain is None:
+            return self.logits[i]
+        token = self.certain[i]
+        if token is None:
+            return self.logits[self.index[i]]
+        row = np.full(self.vocab, -np.inf, dtype=np.float32)
+        row[token] = 0.0
+        return row
 
 
 class Runtime:
@@ -356,17 +376,20 @@ class Runtime:
             return self._verify_tree_step(context, draft, sp, rng, c, grammar)
         k = len(draft) if draft else 0
         n_past = len(self.target.tokens)
+        tokens = draft.tokens if draft else ()
+        certain = self._certain_rows(tokens, sp, grammar)
         t0 = time.perf_counter()
-        logits = self.target.forward([context[-1], *(draft.tokens if draft else ())])  # [k + 1, vocab]
+        logits = self.target.forward([context[-1], *tokens],  # [k + 1, vocab], less the certain rows
+                                     logits="all" if certain is None else [t is None for t in certain])
         check_logits(logits, self.target)
         self.controller.observe_verify(k + 1, time.perf_counter() - t0)
-        tokens = draft.tokens if draft else ()
         if grammar is None:
             verdict = verify(draft, logits, sp, rng) if draft else Verdict(0, self._sample_plain(logits[0], sp, rng))
             dead = False
         else:  # every row masked, as far as the walk goes
-            verdict, dead = self._masked_verdict(Draft(tokens, draft.probs if draft else None, ""), logits, sp, rng,
-                                                 grammar)
+            verdict, dead = self._masked_verdict(Draft(tokens, draft.probs if draft else None, ""),
+                                                 _Rows(logits, certain, self.target.vocab_size), sp, rng, grammar)
+            logits = logits if certain is None else logits[:0]  # (rows are for logprobs, which ask for all)
         if draft:
             self.target.truncate(n_past + 1 + verdict.n_accepted)
             self._count_draft(draft, verdict.n_accepted, c)
@@ -375,13 +398,24 @@ class Runtime:
         context.extend(new)
         return new, logits[: len(new)], NO_LEGAL_TOKEN if dead else None
 
+    def _certain_rows(self, tokens: tuple[int, ...], sp: SamplingParams,
+                      grammar: GrammarState | None) -> list[int | None] | None:
+        """Under a grammar (grammar-aware decoding, a target with row_logits, no logprobs asked),
+        per row of the pass [k + 1]: the one token the grammar allows there, whose row of logits
+        is not needed (the masked p is certain of it), or None; None: every row is needed."""
+        if grammar is None or not self.decoding.grammar_drafts or sp.logprobs is not None or \
+                not self.target.capabilities.row_logits:
+            return None
+        certain = [grammar.only(tokens[:i]) for i in range(len(tokens) + 1)]
+        return certain if any(t is not None for t in certain) else None
+
     @staticmethod
-    def _masked_verdict(draft: Draft, logits: np.ndarray, sp: SamplingParams, rng: Random,
+    def _masked_verdict(draft: Draft, rows: _Rows, sp: SamplingParams, rng: Random,
                         grammar: GrammarState) -> tuple[Verdict, bool]:
-        """verify() with each row of `logits` [k + 1, vocab] masked by the grammar after the
-        draft's tokens before it; (the tokens accepted before a dead end, True) at a dead end."""
+        """verify() with each of the pass's rows masked by the grammar after the draft's tokens
+        before it; (the tokens accepted before a dead end, True) at a dead end."""
         try:
-            return verify_rows(draft, lambda i: grammar.masked(logits[i], draft.tokens[:i]), sp, rng), False
+            return verify_rows(draft, lambda i: grammar.masked(rows[i], draft.tokens[:i]), sp, rng), False
         except NoLegalToken as e:
             return Verdict(len(e.path), -1), True
 

@@ -227,6 +227,18 @@ def test_the_end_needs_no_target_pass():
     assert steps[-1].stats.n_steps == 1
 
 
+def test_rows_of_certain_tokens_are_not_computed():
+    """Where the grammar allows one token (state 1: only 2), the pass computes no logits row: the
+    masked target is certain of it (the exact tests above run this way). With logprobs asked
+    for, every row is computed (they are the model's own)."""
+    p = CASES[0][1]
+    for logprobs, skipped in ((None, True), (0, False)):
+        runtime = chain(2)(p, p)()
+        steps = list(runtime.generate([0], GREEDY.with_(logprobs=logprobs), grammar=matcher()))
+        assert (getattr(runtime.target, "rows_skipped", 0) > 0) == skipped
+        assert logprobs is None or len(steps[-1].logprobs) == len(steps[-1].tokens)
+
+
 def test_masks_are_computed_once_per_position():
     """The drafter and the verifier share the state's masks: one per position reached, not one each."""
     p = peaked_dist(1, V, order=1)
