@@ -37,7 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CONFIGS = ("plain", "chains", "paged")
+# "plain" is the baseline every ratio is set against: --plain, planned as edgespec plans it (the
+# same paged placement and pinning its plain alternative has); "mmap" is plain decoding without a
+# plan (llama.cpp's mmap, nothing pinned), a weaker baseline shown as an extra row
+CONFIGS = ("plain", "mmap", "chains", "paged")
 
 
 def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None) -> dict:
@@ -48,7 +51,8 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
 
     unplanned = dict(plan=False, memory_budget=1 << 50, history=False)  # no plan, no pinning: the kernel pages
     options = {
-        "plain": EngineOptions.of(model=target, plain=True, calibrate=False, **unplanned),
+        "plain": EngineOptions.of(model=target, plain=True, calibrate=False, history=False),
+        "mmap": EngineOptions.of(model=target, plain=True, calibrate=False, **unplanned),
         "chains": EngineOptions.of(model=target, draft=draft, **unplanned),
         "paged": EngineOptions.of(model=target, draft=draft, history=False,
                                **({"tree_budget": tree_budget} if tree_budget is not None else {})),
