@@ -66,7 +66,7 @@ def decoding(options: EngineOptions, the_plan: Plan | None, most_nodes: int | No
     return Decoding(ngram=d.ngram and not d.plain,
                     max_draft=d.max_draft or (the_plan.max_draft if the_plan is not None else 0) or MAX_DRAFT,
                     draft_length=d.draft_length, tree_budget=tree_budget, max_leaves=sequences(tree_budget) - 1,
-                    overlap=paged and tree_budget > 0)
+                    overlap=tree_budget > 0 and (paged if d.overlap is None else d.overlap))
 
 
 def sequences(tree_budget: int) -> int:
