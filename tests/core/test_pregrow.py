@@ -13,7 +13,7 @@ from edge_spec.core.drafters.pregrow import likely_path
 from edge_spec.core.runtime import Decoding, Runtime
 from edge_spec.core.tree import TokenTree
 from edge_spec.types import SamplingParams
-from tests.core.test_spectree_exact import CASES, PROMPT, TOL, V, Recording, deviation
+from tests.core.test_spectree_exact import CASES, PROMPT, TOL, Recording, V, deviation
 from tests.fakes import FakeModel, FixedController, copy_model, peaked_dist
 
 LONG = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=5)
