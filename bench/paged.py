@@ -37,7 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CONFIGS = ("plain", "chains", "paged")
+# "plain" is the baseline every ratio is set against: --plain, planned as edgespec plans it (the
+# same paged placement and pinning its plain alternative has); "mmap" is plain decoding without a
+# plan (llama.cpp's mmap, nothing pinned), a weaker baseline shown as an extra row
+# "serial": the paged plan without the overlap (the next tree grown only after the verdict)
+CONFIGS = ("plain", "mmap", "chains", "paged", "serial")
 
 
 def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None) -> dict:
@@ -48,10 +52,13 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
 
     unplanned = dict(plan=False, memory_budget=1 << 50, history=False)  # no plan, no pinning: the kernel pages
     options = {
-        "plain": EngineOptions.of(model=target, plain=True, calibrate=False, **unplanned),
+        "plain": EngineOptions.of(model=target, plain=True, calibrate=False, history=False),
+        "mmap": EngineOptions.of(model=target, plain=True, calibrate=False, **unplanned),
         "chains": EngineOptions.of(model=target, draft=draft, **unplanned),
         "paged": EngineOptions.of(model=target, draft=draft, history=False,
-                               **({"tree_budget": tree_budget} if tree_budget is not None else {})),
+                                  **({"tree_budget": tree_budget} if tree_budget is not None else {})),
+        "serial": EngineOptions.of(model=target, draft=draft, history=False, overlap=False,
+                                   **({"tree_budget": tree_budget} if tree_budget is not None else {})),
     }[config]
     t0 = time.perf_counter()
     with Engine.load(options) as engine:
@@ -64,6 +71,7 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
         stats = last.stats
         paged = engine.target.capabilities.disk_bytes
         return {"config": config, "text": "".join(text), "tokens": stats.n_tokens, "decode_seconds": stats.decode_seconds,
+                "grown_ahead": stats.grown_ahead, "steps": stats.n_steps,
                 "tokens_per_second": stats.tokens_per_second, "tokens_per_pass": stats.mean_accepted_length,
                 "load_seconds": load, "disk_bytes_per_pass": paged,
                 "plan": engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter) if engine.plan else None}

@@ -87,6 +87,9 @@ class DraftingOptions:
     # "sequential", "parallel" (on a CPU alone the cores are split between the two models) or
     # "auto": the plan's choice
     schedule: str = "auto"
+    # best-first trees: grow the next tree while the target verifies this one (core/drafters/
+    # pregrow.py); None: where the target is paged (its passes wait on the disk)
+    overlap: bool | None = None
 
     def __post_init__(self):
         if self.schedule not in ("auto", *SCHEDULES):

@@ -209,6 +209,7 @@ class Stats:
     by_source: tuple[tuple[str, int, int, int], ...] = ()  # (source, drafted, accepted, drafts rejected)
     notes: tuple[str, ...] = ()  # what went wrong and how the reply went on (a drafter that failed)
     drafted_ahead: int = 0     # parallel schedule: drafted tokens that were ready when asked for
+    grown_ahead: int = 0       # best-first trees grown during the target's previous pass, and used
 
     @property
     def acceptance_rate(self) -> float:
@@ -244,7 +245,7 @@ class Stats:
             "prompt_seconds": round(self.prompt_seconds, 4),
             "decode_seconds": round(self.decode_seconds, 4),
             "by_source": {s: {"drafted": d, "accepted": a, "rejected": r} for s, d, a, r in self.by_source},
-            "drafted_ahead": self.drafted_ahead,
+            "drafted_ahead": self.drafted_ahead, "grown_ahead": self.grown_ahead,
         }
 
 

@@ -25,6 +25,7 @@ from edge_spec.core.controller import Controller
 from edge_spec.core.drafters.ahead import AheadDrafter
 from edge_spec.core.drafters.model import ModelDrafter, common_prefix
 from edge_spec.core.drafters.ngram import NgramDrafter
+from edge_spec.core.drafters.pregrow import Pregrowth
 from edge_spec.core.drafters.spectree import MAX_DEPTH
 from edge_spec.core.grammar import (
     GRAMMAR,
@@ -66,6 +67,10 @@ class Decoding:
     # and a pass computes no logits row where the grammar allows one token only; off: plain
     # decoding with the grammar, one token and one row of logits per target pass (the baseline)
     grammar_drafts: bool = True
+    # best-first trees: while the target verifies one, the drafter grows the next in a thread of
+    # its own under the path it expects accepted (core/drafters/pregrow.py); for a target whose
+    # pass leaves the CPU idle (weights read from disk)
+    overlap: bool = False
     # the runtime is run interleaved with others (benchmarks): the parallel schedule's drafting
     # threads wait while a step is out with the caller, so that they take no core from the others
     interleaved: bool = False
@@ -77,10 +82,12 @@ class Decoding:
 
 @dataclass(frozen=True)
 class TreeDraft:
-    """A token tree from a drafter, under the statistics key it was drafted for."""
+    """A token tree from a drafter, under the statistics key it was drafted for; `grower`: the
+    draft model that grew it, and how (for growing the next one ahead), None for other trees."""
 
     tree: TokenTree
     source: str
+    grower: tuple | None = None  # (drafter, budget, max_depth, max_leaves, costs)
 
     def __len__(self) -> int:
         return len(self.tree)
@@ -100,6 +107,8 @@ class _Counters:
     rejected: Counter = field(default_factory=Counter)  # drafts cut short by a rejection
     notes: list = field(default_factory=list)
     workers: list = field(default_factory=list)  # the parallel schedule's AheadDrafters
+    ahead: Pregrowth | None = None  # the next tree, grown while the target verified this one
+    grown_ahead: int = 0            # trees grown ahead that were used
 
     def snapshot(self, plain_step: float | None) -> Stats:
         return Stats(
@@ -109,7 +118,7 @@ class _Counters:
             decode_seconds=time.perf_counter() - self.t_start if self.t_start else 0.0,
             plain_step_seconds=plain_step,
             by_source=tuple((s, self.drafted[s], self.accepted[s], self.rejected[s]) for s in sorted(self.drafted)),
-            notes=tuple(self.notes), drafted_ahead=sum(w.kept for w in self.workers),
+            notes=tuple(self.notes), drafted_ahead=sum(w.kept for w in self.workers), grown_ahead=self.grown_ahead,
         )
 
 
@@ -214,6 +223,8 @@ class Runtime:
         finally:  # the reply ended, was cancelled or abandoned: no drafting thread outlives it
             for w in workers:
                 w.close()
+            if c.ahead is not None:
+                c.ahead.wait()
 
     def _ahead(self, drafter, sp: SamplingParams, rng: Random, workers: list, grammar: GrammarState | None):
         """The parallel schedule: a draft model drafts ahead (ahead_drafter); n-gram lookups cost
@@ -335,15 +346,27 @@ class Runtime:
                 if key is None or self.controller.draft_length(key, min(room - 1, left - 1), drafter.behind(context)) <= 0:
                     continue
                 seed_accept = self.controller.acceptance(trie_key) if trie_key else 0.0
-                tree = drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
-                                                  max_leaves=self.decoding.max_leaves, seed=trie, seed_accept=seed_accept,
-                                                  costs=self.controller.tree_costs(drafter.source, budget, MAX_DEPTH),
-                                                  grammar=view)
+                costs = self.controller.tree_costs(drafter.source, budget, MAX_DEPTH)
+                # trees grown ahead know no grammar: under one, each tree is grown after the pass
+                grower = (drafter, budget, min(depth, MAX_DEPTH), self.decoding.max_leaves, costs) \
+                    if self.decoding.overlap and view is None else None
+                tree = (self._grown_ahead(context, budget, min(depth, MAX_DEPTH), c) if view is None else None) \
+                    or drafter.propose_best_first(context, budget, sp, max_depth=min(depth, MAX_DEPTH),
+                                                  max_leaves=self.decoding.max_leaves, seed=trie,
+                                                  seed_accept=seed_accept, costs=costs, grammar=view)
                 if tree:
-                    return TreeDraft(tree, key)
+                    return TreeDraft(tree, key, grower)
             except Exception as exc:  # noqa: BLE001 (as in _draft)
                 self._drop(drafters, drafter, exc, c)
         return None
+
+    @staticmethod
+    def _grown_ahead(context: list[int], budget: int, max_depth: int, c: _Counters) -> TokenTree | None:
+        """The tree grown during the last target pass, if it was grown for this very context."""
+        ahead, c.ahead = c.ahead, None
+        tree = ahead.take(context, budget, max_depth) if ahead is not None else None
+        c.grown_ahead += tree is not None
+        return tree
 
     def _ngram_trie(self, drafters: list, context: list[int], budget: int,
                     sp: SamplingParams) -> tuple[TokenTree | None, str | None]:
@@ -444,8 +467,15 @@ class Runtime:
         target's cache cut back to the accepted branch. Under a grammar each node's row is masked
         after its branch."""
         tree = draft.tree
+        if draft.grower is not None:  # the drafter grows the next tree while the target verifies this one
+            drafter, budget, max_depth, max_leaves, costs = draft.grower
+            c.ahead = Pregrowth(drafter, context, tree, sp, budget, max_depth, max_leaves, costs).start()
         t0 = time.perf_counter()
-        logits = self.target.forward_tree(context[-1], tree)  # [1 + n, vocab]
+        try:
+            logits = self.target.forward_tree(context[-1], tree)  # [1 + n, vocab]
+        finally:
+            if c.ahead is not None:
+                c.ahead.wait()  # the drafter is this thread's again
         check_logits(logits, self.target)
         self.controller.observe_verify(len(tree) + 1, time.perf_counter() - t0)
         dead = False

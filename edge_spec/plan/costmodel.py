@@ -57,7 +57,9 @@ RPC_DEFAULT_BPS = 1e9 / 8        # transfer speed to a worker never measured: gi
 RPC_HEADROOM = 0.9               # share of a worker's free memory a plan may use
 # --- shapes of drafters not built yet (what the planner weighs before `edgespec drafter build`) ---
 
-BITS = {"q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}   # bits per weight
+# bits per weight of each quantization a drafter can be built with (K-quant mixes: llama.cpp's own
+# sizes for Llama-7B; the planner reads a built drafter's real size from its file)
+BITS = {"q2_k": 3.5, "q3_k_m": 3.9, "q4_0": 4.5, "q4_1": 5.0, "q4_k_m": 4.85, "q5_k_m": 5.7, "q8_0": 8.5}
 
 
 def source_bits(model: ModelShape | str | os.PathLike) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -22,6 +23,8 @@ from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError
 
 SMOL = "smollm2-135m-instruct-q4_1"
+
+pytestmark = pytest.mark.real  # the drafters are built from the registry's SmolLM2
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,20 @@ def test_build_writes_a_valid_drafter_with_provenance(q8_target, tmp_path):
         check_compatible(t, d)  # the same tokenizer, so it can draft for its source
         assert d.forward(d.tokenize("Hello"), logits="last").shape == (1, t.vocab_size)
     assert info(models.require(SMOL)) == {}  # an ordinary GGUF has no provenance
+
+
+@pytest.mark.parametrize("bits", ["q3_k_m", "q2_k"])
+def test_lower_bit_self_drafters_are_smaller_still(q8_target, tmp_path, bits):
+    """3- and 2-bit copies (issue 25: lower bits, a cheaper drafter): valid, the same tokenizer,
+    provenance that says so, well under the source's size. (On SmolLM2 llama.cpp falls back to
+    wider types for tensors whose rows are not multiples of 256, so they are not smaller than
+    its 4-bit copy.)"""
+    out = build(q8_target, bits=bits, out=tmp_path / f"d-{bits}.gguf")
+    assert info(out)["quantization"] == bits and out.stat().st_size < 0.75 * q8_target.stat().st_size
+    with LlamaCppBackend(q8_target, LlamaOptions(n_ctx=64, n_threads=1)) as t, \
+            LlamaCppBackend(out, LlamaOptions(n_ctx=64, n_threads=1)) as d:
+        check_compatible(t, d)
+        assert np.isfinite(d.forward(d.tokenize("Hello"), logits="last")).all()
 
 
 def test_build_refuses_what_would_not_help_or_would_overwrite(q8_target, tmp_path):

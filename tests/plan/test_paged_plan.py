@@ -103,3 +103,16 @@ def test_a_paged_calibration_measures_the_tree_passes_the_planner_weighs():
     assert max(sizes_for(backend(1 << 30, 64), 33)) == 33          # a tree the batch cannot hold is not measured
     assert max(sizes_for(backend(1 << 30, 512, n_ctx=160), 33)) == 65  # nor one that would crowd the context
     assert max(sizes_for(backend(0, 512), 33)) == 33               # resident: the draft lengths only
+
+
+def test_plain_decoding_is_planned_as_the_plans_own_plain_alternative(small_machine):
+    """--plain, the baseline of every paged ratio, keeps the planner's paged placement and pins as
+    much as the plan's plain alternative (no drafter holds memory, so more than the drafting
+    strategies pin): the strongest plain decoding, not llama.cpp's mmap."""
+    target = shape()
+    drafter = shape("small", layers=24, layer_bytes=12 << 20, head=130 << 20, embd=0)
+    planned = planner.plan(target, small_machine, drafter, n_ctx=4096, gpu=False)
+    plain = planner.plan(target, small_machine, None, n_ctx=4096, gpu=False)
+    assert plain.plain.target == planned.plain.target and plain.plain.target.disk_bytes > 0
+    assert costmodel.pass_bytes(target) > plain.plain.target.disk_bytes  # part of the weights pinned
+    assert planned.chosen.target.disk_bytes >= plain.plain.target.disk_bytes  # a drafter's memory pins less

@@ -26,7 +26,7 @@ def build_command(
                                     "skip: the target without the layers it misses least (layer skipping, "
                                     "requantized first when the target is F16, BF16 or Q8_0)."),
     bits: str | None = typer.Option(None, "--bits", show_default=False,
-                                    help="Quantization of the drafter: q4_0, q4_1, q4_k_m, q5_k_m, q8_0. quant: "
+                                    help="Quantization of the drafter: q2_k, q3_k_m, q4_0, q4_1, q4_k_m, q5_k_m, q8_0. quant: "
                                          "default q4_0. skip: q4_0, used only for a target above 6 bits per weight. "
                                          "trim: default none (the source's weights); given, the trimmed copy is "
                                          "requantized too, its head kept at q8_0."),
