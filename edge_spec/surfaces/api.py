@@ -29,6 +29,13 @@ from edge_spec.types import EdgespecError, SamplingParams, Stats, Step, WorkerLo
 Prompt = Union[str, Sequence[dict], Sequence[int]]
 
 
+def _has_content(message: dict) -> bool:
+    """A message's content is text; only an assistant's message with tool calls may go without."""
+    content = message.get("content")
+    return isinstance(content, str) or (content is None and message["role"] == "assistant"
+                                        and bool(message.get("tool_calls")))
+
+
 @dataclass(frozen=True)
 class Completion:
     """A finished generation."""
@@ -148,8 +155,7 @@ class Session:
             if not all(0 <= t < n_vocab for t in items):
                 raise EdgespecError(f"token ids must be in [0, {n_vocab}) for {self.model_name}")
             return items
-        if all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), (str, type(None)))
-               for m in items) and items:
+        if items and all(isinstance(m, dict) and isinstance(m.get("role"), str) and _has_content(m) for m in items):
             return self.engine.chat_tokens(items, tools)
         raise EdgespecError("a prompt is a string, a non-empty list of {'role': ..., 'content': ...} messages, "
                             "or a non-empty list of token ids")

@@ -14,9 +14,9 @@ import edge_spec
 from tests.surfaces.serving import running
 
 pytestmark = pytest.mark.real
-# bench/greedy.py -m smollm2-135m-instruct-q4_1 measures how far llama.cpp's batched passes move
-# SmolLM2's logits from one-token decoding; a log-softmax moves by at most twice that
-LOGPROB_NOISE = 0.5
+# measured: a self-drafter drafting 3 tokens a step, 10 Spec-Bench prompts x 48 greedy tokens, gives
+# logprobs equal to plain decoding's to the last bit (max difference 0.0); the bound allows float noise
+LOGPROB_NOISE = 1e-3
 MESSAGES = [{"role": "user", "content": "List the first five prime numbers, one per line."}]
 
 

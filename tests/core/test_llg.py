@@ -1,0 +1,91 @@
+"""core/llg.py on a real vocabulary (SmolLM2's 49,152 tokens): grammars compile, masks allow what
+the grammar allows, forced spans are the target's tokens, and bad grammars fail with messages
+that name what is wrong, in bounded time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+import edge_spec
+from edge_spec.core import llg
+from edge_spec.types import EdgespecError, Grammar
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def session(smol_path):
+    with edge_spec.load(str(smol_path), n_ctx=512, history=False, plain=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tokenizer(session):
+    return llg.Tokenizer(session.engine.target)
+
+
+def test_a_mask_allows_exactly_the_tokens_that_continue_the_grammar(session, tokenizer):
+    target = session.engine.target
+    matcher = llg.compile(tokenizer, Grammar.lark('start: "yes" | "no" | "maybe"'), 5).matcher()
+    allowed = np.flatnonzero(matcher.mask())
+    texts = {target.detokenize([int(t)]) for t in allowed}
+    assert texts and all(any(w.startswith(t) for w in ("yes", "no", "maybe")) for t in texts)
+    assert {"yes", "no"} <= texts  # whole words are single tokens in SmolLM2's vocabulary
+    matcher.consume(target.tokenize("yes", add_special=False, parse_special=False)[0])
+    ends = np.flatnonzero(matcher.mask())
+    assert set(ends.tolist()) <= set(tokenizer.end_tokens) and ends.size  # complete: only the end is legal
+    matcher.rollback(1)
+    assert np.array_equal(np.flatnonzero(matcher.mask()), allowed)
+
+
+def test_forced_bytes_come_back_as_the_targets_tokens(session, tokenizer):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}
+    matcher = llg.compile(tokenizer, Grammar.json_schema(schema), 5).matcher()
+    forced = matcher.forced()
+    assert session.engine.target.detokenize(list(forced)) == '{"answer": '
+    copy = matcher.copy()
+    for token in forced:
+        copy.consume(token)
+    assert copy.forced() == () and matcher.forced() == forced  # copies are independent
+
+
+@pytest.mark.parametrize("grammar, message", [
+    (Grammar.json_schema({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
+     "unsupported JSON schema: keywords the grammar engine cannot enforce"),
+    (Grammar.json_schema({"type": "strin"}), "invalid JSON schema"),
+    (Grammar.lark('start: "a" undefined_rule'), "invalid grammar"),
+    (Grammar.regex("[a-"), "invalid regular expression"),
+])
+def test_bad_grammars_fail_with_what_is_wrong(tokenizer, grammar, message):
+    with pytest.raises(EdgespecError, match=message) as e:
+        llg.compile(tokenizer, grammar, 5)
+    if "keywords" in message:
+        assert '"if"' in str(e.value) and '"then"' in str(e.value)
+
+
+def test_a_slow_compile_is_cut_off(tokenizer):
+    """A grammar that needs longer than its time is refused when the time is up, not when it ends."""
+    rules = "\n".join(f'r{i}: "{i}a" r{i + 1} | "{i}b" r{i + 1} | "{i}c"' for i in range(3000))
+    grammar = Grammar.lark("start: r0\n" + rules + '\nr3000: "end"')
+    started = time.perf_counter()
+    with pytest.raises(EdgespecError, match="took longer than 0.001 s to compile"):
+        llg.compile(tokenizer, grammar, 0.001)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_grammar_is_not_json():
+    with pytest.raises(EdgespecError, match="not valid JSON"):
+        Grammar.json_schema("{oops")
+    with pytest.raises(EdgespecError, match="an object, not list"):
+        Grammar.json_schema([1])
+    inner = {"type": "object", "properties": {"b": {"type": "integer"}}}
+    open_ = {"type": "object", "properties": {"a": inner, "c": {"type": "object", "additionalProperties": True}}}
+    strict = json.loads(Grammar.json_schema(open_, strict=True).source)
+    assert strict["additionalProperties"] is False and strict["properties"]["a"]["additionalProperties"] is False
+    assert strict["properties"]["c"]["additionalProperties"] is True  # what a schema says is kept
+    assert "additionalProperties" not in json.loads(Grammar.json_schema(open_).source)
