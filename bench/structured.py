@@ -115,6 +115,15 @@ def pooled(rows: list[dict]) -> dict:
             "forced": round(forced, 3), "ratio_range": (min(r["ratio"] for r in rows), max(r["ratio"] for r in rows))}
 
 
+def option(text: str) -> tuple[str, object]:
+    """`name=value` as an EngineOptions.of keyword: the value as JSON when it parses (3, true), else text."""
+    name, _, value = text.partition("=")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def main() -> None:
     from edge_spec.pipeline.engine import Engine
     from edge_spec.surfaces.benchmark import Bench
@@ -125,11 +134,15 @@ def main() -> None:
     ap.add_argument("--temps", default="0")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="an engine option for edgespec's runs (EngineOptions.of), e.g. draft_length=3; repeatable")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    engine = Engine.load(EngineOptions.of(n_threads=args.threads, history=False))
-    print(f"edgespec runs: {engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter)}", file=sys.stderr)
+    engine = Engine.load(EngineOptions.of(n_threads=args.threads, history=False, **dict(map(option, args.set))))
+    plan = engine.plan
+    print(f"edgespec runs: {plan.chosen.describe(plan.target, plan.drafter) if plan else 'unplanned'}, "
+          f"{engine.runtime.decoding}", file=sys.stderr)
     bench = Bench(engine)
     rows = []
     try:
