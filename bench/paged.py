@@ -22,7 +22,9 @@ and takes the mean as every prompt's baseline (saves an hour at 0.4 tok/s); the 
 geometric mean of the ratios and the ratio of total tokens over total decode seconds, and at T=0
 on how many prompts each configuration decoded plain's very text (lossless up to near-ties).
 
-Needs root (cgroups). Prints tok/s per configuration and the ratio to plain; --out FILE writes JSON.
+Needs root (cgroups). Prints tok/s per configuration and the ratio to plain, the share of the cores
+kept busy over the reply (the rest idle, mostly waiting for the disk) and how many steps used a tree
+grown ahead; --out FILE writes JSON.
 """
 
 from __future__ import annotations
@@ -65,15 +67,20 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
         load = time.perf_counter() - t0
         tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
         last, text = None, []
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for step in engine.stream(tokens, SamplingParams(temperature=temp, max_tokens=n, seed=1)):
             last = step
             text.append(step.text)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         stats = last.stats
         paged = engine.target.capabilities.disk_bytes
         return {"config": config, "text": "".join(text), "tokens": stats.n_tokens, "decode_seconds": stats.decode_seconds,
                 "grown_ahead": stats.grown_ahead, "steps": stats.n_steps,
                 "tokens_per_second": stats.tokens_per_second, "tokens_per_pass": stats.mean_accepted_length,
                 "load_seconds": load, "disk_bytes_per_pass": paged,
+                # the share of the cores this process kept busy over the reply (prefill included):
+                # what is left is CPU time idle, mostly waiting for the disk
+                "cpu_busy": cpu / (wall * len(os.sched_getaffinity(0))),
                 "plan": engine.plan.chosen.describe(engine.plan.target, engine.plan.drafter) if engine.plan else None}
 
 
@@ -167,7 +174,8 @@ def main() -> None:
                     rows.append(r)
                     ratio = f"{r['ratio_to_plain']:.2f}x" if r["ratio_to_plain"] else "-"
                     print(f"budget {fraction:.2f} ({limit / 2**30:.2f} GiB)  {name:14s} T={temp:3s}  {config:6s}  "
-                          f"{r['tokens_per_second']:6.2f} tok/s  {r['tokens_per_pass']:5.2f} tok/pass  {ratio}"
+                          f"{r['tokens_per_second']:6.2f} tok/s  {r['tokens_per_pass']:5.2f} tok/pass  {ratio}  "
+                          f"CPU busy {r['cpu_busy']:.0%}  grown ahead {r['grown_ahead']}/{r['steps']}"
                           + (f"  [{r['plan']}]" if config == "paged" and r.get("plan") else ""), flush=True)
         if args.plain_on and plain_seen:  # every row against the final baseline
             base = sum(plain_seen) / len(plain_seen)
