@@ -29,6 +29,12 @@ import numpy as np
 from edge_spec.defaults import JSON_SEPARATORS
 from edge_spec.types import EdgespecError, Grammar
 
+# llguidance's compiler recurses once per level of a grammar's nesting: a 3,000-rule chain
+# overflows a thread's default 8 MiB stack (SIGSEGV, the whole server gone); with 256 MiB (address
+# space, touched only as used) chains compile up to llguidance's own symbol limit, which it reports
+# as an error (tests/core/test_llg.py)
+COMPILE_STACK_BYTES = 256 << 20
+_STACK_SIZE = threading.Lock()
 # JSON's layout (a schema's own "x-guidance" may change it); see the module docstring
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0], "key_separator": JSON_SEPARATORS[1]}
 
@@ -123,8 +129,13 @@ def compile(tokenizer: Tokenizer, grammar: Grammar, seconds: float) -> Compiled:
         except Exception as e:  # noqa: BLE001 (handed to the caller)
             done["error"] = e
 
-    thread = threading.Thread(target=work, name="edgespec-grammar", daemon=True)
-    thread.start()
+    with _STACK_SIZE:  # the size applies to threads started while it is set: this one only
+        before = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=work, name="edgespec-grammar", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(before)
     thread.join(seconds)
     if thread.is_alive():
         raise EdgespecError(f"the {_what(grammar)} took longer than {seconds:g} s to compile: simplify it "

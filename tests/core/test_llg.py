@@ -5,6 +5,7 @@ that name what is wrong, in bounded time."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -68,14 +69,30 @@ def test_bad_grammars_fail_with_what_is_wrong(tokenizer, grammar, message):
         assert '"if"' in str(e.value) and '"then"' in str(e.value)
 
 
-def test_a_slow_compile_is_cut_off(tokenizer):
-    """A grammar that needs longer than its time is refused when the time is up, not when it ends."""
-    rules = "\n".join(f'r{i}: "{i}a" r{i + 1} | "{i}b" r{i + 1} | "{i}c"' for i in range(3000))
-    grammar = Grammar.lark("start: r0\n" + rules + '\nr3000: "end"')
+def chain(depth: int) -> Grammar:
+    """A grammar nested `depth` rules deep."""
+    rules = "\n".join(f'r{i}: "{i}a" r{i + 1} | "{i}b" r{i + 1} | "{i}c"' for i in range(depth))
+    return Grammar.lark("start: r0\n" + rules + f'\nr{depth}: "end"')
+
+
+def test_a_slow_compile_is_cut_off_and_its_thread_ends_cleanly(tokenizer):
+    """A grammar that needs longer than its time is refused when the time is up, not when it ends;
+    the compile goes on in its thread, which must not take the process down (the deep grammar
+    overflowed a default thread stack: SIGSEGV)."""
     started = time.perf_counter()
     with pytest.raises(EdgespecError, match="took longer than 0.001 s to compile"):
-        llg.compile(tokenizer, grammar, 0.001)
+        llg.compile(tokenizer, chain(3000), 0.001)
     assert time.perf_counter() - started < 1.0
+    for thread in [t for t in threading.enumerate() if t.name == "edgespec-grammar"]:
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_deep_grammars_compile_or_fail_cleanly(tokenizer):
+    matcher = llg.compile(tokenizer, chain(3000), 60).matcher()
+    assert matcher.mask().any()  # "0", the start of every alternative
+    with pytest.raises(EdgespecError, match="invalid grammar"):  # past llguidance's symbol limit: its error
+        llg.compile(tokenizer, chain(22000), 60)
 
 
 def test_a_grammar_is_not_json():
