@@ -44,7 +44,15 @@ from starlette.responses import PlainTextResponse, Response
 
 from edge_spec.models import gguf_facts, tool_calls
 from edge_spec.surfaces.server.guard import ApiError
-from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
+from edge_spec.surfaces.server.service import (
+    SamplingFields,
+    Service,
+    ToolFunction,
+    Unsupported,
+    json_line,
+    parse,
+    refuse_unsupported,
+)
 from edge_spec.types import Grammar, Step
 
 OLLAMA_VERSION = "0.6.0"  # what /api/version says: the routes speak Ollama's API as of this version
@@ -133,19 +141,11 @@ class _Message(BaseModel):
         return out
 
 
-class _ToolFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-
-
 class _Tool(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["function"] = "function"
-    function: _ToolFunction
+    function: ToolFunction
 
 
 class ChatBody(_Body):

@@ -39,7 +39,15 @@ from starlette.responses import Response
 
 from edge_spec.models import tool_calls
 from edge_spec.surfaces.server.guard import ApiError
-from edge_spec.surfaces.server.service import SamplingFields, Service, Unsupported, json_line, parse, refuse_unsupported
+from edge_spec.surfaces.server.service import (
+    SamplingFields,
+    Service,
+    ToolFunction,
+    Unsupported,
+    json_line,
+    parse,
+    refuse_unsupported,
+)
 from edge_spec.types import MAX_TOP_LOGPROBS, EdgespecError, Grammar, Step, TokenLogprob
 
 _UNSUPPORTED: Unsupported = {
@@ -123,26 +131,18 @@ class _Body(SamplingFields):
         return self.max_tokens, "max_tokens"
 
 
-class _Function(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-
-
 class _Tool(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["function"]
-    function: _Function
+    function: ToolFunction
 
 
 class _Named(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["function"]
-    function: _Function
+    function: ToolFunction
 
 
 class _CallFunction(BaseModel):

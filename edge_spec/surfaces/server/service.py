@@ -41,6 +41,16 @@ Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)] | \
     Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None
 
 
+class ToolFunction(BaseModel):
+    """A tool's function as both APIs define it (the parameters: a JSON schema)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class SamplingFields(BaseModel):
     """The sampling settings both APIs take (OpenAI's at the top of a body, Ollama's in its
     options). Unknown fields are ignored: clients send many. Types are strict: "8" or true for
