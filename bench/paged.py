@@ -2,10 +2,12 @@
 memory-limited cgroup with the model files evicted from the page cache first (bench/memlimit.py).
 
 Configurations, all with the same target, drafter, prompt and sampling:
-  plain    plain decoding as llama.cpp does it: the weights mapped, the kernel pages them (no plan)
+  plain    `--plain` as edgespec plans it: the memory limit read, part of the target pinned, the
+           rest read from disk at every pass, no drafting (the baseline of every ratio)
+  mmap     plain decoding as llama.cpp does it: the weights mapped, the kernel pages them (no plan)
   chains   the draft model's chains on that same mapping (no plan, no pinning)
-  paged    what edgespec plans by itself in that cgroup: the memory limit read, part of the
-           target pinned, the rest read from disk at every pass, the drafter resident
+  paged    what edgespec plans by itself in that cgroup: the plan's pinning and drafter
+  overlap  paged, with the next tree grown during each target pass (overlap=True)
 
 The budget is a fraction of the target's file size (the drafter counted inside it). Each run is a
 separate process (a cgroup per run), so the ratio printed is of separate runs: keep the machine
@@ -42,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # "plain" is the baseline every ratio is set against: --plain, planned as edgespec plans it (the
 # same paged placement and pinning its plain alternative has); "mmap" is plain decoding without a
 # plan (llama.cpp's mmap, nothing pinned), a weaker baseline shown as an extra row
-# "serial": the paged plan without the overlap (the next tree grown only after the verdict)
-CONFIGS = ("plain", "mmap", "chains", "paged", "serial")
+# "overlap": the paged plan with trees grown during the target's pass (core/drafters/pregrow.py;
+# off by default)
+CONFIGS = ("plain", "mmap", "chains", "paged", "overlap")
 
 
 def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None) -> dict:
@@ -59,7 +62,7 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
         "chains": EngineOptions.of(model=target, draft=draft, **unplanned),
         "paged": EngineOptions.of(model=target, draft=draft, history=False,
                                   **({"tree_budget": tree_budget} if tree_budget is not None else {})),
-        "serial": EngineOptions.of(model=target, draft=draft, history=False, overlap=False,
+        "overlap": EngineOptions.of(model=target, draft=draft, history=False, overlap=True,
                                    **({"tree_budget": tree_budget} if tree_budget is not None else {})),
     }[config]
     t0 = time.perf_counter()

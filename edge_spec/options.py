@@ -88,8 +88,9 @@ class DraftingOptions:
     # "auto": the plan's choice
     schedule: str = "auto"
     # best-first trees: grow the next tree while the target verifies this one (core/drafters/
-    # pregrow.py); None: where the target is paged (its passes wait on the disk)
-    overlap: bool | None = None
+    # pregrow.py). Off by default: on a paged target it did not pay (bench/paged.py's "overlap"
+    # row: the tree grown ahead was used on 2 of 5-17 steps, and no faster than one grown after)
+    overlap: bool = False
 
     def __post_init__(self):
         if self.schedule not in ("auto", *SCHEDULES):

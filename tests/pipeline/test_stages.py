@@ -209,11 +209,9 @@ def test_an_explicit_drafter_the_plan_left_out_is_paid_for_with_pinned_weights(s
     assert d_opts.use_mmap is False  # resident, never paged out
 
 
-def test_a_paged_plan_with_trees_grows_the_next_tree_during_the_pass(small_machine):
+def test_trees_are_grown_during_the_pass_only_when_asked(small_machine):
     drafter = shape("small", layers=24, layer_bytes=12 << 20, head=130 << 20, embd=0)
     paged = planner.plan(shape(), small_machine, drafter, n_ctx=4096, gpu=False)
-    assert paged.chosen.tree_budget > 0 and decoding(EngineOptions(), paged).overlap
-    roomy = small_machine.model_copy(update={"ram_available_bytes": 64 * GiB})
-    resident = planner.plan(shape(), roomy, drafter, n_ctx=4096, gpu=False)
-    assert not decoding(EngineOptions(), resident).overlap
-    assert not decoding(EngineOptions.of(tree_budget=0), paged).overlap  # chains: nothing to grow
+    assert paged.chosen.tree_budget > 0 and not decoding(EngineOptions(), paged).overlap  # off by default
+    assert decoding(EngineOptions.of(overlap=True), paged).overlap
+    assert not decoding(EngineOptions.of(overlap=True, tree_budget=0), paged).overlap  # chains: nothing to grow
