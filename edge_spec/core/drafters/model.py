@@ -55,12 +55,7 @@ class ModelDrafter:
             return None
         if grammar is not None:
             return self._propose_following(context, k, sp, rng, grammar)
-        # keep what the cache already holds (accepted drafts included), evaluate the rest;
-        # the last context token is always evaluated because its logits start the draft
-        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
-        self.backend.truncate(held)
-        t0 = time.perf_counter()
-        logits = self.backend.forward(context[held:], logits="last")[-1]
+        logits, caught, first = self._begin(context)
         t1 = time.perf_counter()
         tokens, qs = [], []
         for i in range(k):
@@ -70,26 +65,35 @@ class ModelDrafter:
                 qs.append(q)
             if i + 1 < k:
                 logits = self.backend.forward([x], logits="last")[-1]
-        t2 = time.perf_counter()
-        # steady-state cost of one drafted token: one drafter step each. A catch-up over tokens
-        # it had not seen is reported apart (the Controller counts it when it decides to draft).
-        steps, seconds = k - 1, t2 - t1
-        caught = len(context) - held - 1
-        if caught <= 1:
-            steps, seconds = steps + 1, seconds + (t1 - t0)
-        cost = seconds / steps if steps else None
-        catch_up = (caught, t1 - t0) if caught > 1 else None
+        cost, catch_up = self._costs(k - 1, time.perf_counter() - t1, caught, first)
         return Draft(tuple(tokens), np.stack(qs) if qs else None, self.source, cost, catch_up)
+
+    def _begin(self, context: Sequence[int]) -> tuple[np.ndarray, int, float]:
+        """Keep what the cache already holds (accepted drafts included) and evaluate the rest; the
+        last context token is always evaluated, its logits start the draft. (those logits, tokens
+        evaluated before the last one, seconds taken)."""
+        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
+        self.backend.truncate(held)
+        t0 = time.perf_counter()
+        logits = self.backend.forward(context[held:], logits="last")[-1]
+        return logits, len(context) - held - 1, time.perf_counter() - t0
+
+    @staticmethod
+    def _costs(passes: int, seconds: float, caught: int, first: float) -> tuple[float | None, tuple | None]:
+        """(steady-state seconds of one drafter pass, catch-up): `passes` after the first took
+        `seconds`; the first pass, `first` seconds, counts as a steady one unless it caught up
+        over tokens the drafter had not seen, which is reported apart (the Controller counts it
+        when it decides to draft)."""
+        if caught <= 1:
+            passes, seconds = passes + 1, seconds + first
+        return (seconds / passes if passes else None), ((caught, first) if caught > 1 else None)
 
     def _propose_following(self, context: Sequence[int], k: int, sp: SamplingParams, rng: Random,
                            grammar: GrammarView) -> Draft | None:
         """k tokens of its own under a grammar: q masked at each position (every token legal),
         each token followed by the span the grammar forces after it (read in the same drafter
         pass as the token: one pass per own token). Stops early at a dead end or an end token."""
-        held = min(common_prefix(self.backend.tokens, context), len(context) - 1)
-        self.backend.truncate(held)
-        t0 = time.perf_counter()
-        logits = self.backend.forward(context[held:], logits="last")[-1]
+        logits, caught, first = self._begin(context)
         t1 = time.perf_counter()
         tokens, rows, forced, passes = [], [], [], 0
         for i in range(k):
@@ -108,12 +112,8 @@ class ModelDrafter:
                 passes += 1
         if not tokens:
             return None
-        # as in propose: the steady-state cost of a pass, a catch-up over unseen tokens apart
-        seconds, caught = time.perf_counter() - t1, len(context) - held - 1
-        if caught <= 1:
-            passes, seconds = passes + 1, seconds + (t1 - t0)
-        return Draft(tuple(tokens), draft_rows(rows), self.source, seconds / passes if passes else None,
-                     (caught, t1 - t0) if caught > 1 else None, tuple(forced))
+        cost, catch_up = self._costs(passes, time.perf_counter() - t1, caught, first)
+        return Draft(tuple(tokens), draft_rows(rows), self.source, cost, catch_up, tuple(forced))
 
     def masked(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
         """The drafter's logits with the tokens `mask` [target vocab] forbids at -inf; None when it
