@@ -6,7 +6,8 @@ growth adds a node's best child first), and the target's next token the drafter'
 one after it. In a thread of its own the drafter grows the tree for that context, exactly as
 spectree.grow would after the verdict (no n-gram seed: the n-gram drafter is the main thread's).
 The tree is used only when the verdict makes the guessed context the real one; otherwise it is
-thrown away, and the step drafts as usual.
+thrown away, and the step drafts as usual. Opt-in (`overlap=True`): on a paged target the guess
+came true too seldom to pay (bench/paged.py's "overlap" row).
 
 Lossless: a tree grown ahead depends on no random draw of the step that verifies it (it was grown
 before that step began; its guess depends on the previous verdict, which any proposal may), and
