@@ -18,8 +18,16 @@ MAX_DRAFT = 16          # longest draft the planner weighs and the Controller ma
 PRIOR_ACCEPTANCE = types.MappingProxyType({
     "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.65,
     "ngram:long": 0.85, "ngram:long/hot": 0.95})
-# acceptance assumed for a 4-bit copy of the target until measured (QuantSpec reports > 90%)
+# acceptance assumed for a low-bit copy of the target (a self-drafter) not built yet, by its bits;
+# a built one records its own agreement (build/quant.py), which replaces these. Measured (T = 0
+# agreement with the source's greedy tokens, 791 held-out positions of the calibration replies,
+# build/skip.agreement) on copies of Qwen2.5-Coder-1.5B F16: q4_0 0.943, q3_k_m 0.951, q2_k 0.877.
+# Checked on another model, copies of Qwen2.5-Coder-0.5B Q8_0: q4_0 0.914 (these say 0.94). Its
+# k-quant copies (q3_k_m 0.938, q2_k 0.919) keep wider types for its 896-wide rows, so they check
+# nothing. SELF_DRAFTER_BITS are the copies the planner weighs (plan/choose.trade_off).
 SELF_DRAFTER_PRIOR = 0.9
+SELF_DRAFTER_PRIORS = types.MappingProxyType({"q4_0": 0.94, "q3_k_m": 0.95, "q2_k": 0.88})
+SELF_DRAFTER_BITS = tuple(SELF_DRAFTER_PRIORS)
 # the acceptance the draft budget is sized for: a long n-gram match, the most confident source
 BUDGET_ACCEPTANCE = 0.95
 

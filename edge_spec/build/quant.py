@@ -1,9 +1,11 @@
 """Drafters built from the target itself, with their provenance in the GGUF metadata.
 
 QuantSpec-style self-drafter (`method="quant"`): the target's own weights requantized to 4 bits
-with llama.cpp's quantizer. It shares the target's tokenizer and nearly its predictions, so it is
-accepted far more often than a smaller model; it pays when the target is high precision (F16,
-BF16, Q8_0), whose steps cost several times its 4-bit copy's.
+(or 3, or 2) with llama.cpp's quantizer. It shares the target's tokenizer and nearly its
+predictions, so it is accepted far more often than a smaller model; it pays when the target is
+high precision (F16, BF16, Q8_0), whose steps cost several times its low-bit copy's. Its agreement
+with the target (argmax equal to the target's greedy token on held-out calibration replies) is
+measured as it is built and recorded, so the planner weighs it by what it measured, not a prior.
 
 VocabTrim drafter (`method="trim"`, see build/trim.py): a smaller model (or the target) with
 its LM head cut to the K tokens the target produces most; q is zero outside them, so verification
@@ -30,12 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_spec.backends.llama_cpp import quantize
-from edge_spec.build.skip import SkipSettings, build_skipped, check_layers, check_source
+from edge_spec.build.rewrite import rewrite
+from edge_spec.build.skip import SkipSettings, agreement, build_skipped, check_layers, check_source
 from edge_spec.build.trim import build_trimmed
 from edge_spec.defaults import MIN_SOURCE_BITS
 from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
-from edge_spec.plan.costmodel import BITS, source_bits
+from edge_spec.plan.costmodel import BITS, RUNTIME_BYTES, source_bits
+from edge_spec.plan.planner import RAM_HEADROOM
 from edge_spec.types import EdgespecError
 
 if TYPE_CHECKING:
@@ -48,13 +52,16 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
           bits: str | None = None, force: bool = False, progress: Progress | None = None, *,
           keep: int | None = None, target: str | os.PathLike | None = None,
           calibration: str | os.PathLike | None = None, layers: Sequence[int] | None = None,
-          search: SkipSettings | None = None) -> Path:
+          search: SkipSettings | None = None, memory_budget: int | None = None) -> Path:
     """Build a drafter from `source`; returns its path. Refuses an existing output without force.
 
     trim: `keep` tokens (None: chosen by measuring), counted with `target` (None: the source
     itself) over the shipped calibration replies plus the text file `calibration`; with `bits`,
     the trimmed copy is requantized too (its head kept at 8 bits).
     quant and skip: `bits` None means q4_0.
+    quant: the copy's agreement with the source (skip.agreement, on the same replies plus
+    `calibration`) is measured and recorded, for the planner to weigh it by.
+    `memory_budget`: refuse a drafter that could not run within these bytes (next to anything).
     skip: leaves out `layers` (None: chosen by measuring on the same replies, with the sizes in
     `search`, a skip.SkipSettings); a source above MIN_SOURCE_BITS is requantized to `bits` first,
     any other keeps its weights."""
@@ -82,11 +89,18 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     out.parent.mkdir(parents=True, exist_ok=True)
     # skip also holds a scratch candidate and, when requantizing, the requantized copy
     requantize = requantize or (method == "trim" and bits is not None)
-    copies = {"quant": 1, "trim": 2 if requantize else 1, "skip": 3 if requantize else 2}[method]
-    need = header.file_size * (BITS[bits] / have if requantize else 1.0) * 1.05 * copies
+    copies = {"quant": 2, "trim": 2 if requantize else 1, "skip": 3 if requantize else 2}[method]
+    size = header.file_size * (BITS[bits] / have if requantize else 1.0) * 1.05
     free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise EdgespecError(f"{out.parent} has {free / 2**30:.1f} GiB free; the drafter needs about {need / 2**30:.1f} GiB")
+    if free < size * copies:
+        raise EdgespecError(f"{out.parent} has {free / 2**30:.2f} GiB free; building the drafter needs about "
+                            f"{size * copies / 2**30:.2f} GiB ({copies} copies of {size / 2**30:.2f} GiB)")
+    usable = memory_budget * RAM_HEADROOM - RUNTIME_BYTES if memory_budget is not None else None
+    if usable is not None and size > usable:
+        raise EdgespecError(f"a {bits or 'copy'} drafter of {Path(source).name} would take about {size / 2**30:.2f} GiB, "
+                            f"more than the {memory_budget / 2**30:.2f} GiB memory budget leaves a drafter "
+                            f"({max(usable, 0) / 2**30:.2f} GiB): "
+                            "choose fewer --bits or a bigger budget")
 
     digest = _sha256(source, lambda f: report("hashing the source", f))
     metadata = {
@@ -97,13 +111,19 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
         PREFIX + "edgespec_version": _version(),
     }
     partial = out.with_name(out.name + ".partial")
+    scratch = out.with_name(out.name + ".unmeasured")  # quant: the copy measured before its provenance is written
     try:
         if method == "quant":
-            metadata |= {PREFIX + "quantization": bits, PREFIX + "kv_cache": "q8_0",
-                         PREFIX + "calibration": "none (weights only)"}
             report(f"quantizing to {bits}", 0.0)
-            quantize(source, partial, bits, metadata=metadata)
+            quantize(source, scratch, bits)
             report(f"quantizing to {bits}", 1.0)
+            measured, on = agreement(source, scratch, calibration, report)
+            metadata |= {PREFIX + "quantization": bits, PREFIX + "kv_cache": "q8_0", PREFIX + "calibration": on,
+                         PREFIX + "agreement": float(measured.agreement)}
+            try:
+                rewrite(validate(scratch), partial, metadata, progress=lambda f: report("writing the drafter", f))
+            except OSError as e:
+                raise EdgespecError(f"could not write {partial}: {e.strerror or e}") from None
         elif method == "trim":
             build_trimmed(source, partial, keep, target, calibration, metadata, report, bits)
         else:
@@ -112,8 +132,9 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
         validate(partial)  # a disk that filled up or a crash leaves no half file under `out`
         os.replace(partial, out)
     finally:
-        if partial.is_file():
-            partial.unlink()
+        for leftover in (partial, scratch):
+            if leftover.is_file():
+                leftover.unlink()
     return out
 
 

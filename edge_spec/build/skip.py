@@ -386,6 +386,23 @@ def build_skipped(source, out, layers: Sequence[int] | None, calibration, metada
         shutil.rmtree(work, ignore_errors=True)
 
 
+def agreement(source, drafter, calibration=None, report: Report | None = None,
+              settings: SkipSettings = SkipSettings()) -> tuple[Score, str]:
+    """How often `drafter`'s argmax is `source`'s greedy token on the held-out slice of the
+    calibration replies (its acceptance at T = 0, alpha), and a line saying what it was measured
+    on: what the quant builder records, so the planner weighs a self-drafter by its own agreement."""
+    report = report or (lambda what, fraction: None)
+    texts = calibration_texts(calibration)
+    slices, reference = _reference(source, _dealt(texts, len(calibration_texts())), settings, rank=False, report=report)
+    report("measuring the drafter's agreement", 0.0)
+    with LlamaCppBackend(drafter, LlamaOptions(n_ctx=settings.max_item_tokens + 8)) as model:
+        measured = score(model, slices["held_out"], reference["held_out"])
+    report("measuring the drafter's agreement", 1.0)
+    positions = sum(len(t) - s for t, s in slices["held_out"])
+    return measured, (f"{len(texts)} replies ({CALIBRATION.name}" + (f" + {Path(calibration).name})" if calibration else ")")
+                      + f": {positions} positions held out")
+
+
 def _dealt(texts: list, shipped: int) -> list:
     """The user's texts (after the `shipped` ones) first, then the shipped replies, each shuffled
     (fixed seed): the order calibration_slices deals them in."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_spec.defaults import SELF_DRAFTER_PRIOR
+from edge_spec.defaults import SELF_DRAFTER_PRIOR, SELF_DRAFTER_PRIORS
 from edge_spec.models.gguf_file import ArrayInfo, array_values, validate
 from edge_spec.models.registry import state_dir
 
@@ -53,11 +53,11 @@ def kept_ids_from_header(header):
 
 
 def self_drafter_prior(found: dict) -> tuple[float, str] | None:
-    """The acceptance to plan with until measured, for a drafter built from its target (`found`:
-    its provenance, `info`): the QuantSpec prior, or the T = 0 agreement a layer-skipping
-    drafter's build measured."""
-    if found.get("method") == METHOD_NAMES["quant"]:
-        return SELF_DRAFTER_PRIOR, "prior for a self-drafter"
-    if found.get("method") == METHOD_NAMES["skip"] and "agreement" in found:
+    """The acceptance to plan with until measured in use, for a drafter built from its target
+    (`found`: its provenance, `info`): the T = 0 agreement its build measured (quant and skip
+    builds record it), else the prior for a self-drafter of its bits."""
+    if found.get("method") in (METHOD_NAMES["quant"], METHOD_NAMES["skip"]) and "agreement" in found:
         return float(found["agreement"]), "agreement measured when it was built"
+    if found.get("method") == METHOD_NAMES["quant"]:
+        return SELF_DRAFTER_PRIORS.get(found.get("quantization"), SELF_DRAFTER_PRIOR), "prior for a self-drafter"
     return None

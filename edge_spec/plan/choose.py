@@ -8,6 +8,7 @@ candidate drafters, and says what a drafter not built yet is predicted to give.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_spec.backends.llama_cpp import LlamaOptions, _lib
@@ -17,7 +18,8 @@ from edge_spec.defaults import (
     MAX_DRAFT,
     MIN_SOURCE_BITS,
     PRIOR_ACCEPTANCE,
-    SELF_DRAFTER_PRIOR,
+    SELF_DRAFTER_BITS,
+    SELF_DRAFTER_PRIORS,
     SUGGESTED_COVERAGE,
     SUGGESTED_K,
 )
@@ -147,7 +149,14 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
         opened.update({c.shape.path: c for c in weighed})
     candidates = [c.path for c in weighed]
     if options.model.target is not None and options.model.draft is None and not options.drafting.plain:
-        _suggest_self_drafter(options, prof, target, candidates, best, notes)
+        best = dataclasses.replace(best, self_drafters=tuple(weigh_self_drafters(options, prof, target, best)))
+        _suggest_self_drafter(target, best, notes)
+    if options.model.draft is None and not options.drafting.plain and best.paged and best.chosen.strategy != "draft":
+        crowded = [v for v in best.drafters if v.path is not None and "does not fit" in v.why]
+        if crowded:
+            pinned = costmodel.pass_bytes(target.shape) - best.chosen.target.disk_bytes
+            notes.append(f"no draft model fits in memory next to the paged target ({len(crowded)} weighed): n-gram "
+                         f"drafts only, with {max(pinned, 0) / 2**30:.2f} GiB of the target pinned")
     if options.model.draft is None and not options.drafting.plain:
         _suggest_trimmed_drafter(options, prof, target, candidates, best, notes)
     notes[:] = list(dict.fromkeys(notes))  # one note per fact, however many plans were made
@@ -178,11 +187,12 @@ def _plan_with_search(options: EngineOptions, target: ModelFile, notes: list, re
 
 def drafter_candidates(target_path) -> list[Path]:
     """Drafters edgespec built for a target: self-drafters built from it (`edgespec drafter build`,
-    the 4-bit copy and the layer-skipping one) and trimmed drafters built for it (`--method trim
+    its low-bit copies and the layer-skipping one) and trimmed drafters built for it (`--method trim
     --target`, matched by the target's file name). Other local models, the installed default
     drafter among them, are found by edge_spec.plan.drafter_search."""
     built = default_output(target_path)
-    found = [path for path in (built, default_output(target_path, "skip")) if path.is_file()]
+    copies = [default_output(target_path, "quant", bits) for bits in BITS]
+    found = [path for path in (*copies, default_output(target_path, "skip")) if path.is_file()]
     for path in sorted(built.parent.glob("*.trim.gguf")) if built.parent.is_dir() else ():
         try:
             if info(path).get("counted_with") == Path(target_path).name:
@@ -192,21 +202,104 @@ def drafter_candidates(target_path) -> list[Path]:
     return found
 
 
-def _suggest_self_drafter(options: EngineOptions, prof, target: ModelFile, candidates, the_plan, notes: list) -> None:
-    """A high-precision target with no self-drafter built yet: say what one is predicted to give."""
-    built = default_output(target)
-    shape = target.shape
-    bits = source_bits(shape)
-    if built in candidates or bits <= MIN_SOURCE_BITS:
+@dataclass(frozen=True)
+class SelfDrafter:
+    """A low-bit copy of the target weighed as its drafter (`edgespec drafter build --bits`): the
+    memory it takes from the target's pinned weights against the tokens per pass it adds."""
+
+    bits: str
+    path: Path                  # where `edgespec drafter build` puts it (and the engine looks)
+    built: bool
+    drafter_bytes: int
+    acceptance: float
+    acceptance_source: str
+    tokens_per_second: float    # predicted with it drafting; 0.0: it does not fit next to the target
+    pinned_bytes: int = 0       # of the target's per-pass weights, kept in RAM beside it (all when resident)
+    disk_bytes: int = 0         # of the target's, read from disk at every pass (0: resident)
+    best: bool = False          # the fastest of the copies
+
+    def describe(self) -> str:
+        state = "built" if self.built else "not built"
+        if not self.tokens_per_second:
+            return (f"{self.bits:7s} {self.drafter_bytes / 2**30:.2f} GiB ({state}): does not fit next to the target")
+        where = (f"{self.pinned_bytes / 2**30:.2f} GiB of the target pinned, {self.disk_bytes / 2**30:.2f} GiB read per pass"
+                 if self.disk_bytes else "the target resident")
+        return (f"{self.bits:7s} {self.drafter_bytes / 2**30:.2f} GiB ({state}): {where}, acceptance "
+                f"{self.acceptance:.2f} ({self.acceptance_source}), {self.tokens_per_second:.2f} tok/s predicted"
+                + (" (the best)" if self.best else ""))
+
+
+def weigh_self_drafters(options: EngineOptions, prof, target: ModelFile, the_plan) -> list[SelfDrafter]:
+    """trade_off for this target's copies, built (weighed by the agreement their build measured)
+    or not (by the prior for their bits), with the target's cached calibrations; a built copy keeps
+    the rate the drafter search gave it. [] for a target at or below MIN_SOURCE_BITS (its copies
+    would be no cheaper to run)."""
+    if source_bits(target.shape) <= MIN_SOURCE_BITS:
+        return []
+    built = {}
+    for b in SELF_DRAFTER_BITS:
+        path = default_output(target.path, "quant", b)
+        if path.is_file():
+            try:
+                built[b] = (ModelFile.find(path).shape, *(self_drafter_prior(info(path)) or (SELF_DRAFTER_PRIORS[b], "")))
+            except EdgespecError:  # a broken build is the drafter search's to report
+                continue
+    known = {v.path: v.tokens_per_second for v in the_plan.drafters if v.path is not None and v.tokens_per_second}
+    rows = trade_off(target.shape, prof, built, threads=the_plan.threads, n_ctx=options.memory.n_ctx,
+                     max_draft=options.drafting.max_draft or MAX_DRAFT,
+                     calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
+    rows = [dataclasses.replace(r, path=default_output(target.path, "quant", r.bits)) for r in rows]
+    rows = [dataclasses.replace(r, tokens_per_second=known.get(r.path, r.tokens_per_second)) if r.tokens_per_second else r
+            for r in rows]
+    return _mark_best(rows)
+
+
+def trade_off(shape, prof, built: dict, *, threads: int, n_ctx: int, max_draft: int,
+              calibrations: tuple = ()) -> list[SelfDrafter]:
+    """Each low-bit copy of a high-precision target (defaults.SELF_DRAFTER_BITS) planned as its
+    drafter: a copy with fewer bits takes less memory from a paged target's pinned weights and
+    costs less per draft token, and agrees with the target less often. `built`: bits -> (shape,
+    acceptance, where that acceptance comes from) of the copies built; the others are planned from
+    the target's shape requantized, at the prior for their bits. The fastest is marked best."""
+    have = source_bits(shape)
+    out = []
+    for b in SELF_DRAFTER_BITS:
+        drafter, acceptance, source = built.get(b) or (requantized_shape(shape, BITS[b] / have, f"{shape.path}.{b}"),
+                                                       SELF_DRAFTER_PRIORS[b], f"prior for {b}")
+        try:
+            guess = planner.plan(shape, prof, drafter, n_ctx=n_ctx, gpu=False, threads=threads,
+                                 knowledge=planner.Knowledge(acceptance, source), calibrations=calibrations,
+                                 max_draft=max_draft)
+            drafts = [a for a in guess.alternatives if a.strategy == "draft"]
+        except EdgespecError:
+            drafts = []
+        row = SelfDrafter(b, Path(drafter.path), b in built, drafter.file_bytes, acceptance, source, 0.0)
+        if drafts:
+            fastest = max(drafts, key=lambda a: a.tokens_per_second)
+            disk = fastest.target.disk_bytes
+            row = dataclasses.replace(row, tokens_per_second=fastest.tokens_per_second, disk_bytes=disk,
+                                      pinned_bytes=costmodel.pass_bytes(shape) - disk)
+        out.append(row)
+    return _mark_best(out)
+
+
+def _mark_best(rows: list[SelfDrafter]) -> list[SelfDrafter]:
+    top = max(rows, key=lambda c: c.tokens_per_second, default=None)
+    return [dataclasses.replace(c, best=c is top and c.tokens_per_second > 0) for c in rows]
+
+
+def _suggest_self_drafter(target: ModelFile, the_plan, notes: list) -> None:
+    """A high-precision target whose best self-drafter is not built yet: say what it is predicted
+    to give, and how to build it."""
+    best = next((c for c in the_plan.self_drafters if c.best), None)
+    if best is None or best.built:
         return
-    hypothetical = requantized_shape(shape, BITS["q4_0"] / bits, str(built))
-    guess = planner.plan(shape, prof, hypothetical, n_ctx=options.memory.n_ctx, gpu=False, threads=the_plan.threads,
-                         knowledge=planner.Knowledge(SELF_DRAFTER_PRIOR, "prior for a self-drafter"),
-                         calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
-    gain = guess.chosen.tokens_per_second / the_plan.chosen.tokens_per_second
-    if guess.chosen.strategy == "draft" and gain > 1.1:
-        notes.append(f"this {bits:.0f}-bit model would run about {gain:.1f}x faster with a 4-bit self-drafter "
-                     f"(predicted): build one with `edgespec drafter build {target.path}`")
+    gain = best.tokens_per_second / the_plan.chosen.tokens_per_second
+    if gain > 1.1:
+        where = f", leaving {best.pinned_bytes / 2**30:.2f} GiB of the target pinned" if best.disk_bytes else ""
+        notes.append(f"this {source_bits(target.shape):.0f}-bit model would run about {gain:.1f}x faster with a {best.bits} "
+                     f"self-drafter ({best.drafter_bytes / 2**30:.2f} GiB{where}; predicted): build it with "
+                     f"`edgespec plan {target.path} --build-drafter` or `edgespec drafter build {target.path} --bits {best.bits}`")
 
 
 def _suggest_trimmed_drafter(options: EngineOptions, prof, target: ModelFile, candidates, the_plan, notes: list) -> None:

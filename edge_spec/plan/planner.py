@@ -120,6 +120,7 @@ class Plan:
     knowledge: Knowledge = field(default_factory=Knowledge)
     disk_read_gbs: float | None = None  # the profile's, for paged plans
     drafters: tuple = ()               # drafter_search.Verdict for each local model weighed or left out
+    self_drafters: tuple = ()          # choose.SelfDrafter: each low-bit copy of the target weighed as its drafter
 
     @property
     def paged(self) -> bool:

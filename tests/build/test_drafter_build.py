@@ -3,6 +3,7 @@ found and weighed by the planner. The source is a Q8_0 requantization of the rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
 from edge_spec.backends.vocab import check_compatible
 from edge_spec.build.quant import build
+from edge_spec.build.skip import agreement
 from edge_spec.models import registry as models
 from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import default_output, info
@@ -80,12 +82,15 @@ def test_build_refuses_what_would_not_help_or_would_overwrite(q8_target, tmp_pat
     assert info(taken)["method"] == "quantspec"
 
 
-def test_a_failed_build_leaves_no_file_under_the_final_name(q8_target, tmp_path):
+@pytest.mark.parametrize("blocked, message", [("d.gguf.unmeasured", "quantizing .* failed"),
+                                               ("d.gguf.partial", "could not write .*d.gguf.partial")])
+def test_a_failed_build_leaves_no_file_under_the_final_name(q8_target, tmp_path, blocked, message):
+    """The quantizer's copy (measured first) or the final file with its provenance cannot be written."""
     out = tmp_path / "d.gguf"
-    (tmp_path / "d.gguf.partial").mkdir()  # llama.cpp cannot write its output there
-    with pytest.raises(EdgespecError, match="quantizing .* failed"):
+    (tmp_path / blocked).mkdir()
+    with pytest.raises(EdgespecError, match=message):
         build(q8_target, out=out)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "d.gguf.unmeasured").is_file()
 
 
 def test_cli_build_and_info(q8_target, tmp_path):
@@ -109,4 +114,61 @@ def test_planner_finds_and_weighs_a_built_self_drafter(q8_target):
     weighed = {a.drafter_model for a in plan.alternatives if a.strategy == "draft"}
     assert built.name in weighed
     self_draft = next(a for a in plan.alternatives if a.drafter_model == built.name)
-    assert self_draft.acceptance == pytest.approx(0.9)  # the self-drafter prior until measured
+    # weighed by the agreement its build measured, not a prior
+    assert self_draft.acceptance == pytest.approx(info(built)["agreement"])
+    rows = {r.bits: r for r in plan.self_drafters}
+    assert rows["q4_0"].built and rows["q4_0"].path == built and not rows["q2_k"].built
+    assert rows["q4_0"].acceptance_source == "agreement measured when it was built"
+
+
+def test_a_build_measures_and_records_its_agreement_with_the_target(q8_target, tmp_path):
+    """The copy's argmax against the source's greedy token on the held-out calibration replies:
+    what the file records is what skip.agreement measures again, and it is a real share."""
+    out = build(q8_target, out=tmp_path / "m.gguf")
+    meta = info(out)
+    again, on = agreement(q8_target, out)
+    assert meta["agreement"] == pytest.approx(again.agreement, abs=1e-6) and meta["calibration"] == on
+    assert 0.5 < meta["agreement"] < 1.0 and "positions held out" in on
+    assert not list(tmp_path.glob("*.unmeasured")) and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_build_that_would_not_fit_the_memory_budget_is_one_line_naming_the_sizes(q8_target, tmp_path):
+    out = tmp_path / "b.gguf"
+    with pytest.raises(EdgespecError, match=r"would take about 0\.\d\d GiB, more than the 0\.30 GiB memory budget "
+                                            r"leaves a drafter \(0\.0\d GiB\)"):
+        build(q8_target, out=out, memory_budget=int(0.3 * 2**30))
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["drafter", "build", str(q8_target), "-o", str(out), "--mem-budget", "300M"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "memory budget" in result.output
+
+
+def test_plan_build_drafter_builds_the_best_copy_only_where_it_pays(q8_target, tmp_path, monkeypatch):
+    """`edgespec plan T --build-drafter`: the copy the trade-off ranks best is built where the
+    engine looks for it and the plan made again weighs it; one predicted no faster is not built.
+    (The rates are scaled here so that each branch is taken whatever this machine measures.)"""
+    from edge_spec.plan import choose
+
+    target = tmp_path / "own-q8_0.gguf"
+    target.write_bytes(q8_target.read_bytes())
+    real = choose.trade_off
+
+    def scaled(factor, best):
+        def fake(*a, **kw):
+            rows = real(*a, **kw)
+            return choose._mark_best([dataclasses.replace(r, tokens_per_second=factor * (2 if r.bits == best else 1))
+                                      for r in rows])
+        return fake
+
+    runner = CliRunner()
+    monkeypatch.setattr(choose, "trade_off", scaled(1e-3, "q3_k_m"))
+    result = runner.invoke(app, ["plan", str(target), "--build-drafter", "--no-history"])
+    assert result.exit_code == 0 and "not building: a q3_k_m self-drafter" in result.output
+    assert not default_output(target, "quant", "q3_k_m").exists()
+
+    monkeypatch.setattr(choose, "trade_off", scaled(1e6, "q3_k_m"))
+    result = runner.invoke(app, ["plan", str(target), "--build-drafter", "--no-history"])
+    assert result.exit_code == 0, result.output
+    built = default_output(target, "quant", "q3_k_m")
+    assert f"built {built}" in result.output and info(built)["quantization"] == "q3_k_m"
+    table = result.output.split("self-drafters (")[1]  # the new plan knows it is built
+    assert "(built)" in next(line for line in table.splitlines() if "q3_k_m" in line)

@@ -111,9 +111,6 @@ def _report(stats: Stats, reason: str | None, fmt: str, predicted: float | None 
 def run_generate(options: EngineOptions, sp: SamplingParams, text: str, system: str | None,
                  raw: bool, stats_fmt: str) -> None:
     with load_engine(options) as engine:
-        if stats_fmt == "text":
-            for line in plan_lines(engine)[1 if engine.plan else 0:]:  # notes; the plan is on the stats line
-                print(line, file=sys.stderr)
         if raw:
             prompt = engine.text_tokens(text)
         else:
@@ -122,6 +119,9 @@ def run_generate(options: EngineOptions, sp: SamplingParams, text: str, system: 
         _, stats, reason = stream_reply(engine, prompt, sp)
         elapsed = time.time() - psutil.Process().create_time()  # process start to the last token
         _report(stats, reason, stats_fmt, engine.predicted_tokens_per_second, elapsed)
+        if stats_fmt == "text":  # the planner's notes after the reply (a bad prompt stays one line of error)
+            for line in plan_lines(engine)[1 if engine.plan else 0:]:  # notes; the plan is on the stats line
+                print(line, file=sys.stderr)
 
 
 @dataclass

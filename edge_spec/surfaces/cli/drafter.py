@@ -21,7 +21,7 @@ def build_command(
                                  help="quant: the target (F16, BF16 or Q8_0); trim: the drafter to trim (or the target); "
                                       "skip: the target."),
     method: str = typer.Option("quant", "--method",
-                               help="quant: the target's weights requantized to 4 bits (QuantSpec). "
+                               help="quant: the target's weights requantized to --bits (QuantSpec), its agreement measured. "
                                     "trim: the LM head cut to the K tokens the target produces most (VocabTrim). "
                                     "skip: the target without the layers it misses least (layer skipping, "
                                     "requantized first when the target is F16, BF16 or Q8_0)."),
@@ -38,8 +38,11 @@ def build_command(
     target: str | None = typer.Option(None, "--target", show_default=False,
                                       help="trim: the model whose outputs are counted (default: the source itself)."),
     calibration: Path | None = typer.Option(None, "--calibration", show_default=False,
-                                            help="trim, skip: a text file of your own to measure on, "
-                                                 "besides the shipped replies."),
+                                            help="A text file of your own to measure on, besides the shipped replies "
+                                                 "(quant: the copy's agreement with the target; trim, skip: the choice)."),
+    mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
+                                          help="Refuse a drafter that could not run in this much memory (e.g. 2G): "
+                                               "the budget you will run the target in."),
     layers: str | None = typer.Option(None, "--layers", show_default=False,
                                       help="skip: the layers to leave out, e.g. 3,5,7 (numbered from 0; never the "
                                            "first or last). Default: chosen by measuring agreement and predicted speed."),
@@ -48,15 +51,19 @@ def build_command(
     # the builders load llama.cpp and numpy: imported when a drafter is built, not for --help
     from edge_spec.build.quant import build
     from edge_spec.models.provenance import info
+    from edge_spec.options import parse_size
     from edge_spec.pipeline.resolve import resolve_model
 
     def go():
         with progress_bar() as report:
             path = build(resolve_model(source, DEFAULT_TARGET), method, out, bits, force, report, keep=keep,
                          target=resolve_model(target, DEFAULT_TARGET) if target else None, calibration=calibration,
-                         layers=_layer_list(layers) if layers is not None else None)
+                         layers=_layer_list(layers) if layers is not None else None,
+                         memory_budget=parse_size(mem_budget) if mem_budget else None)
         typer.echo(f"built {path} ({path.stat().st_size / 2**30:.2f} GiB)")
         built = info(path)
+        if method == "quant" and "agreement" in built:
+            typer.echo(f"  agreement with the target: {built['agreement']:.3f} ({built.get('calibration', '')})")
         for line in f"{built.get('k_choice', '')}; {built.get('skip_choice', '')}".split("; "):
             if line:
                 typer.echo(f"  {line}")

@@ -10,7 +10,7 @@ import typer
 from edge_spec.defaults import MAX_DRAFT
 from edge_spec.options import EngineOptions
 from edge_spec.plan import planner, profile
-from edge_spec.surfaces.cli.common import engine_command
+from edge_spec.surfaces.cli.common import engine_command, progress_bar, run
 
 GiB = 2**30
 
@@ -63,6 +63,11 @@ def plan_dict(p: planner.Plan) -> dict:
         "drafter_candidates": [{"path": str(v.path) if v.path else None, "label": v.label, "kept": v.kept,
                                 "tokens_per_second": round(v.tokens_per_second, 2) if v.tokens_per_second else None,
                                 "why": v.why} for v in p.drafters],
+        "self_drafters": [{"bits": c.bits, "path": str(c.path), "built": c.built, "drafter_bytes": c.drafter_bytes,
+                           "acceptance": round(c.acceptance, 3), "acceptance_source": c.acceptance_source,
+                           "tokens_per_second": round(c.tokens_per_second, 2), "fits": bool(c.tokens_per_second),
+                           "target_pinned_bytes": c.pinned_bytes, "target_disk_bytes_per_pass": c.disk_bytes,
+                           "best": c.best} for c in p.self_drafters],
     }
 
 
@@ -90,6 +95,11 @@ def print_plan(p: planner.Plan) -> None:
     for line in p.rejected:
         console.print(f"  [dim]does not fit: {line}[/dim]")
     print_drafters(console, p.drafters)
+    if p.self_drafters:
+        console.print("self-drafters (low-bit copies of the target: fewer bits leave more of the target in RAM "
+                      "and agree with it less often):")
+        for c in p.self_drafters:
+            console.print(f"  {'→' if c.best else ' '} {c.describe()}", style="bold" if c.best else None, soft_wrap=True)
 
 
 def print_drafters(console, verdicts) -> None:
@@ -115,6 +125,10 @@ def plan_command(
              f"or a reference profile ({', '.join(profile.reference_names())})."),
     no_history: bool = typer.Option(False, "--no-history", help="Ignore acceptance measured in past sessions (use priors)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    build_drafter: bool = typer.Option(
+        False, "--build-drafter",
+        help="Build the self-drafter the plan predicts fastest (a low-bit copy of an F16, BF16 or Q8_0 target, "
+             "kept in the drafters folder where chat finds it), then plan again with it."),
 ) -> None:
     """Show the plan for a model on this machine or a hardware profile, and why it won.
 
@@ -123,9 +137,39 @@ def plan_command(
     options = dataclasses.replace(options, planning=dataclasses.replace(
         options.planning, profile=profile_name, history=not no_history))
     p = make_plan(options, notes)
+    if build_drafter:
+        p = _build_best_self_drafter(options, p, notes)
     if as_json:
         typer.echo(json.dumps(plan_dict(p) | {"notes": notes}, indent=1))
     else:
         print_plan(p)
         for line in notes:
             typer.echo(f"  note: {line}")
+
+
+def _build_best_self_drafter(options: EngineOptions, p: planner.Plan, notes: list) -> planner.Plan:
+    """--build-drafter: build the best self-drafter the plan weighed, unless it is built or does
+    not pay; then the plan made again, which finds it."""
+    # the builder loads llama.cpp's quantizer and numpy: imported when a drafter is built, not for --help
+    from edge_spec.build.quant import build
+
+    best = next((c for c in p.self_drafters if c.best), None)
+    if best is None:
+        raise typer.BadParameter("no self-drafter fits or applies here (a self-drafter is a low-bit copy of an F16, "
+                                 "BF16 or Q8_0 target, with room next to it)", param_hint="--build-drafter")
+    if best.built:
+        typer.echo(f"the best self-drafter is built already: {best.path}", err=True)
+        return p
+    if best.tokens_per_second <= p.chosen.tokens_per_second:
+        typer.echo(f"not building: a {best.bits} self-drafter is predicted {best.tokens_per_second:.2f} tok/s, "
+                   f"no faster than the plan without it ({p.chosen.tokens_per_second:.2f})", err=True)
+        return p
+
+    def go():
+        with progress_bar() as report:
+            build(p.target.path, "quant", None, best.bits, False, report, memory_budget=options.memory.budget)
+
+    run(go)
+    typer.echo(f"built {best.path} ({best.path.stat().st_size / 2**30:.2f} GiB); the plan with it:", err=True)
+    notes.clear()
+    return make_plan(options, notes)
