@@ -28,6 +28,7 @@ PRIOR_ACCEPTANCE = types.MappingProxyType({
 SELF_DRAFTER_PRIOR = 0.9
 SELF_DRAFTER_PRIORS = types.MappingProxyType({"q4_0": 0.94, "q3_k_m": 0.95, "q2_k": 0.88})
 SELF_DRAFTER_BITS = tuple(SELF_DRAFTER_PRIORS)
+SELF_DRAFTER_KV = "q8_0"  # the KV cache a self-drafter runs with (its build records it)
 # the acceptance the draft budget is sized for: a long n-gram match, the most confident source
 BUDGET_ACCEPTANCE = 0.95
 

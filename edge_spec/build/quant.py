@@ -35,7 +35,7 @@ from edge_spec.backends.llama_cpp import quantize
 from edge_spec.build.rewrite import rewrite
 from edge_spec.build.skip import SkipSettings, agreement, build_skipped, check_layers, check_source
 from edge_spec.build.trim import build_trimmed
-from edge_spec.defaults import MIN_SOURCE_BITS
+from edge_spec.defaults import MIN_SOURCE_BITS, SELF_DRAFTER_KV
 from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
 from edge_spec.plan.costmodel import BITS, RUNTIME_BYTES, source_bits
@@ -118,7 +118,7 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             quantize(source, scratch, bits)
             report(f"quantizing to {bits}", 1.0)
             measured, on = agreement(source, scratch, calibration, report)
-            metadata |= {PREFIX + "quantization": bits, PREFIX + "kv_cache": "q8_0", PREFIX + "calibration": on,
+            metadata |= {PREFIX + "quantization": bits, PREFIX + "kv_cache": SELF_DRAFTER_KV, PREFIX + "calibration": on,
                          PREFIX + "agreement": float(measured.agreement)}
             try:
                 rewrite(validate(scratch), partial, metadata, progress=lambda f: report("writing the drafter", f))

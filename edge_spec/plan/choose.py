@@ -19,6 +19,7 @@ from edge_spec.defaults import (
     MIN_SOURCE_BITS,
     PRIOR_ACCEPTANCE,
     SELF_DRAFTER_BITS,
+    SELF_DRAFTER_KV,
     SELF_DRAFTER_PRIORS,
     SUGGESTED_COVERAGE,
     SUGGESTED_K,
@@ -111,6 +112,9 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
     if draft is not None and knowledge.acceptance is None and (prior := self_drafter_prior(draft.provenance)):
         knowledge = dataclasses.replace(knowledge, acceptance=prior[0], acceptance_source=prior[1])
     workers = rpc_workers(options) if workers is None else workers
+    # a built drafter runs with the KV cache its provenance names unless the user set one (pipeline/planning.py)
+    user_kv = options.memory.type_k is not None or options.memory.type_v is not None
+    drafter_kv = draft.provenance.get("kv_cache") if draft is not None and not user_kv else None
 
     def planned(cals):
         return planner.plan(target.shape, prof, draft.shape if draft else None,
@@ -118,7 +122,8 @@ def plan_with(options: EngineOptions, target: ModelFile, draft: ModelFile | None
                             max_draft=options.drafting.max_draft or MAX_DRAFT, gpu=gpu, threads=threads,
                             offload=bool(prof.gpus) and torch_offload_possible(options.model.backend, target),
                             workers=workers,
-                            rpc_layers=options.model.n_gpu_layers if options.model.rpc else None)
+                            rpc_layers=options.model.n_gpu_layers if options.model.rpc else None,
+                            drafter_kv=drafter_kv)
 
     result = planned(cals)
     paged = result.chosen.target.disk_bytes
@@ -269,7 +274,7 @@ def trade_off(shape, prof, built: dict, *, threads: int, n_ctx: int, max_draft: 
         try:
             guess = planner.plan(shape, prof, drafter, n_ctx=n_ctx, gpu=False, threads=threads,
                                  knowledge=planner.Knowledge(acceptance, source), calibrations=calibrations,
-                                 max_draft=max_draft)
+                                 max_draft=max_draft, drafter_kv=SELF_DRAFTER_KV)
             drafts = [a for a in guess.alternatives if a.strategy == "draft"]
         except EdgespecError:
             drafts = []

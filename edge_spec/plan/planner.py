@@ -165,7 +165,8 @@ class Plan:
 def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None, *, n_ctx: int = N_CTX,
          knowledge: Knowledge = Knowledge(), calibrations: tuple[Calibration, ...] = (),
          max_draft: int = MAX_DRAFT, gpu: bool = True, threads: int | None = None, offload: bool = False,
-         workers: tuple[costmodel.Remote, ...] = (), rpc_layers: int | None = None) -> Plan:
+         workers: tuple[costmodel.Remote, ...] = (), rpc_layers: int | None = None,
+         drafter_kv: str | None = None) -> Plan:
     """The plan with the highest predicted tokens/s that fits; EdgespecError when nothing fits.
 
     `calibrations` add to the profile's (e.g. the engine's cached measurements); `gpu=False`
@@ -173,7 +174,8 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
     cores; `offload=True` (torch is installed) adds the torch backend's offloaded target where
     it applies (see the module docstring); `workers`: RPC workers a CPU target that does not fit
     here may put its last layers on (as few as make the rest fit; see _rpc_split), or exactly
-    `rpc_layers` of them (-ngl with --rpc)."""
+    `rpc_layers` of them (-ngl with --rpc); `drafter_kv`: the KV cache type the drafter runs
+    with when it is not the plan's (a self-drafter's provenance names q8_0: pipeline/planning.py)."""
     if calibrations:
         profile = profile.model_copy(update={"calibrations": [*calibrations, *profile.calibrations]})
     threads = threads or profile.cpu.physical_cores
@@ -184,7 +186,7 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
     for paged, (type_k, type_v) in ((False, ("f16", "f16")), (False, ("q8_0", "q8_0")),
                                     (True, ("f16", "f16")), (True, ("q8_0", "q8_0"))):
         options = _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload, paged,
-                              workers, rpc_layers)
+                              workers, rpc_layers, drafter_kv)
         if options:
             break
     else:
@@ -203,8 +205,9 @@ def plan(target: ModelShape, profile: Profile, drafter: ModelShape | None = None
 
 
 def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, rejected, offload=False,
-                allow_paged=False, workers=(), rpc_layers=None):
+                allow_paged=False, workers=(), rpc_layers=None, drafter_kv=None):
     """(target placement, drafter placement or None, RAM, VRAM) for each combination that fits."""
+    d_k, d_v = (drafter_kv, drafter_kv) if drafter_kv else (type_k, type_v)
     ram_budget = profile.ram_available_bytes * RAM_HEADROOM
     out = []
     target_options = [Placement(-1, 0, threads)]
@@ -226,13 +229,13 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
             drafter_options.append(Placement(-1, 0, threads))
             for g in gpus:
                 used = t_need.vram if tp.gpu == g else 0
-                layers = _layers_that_fit(drafter, profile, g, n_ctx, type_k, type_v, reserve=used)
+                layers = _layers_that_fit(drafter, profile, g, n_ctx, d_k, d_v, reserve=used)
                 if layers >= drafter.n_layers:  # a split drafter is never worth its sync cost
                     drafter_options.append(Placement(g, layers, threads))
         for dp in drafter_options:
             need = t_need
             if dp is not None:
-                d = costmodel.memory_need(drafter, dp, n_ctx, type_k, type_v)
+                d = costmodel.memory_need(drafter, dp, n_ctx, d_k, d_v)
                 need = costmodel.MemoryNeed(need.ram + d.ram, need.vram + d.vram)
             ram = need.ram + costmodel.RUNTIME_BYTES
             unified = any(profile.gpus[p.gpu].unified_memory for p in (tp, dp) if p is not None and p.gpu >= 0)
@@ -248,7 +251,7 @@ def _placements(target, drafter, profile, gpus, threads, n_ctx, type_k, type_v, 
             if ram > ram_budget and allow_paged:
                 others = ram - t_need.ram  # the drafter and the process
                 if dp is not None:  # next to a paged target the drafter runs with a small batch (backends/load.py)
-                    others -= d.ram - costmodel.memory_need(drafter, dp, n_ctx, type_k, type_v,
+                    others -= d.ram - costmodel.memory_need(drafter, dp, n_ctx, d_k, d_v,
                                                             costmodel.PAGED_DRAFTER_BATCH).ram
                 paged = _paged(target, tp, dp, others, ram_budget, n_ctx, type_k, type_v)
                 if paged is not None:

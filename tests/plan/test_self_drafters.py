@@ -81,3 +81,20 @@ def test_resident_or_paged_the_describe_says_where_the_target_is(ram):
     rows = weigh(ram)
     text = next(r for r in rows if r.best).describe()
     assert ("read per pass" in text) == (ram < 4) and ("the target resident" in text) == (ram >= 4)
+
+
+def test_a_drafter_run_with_a_q8_0_cache_leaves_that_much_more_of_the_target_pinned():
+    """A self-drafter runs with the q8_0 KV cache its build records (pipeline/planning.py): the
+    planner counts that cache, not the plan's f16 one, and the bytes saved stay pinned."""
+    from edge_spec.plan import planner
+    from edge_spec.plan.costmodel import requantized_shape
+
+    prof = small_machine().model_copy(update={"ram_available_bytes": int(2.5 * GiB)})
+    copy = requantized_shape(F16, 3.9 / 16, "/d/copy.gguf")
+
+    def disk(**kw):
+        p = planner.plan(F16, prof, copy, n_ctx=4096, knowledge=planner.Knowledge(0.9, "test"), **kw)
+        return max((a for a in p.alternatives if a.strategy == "draft"), key=lambda a: a.tokens_per_second).target.disk_bytes
+
+    saved = 4096 * (copy.kv_bytes_per_token("f16", "f16") - copy.kv_bytes_per_token("q8_0", "q8_0"))
+    assert saved > 0 and disk() - disk(drafter_kv="q8_0") == pytest.approx(saved, abs=2)
