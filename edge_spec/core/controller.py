@@ -18,6 +18,11 @@ noisy measurement cannot make a long pass look cheaper than a short one.
 What keeps a session from losing to plain decoding:
 - k grows with evidence, not with a prior: a drafter drafts at most 2j + 1 tokens when the last j
   tokens it drafted were accepted (1 at first), so a long draft follows only a long accepted run;
+  only where a wholly rejected draft of k tokens wastes at most CHEAP_WASTE plain steps (a flat
+  cost curve: a paged target, whose pass costs the same for 1 or 16 tokens) may a drafter that has
+  had EVIDENCE_TOKENS tokens accepted this session, or whose acceptance was measured before it
+  (`know`: past sessions, a self-drafter's build), draft k with no run behind it (without it,
+  every rejection and every reply's start would cost a paged target a ramp of passes from k = 1);
 - a source that does not pay is left alone for a cool-down that doubles while it keeps not
   paying (16 to 256 steps), then probed with PROBE_LENGTH token; a probe whose catch-up would cost
   more than MAX_PROBE_CATCH_UP steps waits for the next cool-down instead;
@@ -46,6 +51,8 @@ PRIOR_CATCH_UP = 0.25
 MAX_PROBE_CATCH_UP = 1.0     # plain steps a probe may spend bringing its drafter up to the context
 SEED_WEIGHT = 4.0            # a calibrated pass counts as this many observed passes
 MAX_WEIGHT = 32.0            # the most an n's estimate weighs: later passes keep moving it
+CHEAP_WASTE = 0.5            # plain steps a wholly rejected draft may waste without a run behind it...
+EVIDENCE_TOKENS = 16         # ...once its drafter has had this many drafted tokens accepted
 
 
 def _drafter(source: str) -> str:
@@ -129,6 +136,7 @@ class Controller:
     sources: dict = field(default_factory=dict)       # key or "key/hot" → SourceStats
     hot: dict = field(default_factory=dict)           # drafter → was its last draft accepted whole?
     run: dict = field(default_factory=dict)           # drafter → its drafted tokens accepted since its last rejection
+    accepted: dict = field(default_factory=dict)      # drafter → its drafted tokens accepted this session
     plain_steps: list = field(default_factory=lambda: [0, 0.0])  # plain steps seen, their total seconds
     observed: dict = field(default_factory=dict)      # n → [target passes over n tokens seen, their seconds]
     fixed: dict = field(default_factory=dict)         # drafter → k drafted at every step (benches, experiments)
@@ -164,8 +172,10 @@ class Controller:
                 self._cool(s)
                 return 0
             return min(PROBE_LENGTH, max_k)
-        cap = min(max_k, 2 * self.run.get(drafter, 0) + 1)  # k grows with the evidence
-        k, _ = self._best(source, cap, min(s.acceptance, 0.999), catch_up)
+        cap = 2 * self.run.get(drafter, 0) + 1  # k grows with the evidence
+        if self.accepted.get(drafter, 0) >= EVIDENCE_TOKENS:
+            cap = max(cap, self._cheap_length(drafter, max_k, catch_up))
+        k, _ = self._best(source, min(max_k, cap), min(s.acceptance, 0.999), catch_up)
         if k == 0:  # does not pay: decode plainly for a while, then probe
             self._cool(s)
         return k
@@ -199,6 +209,15 @@ class Controller:
         # plain decoding: 1 token per step
         return best_length(acceptance, c_draft, lambda n: catch_up + self.ratio(n), max_k, floor=1.0)
 
+    def _cheap_length(self, drafter: str, max_k: int, catch_up: float) -> int:
+        """The longest draft whose whole rejection wastes at most CHEAP_WASTE plain steps: its
+        catch-up, its drafted tokens and what its pass costs over a plain step."""
+        c_draft = 0.0 if drafter in FREE_SOURCES else self.draft_ratio.get(drafter, 1.0)
+        k = 0
+        while k < max_k and catch_up + (k + 1) * c_draft + self.ratio(k + 2) - 1 <= CHEAP_WASTE:
+            k += 1
+        return k
+
     def _cool(self, s: SourceStats) -> None:
         s.cooldown, s.backoff = s.backoff, min(2 * s.backoff, MAX_BACKOFF)
         s.probe_due = True
@@ -210,6 +229,14 @@ class Controller:
         return total / count if count >= 8 else self.step_seconds
 
     # --- feedback --------------------------------------------------------------------------
+    def know(self, drafter: str, acceptance: float) -> None:
+        """`drafter`'s acceptance as measured before this session (not a prior): its estimate
+        starts there, and it counts as the evidence a long draft after a rejection needs."""
+        self.prior_acceptance[drafter] = acceptance
+        hot = f"{drafter}/hot"
+        self.prior_acceptance[hot] = max(acceptance, self.prior_acceptance.get(hot, 0.0))
+        self.accepted[drafter] = max(self.accepted.get(drafter, 0), EVIDENCE_TOKENS)
+
     def calibrate(self, seconds: dict[int, float], draft_seconds: dict[str, float] | None = None) -> None:
         """Seed the cost curve from measured passes of n tokens (and drafters' step times)."""
         t1 = seconds[1]
@@ -241,6 +268,7 @@ class Controller:
         drafter = _drafter(source)
         self.hot[drafter] = not rejected
         self.run[drafter] = n_accepted + (0 if rejected else self.run.get(drafter, 0))
+        self.accepted[drafter] = self.accepted.get(drafter, 0) + n_accepted
         if self.step_seconds is None:
             return
         if seconds_per_token is not None:

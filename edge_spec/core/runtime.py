@@ -74,6 +74,9 @@ class Decoding:
     # the runtime is run interleaved with others (benchmarks): the parallel schedule's drafting
     # threads wait while a step is out with the caller, so that they take no core from the others
     interleaved: bool = False
+    # the draft model's acceptance measured before this session (past sessions, or the agreement
+    # its build measured): the Controller starts from it, as evidence, instead of from its prior
+    model_acceptance: float | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -179,6 +182,8 @@ class Runtime:
                                 fixed={} if decoding.draft_length is None else {"model": decoding.draft_length})
         if costs is not None:
             controller.calibrate(costs.target, {} if costs.drafter_step is None else {"model": costs.drafter_step})
+        if decoding.model_acceptance is not None and draft_backend is not None:
+            controller.know("model", decoding.model_acceptance)
         drafters = [*([NgramDrafter()] if decoding.ngram else []),
                     *([ModelDrafter(draft_backend)] if draft_backend is not None else [])]
         return cls(target, drafters, controller, decoding)

@@ -61,10 +61,12 @@ def decoding(options: EngineOptions, the_plan: Plan | None, most_nodes: int | No
     tree_budget = d.tree_budget if d.tree_budget is not None else the_plan.chosen.tree_budget if drafting else 0
     if most_nodes is not None:
         tree_budget = min(tree_budget, most_nodes)
+    known = the_plan.knowledge if the_plan is not None else None
+    measured = known is not None and known.acceptance is not None and not known.acceptance_source.startswith("prior")
     return Decoding(ngram=d.ngram and not d.plain, grammar_drafts=not d.plain,
                     max_draft=d.max_draft or (the_plan.max_draft if the_plan is not None else 0) or MAX_DRAFT,
                     draft_length=d.draft_length, tree_budget=tree_budget, max_leaves=sequences(tree_budget) - 1,
-                    overlap=tree_budget > 0 and d.overlap)
+                    overlap=tree_budget > 0 and d.overlap, model_acceptance=known.acceptance if measured else None)
 
 
 def sequences(tree_budget: int) -> int:

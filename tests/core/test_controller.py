@@ -4,6 +4,8 @@ when drafts are never accepted (simulated in plain steps: no timing noise)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from edge_spec.core.controller import INITIAL_BACKOFF, PROBE_LENGTH, Controller, CostCurve
@@ -65,6 +67,7 @@ STEP = 0.05  # seconds of one plain step
 CURVES = {  # c_verify(n) in plain steps
     "avx2": {1: 1.0, 2: 1.7, 3: 2.3, 4: 2.9, 5: 3.4, 8: 6.6, 16: 8.4, 17: 8.6},  # costly per token
     "avx512": {1: 1.0, 2: 1.15, 3: 1.3, 4: 1.4, 5: 1.6, 8: 2.6, 16: 4.4, 17: 4.6},
+    "paged": {1: 1.0, 2: 1.01, 4: 1.02, 8: 1.04, 16: 1.08, 17: 1.09},  # the disk's reading dominates a pass
 }
 DRAFT_COST = {"model": 0.35, "ngram": 0.0}  # one drafted token, in plain steps
 CATCH_UP = 0.05  # one caught-up token of the draft model, in plain steps
@@ -140,6 +143,49 @@ def test_k_grows_with_evidence_not_with_the_prior():
         assert k <= 2 * sum(lengths[:i]) + 1
     _, lengths = session(CURVES["avx512"], "ngram:long", lambda j: j % 8 != 7, steps=40)  # 7 right, then wrong
     assert max(lengths) <= 2 * 7 + 1
+
+
+def after_early_rejections(lengths: list[int], accepts) -> list[int]:
+    """The draft lengths chosen right after a draft whose first token was rejected."""
+    j, out, last = 0, [], None
+    for k in lengths:
+        if last == 0:
+            out.append(k)
+        if k:
+            last = next((a for a in range(k) if not accepts(j + a)), k)
+            j += k
+    return out
+
+
+def test_where_drafts_are_cheap_a_rejection_does_not_restart_the_ramp_once_a_source_has_paid():
+    """A source accepting 90% of its tokens at random. On a paged target's flat curve, once it has
+    had 16 tokens accepted, a draft whose first token was rejected is followed by a long draft
+    again (restarting from k = 1 would cost a ramp of passes each time); on a steep curve the
+    count starts again (at most the 3 tokens a wholly rejected draft may cost there)."""
+    rng = random.Random(7)
+    draws = [rng.random() < 0.9 for _ in range(20000)]
+    accepts = draws.__getitem__
+    _, flat = session(CURVES["paged"], "ngram:long", accepts, steps=300)
+    _, steep = session(CURVES["avx512"], "ngram:long", accepts, steps=300)
+    flat_after, steep_after = after_early_rejections(flat[10:], accepts), after_early_rejections(steep, accepts)
+    assert len(flat_after) >= 5 and min(flat_after) >= 12
+    assert steep_after and max(steep_after) <= 3
+    _, never = session(CURVES["paged"], "ngram:long", lambda j: False, steps=200)
+    assert max(never) <= PROBE_LENGTH  # no accepted tokens, no evidence: probes only
+
+
+@pytest.mark.parametrize("curve, first", [("paged", 16), ("avx512", 3), ("avx2", 1)])
+def test_an_acceptance_measured_before_the_session_is_evidence_where_drafts_are_cheap(curve, first):
+    """`know`: a self-drafter's build measured 0.95. On a paged target's flat curve the first
+    draft is already the curve's best length (no ramp of 2.5 s passes from k = 1); on steeper
+    curves only as long as a wholly rejected draft may cost (CHEAP_WASTE), and where one drafted
+    token already costs more (avx2) k grows with this session's evidence from 1."""
+    c = Controller()
+    c.calibrate({n: r * STEP for n, r in CURVES[curve].items()}, {"model": 0.02 * STEP})
+    c.know("model", 0.95)
+    assert c.acceptance("model") == pytest.approx(0.95)
+    c.observe_verify(1, STEP)
+    assert c.draft_length("model", 16) == first
 
 
 def test_the_cost_curve_is_monotone_whatever_was_measured():

@@ -81,6 +81,18 @@ def test_plan_with_the_planner_picks_a_placement_and_a_budget(tiny):
     assert p.target_options.n_threads == p.plan.threads
 
 
+def test_the_decoding_carries_an_acceptance_measured_before_but_not_a_prior():
+    """The draft model's acceptance from past sessions or its build's agreement reaches the
+    Controller (Decoding.model_acceptance); a prior does not (it would be evidence of nothing)."""
+    base = planner.plan(shapes.shape(), shapes.small_machine().model_copy(update={"ram_available_bytes": 8 * GiB}),
+                        shapes.shape("d", layers=8), knowledge=planner.Knowledge(0.9, "prior for a self-drafter"))
+    assert decoding(EngineOptions.of(), base).model_acceptance is None
+    for source in ("measured over 12 replies", "agreement measured when it was built"):
+        known = dataclasses.replace(base, knowledge=planner.Knowledge(0.93, source))
+        assert decoding(EngineOptions.of(), known).model_acceptance == 0.93
+    assert decoding(EngineOptions.of(), None).model_acceptance is None
+
+
 def test_sequences_and_the_decoding_follow_the_tree_budget():
     assert sequences(0) == 1                 # chains: the context's sequence alone
     assert sequences(64) == 65               # one sequence per leaf, one for the context
