@@ -170,6 +170,14 @@ def summarize(rows: list[dict], fraction: float, limit: int) -> None:
                   f"{statistics.median(e2e):7.1f} ({min(e2e):6.1f}-{max(e2e):6.1f}) "
                   f"{b_e2e / statistics.median(e2e) if b_e2e else float('nan'):6.2f}x  {per_pass:8.2f}  "
                   + (f"{statistics.median(pred):9.2f}" if pred else f"{'-':>9s}"), flush=True)
+    for prompt in sorted({r["prompt"] for r in done}):  # per prompt: medians over the repeats
+        cells = []
+        for config in CONFIGS:
+            mine = [r for r in done if r["config"] == config and r["prompt"] == prompt]
+            if mine:
+                cells.append(f"{config} {statistics.median(r['tokens_per_second'] for r in mine):.2f} tok/s "
+                             f"{statistics.median(r['end_to_end_seconds'] for r in mine):.1f} s")
+        print(f"  {prompt}: " + ", ".join(cells))
     for r in rows:
         if r.get("failed"):
             print(f"  {r['config']:7s} {r['prompt']} T={r['temperature']:g}: {r['failed']}")

@@ -25,3 +25,4 @@ def test_the_summary_gives_medians_ranges_and_ratios_to_plain(capsys):
     assert line.rstrip().endswith("2.20")  # the plan's prediction, next to what it measured
     assert "the same text as plain on 2 of 3 runs" in out
     assert "chains  code T=0: killed for memory" in out
+    assert "code: plain 0.60 tok/s 120.0 s, paged 4.00 tok/s 25.0 s" in out  # per prompt, medians of the repeats
