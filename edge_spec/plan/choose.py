@@ -157,7 +157,7 @@ def plan_for(options: EngineOptions, target, draft, notes: list, report: Progres
         best = dataclasses.replace(best, self_drafters=tuple(weigh_self_drafters(options, prof, target, best)))
         _suggest_self_drafter(target, best, notes)
     if options.model.draft is None and not options.drafting.plain and best.paged and best.chosen.strategy != "draft":
-        crowded = [v for v in best.drafters if v.path is not None and "does not fit" in v.why]
+        crowded = [v for v in best.drafters if v.path is not None and v.tokens_per_second == 0.0]  # drafter_search: no placement
         if crowded:
             pinned = costmodel.pass_bytes(target.shape) - best.chosen.target.disk_bytes
             notes.append(f"no draft model fits in memory next to the paged target ({len(crowded)} weighed): n-gram "
@@ -245,18 +245,21 @@ def weigh_self_drafters(options: EngineOptions, prof, target: ModelFile, the_pla
     for b in SELF_DRAFTER_BITS:
         path = default_output(target.path, "quant", b)
         if path.is_file():
-            try:
-                built[b] = (ModelFile.find(path).shape, *(self_drafter_prior(info(path)) or (SELF_DRAFTER_PRIORS[b], "")))
+            try:  # the file the drafter search opened: its shape and provenance are read once
+                copy = ModelFile.find(path)
+                built[b] = (copy.shape, *(self_drafter_prior(copy.provenance) or (SELF_DRAFTER_PRIORS[b], "")))
             except EdgespecError:  # a broken build is the drafter search's to report
                 continue
     known = {v.path: v.tokens_per_second for v in the_plan.drafters if v.path is not None and v.tokens_per_second}
     rows = trade_off(target.shape, prof, built, threads=the_plan.threads, n_ctx=options.memory.n_ctx,
                      max_draft=options.drafting.max_draft or MAX_DRAFT,
                      calibrations=tuple(cached_calibrations(options, target, the_plan.threads, False)))
-    rows = [dataclasses.replace(r, path=default_output(target.path, "quant", r.bits)) for r in rows]
-    rows = [dataclasses.replace(r, tokens_per_second=known.get(r.path, r.tokens_per_second)) if r.tokens_per_second else r
-            for r in rows]
-    return _mark_best(rows)
+    out = []
+    for r in rows:  # where the build goes, and a built copy's rate as the drafter search gave it
+        path = default_output(target.path, "quant", r.bits)
+        out.append(dataclasses.replace(r, path=path, tokens_per_second=known.get(path, r.tokens_per_second)
+                                       if r.tokens_per_second else 0.0))
+    return _mark_best(out)
 
 
 def trade_off(shape, prof, built: dict, *, threads: int, n_ctx: int, max_draft: int,
