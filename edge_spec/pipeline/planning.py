@@ -121,6 +121,8 @@ def llama_options(options: EngineOptions, the_plan: Plan | None, draft: ModelFil
     drafter = LlamaOptions(n_ctx=mem.n_ctx, n_threads=m.n_threads_draft or threads,
                            n_gpu_layers=d_ngl if m.n_gpu_layers_draft is None else m.n_gpu_layers_draft,
                            type_k=d_kv or type_k, type_v=d_kv or type_v, n_seq_max=n_seq)
+    if c is not None and c.target.n_batch:  # a target that fits only just: the batch it was counted with
+        target = replace(target, n_batch=c.target.n_batch)
     if c is not None and c.target.disk_bytes:  # a paged target (plan/planner.py, backends/paging.py)
         unplanned = unplanned_drafter_bytes(the_plan, draft, mem.n_ctx, drafter.type_k, drafter.type_v)
         target = replace(target, disk_bytes=c.target.disk_bytes + unplanned)

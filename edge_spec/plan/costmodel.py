@@ -31,6 +31,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from edge_spec.defaults import MAX_DRAFT
 from edge_spec.models.shape import ModelShape, model_shape
 from edge_spec.plan.profile import Calibration, Gpu, Profile
 from edge_spec.types import EdgespecError
@@ -48,6 +49,12 @@ RUNTIME_BYTES = 300 * 2**20      # the process itself, libraries, token buffers
 TORCH_OFFLOAD_SLOTS = 2          # device buffers that streamed layers pass through (offload.py)
 STREAM_WINDOW_BYTES = 256 * 2**20  # page cache a paged target's streamed weights pass through
 PAGED_DRAFTER_BATCH = 64         # next to a paged target a drafter's compute buffer is sized for this many tokens
+# A CPU target that fits only just (planner._tight): it runs alone, with this batch, and is counted
+# by what it touches rather than what llama.cpp allocates. Measured here (Qwen2.5-Coder-1.5B Q8_0,
+# --plain, 4096-token f16 cache): 206 MiB of anonymous memory after a 40-token prompt, 270 MiB after
+# 1623 tokens; less the 112 MiB cache, the process and the touched compute buffer are 94-158 MiB.
+TIGHT_BATCH = 128
+TOUCHED_RUNTIME_BYTES = 96 * 2**20  # the interpreter, llama.cpp's context and vocabulary, token buffers
 DEFAULT_DISK_GBS = 0.5           # sequential read when the profile has none measured
 DISK_EFFICIENCY = 0.9            # of the measured sequential read, reading tensor by tensor
 # an RPC worker's share of a pass: the activations go there and back (ggml's scheduler copies them
@@ -109,6 +116,7 @@ class Placement:
     threads: int | None = None
     offload: bool = False
     disk_bytes: int = 0     # paged (CPU only): weights read from disk at every pass, the rest pinned in RAM
+    n_batch: int = 0        # tokens per llama.cpp batch when not its default 512 (TIGHT_BATCH: a target that fits only just)
     # a CPU target split across RPC workers: its last rpc_layers blocks on `workers` (by their free
     # memory, llama.cpp's split), the head too when every block is there; the rest on this CPU
     rpc_layers: int = 0
@@ -124,7 +132,7 @@ class Placement:
         if self.disk_bytes:
             return f"CPU paged ({self.disk_bytes / 2**30:.2f}G from disk per pass)"
         if self.gpu < 0 or self.gpu_layers == 0:
-            return "CPU"
+            return f"CPU (fits only just, batch {self.n_batch})" if self.n_batch else "CPU"
         if self.gpu_layers >= shape.n_layers:
             return f"GPU{self.gpu}"
         return f"GPU{self.gpu} {self.gpu_layers}/{shape.n_layers}+CPU"
@@ -313,13 +321,33 @@ def memory_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str
     head = shape.output_bytes + shape.other_bytes
     kv_gpu = shape.kv_bytes_per_token(type_k, type_v, n_gpu) * n_ctx
     kv_cpu = shape.kv_bytes_per_token(type_k, type_v, shape.n_layers - n_gpu) * n_ctx
-    compute = shape.compute_buffer_bytes(min(n_ubatch, n_ctx))
+    compute = shape.compute_buffer_bytes(min(placement.n_batch or n_ubatch, n_ctx))
     vram = gpu_layer_bytes + (head if head_on_gpu else 0) + kv_gpu + (compute if n_gpu else 0)
     ram = (shape.file_bytes - gpu_layer_bytes - (head if head_on_gpu else 0)) + kv_cpu + compute
     if placement.disk_bytes:  # paged: what is pinned, and room for the pages streaming through
         window = min(STREAM_WINDOW_BYTES, placement.disk_bytes // 4)
         ram = pass_bytes(shape) - placement.disk_bytes + window + kv_cpu + compute
     return MemoryNeed(ram=int(ram), vram=int(vram))
+
+
+def touched_need(shape: ModelShape, n_ctx: int, type_k: str = "q8_0", type_v: str = "q8_0",
+                 n_ubatch: int = TIGHT_BATCH) -> int:
+    """Bytes a CPU target with mapped weights really holds once warm, the worst context included
+    (what a cgroup charges, not what llama.cpp allocates): the weights every pass reads, a page per
+    embedding row looked up, the KV cache (cleared at load: all of it touched), and of the compute
+    buffer what a batch of n_ubatch tokens writes: its attention scores over the whole context,
+    the activations (about 16 floats per embedding dimension: the FFN's two widths and the
+    residuals) and the logits of the rows a pass outputs (up to the planner's longest draft, and
+    their copy out). The logits of a whole batch, which the allocation is sized for, are never
+    written: only output rows are computed. Plus the process itself (TOUCHED_RUNTIME_BYTES).
+    Weights llama.cpp repacks at load (Q4_0, Q4_K) move from the page cache to memory of its own,
+    their file pages never read again: counted once either way."""
+    rows = min(shape.embedding_bytes, n_ctx * 4096)
+    kv = shape.kv_bytes_per_token(type_k, type_v) * n_ctx
+    attention = n_ubatch * n_ctx * shape.n_head * 4
+    activations = n_ubatch * 16 * shape.n_embd * 4
+    logits = 2 * (MAX_DRAFT + 1) * shape.vocab_size * 4
+    return int(pass_bytes(shape) + rows + kv + attention + activations + logits + TOUCHED_RUNTIME_BYTES)
 
 
 def rpc_need(shape: ModelShape, placement: Placement, n_ctx: int, type_k: str = "f16", type_v: str = "f16",

@@ -54,28 +54,51 @@ SMOL = "smollm2-135m-instruct-q4_1"
 PROMPT = "Write a Python function that adds two numbers."
 
 
-@pytest.mark.real
-def test_a_paged_run_in_a_memory_cgroup_gives_plain_greedy_output(tmp_path):
-    """SmolLM2 in a cgroup smaller than the plan needs to hold it: edgespec reads the limit, plans
-    it paged by itself and decodes the same greedy text as plain decoding without a limit."""
+def _in_cgroup(name: str, limit: str, tmp_path, n: int):
+    """plain decoding without a limit, then the plan and a generation in a cgroup of `limit`
+    with the file evicted: (plain's run, the plan as JSON, the limited run, its peak)."""
     from bench import memlimit
     from edge_spec.models import registry as models
 
-    path = models.require(SMOL)
+    path = models.require(name)
     edgespec = [sys.executable, "-m", "edge_spec.surfaces.cli"]
-    gen = ["generate", "-m", SMOL, "-c", "512", "-p", PROMPT, "-n", "32", "--temp", "0", "--stats", "json"]
+    gen = ["generate", "-m", name, "-c", "512", "-p", PROMPT, "-n", str(n), "--temp", "0", "--stats", "json"]
     env = os.environ | {"EDGESPEC_STATE": str(tmp_path)}
-    plain = subprocess.run([*edgespec, *gen, "--plain"], capture_output=True, text=True, env=env, timeout=300)
+    plain = subprocess.run([*edgespec, *gen, "--plain"], check=False, capture_output=True, text=True, env=env,
+                           timeout=300)
     assert plain.returncode == 0, plain.stderr
     try:
-        planned, _ = memlimit.run([*edgespec, "plan", SMOL, "-c", "512", "--json"], "520M", [path], env=env, timeout=300)
-        paged, peak = memlimit.run([*edgespec, *gen], "520M", [path], env=env, timeout=300)
+        planned, _ = memlimit.run([*edgespec, "plan", name, "-c", "512", "--json"], limit, [path], env=env, timeout=300)
+        limited, peak = memlimit.run([*edgespec, *gen], limit, [path], env=env, timeout=600)
     except memlimit.Unavailable as e:
-        pytest.skip(f"no memory cgroup can be made on this machine ({e}): the paged run was not tested")
+        pytest.skip(f"no memory cgroup can be made on this machine ({e}): the limited run was not tested")
     assert planned.returncode == 0, planned.stderr
-    plan = json.loads(planned.stdout)
+    assert limited.returncode == 0, limited.stderr
+    return plain, json.loads(planned.stdout), limited, peak
+
+
+@pytest.mark.real
+def test_a_paged_run_in_a_memory_cgroup_gives_plain_greedy_output(tmp_path):
+    """The default target (1.07 GB) in a 1000 MiB cgroup, where it cannot fit even counted by
+    what it touches: edgespec reads the limit, plans it paged by itself and decodes the same
+    greedy text as plain decoding without a limit."""
+    from edge_spec.models import registry as models
+
+    plain, plan, paged, peak = _in_cgroup(models.DEFAULT_TARGET, "1000M", tmp_path, 16)
     assert plan["chosen"]["target_disk_bytes_per_pass"] > 0, plan["chosen"]
     assert any("cgroup" in note for note in plan["notes"]), plan["notes"]
-    assert paged.returncode == 0, paged.stderr
     assert paged.stdout == plain.stdout  # greedy: the very tokens of plain decoding
+    assert peak is None or peak <= 1000 << 20
+
+
+@pytest.mark.real
+def test_a_target_that_fits_only_just_runs_alone_in_its_cgroup(tmp_path):
+    """SmolLM2 in a 520 MiB cgroup: allocated with headroom it would not fit (it was paged here
+    before), counted by what it touches it does; the plan keeps it resident with a small batch,
+    and it decodes plain's greedy text within the limit."""
+    plain, plan, tight, peak = _in_cgroup(SMOL, "520M", tmp_path, 32)
+    assert plan["chosen"]["target_disk_bytes_per_pass"] == 0, plan["chosen"]
+    assert "fits only just" in plan["chosen"]["description"], plan["chosen"]
+    assert any("fits only just" in r for r in plan["reasons"]), plan["reasons"]
+    assert tight.stdout == plain.stdout
     assert peak is None or peak <= 520 << 20
