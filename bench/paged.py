@@ -10,6 +10,8 @@ Configurations, all with the same target, prompt and sampling:
   paged    what edgespec plans in that cgroup with the -md drafter: the plan's pinning and trees
   auto     the default plan: edgespec picks the drafter too (the drafter search weighs -md, the
            built self-drafters and none against the memory they take from the pinned target)
+  auto-faults  auto without reading ahead between passes (read_ahead=False): the pass's own
+           page faults read every streamed byte, the disk idle while the CPU drafts
   overlap  paged, with the next tree grown during each target pass (overlap=True)
   llama    llama.cpp's own `llama-speculative-simple` (--llama-spec BINARY) with the -md drafter,
            --spec-draft-n-max 16, the same chat-templated prompt: the peer's anchor row
@@ -56,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # plan (llama.cpp's mmap, nothing pinned), a weaker baseline shown as an extra row
 # "overlap": the paged plan with trees grown during the target's pass (core/drafters/pregrow.py;
 # off by default)
-CONFIGS = ("plain", "mmap", "chains", "self", "paged", "auto", "overlap", "llama")
+CONFIGS = ("plain", "mmap", "chains", "self", "paged", "auto", "auto-faults", "overlap", "llama")
 
 
 def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None,
@@ -78,6 +80,8 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
         "self": lambda: EngineOptions.of(model=target, draft=self_drafter, **unplanned),
         "paged": lambda: EngineOptions.of(model=target, draft=draft, history=False, **trees),
         "auto": lambda: EngineOptions.of(model=target, history=False, **trees),
+        # the default plan without reading ahead between passes: only the pass's faults read
+        "auto-faults": lambda: EngineOptions.of(model=target, history=False, read_ahead=False, **trees),
         "overlap": lambda: EngineOptions.of(model=target, draft=draft, history=False, overlap=True, **trees),
     }[config]()
     t0 = time.perf_counter()
@@ -93,11 +97,13 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         stats = last.stats
         paged = engine.target.capabilities.disk_bytes
+        pager = getattr(engine.target, "pager", None)
         plan = engine.plan
         return {"config": config, "text": "".join(text), "tokens": stats.n_tokens, "decode_seconds": stats.decode_seconds,
                 "grown_ahead": stats.grown_ahead, "steps": stats.n_steps,
                 "tokens_per_second": stats.tokens_per_second, "tokens_per_pass": stats.mean_accepted_length,
                 "load_seconds": load, "end_to_end_seconds": end_to_end, "disk_bytes_per_pass": paged,
+                "read_ahead_bytes": pager.stats.read_ahead_bytes if pager is not None else 0,
                 # the share of the cores this process kept busy over the reply (prefill included):
                 # what is left is CPU time idle, mostly waiting for the disk
                 "cpu_busy": cpu / (wall * len(os.sched_getaffinity(0))),
@@ -275,7 +281,7 @@ def main() -> None:
                               f"{r['tokens_per_pass']:5.2f} tok/pass  CPU busy {r['cpu_busy']:.0%}  "
                               f"grown ahead {r['grown_ahead']}/{r['steps']}"
                               + (f"  predicted {predicted:.2f}" if predicted else "")
-                              + (f"  [{r['plan']}]" if config in ("paged", "auto") and r.get("plan") else ""), flush=True)
+                              + (f"  [{r['plan']}]" if config in ("paged", "auto", "auto-faults") and r.get("plan") else ""), flush=True)
         summarize([r for r in rows if r["limit_bytes"] == limit], fraction, limit)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -120,6 +120,9 @@ class MemoryOptions:
     # smaller (plan/memory.py). A target bigger than this is paged: part pinned in RAM, the rest
     # read from disk at every pass (backends/paging.py). A string such as "4G" is read here.
     budget: int | None = None
+    # a paged target: while the CPU drafts, read the weights the next pass reads first
+    # (backends/paging.py); False: only the pass's own page faults read them
+    read_ahead: bool = True
 
     def __post_init__(self):
         if self.n_ctx < 16:

@@ -40,6 +40,7 @@ class LlamaOptions:
     # a paged target (backends/paging.py): this many bytes of the weights every pass reads are read
     # from disk at every pass, the rest pinned in RAM; None: resident (the OS pages it as it likes)
     disk_bytes: int | None = None
+    read_ahead: bool = True  # a paged target: read the next pass's first streamed weights between passes
     # ggml RPC workers ("host:port", backends/rpc.py): n_gpu_layers of the blocks go to them (split
     # by their free memory, as llama.cpp does with --rpc), the rest stay on this CPU. ggml's RPC
     # client aborts the process on a lost connection: such a model is loaded in a process of its
@@ -258,7 +259,7 @@ class LlamaCppBackend(VocabMethods, Closing):
         self._pieces: dict[int, bytes] = {}
         self.pager = None
         if options.disk_bytes is not None and _parent is None:
-            self.pager = _pager(path, header, options.disk_bytes)
+            self.pager = _pager(path, header, options.disk_bytes, options.read_ahead)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -539,11 +540,11 @@ class LlamaCppBackend(VocabMethods, Closing):
             self.ctx = self.model = self.vocab = None
 
 
-def _pager(path, header, disk_bytes: int):
+def _pager(path, header, disk_bytes: int, read_ahead: bool = True):
     """Pin all but `disk_bytes` of what every pass reads (paging.py); header: validated, or read here."""
     header = header if header is not None else validate(path)
     every_pass = sum(size for _, size in per_pass_ranges(header))
-    return Pager(path, header, max(every_pass - disk_bytes, 0))
+    return Pager(path, header, max(every_pass - disk_bytes, 0), read_ahead)
 
 
 FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12,

@@ -10,7 +10,12 @@ from disk at every pass. A Pager changes that:
   (mlock on a mapping of our own: the same page-cache pages llama.cpp's mapping reads), so a
   pass reads only the rest from disk;
 - streamed: the rest is read by llama.cpp's own page faults as each pass reaches it (threads
-  reading it ahead were measured slower: bench/pager.py weighs them, README has the numbers);
+  reading it ahead during the pass were measured slower: bench/pager.py weighs them, README has
+  the numbers);
+- read ahead between passes: while the CPU drafts, the disk would sit idle. After each pass a
+  thread faults in the first streamed weights the next pass will read (MADV_POPULATE_READ on our
+  mapping; POSIX_FADV_WILLNEED on kernels before 5.14), up to a share of the page cache the
+  cgroup can hold (plan/memory.file_cache_room), and stops when the next pass begins;
 - evict(): drops the streamed pages from the page cache (from llama.cpp's mapping too), so
   calibration measures the pass a paged plan will really pay, not a warm cache.
 
@@ -22,12 +27,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 PAGE = mmap.PAGESIZE
-MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
+# between passes, read ahead at most this share of the page cache the cgroup can hold: the rest
+# is room for the pages the pass streams through (measured on the F16 1.5B in 2 GiB: half gave
+# the shortest next pass, all of it evicted its own pages before the pass reached them)
+READ_AHEAD_SHARE = 0.5
+READ_AHEAD_CHUNK = 8 << 20  # bytes per madvise: how long the next pass may wait for the reader to stop
 PROT_READ, MAP_SHARED = 1, 1
 
 
@@ -64,18 +76,21 @@ class PagerStats:
     pinned_bytes: int = 0
     streamed_bytes: int = 0
     passes: int = 0
+    read_ahead_bytes: int = 0  # streamed bytes faulted in between passes, all passes together
 
 
 class Pager:
-    """Pins the first `pinned_bytes` of a model's per-pass tensors and streams the rest."""
+    """Pins the first `pinned_bytes` of a model's per-pass tensors and streams the rest; with
+    `read_ahead`, reads the first streamed weights between passes (the module's docstring)."""
 
-    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int):
+    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = True):
         self.path = os.fspath(path)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
         self._libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
         for name in ("mlock", "munlock", "madvise", "munmap"):
             getattr(self._libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t] + ([ctypes.c_int] if name == "madvise" else [])
+        self._libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
         self._fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
         self._base = self._libc.mmap(None, self.size, PROT_READ, MAP_SHARED, self._fd, 0)
@@ -94,19 +109,72 @@ class Pager:
                 break
             self.locked.append((start, size))
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
+        self.read_ahead = read_ahead and bool(self.streamed)
+        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # --- passes ------------------------------------------------------------------------------
     def start_pass(self) -> None:
-        """A pass begins (the backend says so around each decode). The streamed weights are read
-        by the pass's own page faults: nothing to do here (bench/pager.py hooks readers in)."""
+        """A pass begins (the backend says so around each decode): the reader stops (within one
+        chunk); the pass's own page faults read whatever it did not."""
+        self._stop_reader()
 
     def finish_pass(self) -> None:
         self.stats.passes += 1
+        if self.read_ahead and self._fd >= 0:
+            self._stop.clear()
+            self._reader = threading.Thread(target=self._read_ahead, name="edgespec-read-ahead", daemon=True)
+            self._reader.start()
+
+    def _read_ahead(self) -> None:
+        from edge_spec.plan.memory import file_cache_room
+
+        left = min(int(file_cache_room() * READ_AHEAD_SHARE), self.stats.streamed_bytes)
+        for start, size in self.streamed:
+            for offset in range(start, start + size, READ_AHEAD_CHUNK):
+                n = min(READ_AHEAD_CHUNK, start + size - offset, left)
+                if n <= 0 or self._stop.is_set():
+                    return
+                if not self._populate(offset, n):
+                    return
+                left -= n
+                self.stats.read_ahead_bytes += n
+
+    def _populate(self, offset: int, n: int) -> bool:
+        """Fault in `n` bytes of the file at `offset` (into the page cache, which llama.cpp's
+        mapping shares); False when nothing more can be read."""
+        a = offset // PAGE * PAGE
+        if self._libc.madvise(ctypes.c_void_p(self._base + a), offset + n - a, MADV_POPULATE_READ) == 0:
+            return True
+        if ctypes.get_errno() != errno.EINVAL:  # e.g. ENOMEM: the pass will read it itself
+            return False
+        os.posix_fadvise(self._fd, offset, n, os.POSIX_FADV_WILLNEED)  # a kernel before 5.14
+        return True
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None:
+            self._stop.set()
+            self._reader.join()
+            self._reader = None
+
+    def resident_bytes(self, ranges: list[tuple[int, int]]) -> int:
+        """Bytes of the file's `ranges` (offset, size) now in the page cache (mincore on our mapping)."""
+        total = 0
+        for start, size in ranges:
+            a, b = start // PAGE * PAGE, -(-(start + size) // PAGE) * PAGE
+            vec = ctypes.create_string_buffer((b - a) // PAGE)
+            if self._libc.mincore(ctypes.c_void_p(self._base + a), b - a, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            flags = vec.raw
+            total += sum(byte & 1 for byte in flags) * PAGE
+            total -= (start - a) * (flags[0] & 1) + (b - start - size) * (flags[-1] & 1)  # the range's part of its end pages
+        return total
 
     # --- eviction ------------------------------------------------------------------------------
     def evict(self) -> None:
         """Drop the streamed weights from the page cache, from every mapping of this process
         (llama.cpp's too), so the next pass reads them from disk."""
+        self._stop_reader()
         for lo, length, offset in _mappings_of(self.path):
             for start, size in self.streamed:
                 a, b = max(start, offset), min(start + size, offset + length)
@@ -117,6 +185,7 @@ class Pager:
             os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        self._stop_reader()
         if self._fd < 0:
             return
         self._libc.munmap(ctypes.c_void_p(self._base), self.size)

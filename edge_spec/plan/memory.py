@@ -80,24 +80,22 @@ def _candidates(mount: Path, rel: str) -> list[Path]:
     return out
 
 
-def cgroup_limit(proc: str | os.PathLike = "/proc") -> tuple[int, int, str] | None:
-    """(limit, bytes others in the cgroup hold, where it was read) for this process, or None
-    without a memory limit. Raises OSError when /proc/self/cgroup cannot be read."""
-    proc = Path(proc)
+def _limited(proc: Path):
+    """(limit, usage, memory.stat, cgroup version, label) of each folder of this process's cgroups,
+    and their ancestors, that has a memory limit. Raises OSError when /proc/self/cgroup cannot be read."""
     lines = (proc / "self" / "cgroup").read_text().splitlines()
     mounts = _mounts(proc)
-    best: tuple[int, int, str] | None = None
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, rel = parts
         if controllers == "" and "" in mounts:            # cgroup v2
-            limit_file, usage_file, cache_key, label = "memory.max", "memory.current", "file", "cgroup v2 memory.max"
+            limit_file, usage_file, version, label = "memory.max", "memory.current", "v2", "cgroup v2 memory.max"
             mount = mounts[""]
         elif "memory" in controllers.split(",") and "memory" in mounts:  # cgroup v1
-            limit_file, usage_file, cache_key, label = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache",
-                                                        "cgroup v1 memory.limit_in_bytes")
+            limit_file, usage_file, version, label = ("memory.limit_in_bytes", "memory.usage_in_bytes", "v1",
+                                                      "cgroup v1 memory.limit_in_bytes")
             mount = mounts["memory"]
         else:
             continue
@@ -106,12 +104,38 @@ def cgroup_limit(proc: str | os.PathLike = "/proc") -> tuple[int, int, str] | No
             if limit is None or limit >= UNLIMITED:
                 continue
             usage = _read_int(folder / usage_file) or 0
-            stat = _stat(folder / "memory.stat")
-            cache = stat.get(cache_key, stat.get("cache", 0))
-            others = max(0, usage - cache - _own_rss(proc))
-            if best is None or limit - others < best[0] - best[1]:
-                best = (limit, others, f"{label} ({folder})")
+            yield limit, usage, _stat(folder / "memory.stat"), version, f"{label} ({folder})"
+
+
+def cgroup_limit(proc: str | os.PathLike = "/proc") -> tuple[int, int, str] | None:
+    """(limit, bytes others in the cgroup hold, where it was read) for this process, or None
+    without a memory limit. Raises OSError when /proc/self/cgroup cannot be read."""
+    proc = Path(proc)
+    best: tuple[int, int, str] | None = None
+    for limit, usage, stat, version, label in _limited(proc):
+        cache = stat.get("file" if version == "v2" else "total_cache", stat.get("cache", 0))
+        others = max(0, usage - cache - _own_rss(proc))
+        if best is None or limit - others < best[0] - best[1]:
+            best = (limit, others, label)
     return best
+
+
+def file_cache_room(proc: str | os.PathLike = "/proc") -> int:
+    """Bytes of file pages this process's cgroup could hold in the page cache now: its limit less
+    what cannot be reclaimed (anonymous memory, locked pages, the kernel's), the tightest cgroup up
+    the hierarchy; without a limit, the machine's available memory. A paged target's Pager reads
+    ahead at most a share of it (backends/paging.py)."""
+    import psutil
+
+    room = psutil.virtual_memory().available
+    try:
+        for limit, usage, stat, version, _ in _limited(Path(proc)):
+            prefix = "" if version == "v2" else "total_"
+            reclaimable = stat.get(f"{prefix}active_file", 0) + stat.get(f"{prefix}inactive_file", 0)
+            room = min(room, max(limit - usage + reclaimable, 0))
+    except OSError:
+        pass
+    return room
 
 
 def _own_rss(proc: Path) -> int:

@@ -48,6 +48,100 @@ def test_pager_pins_a_prefix_and_streams_the_rest(tmp_path):
         pager.close()
 
 
+# eviction drops nearly every page: a few dozen the kernel still held in per-CPU batches may stay
+LEFT_BEHIND = 0.01
+
+
+def _pager(tmp_path, pinned: int, read_ahead: bool = True):
+    """A pager of a model of about 50 MB, its pages evicted first."""
+    from edge_spec.backends.paging import Pager
+    from edge_spec.models.gguf_file import read_header
+    from tests.tiny_gguf import write_llama
+
+    model = write_llama(tmp_path / "wide.gguf", n_layer=4, n_embd=512, n_ff=2048)
+    pager = Pager(model, read_header(model), pinned, read_ahead)
+    pager.evict()
+    return pager
+
+
+def test_mincore_sees_the_pinned_weights_stay_and_the_streamed_ones_go_after_a_pass(tmp_path):
+    from edge_spec.backends.paging import PAGE
+
+    pager = _pager(tmp_path, 64 * PAGE, read_ahead=False)
+    try:
+        assert pager.stats.pinned_bytes == 64 * PAGE and pager.stats.streamed_bytes > 1000 * PAGE
+        pager.start_pass()  # a pass reads every weight (here through the file, as page faults would)
+        with open(pager.path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+        pager.finish_pass()
+        assert pager.resident_bytes(pager.streamed) == pager.stats.streamed_bytes
+        pager.evict()
+        assert pager.resident_bytes(pager.locked) == pager.stats.pinned_bytes
+        assert pager.resident_bytes(pager.streamed) <= LEFT_BEHIND * pager.stats.streamed_bytes
+        assert pager._reader is None and pager.stats.read_ahead_bytes == 0  # read_ahead=False
+    finally:
+        pager.close()
+
+
+def test_between_passes_the_first_streamed_weights_are_read_ahead_within_the_room(tmp_path, monkeypatch):
+    from edge_spec.backends import paging
+    from edge_spec.plan import memory
+
+    pager = _pager(tmp_path, 0)
+    try:
+        pager.finish_pass()  # nothing bounds it here but the file: all of it read ahead
+        pager._reader.join(timeout=30)
+        assert pager.stats.read_ahead_bytes == pager.stats.streamed_bytes
+        assert pager.resident_bytes(pager.streamed) == pager.stats.streamed_bytes
+        pager.start_pass()
+        assert pager._reader is None
+        pager.finish_pass()
+        pager.evict()  # stops the reader before it drops the pages
+        assert pager._reader is None and pager.resident_bytes(pager.streamed) <= LEFT_BEHIND * pager.stats.streamed_bytes
+
+        # a cgroup with room for 20 chunks: half of it, from the first streamed byte on (the kernel's
+        # own readahead may add its window past the end, a few MB at most)
+        chunk = 64 * paging.PAGE
+        monkeypatch.setattr(paging, "READ_AHEAD_CHUNK", chunk)
+        monkeypatch.setattr(memory, "file_cache_room", lambda: 20 * chunk)
+        before = pager.stats.read_ahead_bytes
+        pager.finish_pass()
+        pager._reader.join(timeout=30)
+        first, rest = paging.split(pager.streamed, 10 * chunk)
+        assert pager.stats.read_ahead_bytes - before == 10 * chunk
+        assert pager.resident_bytes(first) == 10 * chunk
+        assert pager.resident_bytes(rest) <= 0.1 * sum(n for _, n in rest)
+    finally:
+        pager.close()
+
+
+def test_the_next_pass_stops_the_reader_within_a_chunk(tmp_path, monkeypatch):
+    import threading
+
+    from edge_spec.backends import paging
+
+    pager = _pager(tmp_path, 0)
+    monkeypatch.setattr(paging, "READ_AHEAD_CHUNK", paging.PAGE)
+    began, release = threading.Event(), threading.Event()
+    populate = pager._populate
+
+    def slow(offset, n):  # a disk far slower than the pass's wish
+        began.set()
+        release.wait(5)
+        return populate(offset, n)
+
+    pager._populate = slow
+    try:
+        pager.finish_pass()
+        assert began.wait(5)
+        threading.Timer(0.2, release.set).start()
+        pager.start_pass()  # waits for the chunk in flight, then the reader is gone
+        assert pager._reader is None and pager.stats.read_ahead_bytes == paging.PAGE
+    finally:
+        pager.close()
+
+
 # --- one real paged run in a memory-limited cgroup -------------------------------------------
 
 SMOL = "smollm2-135m-instruct-q4_1"

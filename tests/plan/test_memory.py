@@ -95,3 +95,34 @@ def test_mem_budget_flag_reaches_the_plan(tmp_path):
     assert result.exit_code == 1 and "does not fit" in result.output and "read from disk" in result.output
     result = CliRunner().invoke(app, ["plan", str(model), "--mem-budget", "lots"])
     assert result.exit_code == 1 and "write it like 4G" in result.output
+
+
+def test_file_cache_room_is_the_limit_less_what_cannot_be_reclaimed(tmp_path, monkeypatch):
+    import psutil
+
+    from edge_spec.plan.memory import file_cache_room
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 20 * GiB})())
+    root = tmp_path / "cg2"
+    leaf = root / "bench"
+    leaf.mkdir(parents=True)
+    (leaf / "memory.max").write_text(str(2 * GiB))
+    (leaf / "memory.current").write_text(str(1900 << 20))
+    # 700 MiB anonymous, 300 MiB of locked file pages, 900 MiB of file pages that can go
+    (leaf / "memory.stat").write_text(f"anon {700 << 20}\nfile {1200 << 20}\nactive_file {400 << 20}\n"
+                                      f"inactive_file {500 << 20}\nunevictable {300 << 20}\n")
+    proc = fake_proc(tmp_path, "0::/bench\n", [f"30 1 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw"])
+    assert file_cache_room(proc) == 2 * GiB - (1900 << 20) + (900 << 20)
+    # cgroup v1 names them total_*; a looser parent does not raise it
+    mem = tmp_path / "cg1" / "memory"
+    folder = mem / "docker" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "memory.limit_in_bytes").write_text(str(GiB))
+    (folder / "memory.usage_in_bytes").write_text(str(GiB))
+    (folder / "memory.stat").write_text(f"total_active_file {100 << 20}\ntotal_inactive_file {200 << 20}\n")
+    (mem / "docker" / "memory.limit_in_bytes").write_text(str(8 * GiB))
+    (mem / "docker" / "memory.usage_in_bytes").write_text(str(GiB))
+    proc1 = fake_proc(tmp_path / "v1", "4:memory:/docker/abc\n", [f"40 30 0:33 / {mem} rw - cgroup cgroup rw,memory"])
+    assert file_cache_room(proc1) == 300 << 20
+    # no limit: the machine's available memory; an unreadable cgroup file changes nothing
+    assert file_cache_room(tmp_path / "nowhere") == 20 * GiB
