@@ -170,8 +170,9 @@ class Draft:
     probs is q for each drafted position ([k, vocab], rows sum to 1), or None when the drafter
     has no distribution (n-gram lookup, or any greedy draft); the verifier then treats each
     token as drawn from a one-hot q, which keeps the rule lossless. A draft that mixes the two
-    (a model's tokens and the spans a grammar forces, core/grammar.py) gives k rows, None for
-    each token proposed without a distribution; `forced` marks the grammar's tokens.
+    (a model's tokens and the spans a grammar forces, core/grammar.py, or an n-gram match a draft
+    model continues) gives k rows, None for each token proposed without a distribution; `forced`
+    marks the tokens proposed ahead of the drafter, `lead` names where they came from.
     """
 
     tokens: tuple[int, ...]
@@ -179,7 +180,10 @@ class Draft:
     source: str  # the acceptance-statistics key, e.g. "model", "ngram" or "ngram:long"
     seconds_per_token: float | None = None  # drafter's steady-state cost; None = free or unknown
     catch_up: tuple[int, float] | None = None  # (tokens, seconds) the drafter read first, unseen before
-    forced: tuple[bool, ...] = ()  # per token: forced by a grammar (statistics key "grammar"); () = none
+    forced: tuple[bool, ...] = ()  # per token: proposed ahead of the drafter (statistics key `lead`); () = none
+    # the statistics key of the tokens `forced` marks: "grammar" for the span a grammar forces, or
+    # the n-gram key of a match a draft model continues in the same pass (core/runtime.py)
+    lead: str = "grammar"
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -241,12 +241,16 @@ class FixedController(Controller):
     drafter. It learns nothing from timings, so a run is a deterministic function of the
     random choices (the Enumerator needs that)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, extend: int | None = None):
         super().__init__()
         self.k = k
+        self.extend = k if extend is None else extend  # tokens a draft model adds to an n-gram draft
 
     def draft_length(self, source: str, cap: int, behind: int = 0) -> int:
         return max(0, min(self.k, cap))
+
+    def extension(self, lead: str, n: int, source: str, cap: int, behind: int = 0) -> int:
+        return max(0, min(self.extend, cap))  # a draft model continues every n-gram draft
 
     def could_pay(self, source: str) -> bool:
         return True

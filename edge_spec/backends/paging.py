@@ -15,7 +15,8 @@ from disk at every pass. A Pager changes that:
 - read ahead between passes: while the CPU drafts, the disk would sit idle. After each pass a
   thread faults in the first streamed weights the next pass will read (MADV_POPULATE_READ on our
   mapping; POSIX_FADV_WILLNEED on kernels before 5.14), up to a share of the page cache the
-  cgroup can hold (plan/memory.file_cache_room), and stops when the next pass begins;
+  process can hold (`room`: the engine gives plan/memory.file_cache_room, which reads the
+  cgroup's limit; alone, the machine's available memory), and stops when the next pass begins;
 - evict(): drops the streamed pages from the page cache (from llama.cpp's mapping too), so
   calibration measures the pass a paged plan will really pay, not a warm cache.
 
@@ -31,7 +32,10 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import psutil
 
 PAGE = mmap.PAGESIZE
 MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
@@ -83,7 +87,8 @@ class Pager:
     """Pins the first `pinned_bytes` of a model's per-pass tensors and streams the rest; with
     `read_ahead`, reads the first streamed weights between passes (the module's docstring)."""
 
-    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = True):
+    def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = True,
+                 room: Callable[[], int] | None = None):
         self.path = os.fspath(path)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
@@ -110,6 +115,7 @@ class Pager:
             self.locked.append((start, size))
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
         self.read_ahead = read_ahead and bool(self.streamed)
+        self.room = room or _available  # bytes of file pages the page cache can hold now
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -127,9 +133,7 @@ class Pager:
             self._reader.start()
 
     def _read_ahead(self) -> None:
-        from edge_spec.plan.memory import file_cache_room
-
-        left = min(int(file_cache_room() * READ_AHEAD_SHARE), self.stats.streamed_bytes)
+        left = min(int(self.room() * READ_AHEAD_SHARE), self.stats.streamed_bytes)
         for start, size in self.streamed:
             for offset in range(start, start + size, READ_AHEAD_CHUNK):
                 n = min(READ_AHEAD_CHUNK, start + size - offset, left)
@@ -175,6 +179,13 @@ class Pager:
         """Drop the streamed weights from the page cache, from every mapping of this process
         (llama.cpp's too), so the next pass reads them from disk."""
         self._stop_reader()
+        # first out of our own mapping, where the reader mapped them (the pages stay cached): a
+        # page mapped twice, here and by llama.cpp, is one MADV_PAGEOUT skips. From the first
+        # whole page: the one before may be the pinned prefix's (mlocked)
+        for start, size in self.streamed:
+            a, b = -(-start // PAGE) * PAGE, -(-(start + size) // PAGE) * PAGE
+            if b > a:
+                self._libc.madvise(ctypes.c_void_p(self._base + a), b - a, MADV_DONTNEED)
         for lo, length, offset in _mappings_of(self.path):
             for start, size in self.streamed:
                 a, b = max(start, offset), min(start + size, offset + length)
@@ -197,6 +208,10 @@ class Pager:
             self.close()
         except Exception:
             pass
+
+
+def _available() -> int:
+    return psutil.virtual_memory().available
 
 
 def _mappings_of(path: str) -> list[tuple[int, int, int]]:

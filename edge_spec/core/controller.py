@@ -172,13 +172,40 @@ class Controller:
                 self._cool(s)
                 return 0
             return min(PROBE_LENGTH, max_k)
-        cap = 2 * self.run.get(drafter, 0) + 1  # k grows with the evidence
-        if self.accepted.get(drafter, 0) >= EVIDENCE_TOKENS:
-            cap = max(cap, self._cheap_length(drafter, max_k, catch_up))
-        k, _ = self._best(source, min(max_k, cap), min(s.acceptance, 0.999), catch_up)
+        k, _ = self._best(source, min(max_k, self._evidence_cap(drafter, max_k, catch_up)),
+                          min(s.acceptance, 0.999), catch_up)
         if k == 0:  # does not pay: decode plainly for a while, then probe
             self._cool(s)
         return k
+
+    def extension(self, lead: str, n: int, source: str, max_k: int, behind: int = 0) -> int:
+        """How many tokens the draft model `source` drafts after a free n-token draft of `lead`
+        (an n-gram match), in the same pass: the k with the most expected tokens per plain step
+        over the whole chain (none of its tokens counts unless the lead is accepted whole); 0
+        when the lead alone does as well, or `source` is not measured, cools down or is due a
+        probe. Where a pass costs about the same for 1 or 16 tokens (a paged target) a short
+        n-gram match no longer takes a whole pass by itself; on a resident CPU's steep curve
+        the longer pass seldom pays, and the lead goes alone."""
+        drafter = _drafter(source)
+        max_k = min(max_k, self.max_draft - n)
+        if (max_k <= 0 or _drafter(lead) not in FREE_SOURCES or drafter in FREE_SOURCES or drafter in self.fixed
+                or not self._measured(source) or not self._measured(lead)):
+            return 0
+        s = self._source(self._key(source))
+        if s.cooldown > 0 or s.probe_due:
+            return 0
+        c_draft = self.draft_ratio[drafter]
+        catch_up = behind * self.catch_ratio.get(drafter, PRIOR_CATCH_UP * c_draft)
+        a_lead, a = min(self.acceptance(lead), 0.999), min(s.acceptance, 0.999)
+        lead_tokens = 1 + sum(a_lead ** i for i in range(1, n + 1))
+        best_k, best = 0, lead_tokens / self.ratio(n + 1)
+        gained = 0.0
+        for k in range(1, min(max_k, self._evidence_cap(drafter, max_k, catch_up)) + 1):
+            gained += a_lead ** n * a ** k
+            rate = (lead_tokens + gained) / (catch_up + k * c_draft + self.ratio(n + k + 1))
+            if rate > best:
+                best_k, best = k, rate
+        return best_k
 
     def acceptance(self, source: str) -> float:
         """The acceptance per drafted token of `source` (a statistics key) as measured, or its prior."""
@@ -208,6 +235,14 @@ class Controller:
         c_draft = 0.0 if drafter in FREE_SOURCES else self.draft_ratio[drafter]
         # plain decoding: 1 token per step
         return best_length(acceptance, c_draft, lambda n: catch_up + self.ratio(n), max_k, floor=1.0)
+
+    def _evidence_cap(self, drafter: str, max_k: int, catch_up: float) -> int:
+        """The longest draft the evidence allows: 2 × the current run + 1, or as long as a wholly
+        rejected draft wastes at most CHEAP_WASTE once the drafter has paid (EVIDENCE_TOKENS)."""
+        cap = 2 * self.run.get(drafter, 0) + 1  # k grows with the evidence
+        if self.accepted.get(drafter, 0) >= EVIDENCE_TOKENS:
+            cap = max(cap, self._cheap_length(drafter, max_k, catch_up))
+        return cap
 
     def _cheap_length(self, drafter: str, max_k: int, catch_up: float) -> int:
         """The longest draft whose whole rejection wastes at most CHEAP_WASTE plain steps: its

@@ -235,17 +235,18 @@ def legal_draft(draft: Draft | None, grammar: GrammarView) -> Draft | None:
                  (False,) * n + (True,) * len(span) if span else ())
 
 
-def with_forced(span: Sequence[int], draft: Draft | None, cap: int) -> Draft | None:
-    """The span a grammar forces now, then `draft` after it (drafted after the span), at most
-    `cap` tokens in all; the span alone (statistics key GRAMMAR) when no drafter drafted."""
+def with_forced(span: Sequence[int], draft: Draft | None, cap: int, lead: str = GRAMMAR) -> Draft | None:
+    """The span a grammar forces now (or, with `lead`, the tokens of that free source), then
+    `draft` after it (drafted after the span), at most `cap` tokens in all; the span alone
+    (statistics key `lead`) when no drafter drafted."""
     span = tuple(span)
     if draft is None:
-        return Draft(span[:cap], None, GRAMMAR, forced=(True,) * len(span[:cap])) if span and cap > 0 else None
+        return Draft(span[:cap], None, lead, forced=(True,) * len(span[:cap]), lead=lead) if span and cap > 0 else None
     if not span:
         return cut(draft, cap)
     probs = None if draft.probs is None else draft_rows([None] * len(span) + list(draft.probs))
     forced = (True,) * len(span) + (draft.forced or (False,) * len(draft))
-    return cut(Draft(span + draft.tokens, probs, draft.source, draft.seconds_per_token, draft.catch_up, forced), cap)
+    return cut(Draft(span + draft.tokens, probs, draft.source, draft.seconds_per_token, draft.catch_up, forced, lead), cap)
 
 
 def cut(draft: Draft, n: int) -> Draft | None:
@@ -255,7 +256,8 @@ def cut(draft: Draft, n: int) -> Draft | None:
     if len(draft) <= n:
         return draft
     probs = None if draft.probs is None else draft.probs[:n]
-    return Draft(draft.tokens[:n], probs, draft.source, draft.seconds_per_token, draft.catch_up, draft.forced[:n])
+    return Draft(draft.tokens[:n], probs, draft.source, draft.seconds_per_token, draft.catch_up, draft.forced[:n],
+                 draft.lead)
 
 
 def draft_rows(rows: Sequence[np.ndarray | None]) -> np.ndarray | tuple[np.ndarray | None, ...] | None:

@@ -295,7 +295,8 @@ class Runtime:
                c: _Counters, grammar: GrammarView | None = None) -> Draft | None:
         """Ask drafters in order; the controller decides whether and how far each drafts. Under a
         grammar every draft is legal (_propose_legal)."""
-        for drafter in list(drafters):
+        order = list(drafters)
+        for i, drafter in enumerate(order):
             try:
                 key = drafter.ready(context)
                 if key is None:
@@ -304,11 +305,33 @@ class Runtime:
                 if k > 0:
                     draft = (drafter.propose(context, k, sp, rng) if grammar is None else
                              self._propose_legal(drafter, context, k, sp, rng, grammar))
+                    if draft and grammar is None and draft.probs is None and not draft.forced:
+                        draft = self._continued(draft, drafters, order[i + 1:], context, cap, sp, rng, c)
                     if draft:
                         return draft
             except Exception as exc:  # noqa: BLE001 (a drafter or its device failing must not end the reply)
                 self._drop(drafters, drafter, exc, c)
         return None
+
+    def _continued(self, lead: Draft, drafters: list, rest: list, context: list[int], cap: int,
+                   sp: SamplingParams, rng: Random, c: _Counters) -> Draft:
+        """A free draft (an n-gram match) continued in the same pass by a draft model after it,
+        drafting from the context the lead makes, when the controller finds the longer chain pays
+        (Controller.extension). Lossless as a grammar's forced span is: the lead's tokens are
+        verified with a one-hot q, the model's with its own q, each given the tokens before it."""
+        longer = [*context, *lead.tokens]
+        for drafter in rest:
+            try:
+                key = drafter.ready(longer)
+                if key is None:
+                    continue
+                k = self.controller.extension(lead.source, len(lead), key, cap - len(lead), drafter.behind(longer))
+                more = drafter.propose(longer, k, sp, rng) if k > 0 else None
+                if more:
+                    return with_forced(lead.tokens, more, cap, lead=lead.source)
+            except Exception as exc:  # noqa: BLE001 (as in _draft)
+                self._drop(drafters, drafter, exc, c)
+        return lead
 
     def _draft_constrained(self, drafters: list, context: list[int], cap: int, sp: SamplingParams, rng: Random,
                            c: _Counters, grammar: GrammarState) -> Draft | None:
@@ -449,8 +472,9 @@ class Runtime:
 
     def _count_draft(self, draft: Draft, n_accepted: int, c: _Counters) -> None:
         """A verified chain draft in the statistics and the controller: the grammar's forced
-        tokens under GRAMMAR (free: the controller does not size them), the drafter's own under
-        its source (those after a rejected forced token were never looked at: left out)."""
+        tokens under GRAMMAR (free: the controller does not size them), an n-gram lead under its
+        key (the controller sizes those), the drafter's own under its source (those after a
+        rejected forced token were never looked at: left out)."""
         k = len(draft)
         c.n_drafted += k
         c.n_accepted += n_accepted
@@ -459,7 +483,9 @@ class Runtime:
         own_k, own_accepted = looked_at.count(False), forced[:n_accepted].count(False)
         if own_k:
             self.controller.observe_draft(draft.source, own_k, own_accepted, draft.seconds_per_token, draft.catch_up)
-        for source, mine in ((draft.source, False), (GRAMMAR, True)):
+        if draft.lead != GRAMMAR and True in forced:
+            self.controller.observe_draft(draft.lead, forced.count(True), forced[:n_accepted].count(True), None)
+        for source, mine in ((draft.source, False), (draft.lead, True)):
             drafted = forced.count(mine)
             if drafted:
                 c.drafted[source] += drafted

@@ -11,6 +11,7 @@ from edge_spec.backends.trimmed import as_drafter_of
 from edge_spec.options import Progress
 from edge_spec.pipeline.planning import Planned
 from edge_spec.pipeline.resolve import Resolved
+from edge_spec.plan.memory import file_cache_room
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Loaded:
 def load(resolved: Resolved, planned: Planned, report: Progress) -> Loaded:
     notes: list[str] = []
     target = backends.load(resolved.target, planned.target_options, "target", notes, report)
+    if target.capabilities.disk_bytes:  # a paged target reads ahead within what its cgroup can hold
+        target.pager.room = file_cache_room
     try:
         drafter = None
         if planned.draft is not None:

@@ -122,6 +122,9 @@ class AlwaysDraft:
     def draft_length(self, source, cap, behind=0):
         return min(self.k, cap)
 
+    def extension(self, lead, n, source, cap, behind=0):  # the draft model continues every n-gram draft
+        return min(self.k, cap)
+
     def observe_verify(self, n, seconds):
         pass
 

@@ -4,6 +4,7 @@ streamed and evicted; and one real paged run in a memory-limited cgroup."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def _pager(tmp_path, pinned: int, read_ahead: bool = True):
     from tests.tiny_gguf import write_llama
 
     model = write_llama(tmp_path / "wide.gguf", n_layer=4, n_embd=512, n_ff=2048)
+    with open(model, "rb+") as f:  # written back: dirty pages cannot be evicted
+        os.fsync(f.fileno())
     pager = Pager(model, read_header(model), pinned, read_ahead)
     pager.evict()
     return pager
@@ -86,7 +89,6 @@ def test_mincore_sees_the_pinned_weights_stay_and_the_streamed_ones_go_after_a_p
 
 def test_between_passes_the_first_streamed_weights_are_read_ahead_within_the_room(tmp_path, monkeypatch):
     from edge_spec.backends import paging
-    from edge_spec.plan import memory
 
     pager = _pager(tmp_path, 0)
     try:
@@ -96,15 +98,19 @@ def test_between_passes_the_first_streamed_weights_are_read_ahead_within_the_roo
         assert pager.resident_bytes(pager.streamed) == pager.stats.streamed_bytes
         pager.start_pass()
         assert pager._reader is None
-        pager.finish_pass()
-        pager.evict()  # stops the reader before it drops the pages
+        with open(pager.path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            # the pass's faults map the pages read ahead into llama.cpp's mapping (one of ours here)
+            for i in range(0, len(mapped), paging.PAGE):
+                mapped[i]  # a read: the page is faulted in and mapped
+            pager.finish_pass()
+            pager.evict()  # stops the reader before it drops the pages, from every mapping
         assert pager._reader is None and pager.resident_bytes(pager.streamed) <= LEFT_BEHIND * pager.stats.streamed_bytes
 
         # a cgroup with room for 20 chunks: half of it, from the first streamed byte on (the kernel's
         # own readahead may add its window past the end, a few MB at most)
         chunk = 64 * paging.PAGE
         monkeypatch.setattr(paging, "READ_AHEAD_CHUNK", chunk)
-        monkeypatch.setattr(memory, "file_cache_room", lambda: 20 * chunk)
+        pager.room = lambda: 20 * chunk
         before = pager.stats.read_ahead_bytes
         pager.finish_pass()
         pager._reader.join(timeout=30)

@@ -210,3 +210,34 @@ def test_catch_up_is_counted_before_drafting():
     assert c.draft_length("model", 16, behind=0) > 0
     c.observe_draft("model", 4, 4, 0.2 * STEP, catch_up=(64, 64 * 0.1 * STEP))  # measured: 0.1 step a token
     assert c.draft_length("model", 16, behind=300) == 0
+
+
+@pytest.mark.parametrize("curve, draft_cost, continued", [("paged", 0.02, True), ("avx2", 0.35, False)])
+def test_a_draft_model_continues_an_ngram_draft_only_where_the_longer_pass_pays(curve, draft_cost, continued):
+    """A 1-token n-gram match on a paged target's flat curve: the draft model (acceptance 0.9
+    measured before) continues it to a long chain in the same pass. On avx2's steep curve the
+    longer pass and the drafted tokens cost more than they bring: the n-gram draft goes alone."""
+    c = Controller()
+    c.calibrate({n: r * STEP for n, r in CURVES[curve].items()}, {"model": draft_cost * STEP})
+    c.know("model", 0.9)
+    c.observe_verify(1, STEP)
+    for _ in range(4):
+        c.observe_draft("ngram", 2, 1, None)
+    k = c.extension("ngram", 1, "model", 15)
+    assert (k >= 8) if continued else k == 0
+    assert c.extension("ngram", 1, "model", 15) == k  # asking changes nothing
+    assert c.extension("ngram", 1, "model", 0) == 0
+
+
+def test_no_continuation_from_a_drafter_not_measured_or_cooling():
+    c = Controller()
+    c.calibrate({n: r * STEP for n, r in CURVES["paged"].items()})  # no draft model cost measured
+    c.observe_verify(1, STEP)
+    assert c.extension("ngram", 2, "model", 14) == 0
+    c.calibrate({n: r * STEP for n, r in CURVES["paged"].items()}, {"model": 0.02 * STEP})
+    c.know("model", 0.9)
+    assert c.extension("ngram", 2, "model", 14) > 0
+    for _ in range(40):  # the draft model stops paying: it cools down, and continues nothing either
+        c.observe_draft("model", 8, 0, 0.02 * STEP)
+    c.draft_length("model", 16)
+    assert c.extension("ngram", 2, "model", 14) == 0

@@ -180,6 +180,40 @@ def test_deterministic_proposals_keep_target_distribution(proposer, k):
     assert_exact(deviations(cases, make, PLAIN))
 
 
+# --- an n-gram draft continued by the draft model in the same pass -------------------------------
+@pytest.mark.parametrize("k, extend, n", [(1, 2, 4), (2, 2, 5)])
+def test_an_ngram_draft_continued_by_the_draft_model_keeps_the_target_distribution(k, extend, n):
+    """The n-gram drafter's k tokens (one-hot q), then the draft model's `extend` from the context
+    they make (its own q), one chain verified in one pass: every path enumerated, n tokens deep."""
+    sp, prompt = PLAIN.with_(max_tokens=n), [0, 1, 2, 0, 1]
+    continued = []
+
+    def make(p, q):
+        def runtime():
+            r = Runtime(FakeModel(p, V), [NgramDrafter(1, 2), ModelDrafter(FakeModel(q, V))],
+                        FixedController(k, extend))
+            extension = r.controller.extension
+
+            def spy(*args, **kwargs):
+                n = extension(*args, **kwargs)
+                continued.append(n)
+                return n
+            r.controller.extension = spy
+            return r
+        return runtime
+
+    markov = [(f"markov{s}", random_dist(s, V, kind, order=1), random_dist(500 + s, V, order=1))
+              for s, kind in enumerate(["mixed", "zeros", "onehot", "mixed"])]
+    cases = markov + [c for c in CASES if c[0].startswith(("mixed", "disjoint", "q-onehot"))][:6]
+    out = {}
+    for name, p, q in cases:
+        got = runtime_dist(make(p, q), prompt, sp)
+        out[name] = max_deviation(got, target_joint(p, prompt, sp.max_tokens, V))
+    assert_exact(out)
+    # continued wherever the n-gram draft left room under max_tokens
+    assert sum(n > 0 for n in continued) > len(continued) // 2
+
+
 # --- one verification, directly ------------------------------------------------------------
 def one_step_first_token(p, q, prompt, k: int, with_probs: bool):
     """Draft k tokens from q (or take q's argmax as a deterministic proposal), verify once;
