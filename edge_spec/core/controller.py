@@ -198,10 +198,11 @@ class Controller:
         catch_up = behind * self.catch_ratio.get(drafter, PRIOR_CATCH_UP * c_draft)
         a_lead, a = min(self.acceptance(lead), 0.999), min(s.acceptance, 0.999)
         lead_tokens = 1 + sum(a_lead ** i for i in range(1, n + 1))
+        reach = a_lead ** n  # the chance the draft model's tokens are looked at
         best_k, best = 0, lead_tokens / self.ratio(n + 1)
         gained = 0.0
         for k in range(1, min(max_k, self._evidence_cap(drafter, max_k, catch_up)) + 1):
-            gained += a_lead ** n * a ** k
+            gained += reach * a ** k
             rate = (lead_tokens + gained) / (catch_up + k * c_draft + self.ratio(n + k + 1))
             if rate > best:
                 best_k, best = k, rate
