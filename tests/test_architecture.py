@@ -224,3 +224,21 @@ def test_the_runtime_engine_and_benchmark_read_capabilities_not_attributes():
     paths = [PACKAGE / "core" / "runtime.py", *(PACKAGE / "pipeline").glob("*.py"), PACKAGE / "surfaces" / "benchmark.py"]
     for path in paths:
         assert "hasattr(" not in path.read_text(), f"{path.name} asks hasattr: declare a capability instead"
+
+
+def test_every_test_folder_is_collected():
+    """pytest skips folders matching `norecursedirs` (its default has "build", which once hid
+    tests/build from every run): no folder holding tests may match the configured list."""
+    import fnmatch
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent
+    config = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    patterns = config.get("norecursedirs")
+    assert patterns is not None, "without norecursedirs pytest's default skips any folder named build"
+    folders = {p.parent for p in root.rglob("test_*.py")}
+    hidden = [f for f in folders for part in f.relative_to(root.parent).parts
+              if any(fnmatch.fnmatch(part, pat) for pat in patterns)]
+    assert not hidden, f"never collected: {hidden}"
+    assert root / "build" in folders  # the folder that was hidden is there to be seen
