@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_spec.backends.llama_cpp import quantize
-from edge_spec.build.rewrite import rewrite
+from edge_spec.build.rewrite import DROP, rewrite
 from edge_spec.build.skip import SkipSettings, agreement, build_skipped, check_layers, check_source
 from edge_spec.build.trim import build_trimmed
-from edge_spec.defaults import MIN_SOURCE_BITS, SELF_DRAFTER_KV
+from edge_spec.defaults import MIN_SOURCE_BITS, SELF_DRAFTER_KV, SELF_DRAFTER_PRIOR, SELF_DRAFTER_PRIORS
 from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import METHOD_NAMES, METHODS, PREFIX, default_output
 from edge_spec.plan.costmodel import BITS, RUNTIME_BYTES, source_bits
@@ -59,8 +59,9 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     itself) over the shipped calibration replies plus the text file `calibration`; with `bits`,
     the trimmed copy is requantized too (its head kept at 8 bits).
     quant and skip: `bits` None means q4_0.
-    quant: the copy's agreement with the source (skip.agreement, on the same replies plus
-    `calibration`) is measured and recorded, for the planner to weigh it by.
+    quant, and trim with `bits` of a high-precision source counted with itself (a self-drafter
+    with a cut head): the copy's agreement with the source (skip.agreement, on the same replies
+    plus `calibration`) is measured and recorded, for the planner to weigh it by.
     `memory_budget`: refuse a drafter that could not run within these bytes (next to anything).
     skip: leaves out `layers` (None: chosen by measuring on the same replies, with the sizes in
     `search`, a skip.SkipSettings); a source above MIN_SOURCE_BITS is requantized to `bits` first,
@@ -91,10 +92,15 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     requantize = requantize or (method == "trim" and bits is not None)
     copies = {"quant": 2, "trim": 2 if requantize else 1, "skip": 3 if requantize else 2}[method]
     size = header.file_size * (BITS[bits] / have if requantize else 1.0) * 1.05
+    need, what = size * copies, f"{copies} copies of {size / 2**30:.2f} GiB"
+    if method == "trim" and requantize:  # the trimmed copy is written at the source's precision first
+        copies = 2 if _self_copy(source, target, bits) else 1  # a self-copy is measured, then rewritten
+        need = header.file_size * 1.05 + size * copies
+        what = f"the trimmed copy at the source's precision, then {copies} of {size / 2**30:.2f} GiB"
     free = shutil.disk_usage(out.parent).free
-    if free < size * copies:
+    if free < need:
         raise EdgespecError(f"{out.parent} has {free / 2**30:.2f} GiB free; building the drafter needs about "
-                            f"{size * copies / 2**30:.2f} GiB ({copies} copies of {size / 2**30:.2f} GiB)")
+                            f"{need / 2**30:.2f} GiB ({what})")
     usable = memory_budget * RAM_HEADROOM - RUNTIME_BYTES if memory_budget is not None else None
     if usable is not None and size > usable:
         raise EdgespecError(f"a {bits or 'copy'} drafter of {Path(source).name} would take about {size / 2**30:.2f} GiB, "
@@ -111,7 +117,7 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
         PREFIX + "edgespec_version": _version(),
     }
     partial = out.with_name(out.name + ".partial")
-    scratch = out.with_name(out.name + ".unmeasured")  # quant: the copy measured before its provenance is written
+    scratch = out.with_name(out.name + ".unmeasured")  # a copy measured before its provenance is written
     try:
         if method == "quant":
             report(f"quantizing to {bits}", 0.0)
@@ -124,8 +130,22 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
                 rewrite(validate(scratch), partial, metadata, progress=lambda f: report("writing the drafter", f))
             except OSError as e:
                 raise EdgespecError(f"could not write {partial}: {e.strerror or e}") from None
+        elif method == "trim" and _self_copy(source, target, bits):
+            # trim + QuantSpec from the target itself: a self-drafter whose head (the biggest
+            # tensor a draft step reads) is cut; measured like a quant copy, for the planner
+            build_trimmed(source, scratch, keep, target, calibration, metadata, report, bits,
+                          acceptance=SELF_DRAFTER_PRIORS.get(bits, SELF_DRAFTER_PRIOR), memory_budget=memory_budget)
+            measured, on = agreement(source, scratch, calibration, report)
+            added = {PREFIX + "kv_cache": SELF_DRAFTER_KV, PREFIX + "agreement": float(measured.agreement),
+                     PREFIX + "agreement_on": on}
+            try:
+                rewrite(validate(scratch), partial, added, edit_key=lambda name, value: DROP if name in added else value,
+                        progress=lambda f: report("writing the drafter", f))
+            except OSError as e:
+                raise EdgespecError(f"could not write {partial}: {e.strerror or e}") from None
         elif method == "trim":
-            build_trimmed(source, partial, keep, target, calibration, metadata, report, bits)
+            build_trimmed(source, partial, keep, target, calibration, metadata, report, bits,
+                          memory_budget=memory_budget)
         else:
             build_skipped(source, partial, layers, calibration, metadata, report, bits if requantize else None,
                           search or SkipSettings())
@@ -136,6 +156,13 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             if leftover.is_file():
                 leftover.unlink()
     return out
+
+
+def _self_copy(source, target, bits: str | None) -> bool:
+    """A trimmed build that is a self-drafter: requantized from a high-precision source and
+    counted with that source itself (no other target)."""
+    same = target is None or os.path.realpath(target) == os.path.realpath(source)
+    return bits is not None and same and source_bits(source) > MIN_SOURCE_BITS
 
 
 def _sha256(path: str | os.PathLike, progress: Callable[[float], None], chunk: int = 8 << 20) -> str:

@@ -43,11 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
+from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, LlamaVocab, quantize
+from edge_spec.backends.trimmed import TrimmedBackend
 from edge_spec.build.rewrite import rewrite
 from edge_spec.build.trim import CALIBRATION, calibration_texts
 from edge_spec.models.chat_template import chat_tokens, renderer_for
 from edge_spec.models.gguf_file import ArrayInfo, validate
+from edge_spec.models.provenance import kept_ids
 from edge_spec.models.shape import model_shape
 from edge_spec.plan import planner
 from edge_spec.plan.choose import machine_profile
@@ -260,15 +262,27 @@ def greedy_tokens(model, items) -> list[np.ndarray]:
     return [rows.argmax(axis=1) for rows in _teacher_forced(model, items)]
 
 
-def score(model, items, reference: Sequence[np.ndarray]) -> Score:
+def score(model, items, reference: Sequence[np.ndarray], kept: np.ndarray | None = None) -> Score:
+    """`model`'s agreement with the reference tokens. `kept`: a trimmed drafter's target id per
+    row (its rows cover only those tokens; a reference token outside them is a miss, and its
+    log-probability is -inf)."""
     hits = total = 0
     log_p = 0.0
+    row_of = None
+    if kept is not None:
+        row_of = np.full(max(int(kept.max()), *(int(w.max(initial=0)) for w in reference)) + 1, -1, dtype=np.int64)
+        row_of[kept] = np.arange(len(kept))
     for rows, want in zip(_teacher_forced(model, items), reference):
         rows = rows.astype(np.float64)
         top = rows.max(axis=1)
         log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
-        hits += int((rows.argmax(axis=1) == want).sum())
-        log_p += float((rows[np.arange(len(want)), want] - log_norm).sum())
+        picked, at = rows.argmax(axis=1), want
+        if row_of is not None:
+            picked = kept[picked]
+            at = row_of[want]
+        hits += int((picked == want).sum())
+        got = rows[np.arange(len(want)), np.maximum(at, 0)] - log_norm
+        log_p += float(np.where(at >= 0, got, -np.inf).sum())
         total += len(want)
     return Score(hits / max(total, 1), log_p / max(total, 1))
 
@@ -390,13 +404,23 @@ def agreement(source, drafter, calibration=None, report: Report | None = None,
               settings: SkipSettings = SkipSettings()) -> tuple[Score, str]:
     """How often `drafter`'s argmax is `source`'s greedy token on the held-out slice of the
     calibration replies (its acceptance at T = 0, alpha), and a line saying what it was measured
-    on: what the quant builder records, so the planner weighs a self-drafter by its own agreement."""
+    on: what the quant builder records (and the trim builder, for a requantized copy of the target
+    counted with itself), so the planner weighs a self-drafter by its own agreement."""
     report = report or (lambda what, fraction: None)
     texts = calibration_texts(calibration)
     slices, reference = _reference(source, _dealt(texts, len(calibration_texts())), settings, rank=False, report=report)
     report("measuring the drafter's agreement", 0.0)
+    kept = kept_ids(drafter)  # a trimmed copy (trim + QuantSpec) is read in the source's ids
     with LlamaCppBackend(drafter, LlamaOptions(n_ctx=settings.max_item_tokens + 8)) as model:
-        measured = score(model, slices["held_out"], reference["held_out"])
+        if kept is None:
+            measured = score(model, slices["held_out"], reference["held_out"])
+        else:
+            vocab = LlamaVocab(os.fspath(source))
+            try:
+                seen = TrimmedBackend(model, kept, vocab.n_tokens, lambda t: vocab.piece(t) or vocab.token_text(t).encode())
+                measured = score(seen, slices["held_out"], reference["held_out"], kept)
+            finally:
+                vocab.close()
     report("measuring the drafter's agreement", 1.0)
     positions = sum(len(t) - s for t, s in slices["held_out"])
     return measured, (f"{len(texts)} replies ({CALIBRATION.name}" + (f" + {Path(calibration).name})" if calibration else ")")

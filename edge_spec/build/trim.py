@@ -52,7 +52,7 @@ from edge_spec.plan.history import History
 from edge_spec.types import EdgespecError, SamplingParams
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.json"
-CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536)
+CANDIDATE_K = (8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304)
 MIN_K = 1024
 CONTROL, BYTE, USER_DEFINED = 3, 6, 4  # llama.cpp token types
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
@@ -303,22 +303,35 @@ def check_same_vocab(source: Vocab, target: Vocab, source_name: str, target_name
 
 
 def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
-             layer_scale: float = 1.0) -> tuple[int, list[str]]:
+             layer_scale: float = 1.0, *, acceptance: float | None = None,
+             memory_budget: int | None = None) -> tuple[int, list[str]]:
     """K with the best predicted tokens/s: acceptance scaled by the held-out coverage of each K
     (half the replies rank, the other half measure), drafter cost from the cost model at that
-    head size (and blocks scaled by `layer_scale` when they are requantized). Returns K and one
-    line per candidate."""
+    head size (and blocks scaled by `layer_scale` when they are requantized). `acceptance`: the
+    untrimmed drafter's (None: history, else the prior for a model); `memory_budget`: plan within
+    it (a paged target weighs acceptance over a step's bytes, and takes more rows). Returns K and
+    one line per candidate."""
     ranking, held_out = np.sum(counts[0::2], axis=0), counts[1::2]
     ks = [k for k in CANDIDATE_K if len(vocab.forced()) + MIN_K // 4 <= k < vocab.size]
     cov = coverage(ranking, held_out, vocab, ks)
     cov[vocab.size] = 1.0
     shape, tshape, prof = model_shape(source), model_shape(target), machine_profile(None)
-    base = History().knowledge(target, source).acceptance or PRIOR_ACCEPTANCE["model"]
+    head_scale = min(1.0, BITS["q8_0"] / source_bits(shape)) if layer_scale < 1.0 else 1.0  # requantized: head at q8_0
+    if memory_budget is not None:
+        prof = prof.model_copy(update={"ram_available_bytes": memory_budget})
+    base = acceptance or History().knowledge(target, source).acceptance or PRIOR_ACCEPTANCE["model"]
     speed = {}
     for k, c in cov.items():
-        hyp = trimmed_shape(shape, k, layer_scale)
-        plan = planner.plan(tshape, prof, hyp, knowledge=planner.Knowledge(base * c, "coverage"), gpu=False)
+        hyp = trimmed_shape(shape, k, layer_scale, head_scale)
+        try:
+            plan = planner.plan(tshape, prof, hyp, knowledge=planner.Knowledge(base * c, "coverage"), gpu=False)
+        except EdgespecError:  # nothing fits in the budget with this head
+            speed[k] = 0.0
+            continue
         speed[k] = max((a.tokens_per_second for a in plan.alternatives if a.strategy == "draft"), default=0.0)
+    if memory_budget is not None and not any(speed.values()):
+        raise EdgespecError(f"no trimmed copy of {Path(source).name} drafts next to {Path(target).name} within "
+                            f"{memory_budget / 2**30:.2f} GiB: give a bigger --mem-budget, fewer --bits, or --keep")
     best = max(ks, key=lambda k: (speed[k], -k))
     lines = [f"K={k}: held-out coverage {cov[k]:.3f}, {speed[k]:.1f} tok/s predicted"
              + (" (untrimmed)" if k == vocab.size else " (chosen)" if k == best else "") for k in cov]
@@ -326,10 +339,12 @@ def choose_k(counts: Sequence[np.ndarray], vocab: Vocab, source, target,
 
 
 def build_trimmed(source, out, keep: int | None, target, calibration, metadata: dict,
-                  report: Callable[[str, float], None], bits: str | None = None) -> None:
-    """Count with `target`, choose K (or take `keep`), write the trimmed copy of `source` to `out`;
-    with `bits`, requantize it (trim + QuantSpec): the blocks to `bits`, the K-row head kept at
-    8 bits (it is small once trimmed, and the drafter's ranking of tokens lives there)."""
+                  report: Callable[[str, float], None], bits: str | None = None, *,
+                  acceptance: float | None = None, memory_budget: int | None = None) -> None:
+    """Count with `target`, choose K (or take `keep`; `acceptance` and `memory_budget` as
+    choose_k), write the trimmed copy of `source` to `out`; with `bits`, requantize it (trim +
+    QuantSpec): the blocks to `bits`, the K-row head kept at 8 bits (it is small once trimmed,
+    and the drafter's ranking of tokens lives there)."""
     vocab = read_vocab(source)
     target = target or source
     if os.path.realpath(target) != os.path.realpath(source):
@@ -344,8 +359,8 @@ def build_trimmed(source, out, keep: int | None, target, calibration, metadata: 
     counts = [np.pad(c, (0, max(vocab.size - len(c), 0)))[: vocab.size] for c in counts]
     if keep is None:
         report("choosing K", 0.0)
-        keep, lines = choose_k(counts, vocab, source, target,
-                               BITS[bits] / source_bits(source) if bits else 1.0)
+        keep, lines = choose_k(counts, vocab, source, target, BITS[bits] / source_bits(source) if bits else 1.0,
+                               acceptance=acceptance, memory_budget=memory_budget)
     else:
         lines = [f"K={keep}: held-out coverage "
                  f"{coverage(np.sum(counts[0::2], axis=0), counts[1::2], vocab, [keep])[keep]:.3f} (given)"]

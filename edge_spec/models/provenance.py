@@ -55,8 +55,9 @@ def kept_ids_from_header(header):
 def self_drafter_prior(found: dict) -> tuple[float, str] | None:
     """The acceptance to plan with until measured in use, for a drafter built from its target
     (`found`: its provenance, `info`): the T = 0 agreement its build measured (quant and skip
-    builds record it), else the prior for a self-drafter of its bits."""
-    if found.get("method") in (METHOD_NAMES["quant"], METHOD_NAMES["skip"]) and "agreement" in found:
+    builds record it, and so does a trim of the target requantized and counted with itself), else
+    the prior for a self-drafter of its bits."""
+    if "agreement" in found and found.get("method") in METHOD_NAMES.values():  # a trim records it for a self-copy
         return float(found["agreement"]), "agreement measured when it was built"
     if found.get("method") == METHOD_NAMES["quant"]:
         return SELF_DRAFTER_PRIORS.get(found.get("quantization"), SELF_DRAFTER_PRIOR), "prior for a self-drafter"

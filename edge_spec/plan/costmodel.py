@@ -83,14 +83,22 @@ def requantized_shape(shape: ModelShape, scale: float, path: str) -> ModelShape:
         layer_bytes=tuple(int(b * scale) for b in shape.layer_bytes), embedding_bytes=int(shape.embedding_bytes * scale))
 
 
-def trimmed_shape(shape: ModelShape, k: int, layer_scale: float = 1.0) -> ModelShape:
-    """`shape` with a K-row head and embedding table (edge_spec.build.trim), its blocks' bytes
-    scaled by `layer_scale` (requantized)."""
+def trimmed_shape(shape: ModelShape, k: int, layer_scale: float = 1.0, head_scale: float = 1.0) -> ModelShape:
+    """`shape` with a K-row head and embedding table (edge_spec.build.trim), its blocks' and
+    embedding's bytes scaled by `layer_scale` (requantized), its head's by `head_scale` (a
+    requantized trim keeps its head at q8_0); the file shrinks in proportion (a drafter next to a
+    paged target is loaded whole)."""
     f = k / shape.vocab_size
-    return dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
-                               layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
-                               output_bytes=int(shape.output_bytes * f), output_params=int(shape.output_params * f),
-                               embedding_bytes=int(shape.embedding_bytes * f))
+    cut = dataclasses.replace(shape, path=f"{shape.path}.trim-{k}", vocab_size=k,
+                              layer_bytes=tuple(int(b * layer_scale) for b in shape.layer_bytes),
+                              output_bytes=int(shape.output_bytes * f * head_scale),
+                              output_params=int(shape.output_params * f),
+                              embedding_bytes=int(shape.embedding_bytes * f * layer_scale))
+
+    def weights(s: ModelShape) -> int:
+        return sum(s.layer_bytes) + s.output_bytes + s.embedding_bytes
+
+    return dataclasses.replace(cut, file_bytes=int(shape.file_bytes * weights(cut) / max(weights(shape), 1)))
 
 # --- devices and placements --------------------------------------------------------------------
 

@@ -363,7 +363,9 @@ def _alternatives(target, drafter, profile, tp, dp, ram, vram, knowledge, max_dr
            f"{d_costs[1] / step:.2f} target steps, verifying {best_k + 1} tokens {t_costs[best_k + 1] / step:.2f} steps")
     yield Alternative("draft", drafter=dp, draft_length=best_k, acceptance=a, drafter_model=os.path.basename(drafter.path),
                       tokens_per_second=best_rate * knowledge.ngram_gain, costs=costs, why=why, **common)
-    if tp.disk_bytes:  # a pass reads the disk whatever it verifies: trees of the drafter's best guesses
+    # a pass reads the disk whatever it verifies: trees of the drafter's best guesses, from a
+    # drafter that holds trees (a trimmed one, seen through backends/trimmed.py, holds none)
+    if tp.disk_bytes and drafter.vocab_size >= target.vocab_size:
         yield from _tree_alternatives(target, drafter, profile, tp, dp, a, d_costs[1], knowledge, common, costs)
     for ptp, pdp, pt, pd in _parallel_placements(target, drafter, profile, tp, dp, t_costs, d_costs[1], max_draft):
         k, rate = best_parallel_length(a, pd, pt.__getitem__, max_draft)

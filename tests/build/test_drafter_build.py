@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, quantize
 from edge_spec.backends.vocab import check_compatible
-from edge_spec.build.quant import build
-from edge_spec.build.skip import agreement
+from edge_spec.build.quant import _self_copy, build
+from edge_spec.build.skip import agreement, score
 from edge_spec.models import registry as models
 from edge_spec.models.gguf_file import validate
-from edge_spec.models.provenance import default_output, info
+from edge_spec.models.provenance import default_output, info, kept_ids, self_drafter_prior
 from edge_spec.options import EngineOptions
 from edge_spec.plan.choose import drafter_candidates, plan_for
 from edge_spec.plan.costmodel import source_bits
@@ -172,3 +172,65 @@ def test_plan_build_drafter_builds_the_best_copy_only_where_it_pays(q8_target, t
     assert f"built {built}" in result.output and info(built)["quantization"] == "q3_k_m"
     table = result.output.split("self-drafters (")[1]  # the new plan knows it is built
     assert "(built)" in next(line for line in table.splitlines() if "q3_k_m" in line)
+
+
+class _Rows:
+    """A model that returns fixed rows for the scored positions (what skip.score reads)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def truncate(self, n_past):
+        pass
+
+    def forward(self, tokens, logits="all"):
+        return self.rows if logits == "all" else None
+
+
+def test_score_reads_a_trimmed_drafters_rows_in_the_targets_ids():
+    """Row i of a trimmed drafter is target token kept[i]: its argmax is mapped back, and a
+    reference token outside the kept set is a miss with log-probability -inf."""
+    kept = np.array([5, 7, 9])
+    rows = np.log(np.array([[0.7, 0.2, 0.1],    # picks 5
+                            [0.1, 0.8, 0.1],    # picks 7
+                            [0.2, 0.3, 0.5]]))  # picks 9
+    items = [([1, 2, 3, 4], 1)]
+    hit_all = score(_Rows(rows), items, [np.array([5, 7, 9])], kept)
+    assert hit_all.agreement == 1.0
+    assert hit_all.log_p == pytest.approx(np.log([0.7, 0.8, 0.5]).mean())
+    two = score(_Rows(rows), items, [np.array([5, 9, 9])], kept)  # the middle one: 9 had 0.1
+    assert two.agreement == pytest.approx(2 / 3) and two.log_p == pytest.approx(np.log([0.7, 0.1, 0.5]).mean())
+    outside = score(_Rows(rows), items, [np.array([5, 7, 2])], kept)  # 2 is not kept: never right
+    assert outside.agreement == pytest.approx(2 / 3) and outside.log_p == -np.inf
+    # without the map the same rows are ids 0..2; with it, those ids are not the drafter's
+    assert score(_Rows(rows), items, [np.array([0, 1, 2])]).agreement == 1.0
+    assert score(_Rows(rows), items, [np.array([0, 1, 2])], kept).agreement == 0.0
+
+
+def test_a_trimmed_self_copy_records_its_agreement_and_is_weighed_by_it(q8_target):
+    """trim + QuantSpec from the target itself (`--method trim --bits`, counted with itself): the
+    agreement it records is what skip.agreement measures again through the kept-id map, and the
+    planner finds the copy and plans with that agreement."""
+    out = build(q8_target, method="trim", bits="q4_0", keep=8192)  # to the default place
+    meta = info(out)
+    assert meta["method"] == "vocabtrim" and meta["keep"] == 8192 and meta["kv_cache"] == "q8_0"
+    again, on = agreement(q8_target, out)
+    assert meta["agreement"] == pytest.approx(again.agreement, abs=1e-6) and meta["agreement_on"] == on
+    assert 0.5 < meta["agreement"] < 1.0
+    assert len(kept_ids(out)) == 8192  # the rewrite after measuring kept the map
+    assert self_drafter_prior(meta) == (pytest.approx(meta["agreement"]), "agreement measured when it was built")
+    assert out in drafter_candidates(q8_target)
+    plan = plan_for(EngineOptions.of(model=str(q8_target), draft=str(out), history=False, profile="ci-2core"),
+                    q8_target, out, [])
+    weighed = next(a for a in plan.alternatives if a.drafter_model == out.name)
+    assert weighed.acceptance == pytest.approx(meta["agreement"])
+    assert not list(out.parent.glob("*.unmeasured")) and not list(out.parent.glob("*.partial"))
+
+
+def test_only_a_requantized_trim_of_a_high_precision_target_counted_with_itself_is_measured(q8_target, smol_path):
+    """Agreement with the source says nothing about a trim drafting for another target, and a
+    copy of a low-bit source is no self-drafter (quant.build measures only where this is True)."""
+    assert _self_copy(q8_target, None, "q4_0") and _self_copy(q8_target, q8_target, "q3_k_m")
+    assert not _self_copy(q8_target, smol_path, "q4_0")  # counted with another model
+    assert not _self_copy(q8_target, None, None)          # not requantized: the source's own weights
+    assert not _self_copy(smol_path, None, "q4_0")        # a 4-bit source

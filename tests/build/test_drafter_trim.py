@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
 from edge_spec.backends.trimmed import TrimmedBackend, as_drafter_of
 from edge_spec.build.quant import build
-from edge_spec.build.trim import MIN_K, read_vocab, write_trimmed
+from edge_spec.build.trim import MIN_K, choose_k, read_vocab, write_trimmed
 from edge_spec.build.trim import kept_ids as choose_ids
 from edge_spec.core.drafters import ModelDrafter
 from edge_spec.core.runtime import Runtime
@@ -24,9 +24,11 @@ from edge_spec.models import registry as models
 from edge_spec.models.chat_template import chat_tokens
 from edge_spec.models.gguf_file import validate
 from edge_spec.models.provenance import info, kept_ids
+from edge_spec.models.shape import model_shape
 from edge_spec.options import EngineOptions
 from edge_spec.pipeline.engine import Engine
 from edge_spec.plan.choose import drafter_candidates
+from edge_spec.plan.costmodel import trimmed_shape
 from edge_spec.surfaces.cli import app
 from edge_spec.types import EdgespecError, SamplingParams
 from tests.backends.test_llama_backend import AlwaysDraft
@@ -201,3 +203,23 @@ def test_plan_suggests_building_a_trimmed_drafter_only_when_it_is_predicted_to_p
     plan_for(EngineOptions.of(profile="ci-2core"), target, drafter, notes)
     hint = [n for n in notes if "trimmed 4-bit copy" in n]
     assert len(hint) == 1 and f"drafter build {drafter} --method trim --target {target} --bits q4_0" in hint[0]
+
+
+def test_the_planned_shape_of_a_trim_is_the_built_files(smol_path, trimmed):
+    """The planner's shape of a trim not built yet (costmodel.trimmed_shape) has the file size
+    the build gives: a drafter next to a paged target is loaded whole, so its size is its memory."""
+    keep = info(trimmed)["keep"]
+    planned = trimmed_shape(model_shape(smol_path), keep)
+    assert planned.vocab_size == keep
+    assert planned.file_bytes == pytest.approx(trimmed.stat().st_size, rel=0.1)
+    assert planned.file_bytes < model_shape(smol_path).file_bytes
+
+
+def test_k_is_chosen_within_a_memory_budget_or_refused_in_one_line(smol_path):
+    """`--mem-budget` plans each K within it; a budget no copy drafts in is one line naming it."""
+    vocab = read_vocab(smol_path)
+    counts = [np.random.default_rng(i).random(vocab.size) for i in range(4)]
+    with pytest.raises(EdgespecError, match=r"no trimmed copy of .* within 0\.00 GiB"):
+        choose_k(counts, vocab, smol_path, smol_path, memory_budget=1 << 20)
+    keep, lines = choose_k(counts, vocab, smol_path, smol_path, memory_budget=8 << 30)
+    assert MIN_K <= keep <= vocab.size and any("(chosen)" in line for line in lines)

@@ -80,6 +80,10 @@ def test_a_paged_target_drafts_trees_and_a_resident_one_chains(small_machine):
     roomy = planner.plan(target, small_machine.model_copy(update={"ram_available_bytes": 16 * GiB}), drafter,
                          n_ctx=4096, gpu=False)
     assert not any(a.tree_budget for a in roomy.alternatives)
+    # a trimmed drafter (a K-row head, backends/trimmed.py) holds no trees: chains only, paged or not
+    trimmed = costmodel.trimmed_shape(drafter, 8192)
+    cut = planner.plan(target, small_machine, trimmed, n_ctx=4096, gpu=False)
+    assert cut.paged and cut.chosen.strategy == "draft" and not any(a.tree_budget for a in cut.alternatives)
     # the tree model: never below the chain of the same depth, and growing with the budget
     for a in (0.3, 0.7, 0.9):
         assert tree_expected_tokens(a, 16, 16, 0.4) >= expected_tokens(a, 16) - 1e-12

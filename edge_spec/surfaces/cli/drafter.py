@@ -29,7 +29,8 @@ def build_command(
                                     help="Quantization of the drafter: q2_k, q3_k_m, q4_0, q4_1, q4_k_m, q5_k_m, q8_0. quant: "
                                          "default q4_0. skip: q4_0, used only for a target above 6 bits per weight. "
                                          "trim: default none (the source's weights); given, the trimmed copy is "
-                                         "requantized too, its head kept at q8_0."),
+                                         "requantized too, its head kept at q8_0; of an F16, BF16 or Q8_0 target counted "
+                                         "with itself, a self-drafter whose agreement is measured."),
     out: Path | None = typer.Option(None, "-o", "--out", show_default=False,
                                        help="Output file (default: the drafters folder, where chat finds it)."),
     force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
@@ -42,7 +43,8 @@ def build_command(
                                                  "(quant: the copy's agreement with the target; trim, skip: the choice)."),
     mem_budget: str | None = typer.Option(None, "--mem-budget", show_default=False,
                                           help="Refuse a drafter that could not run in this much memory (e.g. 2G): "
-                                               "the budget you will run the target in."),
+                                               "the budget you will run the target in. trim: K is chosen "
+                                               "for a target run within it."),
     layers: str | None = typer.Option(None, "--layers", show_default=False,
                                       help="skip: the layers to leave out, e.g. 3,5,7 (numbered from 0; never the "
                                            "first or last). Default: chosen by measuring agreement and predicted speed."),
