@@ -93,8 +93,9 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
     copies = {"quant": 2, "trim": 2 if requantize else 1, "skip": 3 if requantize else 2}[method]
     size = header.file_size * (BITS[bits] / have if requantize else 1.0) * 1.05
     need, what = size * copies, f"{copies} copies of {size / 2**30:.2f} GiB"
+    self_copy = method == "trim" and _self_copy(source, target, bits)
     if method == "trim" and requantize:  # the trimmed copy is written at the source's precision first
-        copies = 2 if _self_copy(source, target, bits) else 1  # a self-copy is measured, then rewritten
+        copies = 2 if self_copy else 1  # a self-copy is measured, then rewritten
         need = header.file_size * 1.05 + size * copies
         what = f"the trimmed copy at the source's precision, then {copies} of {size / 2**30:.2f} GiB"
     free = shutil.disk_usage(out.parent).free
@@ -123,26 +124,14 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             report(f"quantizing to {bits}", 0.0)
             quantize(source, scratch, bits)
             report(f"quantizing to {bits}", 1.0)
-            measured, on = agreement(source, scratch, calibration, report)
-            metadata |= {PREFIX + "quantization": bits, PREFIX + "kv_cache": SELF_DRAFTER_KV, PREFIX + "calibration": on,
-                         PREFIX + "agreement": float(measured.agreement)}
-            try:
-                rewrite(validate(scratch), partial, metadata, progress=lambda f: report("writing the drafter", f))
-            except OSError as e:
-                raise EdgespecError(f"could not write {partial}: {e.strerror or e}") from None
-        elif method == "trim" and _self_copy(source, target, bits):
+            _write_measured(source, scratch, partial, calibration, report,
+                            metadata | {PREFIX + "quantization": bits}, on_key=PREFIX + "calibration")
+        elif self_copy:
             # trim + QuantSpec from the target itself: a self-drafter whose head (the biggest
             # tensor a draft step reads) is cut; measured like a quant copy, for the planner
             build_trimmed(source, scratch, keep, target, calibration, metadata, report, bits,
                           acceptance=SELF_DRAFTER_PRIORS.get(bits, SELF_DRAFTER_PRIOR), memory_budget=memory_budget)
-            measured, on = agreement(source, scratch, calibration, report)
-            added = {PREFIX + "kv_cache": SELF_DRAFTER_KV, PREFIX + "agreement": float(measured.agreement),
-                     PREFIX + "agreement_on": on}
-            try:
-                rewrite(validate(scratch), partial, added, edit_key=lambda name, value: DROP if name in added else value,
-                        progress=lambda f: report("writing the drafter", f))
-            except OSError as e:
-                raise EdgespecError(f"could not write {partial}: {e.strerror or e}") from None
+            _write_measured(source, scratch, partial, calibration, report, {}, on_key=PREFIX + "agreement_on")
         elif method == "trim":
             build_trimmed(source, partial, keep, target, calibration, metadata, report, bits,
                           memory_budget=memory_budget)
@@ -156,6 +145,20 @@ def build(source: str | os.PathLike, method: str = "quant", out: str | os.PathLi
             if leftover.is_file():
                 leftover.unlink()
     return out
+
+
+def _write_measured(source, scratch: Path, partial: Path, calibration, report: Progress, keys: dict,
+                    on_key: str) -> None:
+    """Measure the copy `scratch`'s agreement with `source` and write it to `partial` with `keys`,
+    its KV cache and the agreement (what it was measured on under `on_key`), replacing any of
+    those keys the copy already carries."""
+    measured, on = agreement(source, scratch, calibration, report)
+    added = keys | {PREFIX + "kv_cache": SELF_DRAFTER_KV, PREFIX + "agreement": float(measured.agreement), on_key: on}
+    try:
+        rewrite(validate(scratch), partial, added, edit_key=lambda name, value: DROP if name in added else value,
+                progress=lambda f: report("writing the drafter", f))
+    except OSError as e:
+        raise EdgespecError(f"could not write {partial}: {e.strerror or e}") from None
 
 
 def _self_copy(source, target, bits: str | None) -> bool:
