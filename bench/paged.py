@@ -12,6 +12,8 @@ Configurations, all with the same target, prompt and sampling:
            built self-drafters and none against the memory they take from the pinned target)
   auto-faults  auto without reading ahead between passes (read_ahead=False): the pass's own
            page faults read every streamed byte, the disk idle while the CPU drafts
+  auto-lru auto without drop-behind (drop_behind=False): the streamed weights left to the page
+           cache's LRU, which evicts them by direct reclaim during the pass
   overlap  paged, with the next tree grown during each target pass (overlap=True)
   llama    llama.cpp's own `llama-speculative-simple` (--llama-spec BINARY) with the -md drafter,
            --spec-draft-n-max 16, the same chat-templated prompt: the peer's anchor row
@@ -58,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # plan (llama.cpp's mmap, nothing pinned), a weaker baseline shown as an extra row
 # "overlap": the paged plan with trees grown during the target's pass (core/drafters/pregrow.py;
 # off by default)
-CONFIGS = ("plain", "mmap", "chains", "self", "paged", "auto", "auto-faults", "overlap", "llama")
+CONFIGS = ("plain", "mmap", "chains", "self", "paged", "auto", "auto-faults", "auto-lru", "overlap", "llama")
 
 
 def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int, tree_budget: int | None,
@@ -82,6 +84,8 @@ def child(config: str, target: str, draft: str, prompt: str, temp: float, n: int
         "auto": lambda: EngineOptions.of(model=target, history=False, **trees),
         # the default plan without reading ahead between passes: only the pass's faults read
         "auto-faults": lambda: EngineOptions.of(model=target, history=False, read_ahead=False, **trees),
+        # the default plan with the streamed weights left to the page cache's LRU (no drop-behind)
+        "auto-lru": lambda: EngineOptions.of(model=target, history=False, drop_behind=False, **trees),
         "overlap": lambda: EngineOptions.of(model=target, draft=draft, history=False, overlap=True, **trees),
     }[config]()
     t0 = time.perf_counter()

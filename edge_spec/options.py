@@ -123,6 +123,10 @@ class MemoryOptions:
     # a paged target: while the CPU drafts, read the weights the next pass reads first
     # (backends/paging.py); False: only the pass's own page faults read them
     read_ahead: bool = True
+    # a paged target: drop each block's streamed weights from the page cache as soon as a pass has
+    # computed it, and keep the last blocks for the next pass (backends/paging.py); False: the
+    # page cache's LRU evicts them, by direct reclaim in the threads that fault the next ones
+    drop_behind: bool = True
 
     def __post_init__(self):
         if self.n_ctx < 16:

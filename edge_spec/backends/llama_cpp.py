@@ -8,6 +8,7 @@ n_ctx × n_vocab buffer as in the high-level `Llama` class.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class LlamaOptions:
     # from disk at every pass, the rest pinned in RAM; None: resident (the OS pages it as it likes)
     disk_bytes: int | None = None
     read_ahead: bool = True  # a paged target: read the next pass's first streamed weights between passes
+    drop_behind: bool = True  # a paged target: drop each block's streamed weights once a pass has computed it
     # ggml RPC workers ("host:port", backends/rpc.py): n_gpu_layers of the blocks go to them (split
     # by their free memory, as llama.cpp does with --rpc), the rest stay on this CPU. ggml's RPC
     # client aborts the process on a lost connection: such a model is loaded in a process of its
@@ -260,6 +262,7 @@ class LlamaCppBackend(VocabMethods, Closing):
         self.pager = None
         if options.disk_bytes is not None and _parent is None:
             self.pager = _pager(path, header, options.disk_bytes, options.read_ahead)
+            self.pager.drop_behind = options.drop_behind
 
     @property
     def capabilities(self) -> Capabilities:
@@ -319,6 +322,9 @@ class LlamaCppBackend(VocabMethods, Closing):
         params.no_perf = True
         if options.n_seq_max > 1:  # tree branches are sequences sharing one KV cache
             params.n_seq_max, params.kv_unified = options.n_seq_max, True
+        if options.disk_bytes is not None and options.drop_behind:  # a paged target's Pager drops each block behind the pass
+            self._on_eval = _block_callback(lib, lambda: (self._parent or self).pager)
+            params.cb_eval = self._on_eval
         ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
             raise EdgespecError(
@@ -538,6 +544,31 @@ class LlamaCppBackend(VocabMethods, Closing):
             if self._parent is None:
                 self.lib.llama_model_free(self.model)
             self.ctx = self.model = self.vocab = None
+
+
+def _block_callback(lib, pager: Callable[[], object]):
+    """llama.cpp's eval callback that tells the Pager when a pass has computed block i (the node
+    llama.cpp names l_out-i). Asked of every node, it wants only those: the graph is computed in
+    one piece per block, and after each the Pager drops that block's streamed weights."""
+    from llama_cpp import _ggml
+
+    name_of = _ggml.libggml.ggml_get_name
+    name_of.argtypes, name_of.restype = [ctypes.c_void_p], ctypes.c_char_p
+
+    def on_eval(tensor, ask, _user):
+        name = name_of(tensor) or b""
+        if not name.startswith(b"l_out-"):
+            return not ask
+        if not ask:
+            try:
+                p = pager()
+                if p is not None:
+                    p.layer_done(int(name[6:]))
+            except Exception:  # False, or an exception, would stop the pass's compute
+                logging.getLogger(__name__).debug("dropping a block behind the pass failed", exc_info=True)
+        return True
+
+    return lib.ggml_backend_sched_eval_callback(on_eval)
 
 
 def _pager(path, header, disk_bytes: int, read_ahead: bool = True):

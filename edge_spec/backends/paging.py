@@ -17,6 +17,14 @@ from disk at every pass. A Pager changes that:
   mapping; POSIX_FADV_WILLNEED on kernels before 5.14), up to a share of the page cache the
   process can hold (`room`: the engine gives plan/memory.file_cache_room, which reads the
   cgroup's limit; alone, the machine's available memory), and stops when the next pass begins;
+- dropped behind the pass: llama.cpp's eval callback tells the Pager when a pass has computed
+  block i (backends/llama_cpp.py), and the Pager drops that block's streamed pages at once
+  (unmapped in whole ranges, then POSIX_FADV_DONTNEED), but for the last blocks, which stay cached
+  for the next pass (as many as fit in TAIL_SHARE of the room, less a window of two blocks for
+  the pages streaming through). Left to the page cache's LRU, the pass evicted its own earlier
+  pages by direct reclaim in the very threads that fault the next ones: about half the process's
+  CPU in a 2 GiB cgroup went to the kernel (reclaim a quarter of it, unmapping page by page with
+  TLB shootdowns), and the LRU kept no useful part of the file for the next pass;
 - evict(): drops the streamed pages from the page cache (from llama.cpp's mapping too), so
   calibration measures the pass a paged plan will really pay, not a warm cache.
 
@@ -43,6 +51,9 @@ MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
 # is room for the pages the pass streams through (measured on the F16 1.5B in 2 GiB: half gave
 # the shortest next pass, all of it evicted its own pages before the pass reached them)
 READ_AHEAD_SHARE = 0.5
+# drop-behind keeps the last blocks cached for the next pass, up to this share of the room (less a
+# window of two blocks): 0.6 gave the fastest passes on the F16 1.5B in 2 GiB (0.45 and 0.75 slower)
+TAIL_SHARE = 0.6
 READ_AHEAD_CHUNK = 8 << 20  # bytes per madvise: how long the next pass may wait for the reader to stop
 PROT_READ, MAP_SHARED = 1, 1
 
@@ -60,6 +71,33 @@ def per_pass_ranges(header) -> list[tuple[int, int]]:
         else:
             merged.append([start, size])
     return [(s, n) for s, n in merged]
+
+
+def layer_ranges(header, ranges: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """For each block i: the parts of `ranges` (offset, bytes) that hold its tensors (blk.i.*;
+    neighbours in the file merged), whole pages inward (a page shared with another block's
+    tensor is left alone)."""
+    spans: dict[int, list[list[int]]] = {}
+    previous = None  # the block of the tensor before, in file order
+    for t in sorted(header.tensors, key=lambda t: t.offset):
+        parts = t.name.split(".")
+        block = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
+        if block is not None:
+            lo, hi = header.data_offset + t.offset, header.data_offset + t.offset + t.n_bytes
+            mine = spans.setdefault(block, [])
+            if previous == block:
+                mine[-1][1] = hi
+            else:
+                mine.append([lo, hi])
+        previous = block
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i, merged in spans.items():
+        for lo, hi in merged:
+            for start, size in ranges:
+                a, b = -(-max(lo, start) // PAGE) * PAGE, min(hi, start + size) // PAGE * PAGE
+                if b > a:
+                    out.setdefault(i, []).append((a, b - a))
+    return out
 
 
 def split(ranges: list[tuple[int, int]], pinned: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -115,6 +153,10 @@ class Pager:
             self.locked.append((start, size))
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
         self.read_ahead = read_ahead and bool(self.streamed)
+        self.layers = layer_ranges(header, self.streamed)  # block i -> its streamed pages
+        self._theirs: list[tuple[int, int, int]] | None = None  # llama.cpp's mappings of the file
+        self.drop_behind = False  # set by the backend when llama.cpp tells it of each block computed
+        self.kept: set[int] = set()  # the last blocks, left in the page cache for the next pass
         self.room = room or _available  # bytes of file pages the page cache can hold now
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
@@ -127,13 +169,51 @@ class Pager:
 
     def finish_pass(self) -> None:
         self.stats.passes += 1
+        if self.drop_behind and self._fd >= 0:
+            self._keep_tail()
         if self.read_ahead and self._fd >= 0:
             self._stop.clear()
             self._reader = threading.Thread(target=self._read_ahead, name="edgespec-read-ahead", daemon=True)
             self._reader.start()
 
+    def _keep_tail(self) -> None:
+        """Which of the last blocks the next pass finds in the page cache: as many as fit in a
+        share of the room, less a window for the blocks streaming through (two of the largest)."""
+        window = 2 * max((sum(n for _, n in r) for r in self.layers.values()), default=0)
+        left = int(self.room() * TAIL_SHARE) - window
+        self.kept = set()
+        for i in sorted(self.layers, reverse=True):
+            left -= sum(n for _, n in self.layers[i])
+            if left < 0:
+                break
+            self.kept.add(i)
+
+    def layer_done(self, i: int) -> None:
+        """Block i of a pass is computed: drop its streamed pages (drop-behind). Left to the page
+        cache's LRU, the pass evicts its own earlier pages by direct reclaim in the threads that
+        fault the next ones: half the process's CPU in a 2 GiB cgroup (unmapping page by page,
+        TLB shootdowns); dropped here in whole ranges, that memory is free when the next layer
+        faults in."""
+        ranges = self.layers.get(i)
+        if ranges and self._fd >= 0 and i not in self.kept:
+            self._drop(ranges)
+
+    def _drop(self, ranges: list[tuple[int, int]]) -> None:
+        """Unmap whole pages of the file's `ranges` from every mapping of this process, then drop
+        them from the page cache."""
+        if self._theirs is None:
+            self._theirs = [m for m in _mappings_of(self.path) if m[0] != self._base]
+        for start, size in ranges:
+            self._libc.madvise(ctypes.c_void_p(self._base + start), size, MADV_DONTNEED)
+            for lo, length, offset in self._theirs:
+                a, b = max(start, offset), min(start + size, offset + length)
+                if b > a:
+                    self._libc.madvise(ctypes.c_void_p(lo + a - offset), b - a, MADV_DONTNEED)
+            os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_DONTNEED)
+
     def _read_ahead(self) -> None:
-        left = min(int(self.room() * READ_AHEAD_SHARE), self.stats.streamed_bytes)
+        tail = sum(n for i in self.kept for _, n in self.layers[i])
+        left = min(int(self.room() * READ_AHEAD_SHARE) - tail, self.stats.streamed_bytes)
         for start, size in self.streamed:
             for offset in range(start, start + size, READ_AHEAD_CHUNK):
                 n = min(READ_AHEAD_CHUNK, start + size - offset, left)

@@ -125,7 +125,8 @@ def llama_options(options: EngineOptions, the_plan: Plan | None, draft: ModelFil
         target = replace(target, n_batch=c.target.n_batch)
     if c is not None and c.target.disk_bytes:  # a paged target (plan/planner.py, backends/paging.py)
         unplanned = unplanned_drafter_bytes(the_plan, draft, mem.n_ctx, drafter.type_k, drafter.type_v)
-        target = replace(target, disk_bytes=c.target.disk_bytes + unplanned, read_ahead=mem.read_ahead)
+        target = replace(target, disk_bytes=c.target.disk_bytes + unplanned, read_ahead=mem.read_ahead,
+                         drop_behind=mem.drop_behind)
         # the drafter in memory of its own, never paged out, with the compute buffer the plan counted
         drafter = replace(drafter, use_mmap=False, n_batch=costmodel.PAGED_DRAFTER_BATCH)
     return target, drafter

@@ -148,6 +148,89 @@ def test_the_next_pass_stops_the_reader_within_a_chunk(tmp_path, monkeypatch):
         pager.close()
 
 
+def test_each_blocks_streamed_pages_are_known_whole_and_only_its_own(tmp_path):
+    from edge_spec.backends.paging import PAGE, layer_ranges, per_pass_ranges, split
+    from edge_spec.models.gguf_file import read_header
+    from tests.tiny_gguf import write_llama
+
+    model = write_llama(tmp_path / "wide.gguf", n_layer=4, n_embd=512, n_ff=2048)
+    header = read_header(model)
+    _, streamed = split(per_pass_ranges(header), 40 * PAGE)
+    layers = layer_ranges(header, streamed)
+    assert sorted(layers) == [0, 1, 2, 3]
+    spans = {i: [(header.data_offset + t.offset, header.data_offset + t.offset + t.n_bytes)
+                 for t in header.tensors if t.name.startswith(f"blk.{i}.")] for i in range(4)}
+    spans["other"] = [(header.data_offset + t.offset, header.data_offset + t.offset + t.n_bytes)
+                      for t in header.tensors if not t.name.startswith("blk.")]
+    others = {i: [j for j in spans if j != i] for i in range(4)}
+    for i, ranges in layers.items():
+        for start, size in ranges:
+            assert start % PAGE == 0 and size % PAGE == 0 and size > 0
+            assert any(s <= start and start + size <= s + n for s, n in streamed)  # streamed only
+            for a in range(start, start + size, PAGE):  # every page holds block i's weights, no one else's
+                assert any(lo < a + PAGE and a < hi for lo, hi in spans[i])
+                assert not any(lo < a + PAGE and a < hi for j in others[i] for lo, hi in spans[j])
+        # whole pages inward: the block's streamed bytes, less at most a page at each end of each tensor
+        own = sum(max(0, min(hi, s + n) - max(lo, s)) for lo, hi in spans[i] for s, n in streamed)
+        assert own - 2 * PAGE * len(spans[i]) <= sum(n for _, n in ranges) <= own + PAGE * len(spans[i])
+
+
+# the page cache holds a file in folios of up to 2 MiB; one that straddles two blocks' boundary is
+# not dropped with either block (dropping is by whole folios): at most one at each end of a block
+BOUNDARY_FOLIOS = 2 * (2 << 20)
+
+
+def test_drop_behind_frees_each_computed_block_but_the_tail_kept_for_the_next_pass(tmp_path):
+    from edge_spec.backends import paging
+
+    pager = _pager(tmp_path, 0, read_ahead=False)
+    pager.drop_behind = True
+    size = {i: sum(n for _, n in r) for i, r in pager.layers.items()}
+    # room for the window (two of the largest blocks) and the last block, not two
+    pager.room = lambda: int((2 * max(size.values()) + size[3] + size[2] // 2) / paging.TAIL_SHARE)
+    try:
+        with open(pager.path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            # a pass through a mapping of its own, as llama.cpp's: the pages end up mapped there
+            for i in range(0, len(mapped), paging.PAGE):
+                mapped[i]
+            assert all(pager.resident_bytes(pager.layers[i]) == size[i] for i in range(4))
+            for i in range(4):  # llama.cpp's eval callback, block by block (nothing kept yet: the first pass)
+                pager.layer_done(i)
+            assert all(pager.resident_bytes(pager.layers[i]) <= BOUNDARY_FOLIOS for i in range(4))
+            pager.finish_pass()
+            assert pager.kept == {3}
+            for i in range(0, len(mapped), paging.PAGE):  # the next pass
+                mapped[i]
+            for i in range(4):
+                pager.layer_done(i)
+            assert pager.resident_bytes(pager.layers[3]) == size[3]  # left for the pass after
+            assert all(pager.resident_bytes(pager.layers[i]) <= BOUNDARY_FOLIOS for i in range(3))
+    finally:
+        pager.close()
+
+
+def test_a_paged_llama_target_drops_each_block_behind_the_pass_and_computes_the_same_logits(tmp_path):
+    """llama.cpp's eval callback names every block of every pass, in order, to the Pager; the
+    logits are bit for bit those of the same target without it."""
+    import numpy as np
+
+    from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions
+    from tests.tiny_gguf import write_llama
+
+    model = write_llama(tmp_path / "tiny.gguf", n_layer=3, seed=2)
+    tokens = [1, 5, 9, 14, 3, 7]
+    out = {}
+    for drop in (False, True):
+        with LlamaCppBackend(model, LlamaOptions(n_ctx=64, n_threads=1, disk_bytes=1 << 40, drop_behind=drop)) as b:
+            seen: list[int] = []
+            b.pager.layer_done = seen.append
+            out[drop] = [b.forward(tokens[:4]), b.forward(tokens[4:5]), b.forward(tokens[5:])]
+            assert seen == ([0, 1, 2] * 3 if drop else [])
+            assert b.pager.drop_behind is drop
+    for a, b in zip(out[False], out[True]):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- one real paged run in a memory-limited cgroup -------------------------------------------
 
 SMOL = "smollm2-135m-instruct-q4_1"
