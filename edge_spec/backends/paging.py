@@ -257,22 +257,25 @@ class Pager:
     # --- eviction ------------------------------------------------------------------------------
     def evict(self) -> None:
         """Drop the streamed weights from the page cache, from every mapping of this process
-        (llama.cpp's too), so the next pass reads them from disk."""
+        (llama.cpp's too), so the next pass reads them from disk: what a pass reads once the
+        passes run in turn. Dropping behind, that is all but the tail kept for the next pass,
+        which stays (calibration then measures the pass a reply really pays)."""
         self._stop_reader()
+        streamed = _minus(self.streamed, sorted(r for i in self.kept for r in self.layers.get(i, ())))
         # first out of our own mapping, where the reader mapped them (the pages stay cached): a
         # page mapped twice, here and by llama.cpp, is one MADV_PAGEOUT skips. From the first
         # whole page: the one before may be the pinned prefix's (mlocked)
-        for start, size in self.streamed:
+        for start, size in streamed:
             a, b = -(-start // PAGE) * PAGE, -(-(start + size) // PAGE) * PAGE
             if b > a:
                 self._libc.madvise(ctypes.c_void_p(self._base + a), b - a, MADV_DONTNEED)
         for lo, length, offset in _mappings_of(self.path):
-            for start, size in self.streamed:
+            for start, size in streamed:
                 a, b = max(start, offset), min(start + size, offset + length)
                 a = a // PAGE * PAGE
                 if b > a:
                     self._libc.madvise(ctypes.c_void_p(lo + a - offset), b - a, MADV_PAGEOUT)
-        for start, size in self.streamed:
+        for start, size in streamed:
             os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
@@ -288,6 +291,22 @@ class Pager:
             self.close()
         except Exception:
             pass
+
+
+def _minus(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of `ranges` (offset, bytes) outside every one of `holes` (sorted by offset)."""
+    out = []
+    for start, size in ranges:
+        at, end = start, start + size
+        for lo, n in holes:
+            if lo + n <= at or lo >= end:
+                continue
+            if lo > at:
+                out.append((at, lo - at))
+            at = max(at, lo + n)
+        if end > at:
+            out.append((at, end - at))
+    return out
 
 
 def _available() -> int:

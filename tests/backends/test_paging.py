@@ -205,6 +205,13 @@ def test_drop_behind_frees_each_computed_block_but_the_tail_kept_for_the_next_pa
                 pager.layer_done(i)
             assert pager.resident_bytes(pager.layers[3]) == size[3]  # left for the pass after
             assert all(pager.resident_bytes(pager.layers[i]) <= BOUNDARY_FOLIOS for i in range(3))
+            for i in range(0, len(mapped), paging.PAGE):  # everything cached again
+                mapped[i]
+        # eviction (calibration's) leaves what a pass finds in turn: the tail kept, nothing else
+        pager.evict()
+        assert pager.resident_bytes(pager.layers[3]) == size[3]
+        assert all(pager.resident_bytes(pager.layers[i]) <= BOUNDARY_FOLIOS for i in range(3))
+        assert pager.resident_bytes(pager.streamed) <= size[3] + 3 * BOUNDARY_FOLIOS
     finally:
         pager.close()
 
