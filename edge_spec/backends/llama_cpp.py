@@ -261,8 +261,7 @@ class LlamaCppBackend(VocabMethods, Closing):
         self._pieces: dict[int, bytes] = {}
         self.pager = None
         if options.disk_bytes is not None and _parent is None:
-            self.pager = _pager(path, header, options.disk_bytes, options.read_ahead)
-            self.pager.drop_behind = options.drop_behind
+            self.pager = _pager(path, header, options.disk_bytes, options.read_ahead, options.drop_behind)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -571,11 +570,11 @@ def _block_callback(lib, pager: Callable[[], object]):
     return lib.ggml_backend_sched_eval_callback(on_eval)
 
 
-def _pager(path, header, disk_bytes: int, read_ahead: bool = True):
+def _pager(path, header, disk_bytes: int, read_ahead: bool = True, drop_behind: bool = False):
     """Pin all but `disk_bytes` of what every pass reads (paging.py); header: validated, or read here."""
     header = header if header is not None else validate(path)
     every_pass = sum(size for _, size in per_pass_ranges(header))
-    return Pager(path, header, max(every_pass - disk_bytes, 0), read_ahead)
+    return Pager(path, header, max(every_pass - disk_bytes, 0), read_ahead, drop_behind=drop_behind)
 
 
 FTYPES = {"f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12,

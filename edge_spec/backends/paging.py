@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import psutil
 
 PAGE = mmap.PAGESIZE
-MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 4, 21, 22
+MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 # between passes, read ahead at most this share of the page cache the cgroup can hold: the rest
 # is room for the pages the pass streams through (measured on the F16 1.5B in 2 GiB: half gave
 # the shortest next pass, all of it evicted its own pages before the pass reached them)
@@ -126,7 +126,7 @@ class Pager:
     `read_ahead`, reads the first streamed weights between passes (the module's docstring)."""
 
     def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = True,
-                 room: Callable[[], int] | None = None):
+                 room: Callable[[], int] | None = None, drop_behind: bool = False):
         self.path = os.fspath(path)
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
@@ -154,8 +154,9 @@ class Pager:
         self.stats = PagerStats(sum(s for _, s in self.locked), sum(s for _, s in self.streamed))
         self.read_ahead = read_ahead and bool(self.streamed)
         self.layers = layer_ranges(header, self.streamed)  # block i -> its streamed pages
-        self._theirs: list[tuple[int, int, int]] | None = None  # llama.cpp's mappings of the file
-        self.drop_behind = False  # set by the backend when llama.cpp tells it of each block computed
+        self.layer_bytes = {i: sum(n for _, n in r) for i, r in self.layers.items()}
+        self._theirs: list[tuple[int, int, int]] | None = None  # llama.cpp's mappings, for layer_done
+        self.drop_behind = drop_behind  # llama.cpp tells it of each block computed (layer_done)
         self.kept: set[int] = set()  # the last blocks, left in the page cache for the next pass
         self.room = room or _available  # bytes of file pages the page cache can hold now
         self._reader: threading.Thread | None = None
@@ -179,11 +180,10 @@ class Pager:
     def _keep_tail(self) -> None:
         """Which of the last blocks the next pass finds in the page cache: as many as fit in a
         share of the room, less a window for the blocks streaming through (two of the largest)."""
-        window = 2 * max((sum(n for _, n in r) for r in self.layers.values()), default=0)
-        left = int(self.room() * TAIL_SHARE) - window
+        left = int(self.room() * TAIL_SHARE) - 2 * max(self.layer_bytes.values(), default=0)
         self.kept = set()
         for i in sorted(self.layers, reverse=True):
-            left -= sum(n for _, n in self.layers[i])
+            left -= self.layer_bytes[i]
             if left < 0:
                 break
             self.kept.add(i)
@@ -196,23 +196,31 @@ class Pager:
         faults in."""
         ranges = self.layers.get(i)
         if ranges and self._fd >= 0 and i not in self.kept:
-            self._drop(ranges)
+            if self._theirs is None:  # read once: llama.cpp mapped the file before its first pass
+                self._theirs = self._their_mappings()
+            self._drop(ranges, self._theirs)
 
-    def _drop(self, ranges: list[tuple[int, int]]) -> None:
-        """Unmap whole pages of the file's `ranges` from every mapping of this process, then drop
-        them from the page cache."""
-        if self._theirs is None:
-            self._theirs = [m for m in _mappings_of(self.path) if m[0] != self._base]
+    def _their_mappings(self) -> list[tuple[int, int, int]]:
+        """The file's mappings in this process other than ours (llama.cpp's)."""
+        return [m for m in _mappings_of(self.path) if m[0] != self._base]
+
+    def _drop(self, ranges: list[tuple[int, int]], theirs: list[tuple[int, int, int]]) -> None:
+        """Drop the file's `ranges` from the page cache: unmapped first from ours (where the
+        reader mapped them) and `theirs` (a mapped page is one the page cache keeps), from the
+        first whole page on (the one before may be the pinned prefix's, mlocked)."""
         for start, size in ranges:
-            self._libc.madvise(ctypes.c_void_p(self._base + start), size, MADV_DONTNEED)
-            for lo, length, offset in self._theirs:
-                a, b = max(start, offset), min(start + size, offset + length)
-                if b > a:
-                    self._libc.madvise(ctypes.c_void_p(lo + a - offset), b - a, MADV_DONTNEED)
+            a, b = -(-start // PAGE) * PAGE, -(-(start + size) // PAGE) * PAGE
+            if b <= a:
+                continue
+            self._libc.madvise(ctypes.c_void_p(self._base + a), b - a, MADV_DONTNEED)
+            for lo, length, offset in theirs:
+                x, y = max(a, offset), min(b, offset + length)
+                if y > x:
+                    self._libc.madvise(ctypes.c_void_p(lo + x - offset), y - x, MADV_DONTNEED)
             os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_DONTNEED)
 
     def _read_ahead(self) -> None:
-        tail = sum(n for i in self.kept for _, n in self.layers[i])
+        tail = sum(self.layer_bytes[i] for i in self.kept)
         left = min(int(self.room() * READ_AHEAD_SHARE) - tail, self.stats.streamed_bytes)
         for start, size in self.streamed:
             for offset in range(start, start + size, READ_AHEAD_CHUNK):
@@ -261,22 +269,8 @@ class Pager:
         passes run in turn. Dropping behind, that is all but the tail kept for the next pass,
         which stays (calibration then measures the pass a reply really pays)."""
         self._stop_reader()
-        streamed = _minus(self.streamed, sorted(r for i in self.kept for r in self.layers.get(i, ())))
-        # first out of our own mapping, where the reader mapped them (the pages stay cached): a
-        # page mapped twice, here and by llama.cpp, is one MADV_PAGEOUT skips. From the first
-        # whole page: the one before may be the pinned prefix's (mlocked)
-        for start, size in streamed:
-            a, b = -(-start // PAGE) * PAGE, -(-(start + size) // PAGE) * PAGE
-            if b > a:
-                self._libc.madvise(ctypes.c_void_p(self._base + a), b - a, MADV_DONTNEED)
-        for lo, length, offset in _mappings_of(self.path):
-            for start, size in streamed:
-                a, b = max(start, offset), min(start + size, offset + length)
-                a = a // PAGE * PAGE
-                if b > a:
-                    self._libc.madvise(ctypes.c_void_p(lo + a - offset), b - a, MADV_PAGEOUT)
-        for start, size in streamed:
-            os.posix_fadvise(self._fd, start, size, os.POSIX_FADV_DONTNEED)
+        kept = sorted(r for i in self.kept for r in self.layers.get(i, ()))
+        self._drop(_minus(self.streamed, kept), self._their_mappings())
 
     def close(self) -> None:
         self._stop_reader()

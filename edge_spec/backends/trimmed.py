@@ -106,12 +106,17 @@ class TrimmedBackend:
             del self.tokens[n_past:], self._ends[n_past:]
 
 
+def piece_of(vocab):
+    """The target's bytes of a token id, as TrimmedBackend wants them: its piece, or for a
+    control token its text."""
+    return lambda t: vocab.piece(t) or vocab.token_text(t).encode()
+
+
 def as_drafter_of(target, draft_path, backend):
     """The drafter backend as the runtime uses it: a trimmed drafter (built with --method trim)
     is wrapped to speak the target's token ids; either way checked against the target's vocabulary."""
     kept = ModelFile.open(draft_path).kept_ids
     if kept is not None:
-        backend = TrimmedBackend(backend, kept, target.vocab_size,
-                                 lambda t: target.piece(t) or target.token_text(t).encode())
+        backend = TrimmedBackend(backend, kept, target.vocab_size, piece_of(target))
     check_compatible(target, backend)
     return backend

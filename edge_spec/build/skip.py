@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_spec.backends.llama_cpp import LlamaCppBackend, LlamaOptions, LlamaVocab, quantize
-from edge_spec.backends.trimmed import TrimmedBackend
+from edge_spec.backends.trimmed import TrimmedBackend, piece_of
 from edge_spec.build.rewrite import rewrite
 from edge_spec.build.trim import CALIBRATION, calibration_texts
 from edge_spec.models.chat_template import chat_tokens, renderer_for
@@ -417,7 +417,7 @@ def agreement(source, drafter, calibration=None, report: Report | None = None,
         else:
             vocab = LlamaVocab(os.fspath(source))
             try:
-                seen = TrimmedBackend(model, kept, vocab.n_tokens, lambda t: vocab.piece(t) or vocab.token_text(t).encode())
+                seen = TrimmedBackend(model, kept, vocab.n_tokens, piece_of(vocab))
                 measured = score(seen, slices["held_out"], reference["held_out"], kept)
             finally:
                 vocab.close()
