@@ -45,8 +45,9 @@ class TrimmedBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        # the drafter's own, less trees: its ids are re-spelled per token, not per tree node
-        return dataclasses.replace(self.backend.capabilities, trees=False)
+        # the drafter's own, less trees (verified or grown in its cache): its ids are re-spelled
+        # per token, not per tree node, so the backend's tree calls would see the target's ids
+        return dataclasses.replace(self.backend.capabilities, trees=False, tree_growth=False)
 
     def spell(self, token: int) -> list[int]:
         """Drafter ids for one target token: itself if kept, else its bytes tokenized by the

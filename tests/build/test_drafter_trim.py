@@ -77,15 +77,15 @@ def test_trimmed_drafter_rows_are_the_targets_tokens(smol_path, trimmed):
             as_drafter_of(d, smol_path, t)  # the untrimmed model is no trimmed drafter's target
 
 
-def greedy_runs(model, draft, prompt: str, max_tokens: int, draft_length: int):
+def greedy_runs(model, draft, prompt: str, max_tokens: int, draft_length: int | None, **spec_options):
     """(plain greedy tokens, the Steps of greedy speculation with `draft`), both through the
-    engine on `model` with nothing else drafting."""
+    engine on `model` with nothing else drafting (but what `spec_options` turn on)."""
     opts = dict(model=str(model), n_ctx=512, plan=False, calibrate=False, ngram=False, history=False)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
     messages = [{"role": "user", "content": prompt}]
     with Engine.load(EngineOptions.of(**opts, plain=True)) as plain:
         want = [t for s in plain.stream(plain.chat_tokens(messages), sp) for t in s.tokens]
-    with Engine.load(EngineOptions.of(**opts, draft=str(draft), draft_length=draft_length)) as spec:
+    with Engine.load(EngineOptions.of(**{**opts, **spec_options}, draft=str(draft), draft_length=draft_length)) as spec:
         steps = list(spec.stream(spec.chat_tokens(messages), sp))
     return want, steps
 
@@ -94,6 +94,26 @@ def test_trimmed_drafter_greedy_equals_plain_greedy(smol_path, trimmed):
     want, steps = greedy_runs(smol_path, trimmed, "Write a haiku about rivers.", 48, 4)
     assert [t for s in steps for t in s.tokens] == want
     assert steps[-1].stats.n_accepted > 0
+
+
+def test_a_trimmed_drafter_grows_token_trees_in_the_targets_ids(smol_path, tmp_path):
+    """Trees grown in the drafter's cache (extend_tree) must see drafter ids, not the target's: a
+    1,024-token drafter, a prompt of tokens it does not keep, n-gram seeds from that prompt. Before,
+    the target's ids reached llama_decode raw, it refused them, and the drafter was dropped."""
+    prompt = "Repeat exactly: Photosynthesis converts sunlight, water and carbon dioxide into glucose. " * 2
+    vocab, counts = read_vocab(smol_path), np.zeros(read_vocab(smol_path).size)
+    with LlamaCppBackend(smol_path, LlamaOptions(n_ctx=256)) as t:
+        counts[t.tokenize(prompt, add_special=False)] = 1.0  # kept, so that the drafter can repeat it
+    kept = choose_ids(counts, vocab, MIN_K)
+    assert any(d != t for d, t in enumerate(kept))  # drafter ids are not the target's
+    small = tmp_path / "smol.trim-1024.gguf"
+    write_trimmed(smol_path, small, kept, {"edgespec.drafter.kept_ids": kept})
+    want, steps = greedy_runs(smol_path, small, prompt, 40, None, tree_budget=16, ngram=True)
+    assert [t for s in steps for t in s.tokens] == want
+    stats = steps[-1].stats
+    assert not stats.notes, stats.notes   # no drafter dropped mid-reply
+    model = {s: (d, a) for s, d, a, _ in stats.by_source}.get("model", (0, 0))
+    assert model[0] > 0 and model[1] > 0
 
 
 def test_sampling_with_a_small_trimmed_drafter_keeps_the_target_distribution(smol_path, tmp_path):
