@@ -48,9 +48,12 @@ import psutil
 PAGE = mmap.PAGESIZE
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 # between passes, read ahead at most this share of the page cache the cgroup can hold: the rest
-# is room for the pages the pass streams through (measured on the F16 1.5B in 2 GiB: half gave
-# the shortest next pass, all of it evicted its own pages before the pass reached them)
+# is room for the pages the pass streams through. Measured on the F16 1.5B in 2 GiB: left to the
+# LRU, half gave the shortest next pass (all of it evicted its own pages before the pass reached
+# them); dropping behind, the pass needs only a window of blocks, and 0.9 read 0.53 GiB ahead per
+# pass against 0.06 and made the passes 10% shorter (code; chat 3%)
 READ_AHEAD_SHARE = 0.5
+READ_AHEAD_SHARE_DROPPING = 0.9
 # drop-behind keeps the last blocks cached for the next pass, up to this share of the room (less a
 # window of two blocks): 0.6 gave the fastest passes on the F16 1.5B in 2 GiB (0.45 and 0.75 slower)
 TAIL_SHARE = 0.6
@@ -128,12 +131,7 @@ class Pager:
     def __init__(self, path: str | os.PathLike, header, pinned_bytes: int, read_ahead: bool = True,
                  room: Callable[[], int] | None = None, drop_behind: bool = False):
         self.path = os.fspath(path)
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self._libc.mmap.restype = ctypes.c_void_p
-        self._libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        for name in ("mlock", "munlock", "madvise", "munmap"):
-            getattr(self._libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t] + ([ctypes.c_int] if name == "madvise" else [])
-        self._libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        self._libc = _libc()
         self._fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
         self._base = self._libc.mmap(None, self.size, PROT_READ, MAP_SHARED, self._fd, 0)
@@ -221,7 +219,8 @@ class Pager:
 
     def _read_ahead(self) -> None:
         tail = sum(self.layer_bytes[i] for i in self.kept)
-        left = min(int(self.room() * READ_AHEAD_SHARE) - tail, self.stats.streamed_bytes)
+        share = READ_AHEAD_SHARE_DROPPING if self.drop_behind else READ_AHEAD_SHARE
+        left = min(int(self.room() * share) - tail, self.stats.streamed_bytes)
         for start, size in self.streamed:
             for offset in range(start, start + size, READ_AHEAD_CHUNK):
                 n = min(READ_AHEAD_CHUNK, start + size - offset, left)
@@ -301,6 +300,17 @@ def _minus(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[
         if end > at:
             out.append((at, end - at))
     return out
+
+
+def _libc():
+    """The C library with the argument types of the calls the Pager makes."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    for name in ("mlock", "munlock", "madvise", "munmap"):
+        getattr(libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t] + ([ctypes.c_int] if name == "madvise" else [])
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc
 
 
 def _available() -> int:

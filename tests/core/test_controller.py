@@ -188,6 +188,28 @@ def test_an_acceptance_measured_before_the_session_is_evidence_where_drafts_are_
     assert c.draft_length("model", 16) == first
 
 
+def test_on_a_flat_curve_a_rejection_does_not_cut_a_known_self_drafters_draft_to_a_few_tokens():
+    """The F16 1.5B paged in 2 GiB: its 3-bit self-drafter costs 0.045 plain steps a token. After
+    long accepted drafts one is rejected at its first token: the run is 0, so 2j + 1 = 1, and the
+    cheap rule decides. The measured acceptance still asks for a long draft, and it gets one: a
+    rejected draft's pass may waste CHEAP_WASTE, its drafting CHEAP_DRAFTING (counted together
+    within 0.5 steps, drafting was capped at 9 tokens and chat took 13 passes for 64 tokens where
+    it now takes 9). A drafter that stops agreeing is shortened by its measured acceptance."""
+    c = Controller()
+    c.calibrate({n: r * STEP for n, r in CURVES["paged"].items()}, {"model": 0.045 * STEP})
+    c.observe_verify(1, STEP)
+    for _ in range(6):
+        c.observe_draft("model", 16, 16, 0.045 * STEP)
+        c.observe_verify(17, CURVES["paged"][17] * STEP)
+    c.observe_draft("model", 16, 0, 0.045 * STEP)
+    best, _ = c._best("model", 16, c.acceptance("model"))
+    assert c.run["model"] == 0 and best >= 14
+    assert c.draft_length("model", 16) == best
+    for _ in range(8):
+        c.observe_draft("model", 4, 0, 0.045 * STEP)
+    assert c.draft_length("model", 16) <= 3
+
+
 def test_the_cost_curve_is_monotone_whatever_was_measured():
     curve = CostCurve()
     for n, ratio in {2: 1.7, 4: 4.25, 6: 3.11, 8: 6.6}.items():  # a noisy calibration: 6 below 4
