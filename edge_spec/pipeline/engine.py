@@ -3,7 +3,8 @@ the server talk to. `Engine.load` runs the pipeline's five stages (see pipeline/
 
 While it runs, the Controller corrects costs and acceptance; at close the acceptance measured goes
 to the history (plan/history.py) and the target passes it timed are blended into the cached
-calibration (plan/calibrate.py: `learn`), so the next plan starts from what this one learned.
+calibration (plan/calibrate.py: `learn`; sequential schedule only), so the next plan starts from
+what this one learned.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ class Engine:
     def close(self) -> None:
         if self._templates is not None:
             self._templates.close()
-        if self.options.planning.calibrate:
+        # passes timed beside the parallel schedule's drafting thread shared the CPU with it: not
+        # the pass a calibration measures (a few such sessions made the F16 paged curve 1.5x steep)
+        if self.options.planning.calibrate and self.runtime.decoding.schedule == "sequential":
             learn(self.target, {n: (count, seconds) for n, (count, seconds) in self.runtime.controller.observed.items()})
         if self._history is not None:
             try:

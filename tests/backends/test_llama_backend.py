@@ -249,6 +249,22 @@ def test_a_calibration_learns_from_each_session_and_is_never_dropped(tiny, tmp_p
         steps_before = step
 
 
+def test_a_session_of_the_parallel_schedule_teaches_the_calibration_nothing(tiny, tmp_path, monkeypatch):
+    """Its passes ran beside a drafting thread: the cached curve stays as it was."""
+    from edge_spec.plan import calibrate
+
+    monkeypatch.setenv("EDGESPEC_STATE", str(tmp_path))
+    options = dict(model=str(tiny), n_ctx=256, n_threads=1, history=False)
+    with Engine.load(EngineOptions.of(**options)) as engine:
+        cache = calibrate.calibration_file(engine.target)
+    before = cache.read_text()
+    with Engine.load(EngineOptions.of(**options, draft=str(tiny), schedule="parallel")) as engine:
+        assert engine.runtime.decoding.schedule == "parallel"
+        list(engine.stream(engine.text_tokens("hello"), SamplingParams(temperature=0, max_tokens=60)))
+        assert max(count for count, _ in engine.runtime.controller.observed.values()) >= calibrate.MIN_PASSES
+    assert cache.read_text() == before
+
+
 def test_tree_pass_equals_each_path_evaluated_alone_and_keeps_one_branch(tiny, backend):
     """forward_tree: every node sees the context and its ancestors only (llama.cpp sequence sets
     over a unified KV cache); keep_path leaves the cache as if the kept path had been decoded."""
