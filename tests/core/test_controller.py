@@ -193,8 +193,8 @@ def test_on_a_flat_curve_a_rejection_does_not_cut_a_known_self_drafters_draft_to
     long accepted drafts one is rejected at its first token: the run is 0, so 2j + 1 = 1, and the
     cheap rule decides. The measured acceptance still asks for a long draft, and it gets one: a
     rejected draft's pass may waste CHEAP_WASTE, its drafting CHEAP_DRAFTING (counted together
-    within 0.5 steps, drafting was capped at 9 tokens and chat took 13 passes for 64 tokens where
-    it now takes 9). A drafter that stops agreeing is shortened by its measured acceptance."""
+    within 0.5 steps, this draft was capped at 9 tokens). A drafter that stops agreeing is
+    shortened by its measured acceptance."""
     c = Controller()
     c.calibrate({n: r * STEP for n, r in CURVES["paged"].items()}, {"model": 0.045 * STEP})
     c.observe_verify(1, STEP)
