@@ -371,14 +371,18 @@ class FakeMatcher:
         self.end_tokens = frozenset(end_tokens)
         self.forced_table = forced or {}
         self.states = [0]
-        self.masks_computed = 0
+        self.computed = [0]  # masks computed by this matcher and its copies
 
     def allowed(self, state) -> set[int]:
         out = set(self.table.get(state, {}))
         return out | self.end_tokens if state in self.accepting else out
 
+    @property
+    def masks_computed(self) -> int:
+        return self.computed[0]
+
     def mask(self) -> np.ndarray:
-        self.masks_computed += 1
+        self.computed[0] += 1
         out = np.zeros(self.vocab_size, dtype=bool)
         out[sorted(self.allowed(self.states[-1]))] = True
         return out
@@ -388,16 +392,12 @@ class FakeMatcher:
         assert token in self.allowed(state), f"token {token} is not allowed in state {state}"
         self.states.append(self.table.get(state, {}).get(token, "end"))
 
-    def rollback(self, n: int) -> None:
-        assert 0 <= n < len(self.states)
-        del self.states[len(self.states) - n:]
-
     def forced(self) -> tuple[int, ...]:
         return tuple(self.forced_table.get(self.states[-1], ()))
 
     def copy(self) -> FakeMatcher:
         other = FakeMatcher(self.table, self.accepting, self.end_tokens, self.vocab_size, self.forced_table)
-        other.states = list(self.states)
+        other.states, other.computed = list(self.states), self.computed
         return other
 
 

@@ -2,10 +2,17 @@
 
 A *matcher* is one grammar's state machine over the target's token ids (the engine behind it,
 llguidance, is wrapped by core/llg.py; tests use fakes): it gives the mask of the tokens allowed
-after what it consumed, consumes a token, rolls back, and names the tokens of the text the grammar
-forces next. `GrammarState` follows one generation with it: a mask or a forced span after any
-*path* of tokens beyond what was emitted (a draft's prefix, a tree node's branch), each computed
-once per step (the drafter and the verifier ask for the same ones).
+after what it consumed, consumes a token, copies itself, and names the tokens of the text the
+grammar forces next. `GrammarState` follows one generation with it: a mask or a forced span after
+any *path* of tokens beyond what was emitted (a draft's prefix, a tree node's branch), each
+computed once per step (the drafter and the verifier ask for the same ones).
+
+A matcher only ever moves forward: the one at the emitted tokens consumes what is emitted, and a
+path is walked on a copy of it, dropped when a path leaves it. llguidance 1.9.1 can roll back, but
+a mask computed before a rollback can leave its state wrong after it: with a drafted
+`describe_table", "arguments": {"table": "` rolled back and `run_sql", ..., {"query": "...` taken
+instead, its mask inside the query string allowed `"}}` (which the required "limit" forbids), the
+target chose it, and consuming it failed (bench/structured.py's sql_tool; tests/core/test_llg.py).
 
 What the output follows: the *masked target*, p_g = probs(logits with every token the grammar
 forbids at -inf, sp): the mask first, then the request's filters and temperature (all of them
@@ -54,7 +61,6 @@ class Matcher(Protocol):
 
     def mask(self) -> np.ndarray: ...                 # [vocab_size] bool: the tokens allowed next
     def consume(self, token: int) -> None: ...        # an allowed token
-    def rollback(self, n: int) -> None: ...           # undo the last n tokens consumed
     def forced(self) -> tuple[int, ...]: ...          # tokens of the text the grammar forces next
     def copy(self) -> Matcher: ...                    # an independent matcher in the same state
 
@@ -73,16 +79,16 @@ class GrammarState:
     its own (over a copy of the matcher)."""
 
     def __init__(self, matcher: Matcher):
-        self.matcher = matcher
+        self.matcher = matcher    # at the committed tokens: it consumes what is emitted, nothing else
         self.vocab_size = matcher.vocab_size
         self.end_tokens = matcher.end_tokens
-        self._at: list[int] = []  # what the matcher consumed beyond the committed tokens
+        self._walk: Matcher | None = None  # a copy of it that consumed _at beyond the committed tokens
+        self._at: list[int] = []
         self._masks: dict[tuple[int, ...], np.ndarray] = {}
         self._forced: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def copy(self) -> GrammarState:
         """A state of its own at the committed tokens (for another thread)."""
-        self._goto(())
         return GrammarState(self.matcher.copy())
 
     # --- queries after a path ----------------------------------------------------------------
@@ -92,11 +98,7 @@ class GrammarState:
         key = tuple(path)
         found = self._masks.get(key)
         if found is None:
-            if self._ended(key):
-                found = np.ones(self.vocab_size, dtype=bool)
-            else:
-                self._goto(key)
-                found = self.matcher.mask()
+            found = np.ones(self.vocab_size, dtype=bool) if self._ended(key) else self._after(key).mask()
             if len(self._masks) >= MAX_CACHED:
                 self._masks.clear()
             self._masks[key] = found
@@ -110,8 +112,7 @@ class GrammarState:
         if found is None:
             found = ()
             if not self._ended(key):
-                self._goto(key)
-                span = self.matcher.forced()
+                span = self._after(key).forced()
                 found = span[: self.legal(key, span)]
             self._forced[key] = found
         return found if most is None else found[:most]
@@ -153,8 +154,9 @@ class GrammarState:
         computed along them are kept)."""
         tokens = tuple(tokens)
         end = next((i + 1 for i, t in enumerate(tokens) if t in self.end_tokens), len(tokens))
-        self._goto(tokens[:end])
-        self._at = []
+        for token in tokens[:end]:
+            self.matcher.consume(int(token))
+        self._walk, self._at = None, []
         n = len(tokens)
         self._masks = {p[n:]: m for p, m in self._masks.items() if p[:n] == tokens}
         self._forced = {p[n:]: f for p, f in self._forced.items() if p[:n] == tokens}
@@ -162,18 +164,20 @@ class GrammarState:
     def _ended(self, path: tuple[int, ...]) -> bool:
         return any(t in self.end_tokens for t in path)
 
-    def _goto(self, path: tuple[int, ...]) -> None:
-        """Bring the matcher to the committed tokens + `path` (legal: every path asked for was
-        built from allowed tokens), rolling back what it consumed beyond their common prefix."""
-        at, n = self._at, 0
-        while n < len(at) and n < len(path) and at[n] == path[n]:
-            n += 1
-        if n < len(at):
-            self.matcher.rollback(len(at) - n)
-            del at[n:]
-        for token in path[n:]:
-            self.matcher.consume(int(token))
+    def _after(self, path: tuple[int, ...]) -> Matcher:
+        """A matcher at the committed tokens + `path` (legal: every path asked for was built from
+        allowed tokens): the committed one for the empty path, else the walking copy, moved on
+        along `path` when it lies on it, else a fresh copy walked from the committed tokens."""
+        if not path:
+            return self.matcher
+        at = self._at
+        if self._walk is None or len(at) > len(path) or tuple(at) != path[: len(at)]:
+            self._walk, at = self.matcher.copy(), []
+            self._at = at
+        for token in path[len(at):]:
+            self._walk.consume(int(token))
             at.append(int(token))
+        return self._walk
 
 
 class GrammarView:

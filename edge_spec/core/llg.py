@@ -92,10 +92,6 @@ class LlgMatcher:
         if not self._m.consume_token(token):
             raise EdgespecError(f"the grammar engine refused token {token}: {self._m.get_error()}")
 
-    def rollback(self, n: int) -> None:
-        if n and not self._m.rollback(n):
-            raise EdgespecError(f"the grammar engine could not take back {n} tokens: {self._m.get_error()}")
-
     def forced(self) -> tuple[int, ...]:
         """The target's tokens for the bytes the grammar forces next (its tokenization of them:
         verification decides whether the target writes them so)."""
