@@ -13,10 +13,11 @@ N_CTX = 4096            # context tokens, as llama.cpp's default for chat
 MAX_DRAFT = 16          # longest draft the planner weighs and the Controller may draft
 
 # Per-token acceptance assumed until measured, by source (Controller keys: "model" is a draft
-# model, "ngram" a short prompt-lookup match, "ngram:long" a long one; "/hot" after a draft
-# that was accepted whole). Read-only: the Controller copies it.
+# model, "ngram" a short prompt-lookup match in the reply, "ngram:prompt" one in the prompt,
+# "ngram:long" a long one; "/hot" after a draft that was accepted whole). Read-only: the
+# Controller copies it.
 PRIOR_ACCEPTANCE = types.MappingProxyType({
-    "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.65,
+    "model": 0.7, "model/hot": 0.8, "ngram": 0.5, "ngram/hot": 0.65, "ngram:prompt": 0.5, "ngram:prompt/hot": 0.65,
     "ngram:long": 0.85, "ngram:long/hot": 0.95})
 # acceptance assumed for a low-bit copy of the target (a self-drafter) not built yet, by its bits;
 # a built one records its own agreement (build/quant.py), which replaces these. Measured (T = 0

@@ -177,7 +177,7 @@ class Draft:
 
     tokens: tuple[int, ...]
     probs: np.ndarray | tuple[np.ndarray | None, ...] | None  # [k, vocab], k rows, or None
-    source: str  # the acceptance-statistics key, e.g. "model", "ngram" or "ngram:long"
+    source: str  # the acceptance-statistics key, e.g. "model", "ngram", "ngram:prompt" or "ngram:long"
     seconds_per_token: float | None = None  # drafter's steady-state cost; None = free or unknown
     catch_up: tuple[int, float] | None = None  # (tokens, seconds) the drafter read first, unseen before
     forced: tuple[bool, ...] = ()  # per token: proposed ahead of the drafter (statistics key `lead`); () = none

@@ -55,6 +55,22 @@ def test_ngram_budget_zero_proposes_nothing():
     assert NgramDrafter(1, 2).propose([1, 2, 1, 2], 0, GREEDY, NumpyRandom(0)) is None
 
 
+def test_ngram_keys_say_whether_a_short_match_lies_in_the_prompt():
+    """A short match whose continuation starts in the prompt drafts under "ngram:prompt", one in
+    the reply's own tokens under "ngram", a long one under "ngram:long" wherever it lies: three
+    acceptance records, so that a reply's recurring JSON separators cannot cool down its quotes."""
+    drafter = NgramDrafter(2, 4, long_from=4)
+    prompt = [1, 2, 3, 9, 5, 6]
+    drafter.prefill(prompt)
+    assert drafter.propose([*prompt, 7, 1, 2], 2, GREEDY, NumpyRandom(0)).source == "ngram:prompt"  # 3, 9
+    reply = [*prompt, 7, 8, 6, 7, 8]
+    assert drafter.ready(reply) == "ngram" and drafter.propose(reply, 2, GREEDY, NumpyRandom(0)).tokens == (6, 7)
+    long = [*prompt, 1, 2, 3, 9]
+    assert drafter.ready(long) == "ngram:long" and drafter.propose(long, 2, GREEDY, NumpyRandom(0)).tokens == (5, 6)
+    drafter.prefill([4, 5, 6])  # the next reply: its own prompt counts
+    assert drafter.ready([4, 5, 6, 1, 4, 5]) == "ngram:prompt" and drafter.ready([4, 5, 6, 4, 5, 1, 4, 5]) == "ngram"
+
+
 def test_ngram_index_is_rebuilt_when_the_context_is_replaced():
     drafter = NgramDrafter(2, 2)
     assert drafter.propose([1, 2, 3, 1, 2], 4, GREEDY, NumpyRandom(0)).tokens == (3, 1, 2)
@@ -342,4 +358,4 @@ def test_a_failing_drafter_hands_over_to_the_next_one():
     steps, tokens, _ = run(runtime, [0, 1, 2, 0, 1, 2, 0, 1], GREEDY.with_(max_tokens=20))
     assert tokens == run(Runtime(copy_model(target), []), [0, 1, 2, 0, 1, 2, 0, 1], GREEDY.with_(max_tokens=20))[1]
     assert "the other drafters" in steps[-1].stats.notes[0]
-    assert {s for s, *_ in steps[-1].stats.by_source} <= {"model", "ngram", "ngram:long"}
+    assert {s for s, *_ in steps[-1].stats.by_source} <= {"model", "ngram", "ngram:prompt", "ngram:long"}

@@ -4,7 +4,12 @@ repeats the prompt (editing a file, quoting code) or itself.
 
 How long the match is predicts acceptance well (short matches are seldom right in chat, long ones
 nearly always when a file is copied), so drafts from matches of at least `long_from` tokens get
-their own statistics key ("ngram:long"), with a higher prior."""
+their own statistics key ("ngram:long"), with a higher prior. Where a short match lies predicts
+it too, so those in the prompt have a key of their own ("ngram:prompt"): a reply that quotes its
+prompt (a JSON extraction copying values, a tool call its arguments) accepts them far more often
+than the matches of its own recurring text (the `", "` between a JSON object's keys), and one
+key's rejections no longer put the other in cool-down (bench/structured.py: 1.43-1.45x plain
+with one key, 1.47x with the two)."""
 
 from __future__ import annotations
 
@@ -24,15 +29,17 @@ class NgramDrafter:
             raise ValueError("need 1 <= n_min <= n_max")
         self.n_min, self.n_max, self.long_from = n_min, n_max, long_from
         self._seen: list[int] = []
+        self._prompt_end = 0  # tokens of the prompt (the last prefill)
         # n → {n-gram: indices of the tokens that followed its occurrences, most recent last}
         self._index: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(n_min, n_max + 1)}
 
     def prefill(self, context: Sequence[int]) -> None:
         self._sync(context)
+        self._prompt_end = len(context)
 
     def ready(self, context: Sequence[int]) -> str | None:
         match = self._match(context)
-        return None if match is None else self._key(match[0])
+        return None if match is None else self._key(*match)
 
     def behind(self, context: Sequence[int]) -> int:
         return 0  # indexing new tokens costs nothing measurable
@@ -42,7 +49,7 @@ class NgramDrafter:
         if match is None or k <= 0:
             return None
         n, start = match
-        return Draft(tuple(context[start : start + k]), None, self._key(n))
+        return Draft(tuple(context[start : start + k]), None, self._key(n, start))
 
     def trie(self, context: Sequence[int], budget: int, branches: int) -> TokenTree | None:
         """The continuations of up to `branches` earlier occurrences of the context's suffix
@@ -76,8 +83,10 @@ class NgramDrafter:
                 node = nxt
         return TokenTree(tuple(tokens), tuple(parents)) if tokens else None
 
-    def _key(self, n: int) -> str:
-        return f"{self.source}:long" if n >= self.long_from else self.source
+    def _key(self, n: int, start: int) -> str:
+        if n >= self.long_from:
+            return f"{self.source}:long"
+        return f"{self.source}:prompt" if start < self._prompt_end else self.source
 
     def _match(self, context: Sequence[int]) -> tuple[int, int] | None:
         self._sync(context)
