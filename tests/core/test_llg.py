@@ -84,6 +84,59 @@ def test_masks_after_a_rejected_draft_are_those_of_the_path_taken(session, token
     assert state.legal((), close) < len(close)  # "limit" is still required
 
 
+def test_masks_along_random_drafts_and_after_rejections_equal_a_fresh_matchers(session, tokenizer):
+    """Random legal drafts of two branches each (as a tree's), a prefix of one kept and another
+    legal token emitted in place of the rest (as verification does), over an object of two
+    alternatives: every mask the state gives, along a branch or after what was emitted, is a
+    fresh matcher's over the same tokens."""
+    schema = {"anyOf": [
+        {"type": "object", "properties": {"a": {"type": "string"}, "n": {"type": "integer"}}, "required": ["a", "n"],
+         "additionalProperties": False},
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}]}
+    compiled = llg.compile(tokenizer, Grammar.json_schema(schema), 5)
+    target = session.engine.target
+    short = np.array([len(target.detokenize([t])) <= 2 for t in range(tokenizer.vocab_size)])  # to close strings soon
+    rng = np.random.default_rng(7)
+
+    def fresh_mask(tokens):
+        fresh = compiled.matcher()
+        for token in tokens:
+            fresh.consume(token)
+        return fresh.mask()
+
+    def walk(state, path, n):  # n random legal tokens after path, each mask checked
+        path = list(path)
+        for _ in range(n):
+            mask = state.mask(path)
+            assert np.array_equal(mask, fresh_mask(emitted + path))
+            allowed = np.flatnonzero(mask & short) if rng.random() < 0.8 else []
+            path.append(int(rng.choice(allowed if len(allowed) else np.flatnonzero(mask))))
+            if path[-1] in tokenizer.end_tokens:
+                break
+        return path
+
+    compared = 0
+    for _ in range(5):
+        state, emitted = GrammarState(compiled.matcher()), []
+        for _ in range(30):
+            if state.only_ends():
+                break
+            first = walk(state, [], int(rng.integers(1, 6)))
+            fork = int(rng.integers(0, len(first)))
+            second = walk(state, first[:fork], int(rng.integers(1, 4)))  # may leave `first` at its last token
+            path = first if rng.random() < 0.5 else second
+            keep = int(rng.integers(0, len(path)))
+            other = [t for t in np.flatnonzero(state.mask(path[:keep])) if t != path[keep]]
+            new = [*path[:keep], int(rng.choice(other))] if other else path[: keep + 1]
+            state.commit(new)
+            emitted += new
+            if any(t in tokenizer.end_tokens for t in new):
+                break
+            assert np.array_equal(state.mask(), fresh_mask(emitted)), target.detokenize(emitted)
+            compared += 1
+    assert compared >= 50
+
+
 @pytest.mark.parametrize("grammar, message", [
     (Grammar.json_schema({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
      "unsupported JSON schema: keywords the grammar engine cannot enforce"),
