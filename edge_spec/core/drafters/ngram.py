@@ -9,7 +9,7 @@ it too, so those in the prompt have a key of their own ("ngram:prompt"): a reply
 prompt (a JSON extraction copying values, a tool call its arguments) accepts them far more often
 than the matches of its own recurring text (the `", "` between a JSON object's keys), and one
 key's rejections no longer put the other in cool-down (bench/structured.py: 1.43-1.45x plain
-with one key, 1.47x with the two)."""
+with one key, 1.47-1.49x with the two)."""
 
 from __future__ import annotations
 
