@@ -54,6 +54,14 @@ def test_forced_bytes_come_back_as_the_targets_tokens(session, tokenizer):
     assert copy.forced() == () and matcher.forced() == forced  # copies are independent
 
 
+def fresh_mask(compiled, tokens) -> np.ndarray:
+    """The mask of a new matcher of `compiled` after `tokens`: what a GrammarState must give."""
+    fresh = compiled.matcher()
+    for token in tokens:
+        fresh.consume(token)
+    return fresh.mask()
+
+
 def test_masks_after_a_rejected_draft_are_those_of_the_path_taken(session, tokenizer):
     """A draft walked (its masks computed) and then rejected leaves no trace in the masks after
     the tokens emitted instead. llguidance 1.9.1's rollback did leave one: after the drafted
@@ -76,10 +84,7 @@ def test_masks_after_a_rejected_draft_are_those_of_the_path_taken(session, token
     assert state.legal((), drafted) == len(drafted)  # every mask along the draft computed
     state.mask(drafted)
     state.commit(taken)
-    fresh = compiled.matcher()
-    for token in head + taken:
-        fresh.consume(token)
-    assert np.array_equal(state.mask(), fresh.mask())
+    assert np.array_equal(state.mask(), fresh_mask(compiled, head + taken))
     close = tokens('"}}')
     assert state.legal((), close) < len(close)  # "limit" is still required
 
@@ -98,17 +103,11 @@ def test_masks_along_random_drafts_and_after_rejections_equal_a_fresh_matchers(s
     short = np.array([len(target.detokenize([t])) <= 2 for t in range(tokenizer.vocab_size)])  # to close strings soon
     rng = np.random.default_rng(7)
 
-    def fresh_mask(tokens):
-        fresh = compiled.matcher()
-        for token in tokens:
-            fresh.consume(token)
-        return fresh.mask()
-
     def walk(state, path, n):  # n random legal tokens after path, each mask checked
         path = list(path)
         for _ in range(n):
             mask = state.mask(path)
-            assert np.array_equal(mask, fresh_mask(emitted + path))
+            assert np.array_equal(mask, fresh_mask(compiled, emitted + path))
             allowed = np.flatnonzero(mask & short) if rng.random() < 0.8 else []
             path.append(int(rng.choice(allowed if len(allowed) else np.flatnonzero(mask))))
             if path[-1] in tokenizer.end_tokens:
@@ -132,7 +131,7 @@ def test_masks_along_random_drafts_and_after_rejections_equal_a_fresh_matchers(s
             emitted += new
             if any(t in tokenizer.end_tokens for t in new):
                 break
-            assert np.array_equal(state.mask(), fresh_mask(emitted)), target.detokenize(emitted)
+            assert np.array_equal(state.mask(), fresh_mask(compiled, emitted)), target.detokenize(emitted)
             compared += 1
     assert compared >= 50
 
